@@ -1,0 +1,45 @@
+# -*- test-case-name: tests.test_storage -*-
+"""Durable file writes: temp name, fsync, rename, directory fsync.
+
+Plain blocking code, run in the worker pool by the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink inside C{directory} survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace C{path} with C{data} so that a crash leaves the old or the new
+    content, never a mix; the file is created with C{mode}."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
