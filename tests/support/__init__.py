@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: temp dirs, certificates, fakes."""
