@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_admin -*-
+"""C{securevault-admin}: the operator's command line.
+
+It works on the files the daemon reads (certificates, master key, users
+file) and never talks to a running daemon, so it is plain blocking code.
+Every failure is one line C{securevault-admin: error: <sentence>} on stderr
+and exit status 1; usage errors keep argparse's exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import hmac
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence, TextIO
+
+from securevault.keys import KeyFileError, ensure_keyring
+from securevault.pki import PkiError, init_dev_pki, issue_client_cert
+from securevault.users import (
+    UnknownUser,
+    UserError,
+    UserExists,
+    UserStore,
+    validate_password,
+    validate_username,
+)
+
+PROG = "securevault-admin"
+DEFAULT_DATA_DIR = "vault-data"
+DEFAULT_CERTS_DIR = "certs"
+MASTER_KEY_NAME = "master.key"
+USERS_FILE_NAME = "users.json"
+DATA_DIR_MODE = 0o700
+
+
+class AdminError(Exception):
+    """An operational failure; the message is printed after C{error:}."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command grammar.
+
+    Commands are subparsers so that C{key rotate}, C{verify}, C{export} and
+    C{audit verify} can be added later without changing the existing ones.
+    """
+    parser = argparse.ArgumentParser(prog=PROG, description="Administer a securevault.")
+    parser.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        help=f"the vault's data directory (default: {DEFAULT_DATA_DIR})",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    init = commands.add_parser(
+        "init", help="create a development PKI and the master key, each only if absent"
+    )
+    init.add_argument(
+        "--certs-dir",
+        default=DEFAULT_CERTS_DIR,
+        help=f"where certificates go (default: {DEFAULT_CERTS_DIR})",
+    )
+    init.set_defaults(handler=_init)
+
+    cert = commands.add_parser("cert", help="issue certificates from the development CA")
+    cert_commands = cert.add_subparsers(dest="cert_command", metavar="KIND", required=True)
+    client = cert_commands.add_parser("client", help="issue another client certificate")
+    client.add_argument("name", metavar="NAME", help="certificate name (files NAME.crt, NAME.key)")
+    client.add_argument(
+        "--certs-dir",
+        default=DEFAULT_CERTS_DIR,
+        help=f"directory holding ca.crt and ca.key (default: {DEFAULT_CERTS_DIR})",
+    )
+    client.set_defaults(handler=_cert_client)
+
+    user = commands.add_parser("user", help="manage user accounts")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    for action, handler, summary in (
+        ("add", _user_add, "create a user"),
+        ("passwd", _user_passwd, "change a user's password"),
+    ):
+        sub = user_commands.add_parser(action, help=summary)
+        sub.add_argument("name", metavar="NAME")
+        sub.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+        sub.set_defaults(handler=handler)
+    remove = user_commands.add_parser("remove", help="delete a user")
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(handler=_user_remove)
+    listing = user_commands.add_parser("list", help="list user names, one per line")
+    listing.set_defaults(handler=_user_list)
+    return parser
+
+
+def read_new_password(
+    name: str,
+    *,
+    from_stdin: bool,
+    stdin: TextIO,
+    prompt: Callable[[str], str] = getpass.getpass,
+) -> str:
+    """Read a new password for C{name}: one stdin line, or prompted twice.
+
+    Only the line ending is stripped from stdin, so passwords may begin or end
+    with spaces.  The terminal path asks twice because a typo there would
+    lock the user out.
+    """
+    if from_stdin:
+        line = stdin.readline()
+        if not line:
+            raise AdminError("No password was given on standard input.")
+        if line.endswith("\n"):
+            line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+        return line
+    try:
+        first = prompt(f"New password for {name}: ")
+        second = prompt("Repeat the password: ")
+    except EOFError as error:
+        raise AdminError("No password was entered.") from error
+    if not hmac.compare_digest(first.encode("utf-8"), second.encode("utf-8")):
+        raise AdminError("The two passwords do not match; nothing was changed.")
+    return first
+
+
+def _existing_data_dir(args: argparse.Namespace) -> Path:
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise AdminError(
+            f"The data directory {data_dir} does not exist; run '{PROG} init' first "
+            "or pass --data-dir."
+        )
+    return data_dir
+
+
+def _user_store(args: argparse.Namespace) -> UserStore:
+    return UserStore(_existing_data_dir(args) / USERS_FILE_NAME)
+
+
+def _init(args: argparse.Namespace, out: TextIO) -> None:
+    data_dir, certs_dir = Path(args.data_dir), Path(args.certs_dir)
+    if not data_dir.exists():
+        data_dir.mkdir(parents=True, mode=DATA_DIR_MODE)
+        os.chmod(data_dir, DATA_DIR_MODE)  # mkdir's mode is filtered by the umask
+        print(f"created directory {data_dir}", file=out)
+    created = init_dev_pki(certs_dir)
+    master_key = data_dir / MASTER_KEY_NAME
+    _, key_created = ensure_keyring(master_key)
+    if key_created:
+        created.append(master_key)
+    for path in created:
+        print(f"created {path}", file=out)
+    expected = [certs_dir / f"{stem}.{ext}" for stem in ("ca", "server", "client") for ext in ("crt", "key")]
+    expected.append(master_key)
+    kept = [path for path in expected if path not in created and path.exists()]
+    if kept:
+        print(f"already present, left unchanged: {', '.join(str(p) for p in kept)}", file=out)
+
+    admin = PROG if args.data_dir == DEFAULT_DATA_DIR else f"{PROG} --data-dir {data_dir}"
+    daemon = "twistd -n securevault"
+    if args.data_dir != DEFAULT_DATA_DIR:
+        daemon += f" --data-dir {data_dir} --master-key {master_key}"
+    if args.certs_dir != DEFAULT_CERTS_DIR:
+        daemon += (
+            f" --cert {certs_dir / 'server.crt'} --key {certs_dir / 'server.key'}"
+            f" --ca-cert {certs_dir / 'ca.crt'}"
+        )
+    print("Next steps:", file=out)
+    print(f"  {admin} user add NAME", file=out)
+    print(f"  {daemon}", file=out)
+
+
+def _cert_client(args: argparse.Namespace, out: TextIO) -> None:
+    cert_path, key_path = issue_client_cert(Path(args.certs_dir), args.name)
+    print(f"created {cert_path}", file=out)
+    print(f"created {key_path}", file=out)
+
+
+def _user_add(args: argparse.Namespace, out: TextIO) -> None:
+    store = _user_store(args)
+    # Check what can be checked before asking for a password nobody will use.
+    name = validate_username(args.name)
+    if store.user_id(name) is not None:
+        raise UserExists(f"The user {name!r} already exists.")
+    password = validate_password(
+        read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin)
+    )
+    store.add(name, password)
+    print(f"added user {name}", file=out)
+
+
+def _user_passwd(args: argparse.Namespace, out: TextIO) -> None:
+    store = _user_store(args)
+    name = validate_username(args.name)
+    if store.user_id(name) is None:
+        raise UnknownUser(f"There is no user {name!r}.")
+    password = validate_password(
+        read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin)
+    )
+    store.set_password(name, password)
+    print(f"changed the password of user {name}", file=out)
+
+
+def _user_remove(args: argparse.Namespace, out: TextIO) -> None:
+    store = _user_store(args)
+    store.remove(args.name)
+    print(f"removed user {args.name}", file=out)
+
+
+def _user_list(args: argparse.Namespace, out: TextIO) -> None:
+    for name in _user_store(args).names():
+        print(name, file=out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one admin command and return the process exit status.
+
+    Returns rather than exits (except for argparse's own usage errors and
+    C{--help}, whose status is returned too) so tests can call it directly.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
+    try:
+        args.handler(args, sys.stdout)
+    except (AdminError, PkiError, UserError, KeyFileError) as error:
+        return _fail(str(error))
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(f"{error.strerror or error}{where}.")
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+# -*- test-case-name: tests.test_users -*-
+"""User accounts: names, stable random ids and scrypt password hashes.
+
+Plain blocking Python with no Twisted imports: scrypt is deliberately slow
+and memory-hungry, so the daemon runs every call in its worker pool.  The
+file is re-read on every call because C{securevault-admin user ...} edits it
+while the daemon runs; it is small, so this costs little and needs no
+reload signal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from securevault.fsutil import write_atomically
+
+USERS_FORMAT = "securevault-users"
+USERS_VERSION = 1
+
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+PASSWORD_MIN_CHARS = 8
+PASSWORD_MAX_CHARS = 1024
+
+DEFAULT_SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+HASH_BYTES = 32
+
+# Bounds on the parameters read back from the file, so that a corrupted or
+# hostile hash cannot make one login allocate gigabytes.
+MAX_SCRYPT_N = 2**20
+MAX_SCRYPT_R = 32
+MAX_SCRYPT_P = 16
+
+# The salt for the decoy hash computed for unknown users.  It is public and
+# constant: its only job is to make an unknown user cost one real scrypt.
+_DUMMY_SALT = b"securevault-dummy-salt"[:SALT_BYTES]
+_DUMMY_HASH = bytes(HASH_BYTES)
+
+
+class UserError(Exception):
+    """A user operation was refused; the message is a sentence for people."""
+
+
+class UnknownUser(UserError):
+    """No user has this name."""
+
+
+class UserExists(UserError):
+    """A user with this name already exists."""
+
+
+class InvalidUsername(UserError):
+    """The name breaks the username rule."""
+
+
+class InvalidPassword(UserError):
+    """The password breaks the password rule."""
+
+
+class UserFileError(UserError):
+    """The users file is unreadable or malformed."""
+
+
+def validate_username(name: object) -> str:
+    """Return C{name} if it is 1-64 characters of C{[A-Za-z0-9._@-]}.
+
+    The rule keeps names safe in logs, audit records and file listings.
+    """
+    if not isinstance(name, str) or not USERNAME_PATTERN.fullmatch(name):
+        raise InvalidUsername(
+            f"The username {name!r} is not allowed; use 1 to 64 letters, digits, "
+            "dots, underscores, hyphens or '@'."
+        )
+    return name
+
+
+def validate_password(password: object) -> str:
+    """Return C{password} if it is a string of 8-1024 characters without NUL."""
+    if not isinstance(password, str):
+        raise InvalidPassword("The password must be text.")
+    if not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
+        raise InvalidPassword(
+            f"The password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters long."
+        )
+    if "\0" in password:
+        raise InvalidPassword("The password must not contain a NUL character.")
+    return password
+
+
+def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    # scrypt needs about 128 * r * n bytes; leave headroom for OpenSSL's overhead.
+    maxmem = 2 * 128 * r * (n + p) + 2**20
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=HASH_BYTES)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def hash_password(password: str, *, n: int = DEFAULT_SCRYPT_N) -> str:
+    """A self-describing hash C{scrypt$n$r$p$salt$hash} of C{password}.
+
+    The parameters travel with the hash so that raising the cost later does
+    not invalidate existing passwords.
+    """
+    salt = os.urandom(SALT_BYTES)
+    digest = _scrypt(password.encode("utf-8"), salt, n, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${n}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    try:
+        scheme, n_text, r_text, p_text, salt_text, hash_text = encoded.split("$")
+        n, r, p = int(n_text), int(r_text), int(p_text)
+        salt = base64.b64decode(salt_text, validate=True)
+        digest = base64.b64decode(hash_text, validate=True)
+    except (ValueError, AttributeError, binascii.Error) as error:
+        raise UserFileError("A stored password hash is malformed.") from error
+    if (
+        scheme != "scrypt"
+        or not (2 <= n <= MAX_SCRYPT_N and n & (n - 1) == 0)
+        or not 1 <= r <= MAX_SCRYPT_R
+        or not 1 <= p <= MAX_SCRYPT_P
+        or not salt
+        or len(digest) != HASH_BYTES
+    ):
+        raise UserFileError("A stored password hash has unsupported parameters.")
+    return n, r, p, salt, digest
+
+
+def check_password(password: str, encoded: str) -> bool:
+    """Whether C{password} matches C{encoded}, using the parameters stored in it."""
+    n, r, p, salt, expected = _parse_hash(encoded)
+    actual = _scrypt(password.encode("utf-8"), salt, n, r, p)
+    return hmac.compare_digest(actual, expected)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class UserStore:
+    """The users of one vault, kept in C{<data-dir>/users.json}.
+
+    Safe to use from several threads and processes: readers see either the
+    old or the new file (it is replaced atomically), and writers serialise on
+    an advisory lock so two admin commands cannot lose each other's change.
+    """
+
+    def __init__(self, path: Path, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > MAX_SCRYPT_N:
+            raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
+        self._path = path
+        self._scrypt_n = scrypt_n
+        self._lock_path = path.with_name(f".{path.name}.lock")
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- file access -------------------------------------------------------
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            raise UserFileError(
+                f"The users file {self._path} cannot be read: {error.strerror}."
+            ) from error
+        try:
+            document = json.loads(data)
+            if document.get("format") != USERS_FORMAT or document.get("version") != USERS_VERSION:
+                raise ValueError("wrong format")
+            users = document["users"]
+            if not isinstance(users, dict) or not all(
+                isinstance(entry, dict)
+                and isinstance(entry.get("id"), str)
+                and isinstance(entry.get("password"), str)
+                for entry in users.values()
+            ):
+                raise ValueError("bad entries")
+        except (ValueError, KeyError, AttributeError, TypeError) as error:
+            raise UserFileError(f"The users file {self._path} is malformed.") from error
+        return users
+
+    def _save(self, users: dict[str, dict[str, Any]]) -> None:
+        document = {"format": USERS_FORMAT, "version": USERS_VERSION, "users": users}
+        data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        write_atomically(self._path, data, mode=0o600)
+
+    @contextmanager
+    def _writing(self) -> Iterator[dict[str, dict[str, Any]]]:
+        """Load under an exclusive lock, yield the users, save them on success."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            users = self._load()
+            yield users
+            self._save(users)
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    # -- operations ----------------------------------------------------------
+
+    def add(self, name: str, password: str) -> str:
+        """Create a user with a fresh random id; return the id.
+
+        The id is never derived from the name, so a user removed and added
+        again gets a new id and cannot reach the old user's archives.
+        """
+        validate_username(name)
+        validate_password(password)
+        encoded = hash_password(password, n=self._scrypt_n)
+        with self._writing() as users:
+            if name in users:
+                raise UserExists(f"The user {name!r} already exists.")
+            user_id = os.urandom(16).hex()
+            users[name] = {"id": user_id, "password": encoded, "created_at": _now()}
+        return user_id
+
+    def set_password(self, name: str, password: str) -> None:
+        """Replace the user's password; their id, and so their archives, stay."""
+        validate_username(name)
+        validate_password(password)
+        encoded = hash_password(password, n=self._scrypt_n)
+        with self._writing() as users:
+            if name not in users:
+                raise UnknownUser(f"There is no user {name!r}.")
+            users[name]["password"] = encoded
+
+    def remove(self, name: str) -> None:
+        """Delete the user; their archives stay on disk but nobody can log in to them."""
+        validate_username(name)
+        with self._writing() as users:
+            if name not in users:
+                raise UnknownUser(f"There is no user {name!r}.")
+            del users[name]
+
+    def names(self) -> list[str]:
+        """All user names, sorted."""
+        return sorted(self._load())
+
+    def user_id(self, name: str) -> str | None:
+        """The user's id, or None when there is no such user."""
+        entry = self._load().get(name)
+        return None if entry is None else str(entry["id"])
+
+    def verify(self, name: str, password: str) -> str | None:
+        """The user's id if C{password} is theirs, else None.
+
+        An unknown user, an invalid name and an invalid password all cost one
+        scrypt too, so response times do not reveal which names exist.
+        """
+        entry = self._load().get(name) if isinstance(name, str) else None
+        valid = isinstance(password, str) and PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS
+        if entry is None or not valid:
+            decoy = _scrypt(
+                password.encode("utf-8", "replace") if isinstance(password, str) else b"",
+                _DUMMY_SALT,
+                self._scrypt_n,
+                SCRYPT_R,
+                SCRYPT_P,
+            )
+            hmac.compare_digest(decoy, _DUMMY_HASH)
+            return None
+        if check_password(password, entry["password"]):
+            return str(entry["id"])
+        return None

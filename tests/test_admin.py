@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_admin -*-
+"""Tests for L{securevault.admin}: the C{securevault-admin} command line."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Iterator
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from securevault.admin import AdminError, main, read_new_password
+from securevault.keys import load_keyring
+from securevault.users import UserStore
+from tests.support.testcase import SyncTestCase
+
+REPOSITORY = Path(__file__).parents[1]
+PASSWORD = "a long enough password"
+
+
+class AdminTestCase(SyncTestCase):
+    """Runs C{main} in-process with captured output and a scratch vault."""
+
+    def setUp(self) -> None:
+        base = self.make_dir()
+        self.data_dir = base / "vault-data"
+        self.certs_dir = base / "certs"
+
+    def run_admin(self, *argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+        """Run C{securevault-admin --data-dir <scratch> ARGV...}; return (status, out, err)."""
+        out, err = io.StringIO(), io.StringIO()
+        if stdin is not None:
+            saved = sys.stdin
+            sys.stdin = io.StringIO(stdin)
+            self.addCleanup(setattr, sys, "stdin", saved)
+        with redirect_stdout(out), redirect_stderr(err):
+            status = main(["--data-dir", str(self.data_dir), *argv])
+        return status, out.getvalue(), err.getvalue()
+
+    def init(self) -> str:
+        status, out, err = self.run_admin("init", "--certs-dir", str(self.certs_dir))
+        self.assertEqual((status, err), (0, ""))
+        return out
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class InitTests(AdminTestCase):
+    """C{init} builds a development PKI and the master key."""
+
+    def test_creates_files(self) -> None:
+        """init creates the six PKI files, the master key and a 0700 data dir,
+        names each, and prints the next steps."""
+        out = self.init()
+        expected = [
+            *(self.certs_dir / n for n in ["ca.crt", "ca.key", "server.crt", "server.key"]),
+            *(self.certs_dir / n for n in ["client.crt", "client.key"]),
+            self.data_dir / "master.key",
+        ]
+        for path in expected:
+            self.assertIn(f"created {path}\n", out)
+        for path in expected:
+            if path.suffix == ".key":
+                self.assertEqual(_mode(path), 0o600, path)
+        self.assertEqual(_mode(self.data_dir), 0o700)
+        load_keyring(self.data_dir / "master.key")
+        self.assertIn("user add NAME", out)
+        self.assertIn("twistd -n securevault", out)
+
+    def test_idempotent(self) -> None:
+        """A second init creates nothing, changes nothing, and says what was already there."""
+        self.init()
+        files = [*self.certs_dir.iterdir(), self.data_dir / "master.key"]
+        before = {path: path.read_bytes() for path in files}
+        out = self.init()
+        self.assertNotIn("created", out)
+        self.assertIn("already present", out)
+        self.assertIn(str(self.data_dir / "master.key"), out)
+        self.assertEqual({path: path.read_bytes() for path in files}, before)
+
+
+class CertClientTests(AdminTestCase):
+    """C{cert client NAME} issues another client certificate."""
+
+    def test_issue(self) -> None:
+        """The new certificate chains to the CA and is for clientAuth."""
+        self.init()
+        status, out, err = self.run_admin("cert", "client", "phone", "--certs-dir", str(self.certs_dir))
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(str(self.certs_dir / "phone.crt"), out)
+        cert = x509.load_pem_x509_certificate((self.certs_dir / "phone.crt").read_bytes())
+        ca = x509.load_pem_x509_certificate((self.certs_dir / "ca.crt").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertEqual(list(usage), [ExtendedKeyUsageOID.CLIENT_AUTH])
+        self.assertEqual(_mode(self.certs_dir / "phone.key"), 0o600)
+
+    def test_refusals(self) -> None:
+        """Without a CA, for an existing or bad name: one error line and status 1."""
+        status, out, err = self.run_admin("cert", "client", "phone", "--certs-dir", str(self.certs_dir))
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("securevault-admin: error: "), err)
+        self.assertIn("securevault-admin init", err)
+        self.assertEqual(err.count("\n"), 1)
+        self.init()
+        for name in ["client", "../x", "server"]:
+            status, out, err = self.run_admin("cert", "client", name, "--certs-dir", str(self.certs_dir))
+            self.assertEqual(status, 1, name)
+            self.assertTrue(err.startswith("securevault-admin: error: "), err)
+
+
+class UserCommandTests(AdminTestCase):
+    """C{user add/passwd/remove/list}."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.init()
+        self.store = UserStore(self.data_dir / "users.json")
+
+    def test_add_from_stdin(self) -> None:
+        """--password-stdin reads one line, stripping only the newline; the
+        password is never printed and not stored in plaintext."""
+        password = "  spaces around  "
+        status, out, err = self.run_admin("user", "add", "alice", "--password-stdin", stdin=password + "\nrest\n")
+        self.assertEqual((status, err), (0, ""))
+        self.assertNotIn(password.strip(), out)
+        self.assertIsNotNone(self.store.verify("alice", password))
+        self.assertNotIn(password.strip().encode(), (self.data_dir / "users.json").read_bytes())
+        status, out, err = self.run_admin("user", "list")
+        self.assertEqual((status, out), (0, "alice\n"))
+
+    def test_add_errors(self) -> None:
+        """A duplicate name, a bad name, a short or missing password fail with status 1."""
+        self.assertEqual(self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)[0], 0)
+        for argv, stdin in [
+            (["alice"], PASSWORD),
+            (["bad/name"], PASSWORD),
+            (["bob"], "short\n"),
+            (["bob"], ""),
+        ]:
+            status, out, err = self.run_admin("user", "add", *argv, "--password-stdin", stdin=stdin)
+            self.assertEqual(status, 1, argv)
+            self.assertTrue(err.startswith("securevault-admin: error: "), err)
+        self.assertEqual(self.store.names(), ["alice"])
+
+    def test_passwd_and_remove(self) -> None:
+        """passwd changes the password; remove deletes the user; both refuse unknown users."""
+        self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)
+        status, _, err = self.run_admin("user", "passwd", "alice", "--password-stdin", stdin="new password\n")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIsNone(self.store.verify("alice", PASSWORD))
+        self.assertIsNotNone(self.store.verify("alice", "new password"))
+        self.assertEqual(self.run_admin("user", "remove", "alice")[0], 0)
+        self.assertEqual(self.store.names(), [])
+        self.assertEqual(self.run_admin("user", "remove", "alice")[0], 1)
+        self.assertEqual(self.run_admin("user", "passwd", "alice", "--password-stdin", stdin=PASSWORD)[0], 1)
+
+    def test_missing_data_dir(self) -> None:
+        """User commands refuse a data directory that does not exist rather than create one."""
+        self.data_dir = self.data_dir.parent / "elsewhere"
+        status, out, err = self.run_admin("user", "list")
+        self.assertEqual(status, 1)
+        self.assertIn("init", err)
+        self.assertFalse(self.data_dir.exists())
+
+    def test_usage_error(self) -> None:
+        """A missing subcommand is a usage error, status 2."""
+        status, out, err = self.run_admin("user")
+        self.assertEqual(status, 2)
+        self.assertIn("usage:", err)
+
+
+def _prompts(*answers: str) -> Iterator[str]:
+    yield from answers
+
+
+class ReadPasswordTests(SyncTestCase):
+    """The interactive path asks twice and insists on agreement."""
+
+    def test_prompt_twice(self) -> None:
+        """Matching entries are returned; stdin is not read."""
+        answers = _prompts(PASSWORD, PASSWORD)
+        prompts: list[str] = []
+
+        def prompt(text: str) -> str:
+            prompts.append(text)
+            return next(answers)
+
+        stdin = io.StringIO("unused\n")
+        self.assertEqual(read_new_password("alice", from_stdin=False, stdin=stdin, prompt=prompt), PASSWORD)
+        self.assertEqual(len(prompts), 2)
+        self.assertIn("alice", prompts[0])
+        self.assertEqual(stdin.read(), "unused\n")
+
+    def test_mismatch(self) -> None:
+        """Different entries are an error."""
+        answers = _prompts(PASSWORD, PASSWORD + "x")
+        self.assertRaises(
+            AdminError,
+            read_new_password,
+            "alice",
+            from_stdin=False,
+            stdin=io.StringIO(),
+            prompt=lambda text: next(answers),
+        )
+
+    def test_crlf(self) -> None:
+        """A CRLF line ending is stripped as a whole, nothing else is."""
+        stdin = io.StringIO(" pass word \r\n")
+        self.assertEqual(read_new_password("a", from_stdin=True, stdin=stdin), " pass word ")
+
+
+class EntryPointTests(SyncTestCase):
+    """C{python -m securevault.admin} works as the installed script does."""
+
+    def test_subprocess(self) -> None:
+        """init in a fresh cwd uses ./certs and ./vault-data; a user added from
+        stdin is listed; errors exit 1 with one line on stderr."""
+        cwd = self.make_dir()
+        env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+
+        def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "securevault.admin", *argv],
+                cwd=cwd,
+                env=env,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        result = run("init")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("created certs/ca.crt", result.stdout)
+        self.assertIn("created vault-data/master.key", result.stdout)
+        self.assertTrue((cwd / "certs" / "client.key").exists())
+        result = run("user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn(PASSWORD, result.stdout + result.stderr)
+        users = json.loads((cwd / "vault-data" / "users.json").read_text())
+        self.assertEqual(list(users["users"]), ["alice"])
+        self.assertEqual(run("user", "list").stdout, "alice\n")
+        result = run("user", "remove", "nobody")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertTrue(result.stderr.startswith("securevault-admin: error: "))
