@@ -420,6 +420,7 @@ class ArchiveReader:
         self._zip_position = 0
         self._data_left = info.compressed_size
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if info.method == "deflated" else None
+        self._inflate_input: bytes | memoryview = b""
         self._sha256 = hashlib.sha256()
         self._produced = 0
         self._finished = False
@@ -467,23 +468,27 @@ class ArchiveReader:
         if self._finished:
             return b""
         while True:
+            if self._inflater is not None and self._inflate_input:
+                try:
+                    out = self._inflater.decompress(self._inflate_input, size)
+                except zlib.error as error:
+                    raise IntegrityError("archive data does not inflate") from error
+                self._inflate_input = self._inflater.unconsumed_tail
+                if out:
+                    self._account(out)
+                    return out
+                continue
             if self._data_left == 0:
                 return self._finish()
             data = self._next_data()
             if not data:
                 raise IntegrityError("archive is truncated")
             if self._inflater is not None:
-                try:
-                    out = self._inflater.decompress(data)
-                except zlib.error as error:
-                    raise IntegrityError("archive data does not inflate") from error
-                if self._inflater.unconsumed_tail:
-                    raise IntegrityError("archive data inflates past its size")
-            else:
-                out = bytes(data)
-            if out:
-                self._account(out)
-                return out
+                self._inflate_input = data
+                continue
+            out = bytes(data)
+            self._account(out)
+            return out
 
     def _account(self, out: bytes) -> None:
         self._produced += len(out)

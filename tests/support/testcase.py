@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.trial import unittest
 
 
 class _PathMixin:
-    """trial chdirs into _trial_temp/ and pytest does not: return absolute paths."""
+    """trial chdirs into _trial_temp/ and pytest does not: temp paths live in
+    the system temp directory and are removed after the test."""
 
     def mktemp(self) -> str:
-        return os.path.abspath(super().mktemp())  # type: ignore[misc]
+        base = tempfile.mkdtemp(prefix="securevault-test-")
+        self.addCleanup(shutil.rmtree, base, True)  # type: ignore[attr-defined]
+        return os.path.join(base, "t")
 
     def make_dir(self) -> Path:
         """A fresh, empty, absolute directory for this test."""
@@ -21,9 +26,9 @@ class _PathMixin:
         return path
 
 
-class SyncTestCase(_PathMixin, unittest.SynchronousTestCase):
+class SyncTestCase(_PathMixin, unittest.SynchronousTestCase):  # type: ignore[misc]
     """For tests without a real reactor."""
 
 
-class AsyncTestCase(_PathMixin, unittest.TestCase):
+class AsyncTestCase(_PathMixin, unittest.TestCase):  # type: ignore[misc]
     """For tests with real sockets or processes."""

@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.test_resources -*-
+"""VaultApp: the collaborators every endpoint shares, and authentication."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from securevault.config import VaultConfig
+from securevault.jsonapi import ApiError, invalid_session
+from securevault.sessions import LoginThrottle, Session, SessionStore
+from securevault.storage import SecureFileStorage
+from securevault.tls import ClientIdentity, client_identity
+from securevault.users import UserStore
+from securevault.workers import RunBlocking
+
+log = Logger(namespace="securevault.security")
+
+
+@dataclass
+class VaultApp:
+    """What the resources need; built once by the composition root."""
+
+    config: VaultConfig
+    storage: SecureFileStorage
+    users: UserStore
+    sessions: SessionStore
+    throttle: LoginThrottle
+    run_blocking: RunBlocking
+    clock: Callable[[], float]
+
+    def identity(self, request: Request) -> ClientIdentity:
+        """The verified client certificate; mutual TLS guarantees one."""
+        identity = getattr(request, "client_identity", None)
+        if identity is None:
+            identity = client_identity(request.transport)
+            if identity is None:
+                raise ApiError(403, "forbidden", "A verified client certificate is required.")
+            setattr(request, "client_identity", identity)
+        return identity
+
+    def authenticate(self, request: Request) -> Session:
+        """The caller's session, from the headers only; else 401 invalid_session."""
+        session_id = session_id_from_headers(request)
+        identity = self.identity(request)
+        session = self.sessions.lookup(session_id, identity.fingerprint) if session_id else None
+        if session is None:
+            log.warn(
+                "Refused session for certificate {fingerprint}",
+                fingerprint=identity.fingerprint,
+                event_kind="refused_session",
+            )
+            raise invalid_session()
+        setattr(request, "vault_user", session.username)
+        return session
+
+
+def session_id_from_headers(request: Request) -> str | None:
+    """C{Authorization: Bearer <id>} or C{X-Session-ID: <id>}; never the URL
+    or a cookie."""
+    authorization = request.getHeader(b"authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None
+        raw = value.strip()
+    else:
+        raw = (request.getHeader(b"x-session-id") or b"").strip()
+    try:
+        return raw.decode("ascii") or None
+    except UnicodeDecodeError:
+        return None

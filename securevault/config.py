@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_tap -*-
+"""VaultConfig: the daemon's settings, frozen and typed, built from Options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PORT = 5000
+DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
+DEFAULT_SESSION_TTL_SECONDS = 12 * 60 * 60
+DEFAULT_MAX_UPLOAD_BYTES = 16 << 30
+DEFAULT_MAX_JSON_BODY_BYTES = 64 << 20
+DEFAULT_IDLE_TIMEOUT_SECONDS = 60
+BIND_USER_POLICIES = ("none", "cn", "san")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and why."""
+
+
+def port_from_environment(environ: Mapping[str, str]) -> int:
+    """The port from C{$PORT}: unset or blank means 5000."""
+    raw = environ.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    return parse_port(raw, "$PORT")
+
+
+def parse_port(raw: str, source: str) -> int:
+    """An integer 0–65535 (0 picks a free port), else L{ConfigError}."""
+    try:
+        port = int(raw, 10)
+    except ValueError:
+        raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}")
+    return port
+
+
+def default_thread_count() -> int:
+    """One worker per CPU, at least two, so crypto of two uploads runs in parallel."""
+    return max(2, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class VaultConfig:
+    """Everything the daemon needs to know, resolved and checked."""
+
+    port: int = DEFAULT_PORT
+    interface: str = "0.0.0.0"
+    cert: Path = Path("certs/server.crt")
+    key: Path = Path("certs/server.key")
+    ca_cert: Path = Path("certs/ca.crt")
+    data_dir: Path = Path("vault-data")
+    master_key: Path = Path("vault-data/master.key")
+    threads: int = 2
+    session_idle: float = DEFAULT_SESSION_IDLE_SECONDS
+    session_ttl: float = DEFAULT_SESSION_TTL_SECONDS
+    max_upload_size: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_json_body: int = DEFAULT_MAX_JSON_BODY_BYTES
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    quota: int | None = None
+    metrics_port: int | None = None
+    audit_log: Path | None = None
+    bind_user: str = "none"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "VaultConfig":
+        data_dir = Path(options["data-dir"])
+        master_key = options.get("master-key")
+        audit_log = options.get("audit-log")
+        return cls(
+            port=int(options["port"]),
+            interface=str(options["interface"]),
+            cert=Path(options["cert"]),
+            key=Path(options["key"]),
+            ca_cert=Path(options["ca-cert"]),
+            data_dir=data_dir,
+            master_key=Path(master_key) if master_key else data_dir / "master.key",
+            threads=int(options["threads"] or default_thread_count()),
+            session_idle=float(options["session-idle"]),
+            session_ttl=float(options["session-ttl"]),
+            max_upload_size=int(options["max-upload-size"]),
+            max_json_body=int(options["max-json-body"]),
+            idle_timeout=float(options["idle-timeout"]),
+            quota=int(options["quota"]) if options.get("quota") is not None else None,
+            metrics_port=options.get("metrics-port"),
+            audit_log=Path(audit_log) if audit_log else data_dir / "audit.jsonl",
+            bind_user=str(options.get("bind-user", "none")),
+        )

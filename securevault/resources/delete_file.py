@@ -1,0 +1,39 @@
+# -*- test-case-name: tests.test_resources -*-
+"""POST /delete-file: removes one of the caller's archives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import JsonEndpoint, Reply, not_found, parse_json_object, string_field
+from securevault.storage import ArchiveNotFound
+
+log = Logger(namespace="securevault.security")
+
+
+class DeleteFileResource(JsonEndpoint):
+    allowedMethods = (b"POST",)
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request: Request) -> Any:
+        session = self.app.authenticate(request)
+        archive_id = string_field(parse_json_object(request), "id")
+
+        def deleted(_: None) -> Reply:
+            log.info("Deleted archive {archive_id}", archive_id=archive_id, event_kind="delete")
+            return Reply(204)
+
+        def missing(failure: Failure) -> None:
+            failure.trap(ArchiveNotFound)
+            raise not_found("No such archive.")
+
+        work = self.app.run_blocking(self.app.storage.delete, session.user_id, archive_id)
+        return self.respond_later(request, work.addCallbacks(deleted, missing))

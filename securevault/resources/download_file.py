@@ -1,0 +1,182 @@
+# -*- test-case-name: tests.test_resources -*-
+"""GET /download-file: an archive's original bytes, as JSON or a raw stream.
+
+Both forms stream from the pool through a push producer.  The raw form reads
+its first block before sending headers, so an archive that fails at once gets
+a JSON 500; a later failure aborts the stream.  The JSON form authenticates
+the whole archive first (AES-GCM is fast), because a JSON client must get
+either the whole content or a 500.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import (
+    JSON_CONTENT_TYPE,
+    JsonEndpoint,
+    bad_request,
+    encode_json,
+    fail,
+    integrity_failure,
+    not_found,
+)
+from securevault.storage import (
+    ArchiveInfo,
+    ArchiveNotFound,
+    ArchiveReader,
+    IntegrityError,
+    SecureFileStorage,
+)
+from securevault.streaming import Base64Encoder, DownloadProducer, base64_length
+
+log = Logger(namespace="securevault.security")
+
+# JSON answers up to this size are built whole in the pool.
+SMALL_JSON_BYTES = 1 << 20
+
+
+@dataclass
+class Opened:
+    """What the pool hands back: the archive and how to send it."""
+
+    info: ArchiveInfo
+    reader: ArchiveReader | None
+    first: bytes
+    whole: bytes | None = None
+
+
+def open_download(storage: SecureFileStorage, owner_id: str, archive_id: str | None,
+                  filename: str | None, raw: bool) -> Opened:
+    """Find and open the archive; runs in the pool."""
+    if archive_id is None:
+        assert filename is not None
+        archive_id = storage.find_newest(owner_id, filename).id
+    if not raw:
+        info = storage.info(owner_id, archive_id)
+        if info.size <= SMALL_JSON_BYTES:
+            info, content = storage.read_all(owner_id, archive_id)
+            return Opened(info, None, b"", whole=content)
+        storage.verify(owner_id, archive_id)
+    reader = storage.open(owner_id, archive_id)
+    try:
+        first = reader.read()
+    except BaseException:
+        reader.close()
+        raise
+    return Opened(reader.info, reader, first)
+
+
+def content_disposition(filename: str) -> bytes:
+    return b"attachment; filename*=UTF-8''" + quote(filename, safe="").encode("ascii")
+
+
+def wants_raw(request: Request) -> bool:
+    accept = (request.getHeader(b"accept") or b"").lower()
+    return b"application/octet-stream" in accept
+
+
+def single_arg(request: Request, name: bytes) -> str | None:
+    values = (request.args or {}).get(name)
+    if values is None:
+        return None
+    if len(values) != 1:
+        raise bad_request(f"Give {name.decode()} once.")
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"The {name.decode()} parameter is not valid UTF-8.") from None
+
+
+class DownloadFileResource(JsonEndpoint):
+    allowedMethods = (b"GET",)
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_GET(self, request: Request) -> Any:
+        app = self.app
+        session = app.authenticate(request)
+        archive_id = single_arg(request, b"id")
+        filename = single_arg(request, b"filename")
+        if (archive_id is None) == (filename is None):
+            raise bad_request("Give exactly one of 'id' and 'filename'.")
+        raw = wants_raw(request)
+        lost: list[Failure] = []
+        work = app.run_blocking(open_download, app.storage, session.user_id, archive_id, filename, raw)
+
+        def left(reason: Failure) -> None:
+            lost.append(reason)
+            work.cancel()
+
+        request.notifyFinish().addErrback(left)
+
+        def opened(result: Opened) -> None:
+            if lost:
+                if result.reader is not None:
+                    app.run_blocking(result.reader.close)
+                return
+            info = result.info
+            log.info("Download of archive {archive_id}", archive_id=info.id, event_kind="download")
+            request.setResponseCode(200)
+            if raw:
+                self._start_raw(request, result)
+            else:
+                self._start_json(request, result)
+
+        def failed(reason: Failure) -> None:
+            if lost or reason.check(CancelledError):
+                return
+            if reason.check(ArchiveNotFound):
+                fail(request, not_found("No such archive."))
+            elif reason.check(IntegrityError):
+                integrity_failure(request, archive_id or "(by filename)")
+            else:
+                fail(request, reason)
+
+        work.addCallbacks(opened, failed)
+        return NOT_DONE_YET
+
+    def _start_raw(self, request: Request, result: Opened) -> None:
+        info = result.info
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", str(info.size).encode("ascii"))
+        request.setHeader(b"content-disposition", content_disposition(info.filename))
+        request.setHeader(b"etag", b'"' + info.sha256.encode("ascii") + b'"')
+        assert result.reader is not None
+        DownloadProducer(self.app.run_blocking, result.reader, request, first=result.first).start()
+
+    def _start_json(self, request: Request, result: Opened) -> None:
+        info = result.info
+        head = encode_json({k: v for k, v in info.public().items() if k != "created_at"})
+        prefix = head[:-1] + b',"content":"'
+        request.setHeader(b"content-type", JSON_CONTENT_TYPE)
+        if result.whole is not None:
+            payload = prefix + base64.b64encode(result.whole) + b'"}'
+            request.setHeader(b"content-length", str(len(payload)).encode("ascii"))
+            request.write(payload)
+            request.finish()
+            return
+        length = len(prefix) + base64_length(info.size) + 2
+        request.setHeader(b"content-length", str(length).encode("ascii"))
+        request.write(prefix)
+        encoder = Base64Encoder()
+        assert result.reader is not None
+        DownloadProducer(
+            self.app.run_blocking,
+            result.reader,
+            request,
+            first=result.first,
+            encode=encoder,
+            suffix=lambda: encoder.flush() + b'"}',
+        ).start()

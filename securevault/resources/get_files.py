@@ -1,0 +1,31 @@
+# -*- test-case-name: tests.test_resources -*-
+"""GET /get-files: the caller's archives, newest first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.server import Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import JsonEndpoint, Reply
+from securevault.storage import ArchiveInfo
+
+
+class GetFilesResource(JsonEndpoint):
+    allowedMethods = (b"GET", b"HEAD")
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_GET(self, request: Request) -> Any:
+        session = self.app.authenticate(request)
+
+        def listed(infos: list[ArchiveInfo]) -> Reply:
+            return Reply(200, {"files": [info.public() for info in infos]})
+
+        work = self.app.run_blocking(self.app.storage.list, session.user_id)
+        return self.respond_later(request, work.addCallback(listed))
+
+    render_HEAD = render_GET

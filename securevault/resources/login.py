@@ -1,0 +1,78 @@
+# -*- test-case-name: tests.test_resources -*-
+"""POST /login: username and password, over a verified client certificate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import ApiError, JsonEndpoint, Reply, parse_json_object, string_field
+from securevault.storage import rfc3339
+from securevault.tls import ClientIdentity
+
+log = Logger(namespace="securevault.security")
+
+INVALID_CREDENTIALS = ApiError(401, "invalid_credentials", "Unknown user or wrong password.")
+
+
+def certificate_names_user(identity: ClientIdentity, username: str, policy: str) -> bool:
+    """Whether the certificate may log in as C{username} under --bind-user."""
+    if policy == "cn":
+        return identity.common_name == username
+    if policy == "san":
+        return username in identity.dns_names
+    return True
+
+
+class LoginResource(JsonEndpoint):
+    allowedMethods = (b"POST",)
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request: Request) -> Any:
+        app = self.app
+        body = parse_json_object(request)
+        username = string_field(body, "username")
+        password = string_field(body, "password")
+        identity = app.identity(request)
+        keys = ("user:" + username, "cert:" + identity.fingerprint)
+        wait = app.throttle.retry_after(*keys)
+        if wait:
+            log.warn(
+                "Throttled login for {username} from certificate {fingerprint}",
+                username=username[:64],
+                fingerprint=identity.fingerprint,
+                event_kind="throttled",
+            )
+            raise ApiError(
+                429,
+                "too_many_attempts",
+                "Too many failed logins; try again later.",
+                {b"Retry-After": str(wait).encode("ascii")},
+            )
+
+        def checked(user_id: str | None) -> Reply:
+            if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
+                app.throttle.record_failure(*keys)
+                log.warn(
+                    "Failed login for {username} from certificate {fingerprint}",
+                    username=username[:64],
+                    fingerprint=identity.fingerprint,
+                    event_kind="login_failed",
+                )
+                raise INVALID_CREDENTIALS
+            session = app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+            setattr(request, "vault_user", username)
+            log.info("Login by {username}", username=username, event_kind="login")
+            return Reply(
+                200,
+                {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))},
+            )
+
+        work = app.run_blocking(app.users.verify, username, password)
+        return self.respond_later(request, work.addCallback(checked))

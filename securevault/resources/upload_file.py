@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_resources -*-
+"""POST /upload-file: one file becomes one encrypted archive.
+
+The raw form (application/octet-stream) was already streaming into the pool
+while its body arrived (see VaultRequest); the JSON form is parsed and stored
+in the pool, since a 64 MiB JSON body would stall the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request
+from securevault.storage import (
+    ArchiveInfo,
+    InvalidFilename,
+    QuotaExceeded,
+    SecureFileStorage,
+    StorageFull,
+    check_filename,
+)
+
+log = Logger(namespace="securevault.security")
+
+
+def storage_error(failure: Failure) -> ApiError | Exception:
+    """The contract's error for a failed store; other failures pass through."""
+    error = failure.value
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, (QuotaExceeded, StorageFull)):
+        return ApiError(507, "insufficient_storage", str(error))
+    if isinstance(error, InvalidFilename):
+        return ApiError(400, "invalid_filename", str(error))
+    return error  # type: ignore[return-value]
+
+
+def parse_json_upload(raw: bytes) -> tuple[str, bytes]:
+    """C{{"filename": str, "content": base64}} → name and bytes, else 400."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.")
+    filename, content = body.get("filename"), body.get("content")
+    if not isinstance(filename, str) or not isinstance(content, str):
+        raise bad_request("The fields 'filename' and 'content' must be strings.")
+    try:
+        check_filename(filename)
+    except InvalidFilename as error:
+        raise ApiError(400, "invalid_filename", str(error)) from None
+    try:
+        data = base64.b64decode(content.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise bad_request("The content is not valid base64.") from None
+    return filename, data
+
+
+def store_json_upload(
+    storage: SecureFileStorage, owner_id: str, raw: bytes, quota: int | None
+) -> ArchiveInfo:
+    """Parse and store a JSON upload; runs in the pool."""
+    filename, data = parse_json_upload(raw)
+    remaining = None if quota is None else max(0, quota - storage.usage(owner_id))
+    return storage.store(owner_id, filename, data, max_bytes=remaining)
+
+
+class UploadFileResource(JsonEndpoint):
+    allowedMethods = (b"POST",)
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request: Request) -> Any:
+        app = self.app
+        upload = getattr(request, "upload", None)
+        if upload is not None:
+            work = upload.finish()
+        else:
+            session = app.authenticate(request)
+            kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+            if kind != b"application/json":
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    "Send application/json or application/octet-stream with X-Filename.",
+                )
+            raw = request.content.read() if request.content is not None else b""
+            work = app.run_blocking(store_json_upload, app.storage, session.user_id, raw, app.config.quota)
+
+        def stored(info: ArchiveInfo) -> Reply:
+            log.info(
+                "Stored archive {archive_id} ({size} bytes)",
+                archive_id=info.id,
+                size=info.size,
+                event_kind="upload",
+            )
+            return Reply(201, info.public())
+
+        def failed(failure: Failure) -> None:
+            raise storage_error(failure)
+
+        return self.respond_later(request, work.addCallbacks(stored, failed))

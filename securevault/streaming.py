@@ -1,0 +1,289 @@
+# -*- test-case-name: tests.test_streaming -*-
+"""Bodies that flow between a connection and the worker pool.
+
+L{UploadStream} takes a raw upload body as it arrives and feeds it, in order
+and in blocks of about 1 MiB, to an archive writer in the pool, pausing the
+connection while the pool is behind.  L{DownloadProducer} is a push producer
+that asks the pool for the next authenticated block only when the client wants
+more.  Memory stays flat whatever the size.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from securevault.storage import ArchiveInfo, ArchiveReader, ArchiveWriter
+from securevault.workers import RunBlocking
+
+BLOCK_BYTES = 1 << 20
+HIGH_WATER_BYTES = 4 << 20
+LOW_WATER_BYTES = 1 << 20
+
+log = Logger(namespace="securevault.streaming")
+
+
+class UploadStream:
+    """Feeds one upload body to an L{ArchiveWriter} running in the pool.
+
+    At most one pool call is in flight, so writes stay in order; bytes that
+    arrive meanwhile wait here, and past L{HIGH_WATER_BYTES} the connection
+    is paused until the pool catches up.
+    """
+
+    def __init__(
+        self,
+        run_blocking: RunBlocking,
+        open_writer: Callable[[], ArchiveWriter],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        on_error: Callable[[Failure], None],
+        discard: Callable[[ArchiveInfo], None],
+    ) -> None:
+        self._run = run_blocking
+        self._pause = pause
+        self._resume = resume
+        self._on_error = on_error
+        self._discard = discard
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writer: ArchiveWriter | None = None
+        self._busy = True
+        self._paused = False
+        self._ending = False
+        self._aborted = False
+        self._failure: Failure | None = None
+        self._result: Deferred[ArchiveInfo] | None = None
+        self.received_bytes = 0
+        self._run(open_writer).addCallbacks(self._opened, self._failed)
+
+    # -- reactor side ---------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """More body bytes arrived."""
+        if self._aborted or self._failure is not None:
+            return
+        self.received_bytes += len(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= HIGH_WATER_BYTES and not self._paused:
+            self._paused = True
+            self._pause()
+        self._pump()
+
+    def finish(self) -> "Deferred[ArchiveInfo]":
+        """The whole body arrived: commit once every byte is written."""
+        self._ending = True
+        self._result = Deferred(lambda _: self.abort())
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            self._result.errback(failure)
+        else:
+            self._pump()
+        return self._result
+
+    def abort(self) -> None:
+        """The client left or the request was refused: keep nothing."""
+        if self._aborted:
+            return
+        self._aborted = True
+        self._pending = []
+        self._pending_bytes = 0
+        if not self._busy:
+            self._abort_writer()
+
+    # -- pool traffic ---------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._busy or self._aborted or self._writer is None or self._failure is not None:
+            return
+        writer = self._writer
+        if self._pending and (self._pending_bytes >= BLOCK_BYTES or self._ending):
+            block = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending = []
+            self._pending_bytes = 0
+            self._busy = True
+            self._run(writer.write, block).addCallbacks(self._written, self._failed)
+            if self._paused and not self._aborted:
+                self._paused = False
+                self._resume()
+        elif self._ending and not self._pending and self._result is not None:
+            self._busy = True
+            self._run(writer.commit).addCallbacks(self._committed, self._failed)
+
+    def _opened(self, writer: ArchiveWriter) -> None:
+        self._writer = writer
+        self._busy = False
+        if self._aborted:
+            self._abort_writer()
+        else:
+            self._pump()
+
+    def _written(self, _: None) -> None:
+        self._busy = False
+        if self._aborted:
+            self._abort_writer()
+        else:
+            self._pump()
+
+    def _committed(self, info: ArchiveInfo) -> None:
+        self._busy = False
+        if self._aborted:
+            self._discard(info)  # the client never saw the 201
+            return
+        assert self._result is not None
+        self._result.callback(info)
+
+    def _failed(self, failure: Failure) -> None:
+        """The writer failed; it has already removed what it wrote."""
+        self._busy = False
+        self._writer = None
+        if self._aborted:
+            return
+        self._pending = []
+        self._pending_bytes = 0
+        if self._result is not None:
+            self._result.errback(failure)
+        else:
+            self._failure = failure
+            self._on_error(failure)
+
+    def _abort_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._run(writer.abort).addErrback(lambda f: log.failure("Aborting an upload failed", f))
+
+
+@implementer(IPushProducer)
+class DownloadProducer:
+    """Streams an archive's plaintext into a response.
+
+    The next block is read in the pool only while the consumer is not paused
+    and no read is in flight.  A block that fails authentication aborts the
+    connection: headers are out, so the client sees a truncated response and
+    never an unauthenticated byte.
+    """
+
+    def __init__(
+        self,
+        run_blocking: RunBlocking,
+        reader: ArchiveReader,
+        request: Request,
+        *,
+        first: bytes = b"",
+        encode: Callable[[bytes], bytes] | None = None,
+        suffix: Callable[[], bytes] | None = None,
+    ) -> None:
+        self._run = run_blocking
+        self._reader = reader
+        self._request = request
+        self._encode = encode
+        self._suffix = suffix
+        self._first = first
+        self._paused = False
+        self._in_flight = False
+        self._stopped = False
+        self._done: Deferred[None] = Deferred()
+
+    def start(self) -> "Deferred[None]":
+        """Begin streaming; fires when the response is finished or aborted."""
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        if self._first:
+            first, self._first = self._first, b""
+            self._deliver(first)
+        else:
+            self._fetch()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if not self._in_flight and not self._stopped:
+            self._fetch()
+
+    def stopProducing(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._in_flight:
+            self._close()
+
+    def _fetch(self) -> None:
+        if self._paused or self._in_flight or self._stopped:
+            return
+        self._in_flight = True
+        self._run(self._reader.read).addCallbacks(self._got, self._failed)
+
+    def _got(self, data: bytes) -> None:
+        self._in_flight = False
+        if self._stopped:
+            self._close()
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        if data:
+            self._request.write(self._encode(data) if self._encode else data)
+            self._fetch()
+            return
+        if self._suffix is not None:
+            self._request.write(self._suffix())
+        self._stopped = True
+        self._request.unregisterProducer()
+        self._request.finish()
+        self._close()
+
+    def _failed(self, failure: Failure) -> None:
+        self._in_flight = False
+        if not self._stopped:
+            self._stopped = True
+            log.error(
+                "Download of archive {archive_id} aborted: {reason}",
+                archive_id=self._reader.info.id,
+                reason=failure.getErrorMessage(),
+            )
+            self._request.unregisterProducer()
+            transport: Any = self._request.transport
+            if transport is not None:
+                transport.abortConnection()
+        self._close()
+
+    def _close(self) -> None:
+        reader = self._reader
+        self._run(reader.close).addErrback(lambda f: None)
+        if not self._done.called:
+            self._done.callback(None)
+
+
+class Base64Encoder:
+    """Encodes a byte stream as one base64 text, block by block."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        data = self._carry + data if self._carry else data
+        cut = len(data) - len(data) % 3
+        self._carry = data[cut:]
+        return base64.b64encode(data[:cut])
+
+    def flush(self) -> bytes:
+        carry, self._carry = self._carry, b""
+        return base64.b64encode(carry)
+
+
+def base64_length(size: int) -> int:
+    return 4 * ((size + 2) // 3)
+
+
+__all__ = ["UploadStream", "DownloadProducer", "Base64Encoder", "base64_length", "CancelledError"]

@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_tap -*-
+"""Options and makeService: the composition root of the daemon.
+
+This is the only module that imports the global reactor.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from securevault import __version__
+from securevault.app import VaultApp
+from securevault.config import (
+    BIND_USER_POLICIES,
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    DEFAULT_MAX_JSON_BODY_BYTES,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_SESSION_IDLE_SECONDS,
+    DEFAULT_SESSION_TTL_SECONDS,
+    ConfigError,
+    VaultConfig,
+    parse_port,
+    port_from_environment,
+)
+from securevault.keys import KeyFileError, ensure_keyring
+from securevault.sessions import LoginThrottle, SessionStore
+from securevault.storage import SecureFileStorage
+from securevault.tls import TLSConfigError, load_ca_certificates, server_tls_options
+from securevault.users import UserStore
+from securevault.web import VaultSite
+from securevault.workers import ThreadPoolService
+
+log = Logger(namespace="securevault")
+
+SWEEP_INTERVAL_SECONDS = 60.0
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+class Options(usage.Options):
+    """twistd securevault [options]: every server option of API.md."""
+
+    synopsis = "[options]"
+    longdesc = "An encrypted file vault served over mutual TLS."
+    optParameters = [
+        ["port", "p", None, "TCP port [default: $PORT, else 5000]."],
+        ["interface", None, "0.0.0.0", "Address to listen on."],
+        ["cert", None, "certs/server.crt", "Server certificate (PEM)."],
+        ["key", None, "certs/server.key", "Server private key (PEM)."],
+        ["ca-cert", None, "certs/ca.crt", "CA certificate(s) that client certificates must chain to."],
+        ["data-dir", None, "vault-data", "Directory holding users and archives."],
+        ["master-key", None, None, "Master key file [default: <data-dir>/master.key]; created when absent."],
+        ["threads", None, None, "Worker threads [default: CPU count, at least 2].", _positive_int],
+        ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "Seconds a session lives unused.", _positive_float],
+        ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "Seconds a session lives in all.", _positive_float],
+        ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload in bytes.", _positive_int],
+        ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body in bytes.", _positive_int],
+        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT_SECONDS, "Seconds before a silent client is dropped.", _positive_float],
+        ["quota", None, None, "Bytes of archives per user [default: none].", _positive_int],
+        ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off].", int],
+        ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],
+        ["bind-user", None, "none", "Certificate names that may log in as a user: none, cn or san."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            if self["port"] is None:  # --port, then $PORT, then 5000
+                self["port"] = port_from_environment(os.environ)
+            else:
+                self["port"] = parse_port(str(self["port"]), "--port")
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+        if self["bind-user"] not in BIND_USER_POLICIES:
+            raise usage.UsageError(f"--bind-user must be one of none, cn, san, not {self['bind-user']!r}")
+
+
+class TLSListenerService(StreamServerEndpointService):
+    """Listens once started; a port that cannot be bound ends the daemon."""
+
+    def __init__(self, endpoint: Any, factory: Any, config: VaultConfig, ca_subject: str) -> None:
+        super().__init__(endpoint, factory)
+        self._config = config
+        self._ca_subject = ca_subject
+        # A hand-built endpoint service only logs a failed bind and runs on
+        # deaf; this private flag makes it raise, as strports.service() does.
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            raise SystemExit(
+                f"securevault: error: cannot listen on {self._config.interface}:{self._config.port}: "
+                f"{error.socketError}"
+            ) from None
+        assert self._waitingForPort is not None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        address = port.getHost()
+        log.info(
+            "securevault {version} listening on https://{host}:{port} (CA: {ca}; data: {data_dir})",
+            version=__version__,
+            host=address.host,
+            port=address.port,
+            ca=self._ca_subject,
+            data_dir=str(self._config.data_dir.resolve()),
+            event_kind="listening",
+        )
+        return port
+
+
+def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
+    """The shared collaborators, from settings; fails with a one-line reason."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    keyring, created = ensure_keyring(config.master_key)
+    if created:
+        log.info("Created master key {path}", path=str(config.master_key))
+    storage = SecureFileStorage(config.data_dir, keyring)
+    # No client is connected yet: recovering here blocks no one, and it must
+    # finish before a new upload could write a temp file it would remove.
+    removed = storage.recover()
+    if removed:
+        log.info("Removed {count} leftover temporary files", count=removed)
+    return VaultApp(
+        config=config,
+        storage=storage,
+        users=UserStore(config.data_dir / "users.json"),
+        sessions=SessionStore(clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl),
+        throttle=LoginThrottle(clock.seconds),
+        run_blocking=run_blocking,
+        clock=clock.seconds,
+    )
+
+
+def makeService(options: usage.Options, reactor: Any = None) -> IService:
+    """The daemon: worker pool first in (last out), listener last in."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = VaultConfig.from_options(options)
+    try:
+        tls_options = server_tls_options(config.cert, config.key, config.ca_cert)
+        ca_subject = load_ca_certificates(config.ca_cert)[0].subject.rfc4514_string()
+        top = MultiService()
+        pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
+        ThreadPoolService(pool).setServiceParent(top)
+        app = build_app(config, partial(deferToThreadPool, reactor, pool), reactor)
+    except (TLSConfigError, KeyFileError, OSError) as error:
+        raise SystemExit(f"securevault: error: {error}") from None
+
+    def sweep() -> None:
+        app.sessions.sweep()
+        app.throttle.sweep()
+
+    TimerService(SWEEP_INTERVAL_SECONDS, sweep).setServiceParent(top)
+    site = VaultSite(app, reactor=reactor)
+    endpoint = SSL4ServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
+    TLSListenerService(endpoint, site, config, ca_subject).setServiceParent(top)
+    return top

@@ -1,0 +1,122 @@
+# -*- test-case-name: tests.test_tls -*-
+"""Mutual TLS: the server's CertificateOptions and the client's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    trustRootFromCertificates,
+)
+
+# Forward-secret AEAD suites only (TLS 1.3 suites are all AEAD).
+AEAD_ONLY = AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
+)
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file is missing or unusable."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSConfigError(
+            f"{what} file {path} does not exist; run 'securevault-admin init' to create a development PKI"
+        ) from None
+    except OSError as error:
+        raise TLSConfigError(f"cannot read {what} file {path}: {error.strerror}") from None
+
+
+def load_ca_certificates(ca: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(_read(ca, "CA certificate"))
+    except ValueError as error:
+        raise TLSConfigError(f"CA certificate file {ca} holds no PEM certificate: {error}") from None
+
+
+def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
+    """Server options that require a client certificate chaining to C{ca}."""
+    try:
+        certificate = x509.load_pem_x509_certificate(_read(cert, "server certificate"))
+    except ValueError as error:
+        raise TLSConfigError(f"server certificate file {cert} is not a PEM certificate: {error}") from None
+    try:
+        private_key = load_pem_private_key(_read(key, "server key"), password=None)
+    except (ValueError, TypeError) as error:
+        raise TLSConfigError(f"server key file {key} is not an unencrypted PEM key: {error}") from None
+    authorities = load_ca_certificates(ca)
+    options = CertificateOptions(
+        certificate=certificate,
+        privateKey=private_key,
+        trustRoot=trustRootFromCertificates(
+            [Certificate.loadPEM(a.public_bytes(Encoding.PEM)) for a in authorities]
+        ),
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=AEAD_ONLY,
+    )
+    context = options.getContext()
+    for authority in authorities:
+        context.add_client_ca(authority)  # advertise which CAs we accept
+    # No client-initiated renegotiation; no TLS compression.
+    context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    return options
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """The verified client certificate of a connection."""
+
+    fingerprint: str  # hex SHA-256 of the DER
+    subject: str
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    not_after: datetime
+
+    @classmethod
+    def from_certificate(cls, certificate: x509.Certificate) -> "ClientIdentity":
+        names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        try:
+            san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            dns_names = tuple(san.value.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            dns_names = ()
+        return cls(
+            fingerprint=certificate.fingerprint(hashes.SHA256()).hex(),
+            subject=certificate.subject.rfc4514_string(),
+            common_name=str(names[0].value) if names else None,
+            dns_names=dns_names,
+            not_after=certificate.not_valid_after_utc,
+        )
+
+    @property
+    def not_after_timestamp(self) -> float:
+        return self.not_after.astimezone(timezone.utc).timestamp()
+
+
+def client_identity(transport: Any) -> ClientIdentity | None:
+    """The peer certificate of a TLS transport, or None (no TLS, no cert)."""
+    get_peer = getattr(transport, "getPeerCertificate", None)
+    if get_peer is None:
+        return None
+    try:
+        peer = get_peer()
+    except Exception:
+        return None
+    if peer is None:
+        return None
+    return ClientIdentity.from_certificate(peer.to_cryptography())

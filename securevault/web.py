@@ -1,0 +1,295 @@
+# -*- test-case-name: tests.test_web -*-
+"""Site-wide HTTP policy: VaultSite, VaultRequest and the root resource.
+
+VaultRequest replaces twisted.web's body handling: it checks limits as bytes
+arrive, refuses oversized bodies from their Content-Length before reading
+them, and streams raw uploads to the pool instead of spooling them to an
+unencrypted temp file.  It also sets the contract's headers, answers errors
+that escape a resource with JSON, and writes one access event per request.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.server import NOT_DONE_YET, Request
+
+from securevault.app import VaultApp
+from securevault.jsonapi import (
+    JSON_CONTENT_TYPE,
+    ApiError,
+    encode_json,
+    error_body,
+    fail,
+    internal_error,
+    not_found,
+)
+from securevault.storage import ArchiveInfo, InvalidFilename, check_filename
+from securevault.streaming import UploadStream
+
+# Bodies of requests other than uploads are small JSON objects.
+SMALL_BODY_BYTES = 64 * 1024
+HEADER_BLOCK_BYTES = 16 * 1024
+UPLOAD_PATH = b"/upload-file"
+
+access_log = Logger(namespace="securevault.access")
+
+
+def filename_from_raw_upload(request: Request, header: bytes | None) -> str:
+    """The filename of a raw upload: C{X-Filename} (percent-encoded UTF-8),
+    else the C{filename} query parameter; checked against API.md's rules."""
+    raw: bytes | None = None
+    if header is not None:
+        raw = unquote_to_bytes(header)
+    else:
+        values = request.args.get(b"filename") if request.args else None
+        if values:
+            raw = values[0]
+    if raw is None:
+        raise ApiError(400, "invalid_filename", "Name the file in the X-Filename header.")
+    try:
+        filename = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_filename", "The filename is not valid UTF-8.") from None
+    try:
+        check_filename(filename)
+    except InvalidFilename as error:
+        raise ApiError(400, "invalid_filename", str(error)) from None
+    return filename
+
+
+def media_type(request: Request) -> bytes:
+    value = request.getHeader(b"content-type") or b""
+    return value.split(b";", 1)[0].strip().lower()
+
+
+class VaultRequest(server.Request):
+    """A request with the vault's body limits, headers, errors and logging."""
+
+    defaultContentType = None
+    app: VaultApp
+
+    def __init__(self, channel: Any, queued: Any = None) -> None:
+        super().__init__(channel, queued)
+        self.upload: UploadStream | None = None
+        self.vault_user: str | None = None
+        self._body_limit = SMALL_BODY_BYTES
+        self._body_bytes = 0
+        self._refused = False
+        self._started = time.monotonic()
+        self._logged = False
+
+    # -- body handling --------------------------------------------------
+
+    def gotLength(self, length: int | None) -> None:
+        """Headers are in: decide how the body is taken, or refuse it now."""
+        self.content = io.BytesIO()
+        # The method and path are on the channel until requestReceived; this
+        # is the hook twisted.web offers before the body (twisted/twisted#4688).
+        method = getattr(self.channel, "_command", b"")
+        path = getattr(self.channel, "_path", b"").split(b"?", 1)[0]
+        config = self.app.config
+        raw_upload = method == b"POST" and path == UPLOAD_PATH and media_type(self) == b"application/octet-stream"
+        if method == b"POST" and path == UPLOAD_PATH:
+            self._body_limit = config.max_upload_size if raw_upload else config.max_json_body
+        if length is not None and length > self._body_limit:
+            self._refuse(ApiError(413, "too_large", f"The body is larger than {self._body_limit} bytes."))
+            return
+        if raw_upload:
+            try:
+                self._start_upload(getattr(self.channel, "_path", b""))
+            except ApiError as error:
+                self._refuse(error)
+
+    def _start_upload(self, uri: bytes) -> None:
+        """Authenticate and name the upload, then open its archive writer."""
+        self.uri = uri
+        self.path, _, query = uri.partition(b"?")
+        self.args = parse_qs(query, keep_blank_values=True) if query else {}
+        app = self.app
+        session = app.authenticate(self)
+        filename = filename_from_raw_upload(self, self.getHeader(b"x-filename"))
+        quota = app.config.quota
+        storage = app.storage
+
+        def open_writer() -> Any:
+            remaining = None if quota is None else max(0, quota - storage.usage(session.user_id))
+            return storage.writer(session.user_id, filename, max_bytes=remaining)
+
+        def discard(info: ArchiveInfo) -> None:
+            app.run_blocking(storage.delete, session.user_id, info.id).addErrback(lambda _: None)
+
+        transport = self.channel.transport
+        self.upload = UploadStream(
+            app.run_blocking,
+            open_writer,
+            pause=transport.pauseProducing,
+            resume=transport.resumeProducing,
+            on_error=self._upload_failed,
+            discard=discard,
+        )
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self._body_limit:
+            self._refuse(ApiError(413, "too_large", f"The body is larger than {self._body_limit} bytes."))
+            return
+        if self.upload is not None:
+            self.upload.feed(data)
+        else:
+            self.content.write(data)
+
+    def _upload_failed(self, failure: Failure) -> None:
+        """The writer failed while the body was still arriving."""
+        from securevault.resources.upload_file import storage_error
+
+        self._refuse(storage_error(failure))
+
+    def _refuse(self, error: ApiError | Exception) -> None:
+        """Answer before the body is read, then close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        if self.upload is not None:
+            self.upload.abort()
+        if not isinstance(error, ApiError):
+            error = ApiError(500, "internal_error", "The server failed to answer this request.")
+        body = encode_json(error_body(error))
+        reason = HTTPStatus(error.status).phrase.encode("ascii")
+        headers = [
+            (b"Content-Type", JSON_CONTENT_TYPE),
+            (b"Content-Length", str(len(body)).encode("ascii")),
+            (b"Cache-Control", b"no-store"),
+            (b"X-Content-Type-Options", b"nosniff"),
+            (b"Connection", b"close"),
+            *error.headers.items(),
+        ]
+        head = b"HTTP/1.1 %d %s\r\n" % (error.status, reason)
+        head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        self.code = error.status
+        self.sentLength = len(body)
+        transport = self.channel.transport
+        transport.write(head + b"\r\n" + body)
+        self.method = getattr(self.channel, "_command", b"-")
+        self.path = getattr(self.channel, "_path", b"-").split(b"?", 1)[0]
+        self._log_access()
+        self.channel.loseConnection()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    # -- processing -----------------------------------------------------
+
+    def process(self) -> None:
+        self.setHeader(b"cache-control", b"no-store")
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        self.notifyFinish().addBoth(lambda _: self._log_access())
+        super().process()
+
+    def processingFailed(self, reason: Failure) -> None:  # type: ignore[override]
+        """An exception escaped a resource: a JSON 500, traceback in the log."""
+        if self.finished or self._disconnected:
+            return None
+        if self.startedWriting:
+            self.transport.abortConnection()
+            return None
+        internal_error(self, reason)
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.upload is not None and not self.finished:
+            self.upload.abort()
+        super().connectionLost(reason)
+
+    def _log_access(self) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        path = (self.path or b"").split(b"?", 1)[0]
+        access_log.info(
+            "{method} {path} {status} user={user} bytes={bytes} {duration_ms}ms",
+            method=(self.method or b"-").decode("ascii", "replace"),
+            path=path.decode("utf-8", "replace")[:200],
+            status=self.code if not self._disconnected or self.finished else "aborted",
+            user=self.vault_user or "-",
+            bytes=self.sentLength,
+            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            event_kind="access",
+        )
+
+
+class JsonNotFound(resource.Resource):
+    """The JSON 404 for every unknown path."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        fail(request, not_found())
+        return NOT_DONE_YET
+
+
+class RootResource(resource.Resource):
+    """Routes exact paths to the endpoints; everything else is a JSON 404."""
+
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:
+        return JsonNotFound()
+
+    def render(self, request: Request) -> Any:
+        fail(request, not_found())
+        return NOT_DONE_YET
+
+
+def build_root(app: VaultApp) -> RootResource:
+    """The resource tree of API.md."""
+    from securevault.resources.delete_file import DeleteFileResource
+    from securevault.resources.download_file import DownloadFileResource
+    from securevault.resources.get_files import GetFilesResource
+    from securevault.resources.health import HealthResource
+    from securevault.resources.login import LoginResource
+    from securevault.resources.logout import LogoutResource
+    from securevault.resources.upload_file import UploadFileResource
+
+    root = RootResource()
+    root.putChild(b"login", LoginResource(app))
+    root.putChild(b"logout", LogoutResource(app))
+    root.putChild(b"upload-file", UploadFileResource(app))
+    root.putChild(b"get-files", GetFilesResource(app))
+    root.putChild(b"download-file", DownloadFileResource(app))
+    root.putChild(b"delete-file", DeleteFileResource(app))
+    root.putChild(b"health", HealthResource(app))
+    return root
+
+
+class VaultSite(server.Site):
+    """The site: our request class, idle timeout, no server banner."""
+
+    def __init__(self, app: VaultApp, *, reactor: Any = None) -> None:
+        super().__init__(build_root(app), timeout=app.config.idle_timeout, reactor=reactor)
+        self.app = app
+        self.displayTracebacks = False
+
+        class _Request(VaultRequest):
+            pass
+
+        _Request.app = app
+        self.requestFactory = _Request
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.totalHeadersSize = HEADER_BLOCK_BYTES
+        return channel
+
+    def log(self, request: Any) -> None:
+        """Access events come from VaultRequest, without query strings."""
+
