@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from http import HTTPStatus
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +67,7 @@ def encode_json(body: Any) -> bytes:
 
 def write_json(request: Request, status: int, body: Any, headers: dict[bytes, bytes] | None = None) -> None:
     """Answer with a JSON body (or none, for 204) and finish the request."""
-    request.setResponseCode(status)
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
     if body is None:

@@ -20,6 +20,7 @@ Master key rotation rewrites only C{.meta} files.
 from __future__ import annotations
 
 import base64
+import builtins
 import binascii
 import ctypes
 import ctypes.util
@@ -35,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, cast
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
@@ -331,7 +332,7 @@ class ArchiveWriter:
         else:
             self._method, compression = "stored", zipfile.ZIP_STORED
         self._zip = zipfile.ZipFile(
-            self._sink,  # type: ignore[arg-type]
+            cast(IO[bytes], self._sink),
             "w",
             compression=compression,
             compresslevel=COMPRESSION_LEVEL,
@@ -761,7 +762,7 @@ class SecureFileStorage:
             return 0
         return total
 
-    def owners(self) -> list[str]:
+    def owners(self) -> "builtins.list[str]":
         if not self.archives.is_dir():
             return []
         return sorted(p.name for p in self.archives.iterdir() if p.is_dir())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -60,9 +60,11 @@ def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
     except (ValueError, TypeError) as error:
         raise TLSConfigError(f"server key file {key} is not an unencrypted PEM key: {error}") from None
     authorities = load_ca_certificates(ca)
+    # Twisted's stubs name pyOpenSSL types, but it takes cryptography objects
+    # (and pyOpenSSL 26 warns on its own X509).
     options = CertificateOptions(
-        certificate=certificate,
-        privateKey=private_key,
+        certificate=cast(Any, certificate),
+        privateKey=cast(Any, private_key),
         trustRoot=trustRootFromCertificates(
             [Certificate.loadPEM(a.public_bytes(Encoding.PEM)) for a in authorities]
         ),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.logger import Logger
@@ -90,7 +90,7 @@ class VaultRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:
         """Headers are in: decide how the body is taken, or refuse it now."""
-        self.content = io.BytesIO()
+        self.content = io.BytesIO()  # type: ignore[assignment]
         # The method and path are on the channel until requestReceived; this
         # is the hook twisted.web offers before the body (twisted/twisted#4688).
         method = getattr(self.channel, "_command", b"")
@@ -112,7 +112,7 @@ class VaultRequest(server.Request):
         """Authenticate and name the upload, then open its archive writer."""
         self.uri = uri
         self.path, _, query = uri.partition(b"?")
-        self.args = parse_qs(query, keep_blank_values=True) if query else {}
+        self.args = parse_qs(query, keep_blank_values=True) if query else {}  # type: ignore[assignment]
         app = self.app
         session = app.authenticate(self)
         filename = filename_from_raw_upload(self, self.getHeader(b"x-filename"))
@@ -126,7 +126,7 @@ class VaultRequest(server.Request):
         def discard(info: ArchiveInfo) -> None:
             app.run_blocking(storage.delete, session.user_id, info.id).addErrback(lambda _: None)
 
-        transport = self.channel.transport
+        transport: Any = self.channel.transport
         self.upload = UploadStream(
             app.run_blocking,
             open_writer,
@@ -146,7 +146,7 @@ class VaultRequest(server.Request):
         if self.upload is not None:
             self.upload.feed(data)
         else:
-            self.content.write(data)
+            cast(io.BytesIO, self.content).write(data)
 
     def _upload_failed(self, failure: Failure) -> None:
         """The writer failed while the body was still arriving."""
@@ -177,7 +177,7 @@ class VaultRequest(server.Request):
         head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.code = error.status
         self.sentLength = len(body)
-        transport = self.channel.transport
+        transport: Any = self.channel.transport
         transport.write(head + b"\r\n" + body)
         self.method = getattr(self.channel, "_command", b"-")
         self.path = getattr(self.channel, "_path", b"-").split(b"?", 1)[0]
@@ -192,17 +192,18 @@ class VaultRequest(server.Request):
     # -- processing -----------------------------------------------------
 
     def process(self) -> None:
+        self.setHeader(b"server", b"securevault")
         self.setHeader(b"cache-control", b"no-store")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.notifyFinish().addBoth(lambda _: self._log_access())
         super().process()
 
-    def processingFailed(self, reason: Failure) -> None:  # type: ignore[override]
+    def processingFailed(self, reason: Failure) -> None:
         """An exception escaped a resource: a JSON 500, traceback in the log."""
         if self.finished or self._disconnected:
             return None
         if self.startedWriting:
-            self.transport.abortConnection()
+            cast(Any, self.transport).abortConnection()
             return None
         internal_error(self, reason)
         return None
@@ -283,7 +284,7 @@ class VaultSite(server.Site):
             pass
 
         _Request.app = app
-        self.requestFactory = _Request
+        self.requestFactory = _Request  # type: ignore[assignment]
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)

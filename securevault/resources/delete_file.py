@@ -31,7 +31,7 @@ class DeleteFileResource(JsonEndpoint):
             log.info("Deleted archive {archive_id}", archive_id=archive_id, event_kind="delete")
             return Reply(204)
 
-        def missing(failure: Failure) -> None:
+        def missing(failure: Failure) -> Reply:
             failure.trap(ArchiveNotFound)
             raise not_found("No such archive.")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 from twisted.internet.defer import CancelledError
@@ -86,13 +86,14 @@ def wants_raw(request: Request) -> bool:
 
 
 def single_arg(request: Request, name: bytes) -> str | None:
-    values = (request.args or {}).get(name)
+    args = cast("dict[bytes, list[bytes]]", request.args or {})
+    values = args.get(name)
     if values is None:
         return None
     if len(values) != 1:
         raise bad_request(f"Give {name.decode()} once.")
     try:
-        return values[0].decode("utf-8")
+        return str(values[0].decode("utf-8"))
     except UnicodeDecodeError:
         raise bad_request(f"The {name.decode()} parameter is not valid UTF-8.") from None
 

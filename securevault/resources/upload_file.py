@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,7 +40,7 @@ def storage_error(failure: Failure) -> ApiError | Exception:
         return ApiError(507, "insufficient_storage", str(error))
     if isinstance(error, InvalidFilename):
         return ApiError(400, "invalid_filename", str(error))
-    return error  # type: ignore[return-value]
+    return cast(Exception, error)
 
 
 def parse_json_upload(raw: bytes) -> tuple[str, bytes]:

@@ -26,9 +26,9 @@ class _PathMixin:
         return path
 
 
-class SyncTestCase(_PathMixin, unittest.SynchronousTestCase):  # type: ignore[misc]
+class SyncTestCase(_PathMixin, unittest.SynchronousTestCase):
     """For tests without a real reactor."""
 
 
-class AsyncTestCase(_PathMixin, unittest.TestCase):  # type: ignore[misc]
+class AsyncTestCase(_PathMixin, unittest.TestCase):
     """For tests with real sockets or processes."""
