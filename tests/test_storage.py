@@ -10,6 +10,7 @@ code as the snippet there, which L{FormatDocumentTests} also runs).
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import io
 import json
@@ -74,7 +75,8 @@ def recover_archive(
     data_key = AESGCM(master_key).decrypt(wrapped[:12], wrapped[12:], context(b"data-key", owner_id, archive_id))
     sealed = base64.b64decode(meta["metadata"])
     metadata_key = AESGCM(derive(data_key, b"metadata-key"))
-    metadata = json.loads(metadata_key.decrypt(sealed[:12], sealed[12:], context(b"metadata", owner_id, archive_id)))
+    metadata_context = context(b"metadata", owner_id, archive_id)
+    metadata = json.loads(metadata_key.decrypt(sealed[:12], sealed[12:], metadata_context))
     body = Cobblestone256Decryptor(derive(data_key, b"body-key"), context(b"body", owner_id, archive_id))
     ciphertext = (folder / f"{archive_id}.body").read_bytes()
     zip_bytes = body.update(ciphertext) + body.finalize()
@@ -112,6 +114,13 @@ def allowed_filename(name: str) -> bool:
     if not 0 < len(encoded) <= 255 or name in (".", ".."):
         return False
     return not any(c in "/\\" or unicodedata.category(c) == "Cc" for c in name)
+
+
+def function_body(source: str, name: str) -> str:
+    """The body of top-level function C{name} in C{source}, whitespace removed."""
+    match = re.search(rf"^def {name}\((?:.|\n)*?:\n((?:[ \t]+[^\n]*\n|\n)*)", source, re.MULTILINE)
+    assert match is not None, name
+    return re.sub(r"\s+", "", match.group(1))
 
 
 class _StorageMixin(SyncTestCase):
@@ -234,6 +243,45 @@ class RoundTripTests(_StorageMixin):
         self.assertEqual(b"".join(pieces), data)
 
 
+class ReadSizeTests(_StorageMixin):
+    """read(size) keeps each returned piece near the size asked for."""
+
+    def read_sizes(self, info: ArchiveInfo, size: int) -> list[int]:
+        reader = self.storage.open(OWNER, info.id)
+        try:
+            sizes = []
+            while piece := reader.read(size):
+                sizes.append(len(piece))
+            return sizes
+        finally:
+            reader.close()
+
+    def test_deflated_bounded(self) -> None:
+        """Highly compressible data is inflated in pieces of at most the size asked
+        for, not all at once (memory stays flat on download)."""
+        writer = self.storage.writer(OWNER, "zeros.bin")
+        for _ in range(32):
+            writer.write(bytes(MIB))
+        info = writer.commit()
+        self.assertEqual(info.method, "deflated")
+        sizes = self.read_sizes(info, 64 * 1024)
+        self.assertEqual(sum(sizes), 32 * MIB)
+        self.assertLessEqual(max(sizes), 64 * 1024)
+
+    def test_stored_bounded(self) -> None:
+        """Stored data is returned in pieces of at most about the size asked for."""
+        info = self.storage.store(OWNER, "random.bin", os.urandom(2 * MIB))
+        sizes = self.read_sizes(info, 4096)
+        self.assertEqual(sum(sizes), 2 * MIB)
+        self.assertLessEqual(max(sizes), 16 * 1024)
+
+    test_stored_bounded.skip = (  # type: ignore[attr-defined]
+        "storage bug: ArchiveReader.read(size) ignores size for stored members and returns "
+        "whole decrypted blocks (about 1 MiB: read(4096) gave 1032137 bytes), contrary to its "
+        "docstring; harmless for callers that use the default size"
+    )
+
+
 # -- the format is the documented one -------------------------------------------
 
 
@@ -327,7 +375,7 @@ class FormatDocumentTests(_StorageMixin):
         text = FORMAT_DOCUMENT.read_text(encoding="utf-8")
         blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
         self.assertEqual(len(blocks), 1)
-        return blocks[0]
+        return str(blocks[0])
 
     def test_snippet_recovers(self) -> None:
         """The snippet in FORMAT.md, run as is, recovers an archive's name and bytes."""
@@ -343,17 +391,11 @@ class FormatDocumentTests(_StorageMixin):
         self.assertTrue(content == data)
 
     def test_snippet_is_the_tests_decoder(self) -> None:
-        """The snippet's functions are the ones this test module uses (no drift)."""
+        """The snippet's function bodies are the ones this test module uses (no drift)."""
         snippet = self.snippet()
         source = Path(__file__).read_text(encoding="utf-8")
-
-        def normalise(text: str) -> str:
-            return re.sub(r"\s+", "", text)
-
         for name in ("derive", "context", "recover_archive"):
-            match = re.search(rf"^def {name}\(.*?(?=^\S|\Z)", snippet, re.DOTALL | re.MULTILINE)
-            assert match is not None, name
-            self.assertIn(normalise(match.group(0).split("->")[1].split(":", 1)[1]), normalise(source), name)
+            self.assertEqual(function_body(snippet, name), function_body(source, name), name)
 
 
 # -- tampering -----------------------------------------------------------------
@@ -395,7 +437,7 @@ class TamperingTests(_StorageMixin):
     def test_untouched(self) -> None:
         """The fixture itself reads back (so the failures below are the tampering's)."""
         self.assertEqual(self.storage.read_all(OWNER, self.info.id)[1], self.data)
-        self.assertEqual(len(self.body), HEADER_BYTES + ((len(self.body) - HEADER_BYTES - 1) // CHUNK_BYTES) * CHUNK_BYTES + (len(self.body) - HEADER_BYTES - 1) % CHUNK_BYTES + 1)
+        self.assertGreater(len(self.body), HEADER_BYTES + 6 * CHUNK_BYTES)
 
     def test_bit_flips(self) -> None:
         """Flipping one bit in the header, a chunk, a tag or the last byte is detected."""
@@ -496,7 +538,9 @@ class TamperingTests(_StorageMixin):
 
     def test_meta_garbage(self) -> None:
         """A .meta that is not the documented JSON is an integrity error."""
-        for raw in [b"", b"{", b"[]", b"null", b'"x"', self.meta[:-1], self.meta.replace(b'"version": 1', b'"version": 2')]:
+        wrong_version = self.meta.replace(b'"version": 1', b'"version": 2')
+        self.assertNotEqual(wrong_version, self.meta)
+        for raw in [b"", b"{", b"[]", b"null", b'"x"', self.meta[:-1], wrong_version]:
             self.meta_path(self.info.id).write_bytes(raw)
             self.assert_fails_closed()
 
@@ -585,6 +629,29 @@ class AtomicityTests(_StorageMixin):
             self.assertRaises(StorageError, writer.commit)
         self.assertEqual(self.storage.list(OWNER), [])
 
+    def test_aborted_writer_is_inert(self) -> None:
+        """Once aborted, a writer never writes again, even when garbage-collected
+        after another upload has reused its file descriptor."""
+        # The ZIP member's plaintext ends 4 bytes short of a 16 KiB chunk, so the
+        # data descriptor written by a late finalizer would complete a chunk.
+        aborted = self.storage.writer(OWNER, "a.bin")
+        aborted.write(os.urandom(16384 * 5 + 16325))
+        aborted.abort()
+        writer = self.storage.writer(OWNER, "b.bin")
+        del aborted
+        gc.collect()
+        writer.write(b"hello")
+        info = writer.commit()
+        self.assertEqual(self.storage.read_all(OWNER, info.id)[1], b"hello")
+
+    test_aborted_writer_is_inert.skip = (  # type: ignore[attr-defined]
+        "storage bug: ArchiveWriter.abort() closes the descriptor but leaves the ZipFile and "
+        "its open member pointing at the _EncryptingSink; when they are garbage-collected their "
+        "finalizers write the data descriptor and central directory through the sink with "
+        "os.write on the stale fd number, which may by then belong to another upload's temp "
+        "file (that archive is committed corrupt: IntegrityError on read), a socket or a log"
+    )
+
     def test_uncommitted_is_invisible(self) -> None:
         """An uncommitted writer's data is not listed, not counted, not found."""
         writer = self.storage.writer(OWNER, "pending.bin")
@@ -647,16 +714,22 @@ class AtomicityTests(_StorageMixin):
         self.assertEqual(self.owner_files(), [])
         self.assertEqual(self.storage.list(OWNER), [])
 
-    def test_quota_small_upload(self) -> None:
-        """A small upload whose archive would exceed max_bytes raises QuotaExceeded
-        and leaves nothing."""
+    def test_quota_checked_at_commit(self) -> None:
+        """An upload whose archive would exceed max_bytes raises QuotaExceeded and
+        leaves nothing, whether it is smaller than the compression sample or
+        only its last chunk and ZIP trailer cross the limit."""
         self.assertRaises(QuotaExceeded, self.storage.store, OWNER, "small.bin", os.urandom(1000), max_bytes=100)
         self.assertEqual(self.owner_files(), [])
+        self.assertRaises(
+            QuotaExceeded, self.storage.store, OWNER, "edge.bin", os.urandom(69_800), max_bytes=70_000
+        )
+        self.assertEqual(self.owner_files(), [])
 
-    test_quota_small_upload.skip = (  # type: ignore[attr-defined]
-        "storage bug: max_bytes is checked only in write() after the 64 KiB compression "
-        "sample has started the ZIP member, never in commit(); an upload under 64 KiB, or "
-        "the final chunk and ZIP trailer of any upload, are never checked against max_bytes"
+    test_quota_checked_at_commit.skip = (  # type: ignore[attr-defined]
+        "storage bug: max_bytes is checked only in ArchiveWriter.write(), against ciphertext "
+        "already emitted, and only once the 64 KiB compression sample has started the ZIP "
+        "member; commit() never checks it, so store(..., os.urandom(1000), max_bytes=100) "
+        "commits 1232 bytes and store(..., os.urandom(69800), max_bytes=70000) commits 70088"
     )
 
     def test_quota_within(self) -> None:
@@ -696,7 +769,8 @@ class OperationTests(_StorageMixin):
         self.storage.store(OTHER_OWNER, "theirs.txt", b"theirs")
         listed = self.storage.list(OWNER)
         self.assertEqual(listed, list(reversed(stored)))
-        self.assertEqual([info.created_ns for info in listed], sorted((i.created_ns for i in listed), reverse=True))
+        times = [info.created_ns for info in listed]
+        self.assertEqual(times, sorted(times, reverse=True))
         self.assertEqual(listed[-1].created_at, "2026-05-28T20:26:40Z")
 
     def test_find_newest(self) -> None:
@@ -722,6 +796,18 @@ class OperationTests(_StorageMixin):
         self.assertEqual(self.storage.usage(OWNER), total)
         self.storage.delete(OWNER, info.id)
         self.assertEqual(self.storage.usage(OWNER), total - info.stored_bytes)
+
+    def test_rewrap_missing(self) -> None:
+        """rewrap of an archive that is not there (say, deleted during a rotation)
+        raises ArchiveNotFound, like every other operation."""
+        rotating = Keyring("newkey00", {**self.keyring.keys, "newkey00": os.urandom(32)})
+        self.assertRaises(ArchiveNotFound, self.storage.rewrap, OWNER, "0" * 32, rotating)
+
+    test_rewrap_missing.skip = (  # type: ignore[attr-defined]
+        "storage bug: rewrap() reads the .meta without catching FileNotFoundError, so a "
+        "missing archive raises FileNotFoundError instead of ArchiveNotFound (and a corrupt "
+        ".meta raises JSONDecodeError/KeyError/binascii.Error instead of IntegrityError)"
+    )
 
     def test_rewrap(self) -> None:
         """rewrap moves an archive to a new master key without touching its body;
@@ -780,7 +866,7 @@ class CheckFilenameTests(SyncTestCase):
         st.one_of(
             st.text(),
             st.text(st.characters(categories=["Cc", "Cs", "Zs", "Lo", "So", "Po"]), max_size=300),
-            st.text(st.sampled_from(["é", "a", ".", "/", "\\", "\x00", "\x85", "\x7f", " ", "😀"]), max_size=260),
+            st.text(st.sampled_from(list("éa./\\\x00\x85\x7f ") + ["😀"]), max_size=260),
         )
     )
     def test_rule(self, name: str) -> None:
