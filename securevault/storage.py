@@ -216,15 +216,20 @@ class _EncryptingSink:
     def __init__(self, fd: int, encryptor: Cobblestone256Encryptor) -> None:
         self._fd = fd
         self._encryptor = encryptor
-        self._buffer = _ciphertext_buffer(IO_BLOCK_BYTES)
+        # One buffer for the life of the upload: a fresh 1 MiB bytearray per
+        # write costs more than the encryption itself.
+        self._buffer = _ciphertext_buffer(2 * IO_BLOCK_BYTES)
         self.position = 0
         self.ciphertext_bytes = 0
         self._since_writeback = 0
+        self.closed = False
 
     def write(self, data: bytes | memoryview) -> int:
         size = len(data)
-        if size == 0:
-            return 0
+        if size == 0 or self.closed:
+            # Once the upload is aborted its descriptor number may belong to
+            # another file: whatever zipfile still flushes goes nowhere.
+            return size
         if len(self._buffer) < size + 2 * CHUNK_PLAINTEXT_BYTES:
             self._buffer = _ciphertext_buffer(size)
         produced = self._encryptor.update_into(data, self._buffer)
@@ -360,6 +365,8 @@ class ArchiveWriter:
             compressed_size = self._zip_info.compress_size
             self._zip.close()
             self._sink.finish()
+            if self._max_bytes is not None and self._sink.ciphertext_bytes > self._max_bytes:
+                raise QuotaExceeded("The upload exceeds the storage quota.")
             try:
                 os.fsync(self._fd)
             except OSError as error:
@@ -397,6 +404,9 @@ class ArchiveWriter:
     def abort(self) -> None:
         """Forget the upload and remove its temp file.  Safe to call twice."""
         self._done = True
+        self._sink.closed = True
+        self._zip = None
+        self._member = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -422,6 +432,7 @@ class ArchiveReader:
         self._data_left = info.compressed_size
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if info.method == "deflated" else None
         self._inflate_input: bytes | memoryview = b""
+        self._pending_data = memoryview(b"")
         self._sha256 = hashlib.sha256()
         self._produced = 0
         self._finished = False
@@ -479,14 +490,22 @@ class ArchiveReader:
                     self._account(out)
                     return out
                 continue
-            if self._data_left == 0:
+            if self._pending_data:
+                data, self._pending_data = self._pending_data, memoryview(b"")
+            elif self._data_left == 0:
                 return self._finish()
-            data = self._next_data()
+            else:
+                data = self._next_data()
             if not data:
                 raise IntegrityError("archive is truncated")
             if self._inflater is not None:
                 self._inflate_input = data
                 continue
+            if len(data) > size:
+                # Serve the rest next time; it is consumed before the buffer
+                # it views is decrypted into again.
+                self._pending_data = data[size:]
+                data = data[:size]
             out = bytes(data)
             self._account(out)
             return out
@@ -640,15 +659,17 @@ class SecureFileStorage:
         Only the C{.meta} file is rewritten.  Returns False when it already was.
         """
         meta_path = self._paths(owner_id, archive_id)[1]
-        document = json.loads(meta_path.read_bytes())
-        if document["key_id"] == keyring.current_id:
-            return False
         context = _context(b"data-key", owner_id, archive_id)
         try:
+            document = json.loads(meta_path.read_bytes())
+            if document["key_id"] == keyring.current_id:
+                return False
             data_key = self.keyring.unwrap(
-                str(document["key_id"]), base64.b64decode(document["wrapped_key"]), context
+                str(document["key_id"]), base64.b64decode(document["wrapped_key"], validate=True), context
             )
-        except UnwrapError as error:
+        except FileNotFoundError as error:
+            raise ArchiveNotFound(archive_id) from error
+        except (UnwrapError, ValueError, KeyError, TypeError, binascii.Error) as error:
             raise IntegrityError(f"archive {archive_id} data key fails authentication") from error
         key_id, wrapped = keyring.wrap(data_key, context)
         document["key_id"] = key_id

@@ -275,11 +275,6 @@ class ReadSizeTests(_StorageMixin):
         self.assertEqual(sum(sizes), 2 * MIB)
         self.assertLessEqual(max(sizes), 16 * 1024)
 
-    test_stored_bounded.skip = (  # type: ignore[attr-defined]
-        "storage bug: ArchiveReader.read(size) ignores size for stored members and returns "
-        "whole decrypted blocks (about 1 MiB: read(4096) gave 1032137 bytes), contrary to its "
-        "docstring; harmless for callers that use the default size"
-    )
 
 
 # -- the format is the documented one -------------------------------------------
@@ -644,13 +639,6 @@ class AtomicityTests(_StorageMixin):
         info = writer.commit()
         self.assertEqual(self.storage.read_all(OWNER, info.id)[1], b"hello")
 
-    test_aborted_writer_is_inert.skip = (  # type: ignore[attr-defined]
-        "storage bug: ArchiveWriter.abort() closes the descriptor but leaves the ZipFile and "
-        "its open member pointing at the _EncryptingSink; when they are garbage-collected their "
-        "finalizers write the data descriptor and central directory through the sink with "
-        "os.write on the stale fd number, which may by then belong to another upload's temp "
-        "file (that archive is committed corrupt: IntegrityError on read), a socket or a log"
-    )
 
     def test_uncommitted_is_invisible(self) -> None:
         """An uncommitted writer's data is not listed, not counted, not found."""
@@ -725,12 +713,6 @@ class AtomicityTests(_StorageMixin):
         )
         self.assertEqual(self.owner_files(), [])
 
-    test_quota_checked_at_commit.skip = (  # type: ignore[attr-defined]
-        "storage bug: max_bytes is checked only in ArchiveWriter.write(), against ciphertext "
-        "already emitted, and only once the 64 KiB compression sample has started the ZIP "
-        "member; commit() never checks it, so store(..., os.urandom(1000), max_bytes=100) "
-        "commits 1232 bytes and store(..., os.urandom(69800), max_bytes=70000) commits 70088"
-    )
 
     def test_quota_within(self) -> None:
         """An upload whose archive fits in max_bytes is stored and within it."""
@@ -803,11 +785,6 @@ class OperationTests(_StorageMixin):
         rotating = Keyring("newkey00", {**self.keyring.keys, "newkey00": os.urandom(32)})
         self.assertRaises(ArchiveNotFound, self.storage.rewrap, OWNER, "0" * 32, rotating)
 
-    test_rewrap_missing.skip = (  # type: ignore[attr-defined]
-        "storage bug: rewrap() reads the .meta without catching FileNotFoundError, so a "
-        "missing archive raises FileNotFoundError instead of ArchiveNotFound (and a corrupt "
-        ".meta raises JSONDecodeError/KeyError/binascii.Error instead of IntegrityError)"
-    )
 
     def test_rewrap(self) -> None:
         """rewrap moves an archive to a new master key without touching its body;
