@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET, Request
 
 from securevault.app import VaultApp
@@ -40,6 +40,7 @@ HEADER_BLOCK_BYTES = 16 * 1024
 UPLOAD_PATH = b"/upload-file"
 
 access_log = Logger(namespace="securevault.access")
+security_log = Logger(namespace="securevault.security")
 
 
 def filename_from_raw_upload(request: Request, header: bytes | None) -> str:
@@ -230,6 +231,52 @@ class VaultRequest(server.Request):
         )
 
 
+class VaultChannel(http.HTTPChannel):
+    """HTTP/1.1 with a deadline for each request head.
+
+    The idle timeout restarts on every byte, so a client trickling one header
+    byte at a time would hold a connection for ever; the head of each request
+    must arrive whole within the idle timeout.  (The TLS handshake is under
+    the idle timeout too: the channel is connected before it starts.)
+    """
+
+    _head_deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        if self.timeOut:
+            self._head_deadline = self.callLater(self.timeOut, self._head_too_slow)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Armed first: finishing may parse a pipelined request's head at once.
+        self._arm_head_deadline()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        security_log.warn("Dropped a client that sent no complete request head in time", event_kind="slow_client")
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+
 class JsonNotFound(resource.Resource):
     """The JSON 404 for every unknown path."""
 
@@ -285,11 +332,9 @@ class VaultSite(server.Site):
 
         _Request.app = app
         self.requestFactory = _Request  # type: ignore[assignment]
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        channel.totalHeadersSize = HEADER_BLOCK_BYTES
-        return channel
+        # HTTP/1.1 only (no ALPN h2), with a deadline for request heads; its
+        # header block limit is twisted.web's, HEADER_BLOCK_BYTES.
+        self.protocol = VaultChannel  # type: ignore[method-assign,assignment]
 
     def log(self, request: Any) -> None:
         """Access events come from VaultRequest, without query strings."""
