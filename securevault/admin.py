@@ -17,7 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from securevault.keys import KeyFileError, ensure_keyring
+from securevault.audit import AuditLog, verify_chain
+from securevault.keys import KeyFileError, ensure_keyring, load_keyring
+from securevault.maintenance import export_archive, rotate_master_key, verify_archives
+from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
 from securevault.pki import PkiError, init_dev_pki, issue_client_cert
 from securevault.users import (
     UnknownUser,
@@ -94,6 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(handler=_user_remove)
     listing = user_commands.add_parser("list", help="list user names, one per line")
     listing.set_defaults(handler=_user_list)
+
+    key = commands.add_parser("key", help="manage the master key")
+    key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    rotate = key_commands.add_parser(
+        "rotate", help="new master key, every data key rewrapped, old key retired (safe to rerun)"
+    )
+    rotate.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    rotate.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
+    rotate.set_defaults(handler=_key_rotate)
+
+    verify = commands.add_parser("verify", help="authenticate every archive; exit 1 if any fails")
+    verify.add_argument("--user", help="only this user's archives")
+    verify.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    verify.set_defaults(handler=_verify)
+
+    export = commands.add_parser("export", help="write an archive's decrypted standard ZIP")
+    export.add_argument("id", help="archive id")
+    export.add_argument("--out", required=True, help="the ZIP file to write (must not exist)")
+    export.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    export.set_defaults(handler=_export)
+
+    audit = commands.add_parser("audit", help="the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    audit_verify = audit_commands.add_parser("verify", help="check the hash chain; exit 1 when broken")
+    audit_verify.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
+    audit_verify.set_defaults(handler=_audit_verify)
     return parser
 
 
@@ -218,6 +247,86 @@ def _user_list(args: argparse.Namespace, out: TextIO) -> None:
         print(name, file=out)
 
 
+class CheckFailed(Exception):
+    """A check found problems; they were printed; exit status 1."""
+
+
+def _master_key(args: argparse.Namespace) -> Path:
+    return Path(args.master_key) if args.master_key else _existing_data_dir(args) / MASTER_KEY_NAME
+
+
+def _audit_path(args: argparse.Namespace) -> Path:
+    return Path(args.audit_log) if args.audit_log else Path(args.data_dir) / "audit.jsonl"
+
+
+def _storage(args: argparse.Namespace) -> SecureFileStorage:
+    return SecureFileStorage(_existing_data_dir(args), load_keyring(_master_key(args)))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
+    report = rotate_master_key(_existing_data_dir(args), _master_key(args), _progress)
+    AuditLog(_audit_path(args)).append(
+        "key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids)
+    )
+    print(
+        f"master key rotated to {report.new_key_id}: {report.rewrapped} of {report.archives} "
+        f"data keys rewrapped, retired {', '.join(report.retired_key_ids) or 'nothing'}",
+        file=out,
+    )
+
+
+def _verify(args: argparse.Namespace, out: TextIO) -> None:
+    storage = _storage(args)
+    names = {}
+    store = UserStore(Path(args.data_dir) / USERS_FILE_NAME)
+    for name in store.names():
+        user_id = store.user_id(name)
+        if user_id is not None:
+            names[user_id] = name
+    owners = None
+    if args.user:
+        user_id = store.user_id(args.user)
+        if user_id is None:
+            raise UnknownUser(f"There is no user {args.user!r}.")
+        owners = [user_id]
+    checked, failures = verify_archives(storage, owners, _progress)
+    for failure in failures:
+        owner = names.get(failure.owner_id, f"(removed user {failure.owner_id})")
+        print(f"FAILED {failure.archive_id} of {owner}: {failure.reason}", file=out)
+    print(f"{checked} archives verified, {len(failures)} failed", file=out)
+    if failures:
+        raise CheckFailed()
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> None:
+    target = Path(args.out)
+    if target.exists():
+        raise AdminError(f"{target} already exists; choose another --out.")
+    try:
+        size = export_archive(_storage(args), args.id, target)
+    except ArchiveNotFound:
+        raise AdminError(f"There is no archive {args.id!r}.") from None
+    except IntegrityError as error:
+        raise AdminError(f"Archive {args.id} fails authentication ({error}); nothing was written.") from None
+    print(f"wrote {target} ({size} bytes)", file=out)
+
+
+def _audit_verify(args: argparse.Namespace, out: TextIO) -> None:
+    path = _audit_path(args)
+    if not path.exists():
+        raise AdminError(f"There is no audit log at {path}.")
+    count, breaks = verify_chain(path)
+    for item in breaks:
+        print(f"BROKEN at line {item.line}: {item.reason}", file=out)
+    print(f"{count} audit records checked, {len(breaks)} breaks", file=out)
+    if breaks:
+        raise CheckFailed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one admin command and return the process exit status.
 
@@ -231,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     try:
         args.handler(args, sys.stdout)
+    except CheckFailed:
+        return 1
     except (AdminError, PkiError, UserError, KeyFileError) as error:
         return _fail(str(error))
     except OSError as error:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from securevault.audit import AuditLog
 from securevault.config import VaultConfig
 from securevault.jsonapi import ApiError, invalid_session
 from securevault.sessions import LoginThrottle, Session, SessionStore
@@ -31,6 +32,21 @@ class VaultApp:
     throttle: LoginThrottle
     run_blocking: RunBlocking
     clock: Callable[[], float]
+    audit: AuditLog | None = None
+
+    def record(self, event: str, request: Request | None = None, **fields: Any) -> None:
+        """Append a security event to the audit log, in the pool; no secrets."""
+        if self.audit is None:
+            return
+        if request is not None:
+            identity = getattr(request, "client_identity", None)
+            if identity is not None:
+                fields.setdefault("fingerprint", identity.fingerprint)
+            peer = request.getClientAddress()
+            fields.setdefault("peer", getattr(peer, "host", None))
+        self.run_blocking(self.audit.append, event, **fields).addErrback(
+            lambda failure: log.failure("Could not write the audit log", failure)
+        )
 
     def identity(self, request: Request) -> ClientIdentity:
         """The verified client certificate; mutual TLS guarantees one."""
@@ -53,6 +69,7 @@ class VaultApp:
                 fingerprint=identity.fingerprint,
                 event_kind="refused_session",
             )
+            self.record("session_refused", request)
             raise invalid_session()
         setattr(request, "vault_user", session.username)
         return session

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_atomically
-from securevault.keys import Keyring, UnwrapError
+from securevault.keys import KeyFileError, Keyring, UnwrapError, load_keyring
 
 FORMAT_VERSION = 1
 META_FORMAT = "securevault-archive"
@@ -550,11 +550,37 @@ class SecureFileStorage:
         keyring: Keyring,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
+        keyring_path: Path | None = None,
     ) -> None:
         self.root = Path(root)
-        self.keyring = keyring
+        self._keyring = keyring
         self.clock_ns = clock_ns
         self.archives = self.root / "archives"
+        # When set, the keyring is reloaded whenever that file changes, so a
+        # running daemon follows `securevault-admin key rotate`.
+        self._keyring_path = keyring_path
+        self._keyring_stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        if self._keyring_path is None:
+            return None
+        try:
+            status = os.stat(self._keyring_path)
+        except OSError:
+            return None
+        return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+    @property
+    def keyring(self) -> Keyring:
+        if self._keyring_path is not None:
+            stamp = self._stamp()
+            if stamp is not None and stamp != self._keyring_stamp:
+                try:
+                    self._keyring = load_keyring(self._keyring_path)
+                    self._keyring_stamp = stamp
+                except KeyFileError:
+                    pass  # mid-replacement or damaged: keep the keys we have
+        return self._keyring
 
     # -- layout ---------------------------------------------------------
 
@@ -741,6 +767,34 @@ class SecureFileStorage:
             )
         except FileNotFoundError as error:
             raise IntegrityError(f"archive {archive_id} has no body") from error
+
+    def iter_zip(self, owner_id: str, archive_id: str) -> Iterator[bytes]:
+        """The decrypted archive, a standard ZIP file, block by block; every
+        block is authenticated and the end of the stream is checked."""
+        info, data_key = self._read_meta(owner_id, archive_id)
+        body_path = self._paths(owner_id, archive_id)[0]
+        decryptor = Cobblestone256Decryptor(
+            _derive(data_key, b"body-key"), _context(b"body", owner_id, archive_id)
+        )
+        try:
+            handle = open(body_path, "rb")
+        except FileNotFoundError as error:
+            raise IntegrityError(f"archive {archive_id} has no body") from error
+        with handle:
+            try:
+                while block := handle.read(IO_BLOCK_BYTES):
+                    yield decryptor.update(block)
+                yield decryptor.finalize()
+            except (InvalidTag, ValueError) as error:
+                raise IntegrityError(f"archive {archive_id} fails authentication") from error
+
+    def find_owner(self, archive_id: str) -> str:
+        """The owner of an archive id (admin commands name archives by id only)."""
+        if is_archive_id(archive_id):
+            for owner_id in self.owners():
+                if (self.archives / owner_id / f"{archive_id}{META_SUFFIX}").exists():
+                    return owner_id
+        raise ArchiveNotFound(archive_id)
 
     def read_all(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
         """The whole file, authenticated, in memory."""

@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 from securevault import __version__
 from securevault.app import VaultApp
+from securevault.audit import AuditLog
 from securevault.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -140,7 +141,7 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     keyring, created = ensure_keyring(config.master_key)
     if created:
         log.info("Created master key {path}", path=str(config.master_key))
-    storage = SecureFileStorage(config.data_dir, keyring)
+    storage = SecureFileStorage(config.data_dir, keyring, keyring_path=config.master_key)
     # No client is connected yet: recovering here blocks no one, and it must
     # finish before a new upload could write a temp file it would remove.
     removed = storage.recover()
@@ -154,6 +155,7 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         throttle=LoginThrottle(clock.seconds),
         run_blocking=run_blocking,
         clock=clock.seconds,
+        audit=AuditLog(config.audit_log) if config.audit_log else None,
     )
 
 

@@ -29,6 +29,7 @@ class DeleteFileResource(JsonEndpoint):
 
         def deleted(_: None) -> Reply:
             log.info("Deleted archive {archive_id}", archive_id=archive_id, event_kind="delete")
+            self.app.record("delete", request, user=session.username, archive_id=archive_id)
             return Reply(204)
 
         def missing(failure: Failure) -> Reply:

@@ -129,6 +129,7 @@ class DownloadFileResource(JsonEndpoint):
                 return
             info = result.info
             log.info("Download of archive {archive_id}", archive_id=info.id, event_kind="download")
+            app.record("download", request, user=session.username, archive_id=info.id, size=info.size)
             request.setResponseCode(200)
             if raw:
                 self._start_raw(request, result)
@@ -141,6 +142,7 @@ class DownloadFileResource(JsonEndpoint):
             if reason.check(ArchiveNotFound):
                 fail(request, not_found("No such archive."))
             elif reason.check(IntegrityError):
+                app.record("integrity_error", request, user=session.username, archive_id=archive_id)
                 integrity_failure(request, archive_id or "(by filename)")
             else:
                 fail(request, reason)

@@ -49,6 +49,7 @@ class LoginResource(JsonEndpoint):
                 fingerprint=identity.fingerprint,
                 event_kind="throttled",
             )
+            app.record("login_throttled", request, user=username[:64])
             raise ApiError(
                 429,
                 "too_many_attempts",
@@ -65,10 +66,12 @@ class LoginResource(JsonEndpoint):
                     fingerprint=identity.fingerprint,
                     event_kind="login_failed",
                 )
+                app.record("login_failed", request, user=username[:64])
                 raise INVALID_CREDENTIALS
             session = app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
             setattr(request, "vault_user", username)
             log.info("Login by {username}", username=username, event_kind="login")
+            app.record("login", request, user=username)
             return Reply(
                 200,
                 {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))},

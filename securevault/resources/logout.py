@@ -21,5 +21,6 @@ class LogoutResource(JsonEndpoint):
     def render_POST(self, request: Request) -> Any:
         session = self.app.authenticate(request)
         self.app.sessions.end(session.session_id)
+        self.app.record("logout", request, user=session.username)
         write_json(request, 204, None)
         return NOT_DONE_YET

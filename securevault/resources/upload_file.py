@@ -105,6 +105,7 @@ class UploadFileResource(JsonEndpoint):
                 size=info.size,
                 event_kind="upload",
             )
+            app.record("upload", request, user=getattr(request, "vault_user", None), archive_id=info.id, size=info.size)
             return Reply(201, info.public())
 
         def failed(failure: Failure) -> None:
