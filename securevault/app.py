@@ -11,6 +11,7 @@ from twisted.web.server import Request
 
 from securevault.audit import AuditLog
 from securevault.config import VaultConfig
+from securevault.metrics import VaultMetrics
 from securevault.jsonapi import ApiError, invalid_session
 from securevault.sessions import LoginThrottle, Session, SessionStore
 from securevault.storage import SecureFileStorage
@@ -33,9 +34,12 @@ class VaultApp:
     run_blocking: RunBlocking
     clock: Callable[[], float]
     audit: AuditLog | None = None
+    metrics: VaultMetrics | None = None
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> None:
         """Append a security event to the audit log, in the pool; no secrets."""
+        if self.metrics is not None:
+            self.metrics.count_event(event)
         if self.audit is None:
             return
         if request is not None:

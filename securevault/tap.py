@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from securevault.config import (
     port_from_environment,
 )
 from securevault.keys import KeyFileError, ensure_keyring
+from securevault.metrics import VaultMetrics
 from securevault.sessions import LoginThrottle, SessionStore
 from securevault.storage import SecureFileStorage
 from securevault.tls import TLSConfigError, load_ca_certificates, server_tls_options
@@ -82,7 +83,7 @@ class Options(usage.Options):
         ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body in bytes.", _positive_int],
         ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT_SECONDS, "Seconds before a silent client is dropped.", _positive_float],
         ["quota", None, None, "Bytes of archives per user [default: none].", _positive_int],
-        ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off].", int],
+        ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off]."],
         ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],
         ["bind-user", None, "none", "Certificate names that may log in as a user: none, cn or san."],
     ]
@@ -95,17 +96,21 @@ class Options(usage.Options):
                 self["port"] = parse_port(str(self["port"]), "--port")
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
+        if self["metrics-port"] is not None:
+            try:
+                self["metrics-port"] = parse_port(str(self["metrics-port"]), "--metrics-port")
+            except ConfigError as error:
+                raise usage.UsageError(str(error)) from None
         if self["bind-user"] not in BIND_USER_POLICIES:
             raise usage.UsageError(f"--bind-user must be one of none, cn, san, not {self['bind-user']!r}")
 
 
-class TLSListenerService(StreamServerEndpointService):
+class ListenerService(StreamServerEndpointService):
     """Listens once started; a port that cannot be bound ends the daemon."""
 
-    def __init__(self, endpoint: Any, factory: Any, config: VaultConfig, ca_subject: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, where: str) -> None:
         super().__init__(endpoint, factory)
-        self._config = config
-        self._ca_subject = ca_subject
+        self._where = where
         # A hand-built endpoint service only logs a failed bind and runs on
         # deaf; this private flag makes it raise, as strports.service() does.
         self._raiseSynchronously = True
@@ -114,12 +119,21 @@ class TLSListenerService(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise SystemExit(
-                f"securevault: error: cannot listen on {self._config.interface}:{self._config.port}: "
-                f"{error.socketError}"
-            ) from None
+            raise SystemExit(f"securevault: error: cannot listen on {self._where}: {error.socketError}") from None
         assert self._waitingForPort is not None
         self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        return port
+
+
+class TLSListenerService(ListenerService):
+    """The vault's mutual-TLS listener; logs where it listens."""
+
+    def __init__(self, endpoint: Any, factory: Any, config: VaultConfig, ca_subject: str) -> None:
+        super().__init__(endpoint, factory, f"{config.interface}:{config.port}")
+        self._config = config
+        self._ca_subject = ca_subject
 
     def _listening(self, port: Any) -> Any:
         address = port.getHost()
@@ -159,6 +173,22 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     )
 
 
+def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) -> IService:
+    """Prometheus text at http://127.0.0.1:PORT/metrics (loopback only)."""
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    app.metrics = VaultMetrics(
+        active_sessions=lambda: len(app.sessions),
+        pool_queue_depth=lambda: pool.q.qsize(),
+    )
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=app.metrics.registry))
+    endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
+    return ListenerService(endpoint, Site(root), f"127.0.0.1:{port} (metrics)")
+
+
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
     """The daemon: worker pool first in (last out), listener last in."""
     if reactor is None:
@@ -181,6 +211,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         app.throttle.sweep()
 
     TimerService(SWEEP_INTERVAL_SECONDS, sweep).setServiceParent(top)
+    if config.metrics_port is not None:
+        metrics_service(reactor, app, pool, config.metrics_port).setServiceParent(top)
     site = VaultSite(app, reactor=reactor)
     endpoint = SSL4ServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
     TLSListenerService(endpoint, site, config, ca_subject).setServiceParent(top)

@@ -219,6 +219,12 @@ class VaultRequest(server.Request):
             return
         self._logged = True
         path = (self.path or b"").split(b"?", 1)[0]
+        duration = time.monotonic() - self._started
+        metrics = self.app.metrics
+        if metrics is not None:
+            metrics.observe_request(
+                path.decode("utf-8", "replace"), self.code, self._body_bytes, self.sentLength, duration
+            )
         access_log.info(
             "{method} {path} {status} user={user} bytes={bytes} {duration_ms}ms",
             method=(self.method or b"-").decode("ascii", "replace"),
@@ -226,7 +232,7 @@ class VaultRequest(server.Request):
             status=self.code if not self._disconnected or self.finished else "aborted",
             user=self.vault_user or "-",
             bytes=self.sentLength,
-            duration_ms=round((time.monotonic() - self._started) * 1000, 1),
+            duration_ms=round(duration * 1000, 1),
             event_kind="access",
         )
 
