@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from securevault.audit import AuditLog, verify_chain
-from securevault.keys import KeyFileError, ensure_keyring, load_keyring
+from securevault.keys import KeyFileError, KeyringFile
+from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.maintenance import export_archive, rotate_master_key, verify_archives
 from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
 from securevault.pki import PkiError, init_dev_pki, issue_client_cert
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CERTS_DIR,
         help=f"where certificates go (default: {DEFAULT_CERTS_DIR})",
     )
+    init.add_argument(
+        "--sealed",
+        action="store_true",
+        help="protect the new master key with a passphrase (asked twice, or --passphrase-stdin)",
+    )
+    init.add_argument("--passphrase-stdin", action="store_true", help="read the passphrase from standard input")
     init.set_defaults(handler=_init)
 
     cert = commands.add_parser("cert", help="issue certificates from the development CA")
@@ -104,18 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="new master key, every data key rewrapped, old key retired (safe to rerun)"
     )
     rotate.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    rotate.add_argument(
+        "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
+    )
     rotate.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
     rotate.set_defaults(handler=_key_rotate)
 
     verify = commands.add_parser("verify", help="authenticate every archive; exit 1 if any fails")
     verify.add_argument("--user", help="only this user's archives")
     verify.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    verify.add_argument(
+        "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
+    )
     verify.set_defaults(handler=_verify)
 
     export = commands.add_parser("export", help="write an archive's decrypted standard ZIP")
     export.add_argument("id", help="archive id")
     export.add_argument("--out", required=True, help="the ZIP file to write (must not exist)")
     export.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    export.add_argument(
+        "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
+    )
     export.set_defaults(handler=_export)
 
     audit = commands.add_parser("audit", help="the audit log")
@@ -180,9 +196,18 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
         print(f"created directory {data_dir}", file=out)
     created = init_dev_pki(certs_dir)
     master_key = data_dir / MASTER_KEY_NAME
-    _, key_created = ensure_keyring(master_key)
-    if key_created:
+    if not master_key.exists():
+        passphrase = None
+        if args.sealed:
+            passphrase = read_new_password(
+                "the master key", from_stdin=args.passphrase_stdin, stdin=sys.stdin
+            )
+            if len(passphrase) < 8:
+                raise AdminError("The passphrase must be at least 8 characters long.")
+        KeyringFile(master_key).create(passphrase)
         created.append(master_key)
+    elif args.sealed:
+        print(f"{master_key} exists and was left as it is (not sealed by this run)", file=out)
     for path in created:
         print(f"created {path}", file=out)
     expected = [certs_dir / f"{stem}.{ext}" for stem in ("ca", "server", "client") for ext in ("crt", "key")]
@@ -259,8 +284,17 @@ def _audit_path(args: argparse.Namespace) -> Path:
     return Path(args.audit_log) if args.audit_log else Path(args.data_dir) / "audit.jsonl"
 
 
+def _key_file(args: argparse.Namespace) -> KeyringFile:
+    """The master key file; a sealed one asks for its passphrase once."""
+    if args.passphrase_stdin:
+        source = passphrase_source("stdin")
+    else:
+        source = passphrase_source("prompt")
+    return KeyringFile(_master_key(args), source)
+
+
 def _storage(args: argparse.Namespace) -> SecureFileStorage:
-    return SecureFileStorage(_existing_data_dir(args), load_keyring(_master_key(args)))
+    return SecureFileStorage(_existing_data_dir(args), _key_file(args).load())
 
 
 def _progress(message: str) -> None:
@@ -268,7 +302,7 @@ def _progress(message: str) -> None:
 
 
 def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
-    report = rotate_master_key(_existing_data_dir(args), _master_key(args), _progress)
+    report = rotate_master_key(_existing_data_dir(args), _key_file(args), _progress)
     AuditLog(_audit_path(args)).append(
         "key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids)
     )
@@ -342,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args, sys.stdout)
     except CheckFailed:
         return 1
-    except (AdminError, PkiError, UserError, KeyFileError) as error:
+    except (AdminError, PkiError, UserError, KeyFileError, PassphraseError) as error:
         return _fail(str(error))
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""

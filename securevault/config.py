@@ -66,6 +66,7 @@ class VaultConfig:
     metrics_port: int | None = None
     audit_log: Path | None = None
     bind_user: str = "none"
+    master_key_passphrase: str | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "VaultConfig":
@@ -90,4 +91,5 @@ class VaultConfig:
             metrics_port=options.get("metrics-port"),
             audit_log=Path(audit_log) if audit_log else data_dir / "audit.jsonl",
             bind_user=str(options.get("bind-user", "none")),
+            master_key_passphrase=options.get("master-key-passphrase"),
         )

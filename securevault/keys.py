@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -102,32 +103,156 @@ def generate_keyring() -> Keyring:
     return Keyring(key_id, {key_id: os.urandom(KEY_BYTES)})
 
 
-def load_keyring(path: Path) -> Keyring:
-    """Read the keyring at C{path}; L{KeyFileError} says what is wrong."""
+PassphraseSource = Callable[[], str]
+SEALED_FORMAT = "securevault-sealed-master-key"
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Seal:
+    """A passphrase-derived key-encryption key (scrypt) and its parameters."""
+
+    salt: bytes
+    n: int
+    r: int
+    p: int
+    kek: bytes = field(repr=False)
+
+    @classmethod
+    def derive(
+        cls, passphrase: str, salt: bytes | None = None, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
+    ) -> "Seal":
+        if not passphrase:
+            raise KeyFileError("the master key passphrase is empty")
+        if not (2 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16):
+            raise KeyFileError("the sealed master key file has unreasonable scrypt parameters")
+        salt = os.urandom(SALT_BYTES) if salt is None else salt
+        kek = hashlib.scrypt(
+            passphrase.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r * p, dklen=KEY_BYTES
+        )
+        return cls(salt, n, r, p, kek)
+
+    def seal(self, keyring: Keyring) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = AESGCM(self.kek).encrypt(nonce, keyring.to_json(), SEALED_FORMAT.encode("ascii"))
+        document = {
+            "format": SEALED_FORMAT,
+            "version": 1,
+            "kdf": {
+                "name": "scrypt",
+                "n": self.n,
+                "r": self.r,
+                "p": self.p,
+                "salt": base64.b64encode(self.salt).decode("ascii"),
+            },
+            "sealed": base64.b64encode(nonce + sealed).decode("ascii"),
+        }
+        return json.dumps(document, indent=2).encode("utf-8") + b"\n"
+
+    def unseal(self, document: dict[str, Any]) -> Keyring:
+        try:
+            blob = base64.b64decode(document["sealed"], validate=True)
+            plain = AESGCM(self.kek).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], SEALED_FORMAT.encode("ascii"))
+        except InvalidTag:
+            raise KeyFileError("wrong passphrase for the sealed master key (or the file was altered)") from None
+        except (KeyError, ValueError, TypeError, binascii.Error) as error:
+            raise KeyFileError(f"malformed sealed master key file: {error}") from None
+        return Keyring.from_json(plain)
+
+
+def _sealed_document(data: bytes) -> dict[str, Any] | None:
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as error:
-        raise KeyFileError(
-            f"master key file {path} does not exist; run 'securevault-admin init'"
-        ) from error
-    except OSError as error:
-        raise KeyFileError(f"cannot read master key file {path}: {error.strerror}") from error
-    return Keyring.from_json(data)
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and document.get("format") == SEALED_FORMAT:
+        return document
+    return None
+
+
+class KeyringFile:
+    """The master key file, plain or sealed by a passphrase.
+
+    The passphrase is asked for once, when a sealed file is first opened;
+    the derived key is kept so that reloads and saves (key rotation) need no
+    second prompt.  The passphrase itself is not kept.
+    """
+
+    def __init__(self, path: Path, passphrase: PassphraseSource | None = None) -> None:
+        self.path = Path(path)
+        self._passphrase = passphrase
+        self._seal: Seal | None = None
+
+    @property
+    def sealed(self) -> bool:
+        return self._seal is not None
+
+    def _read(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError as error:
+            raise KeyFileError(
+                f"master key file {self.path} does not exist; run 'securevault-admin init'"
+            ) from error
+        except OSError as error:
+            raise KeyFileError(f"cannot read master key file {self.path}: {error.strerror}") from error
+
+    def load(self) -> Keyring:
+        data = self._read()
+        document = _sealed_document(data)
+        if document is None:
+            return Keyring.from_json(data)
+        try:
+            kdf = document["kdf"]
+            salt = base64.b64decode(kdf["salt"], validate=True)
+            params = (int(kdf["n"]), int(kdf["r"]), int(kdf["p"]))
+        except (KeyError, ValueError, TypeError, binascii.Error) as error:
+            raise KeyFileError(f"malformed sealed master key file: {error}") from None
+        seal = self._seal
+        if seal is None or seal.salt != salt or (seal.n, seal.r, seal.p) != params:
+            if self._passphrase is None:
+                raise KeyFileError(
+                    f"master key file {self.path} is sealed; give its passphrase "
+                    "(--master-key-passphrase prompt|stdin|fd:N|file:PATH)"
+                )
+            seal = Seal.derive(self._passphrase(), salt, *params)
+        keyring = seal.unseal(document)
+        self._seal = seal
+        return keyring
+
+    def save(self, keyring: Keyring) -> None:
+        """Atomically replace the file, sealed again when it was sealed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = self._seal.seal(keyring) if self._seal is not None else keyring.to_json()
+        write_atomically(self.path, data, mode=0o600)
+
+    def create(self, passphrase: str | None = None) -> Keyring:
+        """Write a new keyring (sealed when a passphrase is given)."""
+        if passphrase is not None:
+            self._seal = Seal.derive(passphrase)
+        keyring = generate_keyring()
+        self.save(keyring)
+        return keyring
+
+
+def load_keyring(path: Path) -> Keyring:
+    """Read a plain keyring file; L{KeyFileError} says what is wrong."""
+    return KeyringFile(path).load()
 
 
 def save_keyring(path: Path, keyring: Keyring) -> None:
-    """Atomically replace the keyring file (mode 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomically(path, keyring.to_json(), mode=0o600)
+    """Atomically replace a plain keyring file (mode 0600)."""
+    KeyringFile(path).save(keyring)
 
 
 def ensure_keyring(path: Path) -> tuple[Keyring, bool]:
-    """Load the keyring, creating it (mode 0600) when absent.
+    """Load the keyring, creating a plain one (mode 0600) when absent.
 
     @return: the keyring and whether it was created now.
     """
     if path.exists():
         return load_keyring(path), False
-    keyring = generate_keyring()
-    save_keyring(path, keyring)
-    return keyring, True
+    return KeyringFile(path).create(), True

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from securevault.fsutil import TEMP_SUFFIX, fsync_directory
-from securevault.keys import Keyring, generate_keyring, load_keyring, new_key_id, save_keyring
+from securevault.keys import Keyring, KeyringFile, generate_keyring, new_key_id
 from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
 
 Progress = Callable[[str], None]
@@ -31,7 +31,9 @@ class RotationReport:
     archives: int
 
 
-def rotate_master_key(data_dir: Path, master_key: Path, progress: Progress = _quiet) -> RotationReport:
+def rotate_master_key(
+    data_dir: Path, master_key: Path | KeyringFile, progress: Progress = _quiet
+) -> RotationReport:
     """Rewrap every data key under a new master key, then retire the old ones.
 
     Steps, each durable before the next: (1) the keyring file gains a new
@@ -40,13 +42,14 @@ def rotate_master_key(data_dir: Path, master_key: Path, progress: Progress = _qu
     finished by running it again: step (1) is skipped when the keyring
     already holds more than one key.
     """
-    keyring = load_keyring(master_key)
+    key_file = master_key if isinstance(master_key, KeyringFile) else KeyringFile(master_key)
+    keyring = key_file.load()
     if len(keyring.keys) == 1:
         new_id = new_key_id()
         keys = dict(keyring.keys)
         keys[new_id] = generate_keyring().current_key
         keyring = Keyring(new_id, keys)
-        save_keyring(master_key, keyring)
+        key_file.save(keyring)
         progress(f"new master key {new_id} added; rewrapping data keys")
     else:
         progress(f"resuming an interrupted rotation to key {keyring.current_id}")
@@ -70,7 +73,7 @@ def rotate_master_key(data_dir: Path, master_key: Path, progress: Progress = _qu
         if changed == 0:
             break
     retired = tuple(kid for kid in keyring.keys if kid != keyring.current_id)
-    save_keyring(master_key, Keyring(keyring.current_id, {keyring.current_id: keyring.current_key}))
+    key_file.save(Keyring(keyring.current_id, {keyring.current_id: keyring.current_key}))
     progress(f"retired old master key(s) {', '.join(retired) or '-'}")
     return RotationReport(keyring.current_id, retired, rewrapped, total)
 

@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_atomically
-from securevault.keys import KeyFileError, Keyring, UnwrapError, load_keyring
+from securevault.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
 
 FORMAT_VERSION = 1
 META_FORMAT = "securevault-archive"
@@ -550,7 +550,7 @@ class SecureFileStorage:
         keyring: Keyring,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
-        keyring_path: Path | None = None,
+        keyring_file: KeyringFile | None = None,
     ) -> None:
         self.root = Path(root)
         self._keyring = keyring
@@ -558,25 +558,25 @@ class SecureFileStorage:
         self.archives = self.root / "archives"
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
-        self._keyring_path = keyring_path
+        self._keyring_file = keyring_file
         self._keyring_stamp = self._stamp()
 
     def _stamp(self) -> tuple[int, int, int] | None:
-        if self._keyring_path is None:
+        if self._keyring_file is None:
             return None
         try:
-            status = os.stat(self._keyring_path)
+            status = os.stat(self._keyring_file.path)
         except OSError:
             return None
         return (status.st_mtime_ns, status.st_size, status.st_ino)
 
     @property
     def keyring(self) -> Keyring:
-        if self._keyring_path is not None:
+        if self._keyring_file is not None:
             stamp = self._stamp()
             if stamp is not None and stamp != self._keyring_stamp:
                 try:
-                    self._keyring = load_keyring(self._keyring_path)
+                    self._keyring = self._keyring_file.load()
                     self._keyring_stamp = stamp
                 except KeyFileError:
                     pass  # mid-replacement or damaged: keep the keys we have

@@ -35,7 +35,8 @@ from securevault.config import (
     parse_port,
     port_from_environment,
 )
-from securevault.keys import KeyFileError, ensure_keyring
+from securevault.keys import KeyFileError, KeyringFile
+from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.metrics import VaultMetrics
 from securevault.sessions import LoginThrottle, SessionStore
 from securevault.storage import SecureFileStorage
@@ -86,6 +87,13 @@ class Options(usage.Options):
         ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off]."],
         ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],
         ["bind-user", None, "none", "Certificate names that may log in as a user: none, cn or san."],
+        [
+            "master-key-passphrase",
+            None,
+            None,
+            "Where a sealed master key's passphrase comes from: prompt, stdin, fd:N or file:PATH "
+            "[default: prompt on a terminal].",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -100,6 +108,11 @@ class Options(usage.Options):
             try:
                 self["metrics-port"] = parse_port(str(self["metrics-port"]), "--metrics-port")
             except ConfigError as error:
+                raise usage.UsageError(str(error)) from None
+        if self["master-key-passphrase"] is not None:
+            try:
+                passphrase_source(self["master-key-passphrase"])
+            except PassphraseError as error:
                 raise usage.UsageError(str(error)) from None
         if self["bind-user"] not in BIND_USER_POLICIES:
             raise usage.UsageError(f"--bind-user must be one of none, cn, san, not {self['bind-user']!r}")
@@ -152,10 +165,12 @@ class TLSListenerService(ListenerService):
 def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     """The shared collaborators, from settings; fails with a one-line reason."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    keyring, created = ensure_keyring(config.master_key)
-    if created:
+    key_file = KeyringFile(config.master_key, passphrase_source(config.master_key_passphrase))
+    if not config.master_key.exists():
+        key_file.create()
         log.info("Created master key {path}", path=str(config.master_key))
-    storage = SecureFileStorage(config.data_dir, keyring, keyring_path=config.master_key)
+    keyring = key_file.load()
+    storage = SecureFileStorage(config.data_dir, keyring, keyring_file=key_file)
     # No client is connected yet: recovering here blocks no one, and it must
     # finish before a new upload could write a temp file it would remove.
     removed = storage.recover()
@@ -203,7 +218,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
         app = build_app(config, partial(deferToThreadPool, reactor, pool), reactor)
-    except (TLSConfigError, KeyFileError, OSError) as error:
+    except (TLSConfigError, KeyFileError, PassphraseError, OSError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
 
     def sweep() -> None:
