@@ -1,0 +1,257 @@
+"""One real daemon: C{twistd -n securevault} in a subprocess.
+
+The plugin in C{<repo>/twisted/plugins/} is found because the repository root
+is on C{PYTHONPATH}.  twistd is started as C{python -c "...run()"}: the module
+C{twisted.scripts.twistd} has no C{__main__} guard, so C{python -m} on it
+would do nothing at all.  Each subprocess is watched by plain threads (no
+reactor SIGCHLD handling needed, so trial and pytest behave alike) and killed
+in cleanup if still running.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Generator
+
+from twisted.internet import reactor as global_reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from securevault.pki import load_cert
+from tests.support.testcase import AsyncTestCase
+from tests.support.tlsclient import PASSWORD, Credential, client_for, read_body, read_json
+
+reactor: Any = global_reactor
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+WAIT_SECONDS = 30.0
+LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def child_environment() -> dict[str, str]:
+    """os.environ with the repository first on PYTHONPATH and no $PORT."""
+    env = {k: v for k, v in os.environ.items() if k != "PORT"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPOSITORY), env.get("PYTHONPATH")) if p)
+    return env
+
+
+class Daemon:
+    """A twistd subprocess whose output is collected by threads.
+
+    C{listening} fires with the bound port when the daemon logs it (or fails
+    if the output ends first); C{exited} fires with the return code.
+    """
+
+    def __init__(self, argv: list[str], cwd: Path) -> None:
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.listening: Deferred[int] = Deferred()
+        self.exited: Deferred[int] = Deferred()
+        self.process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=child_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self._err_reader = threading.Thread(target=self._drain, args=(self.process.stderr, self.stderr))
+        self._out_reader = threading.Thread(target=self._watch)
+        self._err_reader.start()
+        self._out_reader.start()
+
+    def _drain(self, stream: IO[bytes], lines: list[str]) -> None:
+        for raw in stream:
+            lines.append(raw.decode("utf-8", "replace"))
+        stream.close()
+
+    def _watch(self) -> None:
+        """Runs in a thread: reads stdout, reports the port and the exit."""
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            self.stdout.append(line)
+            match = LISTENING.search(line)
+            if match is not None:
+                reactor.callFromThread(self._fire, self.listening, int(match.group(1)))
+        self.process.stdout.close()
+        self._err_reader.join()
+        code = self.process.wait()
+        reactor.callFromThread(self._fire, self.listening, None)
+        reactor.callFromThread(self._fire, self.exited, code)
+
+    def _fire(self, deferred: Deferred[Any], value: Any) -> None:
+        if deferred.called:
+            return
+        if value is None:
+            deferred.errback(AssertionError(f"twistd ended without listening:\n{self.output()}"))
+        else:
+            deferred.callback(value)
+
+    def output(self) -> str:
+        return "".join(self.stdout) + "--- stderr ---\n" + "".join(self.stderr)
+
+    def wait_listening(self) -> Deferred[int]:
+        return self.listening.addTimeout(WAIT_SECONDS, reactor)
+
+    def wait_exited(self) -> Deferred[int]:
+        return self.exited.addTimeout(WAIT_SECONDS, reactor)
+
+    def stop(self) -> None:
+        """Cleanup: kill the process if it still runs and join the threads."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(WAIT_SECONDS)
+        self._out_reader.join(WAIT_SECONDS)
+        self._err_reader.join(WAIT_SECONDS)
+
+
+def run_admin(*argv: str, stdin: str | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run C{securevault-admin ARGV} as a subprocess, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "securevault.admin", *argv],
+        cwd=cwd,
+        env=child_environment(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+        check=False,
+    )
+
+
+class TwistdTests(AsyncTestCase):
+    """C{twistd -n securevault} serves, stops cleanly, and fails loudly."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.base = self.make_dir()
+        self.certs = self.base / "certs"
+        self.data = self.base / "vault-data"
+        result = run_admin("--data-dir", str(self.data), "init", "--certs-dir", str(self.certs), cwd=self.base)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        result = run_admin(
+            "--data-dir", str(self.data), "user", "add", "alice", "--password-stdin",
+            stdin=PASSWORD + "\n", cwd=self.base,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def start(self, *extra: str, port: int = 0, cert: Path | None = None) -> Daemon:
+        """Start twistd with this test's certificates and data directory."""
+        argv = [
+            *TWISTD,
+            "-n", "--pidfile=", "securevault",
+            "--port", str(port),
+            "--interface", "127.0.0.1",
+            "--cert", str(cert or self.certs / "server.crt"),
+            "--key", str(self.certs / "server.key"),
+            "--ca-cert", str(self.certs / "ca.crt"),
+            "--data-dir", str(self.data),
+            "--threads", "2",
+            *extra,
+        ]  # fmt: skip
+        daemon = Daemon(argv, self.base)
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    def test_plugin_listed_by_twistd(self) -> None:
+        """C{twistd --help}, run outside the repository with PYTHONPATH at it,
+        lists the securevault subcommand."""
+        result = subprocess.run(
+            [*TWISTD, "--help"],
+            cwd=self.base,
+            env=child_environment(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"(?m)^\s+securevault\s+An encrypted file vault")
+
+    @inlineCallbacks
+    def test_serves_and_stops_cleanly(self) -> Generator[Deferred[Any], Any, None]:
+        """The daemon logs its port, serves login, upload and download over
+        mutual TLS with the certificates C{securevault-admin init} made, and on
+        SIGTERM shuts down cleanly.
+
+        twistd (like C{twist}) re-raises the terminating signal once its
+        shutdown is complete (L{twisted.application.app._exitWithSignal}), so
+        a clean stop is: the shutdown is logged to the end, nothing goes to
+        stderr, no traceback, and the status says "ended by SIGTERM" (-15).
+        """
+        daemon = self.start()
+        port = yield daemon.wait_listening()
+        client_credential = Credential.from_files(self.certs / "client.crt", self.certs / "client.key")
+        ca = load_cert(self.certs / "ca.crt")
+        client = client_for(reactor, port, ca, client_credential, cleanup=self.addCleanup)
+        response = yield client.request("GET", "/health")
+        self.assertEqual((response.code, (yield read_json(response))["status"]), (200, "ok"))
+        yield client.login("alice")
+        content = os.urandom(100_000)
+        response = yield client.post_json(
+            "/upload-file", {"filename": "daemon.bin", "content": base64.b64encode(content).decode("ascii")}
+        )
+        stored = yield read_json(response)
+        self.assertEqual(response.code, 201, stored)
+        response = yield client.request(
+            "GET", "/download-file", params={"id": stored["id"]}, headers={"Accept": "application/octet-stream"}
+        )
+        body = yield read_body(response)
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body == content, "downloaded bytes differ")
+        yield client.close()
+
+        daemon.process.send_signal(signal.SIGTERM)
+        code = yield daemon.wait_exited()
+        output = daemon.output()
+        self.assertEqual(code, -signal.SIGTERM, output)
+        self.assertEqual(daemon.stderr, [], output)
+        self.assertNotIn("Traceback", output)
+        stdout = "".join(daemon.stdout)
+        for event in ("Received SIGTERM", f"(TLS Port {port} Closed)", "Main loop terminated.", "Server Shut Down."):
+            self.assertIn(event, stdout)
+
+    @inlineCallbacks
+    def test_missing_certificate(self) -> Generator[Deferred[Any], Any, None]:
+        """A missing certificate file ends twistd with a non-zero status and
+        exactly one stderr line naming the file and 'securevault-admin init',
+        without a traceback."""
+        missing = self.certs / "absent.crt"
+        daemon = self.start(cert=missing)
+        code = yield daemon.wait_exited()
+        output = daemon.output()
+        self.assertNotEqual(code, 0, output)
+        self.assertEqual(len(daemon.stderr), 1, output)
+        self.assertIn(str(missing), daemon.stderr[0])
+        self.assertIn("securevault-admin init", daemon.stderr[0])
+        self.assertNotIn("Traceback", output)
+        yield self.assertFailure(daemon.listening, AssertionError)  # never listened
+
+    @inlineCallbacks
+    def test_port_in_use(self) -> Generator[Deferred[Any], Any, None]:
+        """A port that is already bound ends the daemon with a non-zero status
+        and an error naming the port, instead of running on without one."""
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        daemon = self.start(port=port)
+        code = yield daemon.wait_exited()
+        output = daemon.output()
+        self.assertNotEqual(code, 0, output)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", output)
+        self.assertNotIn("Traceback", output)
+        yield self.assertFailure(daemon.listening, AssertionError)  # never listened
+
