@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,10 +32,9 @@ def port_from_environment(environ: Mapping[str, str]) -> int:
 
 def parse_port(raw: str, source: str) -> int:
     """An integer 0–65535 (0 picks a free port), else L{ConfigError}."""
-    try:
-        port = int(raw, 10)
-    except ValueError:
-        raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}") from None
+    if not re.fullmatch(r"[0-9]{1,5}", raw):  # int() would take "8_080" and non-ASCII digits
+        raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}")
+    port = int(raw)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}")
     return port

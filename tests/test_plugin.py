@@ -188,8 +188,3 @@ class PortFromEnvironmentTests(SyncTestCase):
         non-ASCII digits (which C{int()} accepts) are refused too."""
         for value in ("8_080", "\uff18\uff10\uff18\uff10", "\u0668\u0660"):
             self.assertRaises(ConfigError, port_from_environment, {"PORT": value})
-
-    test_only_ascii_decimal_digits.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/config.py parse_port uses int(raw, 10), which accepts "
-        "'8_080' (8080) and full-width or Arabic-Indic digits"
-    )
