@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from securevault.fsutil import temp_name
+
 GENESIS = "0" * 64
 TAIL_BYTES = 64 * 1024
 
@@ -34,13 +36,52 @@ def utc_now() -> str:
 
 
 def _last_line(fd: int) -> bytes | None:
-    size = os.fstat(fd).st_size
-    if size == 0:
+    """The file's last line, however long, read backwards from the end."""
+    position = os.fstat(fd).st_size
+    tail = b""
+    while position > 0:
+        start = max(0, position - TAIL_BYTES)
+        tail = os.pread(fd, position - start, start) + tail
+        position = start
+        body = tail[:-1] if tail.endswith(b"\n") else tail
+        cut = body.rfind(b"\n")
+        if cut >= 0:
+            return body[cut + 1 :]
+    body = tail[:-1] if tail.endswith(b"\n") else tail
+    return body or None
+
+
+def head_path(path: Path) -> Path:
+    """The sidecar naming the chain's last record, so that removing or
+    editing records at the end is detected too."""
+    return path.with_name(path.name + ".head")
+
+
+def _read_head(path: Path) -> dict[str, Any] | None:
+    try:
+        head = json.loads(head_path(path).read_bytes())
+    except (OSError, ValueError):
         return None
-    start = max(0, size - TAIL_BYTES)
-    data = os.pread(fd, size - start, start)
-    lines = data.rstrip(b"\n").split(b"\n")
-    return lines[-1] if lines and lines[-1] else None
+    if not isinstance(head, dict) or not isinstance(head.get("records"), int):
+        return None
+    return head
+
+
+def _count_lines(fd: int) -> int:
+    count = 0
+    position = 0
+    while block := os.pread(fd, 1 << 20, position):
+        count += block.count(b"\n")
+        position += len(block)
+    return count
+
+
+def _write_head(path: Path, records: int, last_hash: str) -> None:
+    target = head_path(path)
+    temp = temp_name(target)
+    temp.write_text(json.dumps({"records": records, "last": last_hash}), encoding="ascii")
+    os.chmod(temp, 0o600)
+    os.replace(temp, target)
 
 
 class AuditLog:
@@ -61,7 +102,13 @@ class AuditLog:
                 record = {"time": utc_now(), "event": event, **fields}
                 record["prev"] = GENESIS if last is None else line_hash(last)
                 line = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                head = _read_head(self.path)
+                if head is None or head.get("last") != record["prev"]:
+                    records = _count_lines(fd)  # first append, or a head lost in a crash
+                else:
+                    records = head["records"]
                 os.write(fd, line + b"\n")
+                _write_head(self.path, records + 1, line_hash(line))
             finally:
                 os.close(fd)  # releases the lock
 
@@ -91,6 +138,20 @@ def verify_chain(path: Path) -> tuple[int, list[ChainBreak]]:
         if prev != previous:
             breaks.append(ChainBreak(number, "previous-record hash does not match: a line was removed or edited"))
         previous = line_hash(line)
+    head = _read_head(path)
+    if breaks:
+        return count, breaks  # already broken; the head adds nothing
+    if head is None:
+        if count:
+            breaks.append(ChainBreak(count, f"the head file {head_path(path).name} is missing or damaged"))
+    elif head["records"] != count or head.get("last") != (previous if count else None):
+        breaks.append(
+            ChainBreak(
+                count,
+                f"the log ends at record {count} but its head records {head['records']}: "
+                "records were removed or edited at the end",
+            )
+        )
     return count, breaks
 
 

@@ -21,10 +21,27 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_name(path: Path) -> Path:
+    """A fresh temp name beside C{path}: C{.NAME.PID.RAND.tmp}."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Remove temp files a killed L{write_atomically} of C{path} left behind
+    (they may hold secrets, such as a retired master key)."""
+    removed = 0
+    for stale in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        fsync_directory(path.parent)
+    return removed
+
+
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace C{path} with C{data} so that a crash leaves the old or the new
     content, never a mix; the file is created with C{mode}."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
+    temp = temp_name(path)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from securevault.fsutil import TEMP_SUFFIX, fsync_directory
+from securevault.fsutil import fsync_directory, remove_stale_temps, temp_name
 from securevault.keys import Keyring, KeyringFile, generate_keyring, new_key_id
 from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
 
@@ -43,6 +43,7 @@ def rotate_master_key(
     already holds more than one key.
     """
     key_file = master_key if isinstance(master_key, KeyringFile) else KeyringFile(master_key)
+    remove_stale_temps(key_file.path)
     keyring = key_file.load()
     if len(keyring.keys) == 1:
         new_id = new_key_id()
@@ -74,6 +75,7 @@ def rotate_master_key(
             break
     retired = tuple(kid for kid in keyring.keys if kid != keyring.current_id)
     key_file.save(Keyring(keyring.current_id, {keyring.current_id: keyring.current_key}))
+    remove_stale_temps(key_file.path)
     progress(f"retired old master key(s) {', '.join(retired) or '-'}")
     return RotationReport(keyring.current_id, retired, rewrapped, total)
 
@@ -114,7 +116,7 @@ def export_archive(storage: SecureFileStorage, archive_id: str, out: Path) -> in
     """
     owner_id = storage.find_owner(archive_id)
     out = Path(out)
-    temp = out.with_name(f".{out.name}.{os.getpid()}{TEMP_SUFFIX}")
+    temp = temp_name(out)
     size = 0
     try:
         with open(temp, "xb") as handle:
@@ -123,9 +125,8 @@ def export_archive(storage: SecureFileStorage, archive_id: str, out: Path) -> in
                 size += len(block)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, out)
-    except BaseException:
+        os.link(temp, out)  # unlike a rename, never replaces an existing file
+    finally:
         temp.unlink(missing_ok=True)
-        raise
     fsync_directory(out.parent.resolve())
     return size

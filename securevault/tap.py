@@ -35,6 +35,7 @@ from securevault.config import (
     parse_port,
     port_from_environment,
 )
+from securevault.fsutil import remove_stale_temps
 from securevault.keys import KeyFileError, KeyringFile
 from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.metrics import VaultMetrics
@@ -165,6 +166,8 @@ class TLSListenerService(ListenerService):
 def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     """The shared collaborators, from settings; fails with a one-line reason."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for secret_file in (config.master_key, config.data_dir / "users.json"):
+        remove_stale_temps(secret_file)
     key_file = KeyringFile(config.master_key, passphrase_source(config.master_key_passphrase))
     if not config.master_key.exists():
         key_file.create()

@@ -280,11 +280,6 @@ class InterruptedRotateTests(MaintenanceTestCase):
         holders = [p for p in vault.data_dir.rglob("*") if p.is_file() and old_key in p.read_bytes()]
         self.assertEqual(holders, [])
 
-    test_killed_mid_keyring_write_leaves_no_old_key.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/maintenance.py:52,76 a kill during KeyringFile.save leaves "
-        ".master.key.PID.RAND.tmp holding the old master key; neither the rerun nor "
-        "SecureFileStorage.recover() removes it, so the retired key stays on disk"
-    )
 
 
 class VerifyTests(MaintenanceTestCase):
