@@ -14,7 +14,7 @@ import io
 import time
 from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +79,9 @@ class VaultRequest(server.Request):
 
     def __init__(self, channel: Any, queued: Any = None) -> None:
         super().__init__(channel, queued)
+        # No endpoint takes form submissions; twisted.web's own parser would
+        # answer a malformed multipart body with a bare, non-JSON 400.
+        self._parsePOSTFormSubmission = False
         self.upload: UploadStream | None = None
         self.vault_user: str | None = None
         self._body_limit = SMALL_BODY_BYTES
@@ -113,7 +116,7 @@ class VaultRequest(server.Request):
         """Authenticate and name the upload, then open its archive writer."""
         self.uri = uri
         self.path, _, query = uri.partition(b"?")
-        self.args = parse_qs(query, keep_blank_values=True) if query else {}  # type: ignore[assignment]
+        self.args = http.parse_qs(query, keep_blank_values=True) if query else {}
         app = self.app
         session = app.authenticate(self)
         filename = filename_from_raw_upload(self, self.getHeader(b"x-filename"))
