@@ -1,0 +1,265 @@
+# -*- test-case-name: tests.test_sessions -*-
+"""Tests for L{securevault.sessions}: SessionStore and LoginThrottle on a
+fake clock."""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.internet.task import Clock
+
+from securevault.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore
+from tests.support.testcase import SyncTestCase
+
+IDLE = 30 * 60.0
+TTL = 12 * 60 * 60.0
+START = 1_800_000_000.0
+FAR_FUTURE = START + 10 * 365 * 86400
+CERT_A = "a" * 64
+CERT_B = "b" * 64
+
+
+class SessionStoreTests(SyncTestCase):
+    """Creation, lookup, binding, expiry, ending and sweeping of sessions."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = SessionStore(self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL)
+
+    def create(self, username: str = "alice", fingerprint: str = CERT_A, not_after: float = FAR_FUTURE) -> str:
+        return self.store.create(username, "id-" + username, fingerprint, not_after).session_id
+
+    def test_create(self) -> None:
+        """A new session has a random UUID4 id, its user, its certificate,
+        and ends after the idle time unless used."""
+        session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.assertEqual(uuid.UUID(session.session_id).version, 4)
+        self.assertEqual(str(uuid.UUID(session.session_id)), session.session_id)
+        self.assertEqual((session.username, session.user_id, session.fingerprint), ("alice", "id-alice", CERT_A))
+        self.assertEqual((session.created_at, session.last_used), (START, START))
+        self.assertEqual(session.expires_at, START + TTL)
+        self.assertEqual(self.store.expiry(session), START + IDLE)
+        self.assertEqual(len(self.store), 1)
+
+    def test_ids_are_unique(self) -> None:
+        """Every session gets its own id."""
+        ids = {self.create() for _ in range(100)}
+        self.assertEqual(len(ids), 100)
+
+    def test_id_not_in_repr(self) -> None:
+        """A session's repr (as a log line might show it) omits its id."""
+        session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.assertNotIn(session.session_id, repr(session))
+
+    def test_lookup(self) -> None:
+        """Lookup by id and certificate finds the session; unknown ids are
+        None."""
+        session_id = self.create()
+        found = self.store.lookup(session_id, CERT_A)
+        assert found is not None
+        self.assertEqual(found.username, "alice")
+        self.assertIsNone(self.store.lookup(str(uuid.uuid4()), CERT_A))
+        self.assertIsNone(self.store.lookup("", CERT_A))
+
+    def test_bound_to_certificate(self) -> None:
+        """Another certificate's lookup is None, does not refresh the idle
+        timer, and does not end the session for its owner."""
+        session_id = self.create()
+        self.clock.advance(IDLE - 10)
+        self.assertIsNone(self.store.lookup(session_id, CERT_B))
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
+        self.clock.advance(IDLE - 10)
+        self.assertIsNone(self.store.lookup(session_id, CERT_B))
+        self.clock.advance(5)  # IDLE - 5 since the owner's last use: alive
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
+
+    def test_idle_expiry(self) -> None:
+        """Unused for the idle time, a session is gone (and forgotten); each
+        use restarts the idle timer."""
+        session_id = self.create()
+        self.clock.advance(IDLE - 1)
+        session = self.store.lookup(session_id, CERT_A)
+        assert session is not None
+        self.assertEqual(self.store.expiry(session), self.clock.seconds() + IDLE)
+        self.clock.advance(IDLE - 1)
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
+        self.clock.advance(IDLE)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+        self.assertEqual(len(self.store), 0)
+
+    def test_expiry_is_exclusive(self) -> None:
+        """At exactly the expiry instant the session is already gone."""
+        session_id = self.create()
+        self.clock.advance(IDLE)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+
+    def test_absolute_expiry(self) -> None:
+        """A session in constant use still ends at its TTL."""
+        session_id = self.create()
+        used = 0.0
+        while used + 600 < TTL:
+            self.clock.advance(600)
+            used += 600
+            self.assertIsNotNone(self.store.lookup(session_id, CERT_A), used)
+        self.clock.advance(TTL - used)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+
+    def test_expiry_near_ttl(self) -> None:
+        """Near its TTL a session reports the TTL, not a later idle time."""
+        session_id = self.create()
+        for _ in range(int(TTL // 1200) - 1):
+            self.clock.advance(1200)
+            self.store.lookup(session_id, CERT_A)
+        self.clock.advance(1200 - 60)  # TTL - 60
+        session = self.store.lookup(session_id, CERT_A)
+        assert session is not None
+        self.assertEqual(self.store.expiry(session), START + TTL)
+
+    def test_certificate_not_after(self) -> None:
+        """A session ends no later than its certificate's notAfter."""
+        not_after = START + 600
+        session_id = self.create(not_after=not_after)
+        session = self.store.lookup(session_id, CERT_A)
+        assert session is not None
+        self.assertEqual(self.store.expiry(session), not_after)
+        self.clock.advance(599)
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
+        self.clock.advance(1)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+
+    def test_expired_certificate(self) -> None:
+        """A certificate already past notAfter gives a session that is dead
+        on arrival."""
+        session_id = self.create(not_after=START - 1)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+
+    def test_end(self) -> None:
+        """end() forgets one session; ending an unknown id is harmless."""
+        first, second = self.create(), self.create()
+        self.store.end(first)
+        self.store.end(first)
+        self.store.end("not a session")
+        self.assertIsNone(self.store.lookup(first, CERT_A))
+        self.assertIsNotNone(self.store.lookup(second, CERT_A))
+
+    def test_end_user(self) -> None:
+        """end_user() forgets every session of one user and no other."""
+        alice1, alice2 = self.create("alice"), self.create("alice", CERT_B)
+        bob = self.create("bob")
+        self.store.end_user("id-alice")
+        self.assertIsNone(self.store.lookup(alice1, CERT_A))
+        self.assertIsNone(self.store.lookup(alice2, CERT_B))
+        self.assertIsNotNone(self.store.lookup(bob, CERT_A))
+
+    def test_sweep(self) -> None:
+        """sweep() forgets expired sessions, keeps live ones, and says how
+        many it removed."""
+        old = self.create()
+        self.clock.advance(IDLE / 2)
+        young = self.create()
+        short = self.create(not_after=START + IDLE / 2 + 1)
+        self.assertEqual(self.store.sweep(), 0)
+        self.clock.advance(IDLE / 2)
+        self.assertEqual(self.store.sweep(), 2)
+        self.assertEqual(len(self.store), 1)
+        self.assertIsNone(self.store.lookup(old, CERT_A))
+        self.assertIsNone(self.store.lookup(short, CERT_A))
+        self.assertIsNotNone(self.store.lookup(young, CERT_A))
+        self.assertEqual(self.store.sweep(), 0)
+
+
+class LoginThrottleTests(SyncTestCase):
+    """Failed logins counted per key in a sliding window."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.throttle = LoginThrottle(self.clock.seconds)
+
+    def record(self, *keys: str, times: int = 1) -> None:
+        for _ in range(times):
+            self.throttle.record_failure(*keys)
+
+    def test_defaults(self) -> None:
+        """The contract's numbers: 5 failures within 5 minutes."""
+        self.assertEqual((FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS), (5, 300))
+
+    def test_allowed_below_limit(self) -> None:
+        """No failures, or four, leave a key allowed (retry_after 0)."""
+        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+        self.record("user:alice", times=4)
+        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+
+    def test_locked_at_limit(self) -> None:
+        """The fifth failure locks the key for the whole window."""
+        self.record("user:alice", times=5)
+        self.assertIn(self.throttle.retry_after("user:alice"), (300, 301))
+        self.clock.advance(299.5)
+        self.assertEqual(self.throttle.retry_after("user:alice"), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+
+    def test_sliding_window(self) -> None:
+        """Failures spread over time count only while within the window: the
+        lock lifts when the oldest of the last five leaves it."""
+        for _ in range(5):
+            self.record("user:alice")
+            self.clock.advance(60)
+        # Failures at 0, 60, 120, 180, 240; now is 300: the first has left.
+        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+        self.record("user:alice")  # 60, 120, 180, 240, 300
+        self.assertIn(self.throttle.retry_after("user:alice"), (60, 61))
+
+    def test_counts_the_latest_failures(self) -> None:
+        """With more than five failures the lock runs from the fifth most
+        recent one."""
+        for _ in range(10):
+            self.record("user:alice")
+            self.clock.advance(1)
+        # Failures at 0..9, now is 10: the fifth most recent was at 5.
+        self.assertIn(self.throttle.retry_after("user:alice"), (295, 296))
+
+    def test_keys_are_independent(self) -> None:
+        """One key's failures do not lock another."""
+        self.record("user:alice", times=5)
+        self.assertEqual(self.throttle.retry_after("user:bob"), 0)
+        self.assertEqual(self.throttle.retry_after("cert:" + CERT_A), 0)
+
+    def test_any_key_locks(self) -> None:
+        """A login is locked when any of its keys is: the username, or the
+        certificate (failures for different usernames add up)."""
+        for index in range(5):
+            self.record(f"user:guess{index}", "cert:" + CERT_A)
+        for index in range(5):
+            self.assertEqual(self.throttle.retry_after(f"user:guess{index}"), 0)
+        self.assertGreater(self.throttle.retry_after("user:bob", "cert:" + CERT_A), 0)
+        self.assertEqual(self.throttle.retry_after("user:bob", "cert:" + CERT_B), 0)
+
+    def test_longest_wait_wins(self) -> None:
+        """With two locked keys the wait is the longer one."""
+        self.record("user:alice", times=5)
+        self.clock.advance(100)
+        self.record("cert:" + CERT_A, times=5)
+        self.assertIn(self.throttle.retry_after("user:alice", "cert:" + CERT_A), (300, 301))
+        self.assertIn(self.throttle.retry_after("user:alice"), (200, 201))
+
+    def test_sweep_keeps_live_failures(self) -> None:
+        """sweep() forgets only failures outside the window."""
+        self.record("user:old", times=5)
+        self.clock.advance(200)
+        self.record("user:new", times=5)
+        self.clock.advance(150)
+        self.throttle.sweep()
+        self.assertEqual(self.throttle.retry_after("user:old"), 0)
+        self.assertGreater(self.throttle.retry_after("user:new"), 0)
+
+    def test_custom_limits(self) -> None:
+        """The limit and window are parameters."""
+        throttle = LoginThrottle(self.clock.seconds, limit=2, window_seconds=10)
+        throttle.record_failure("k")
+        self.assertEqual(throttle.retry_after("k"), 0)
+        throttle.record_failure("k")
+        self.assertIn(throttle.retry_after("k"), (10, 11))
+        self.clock.advance(10)
+        self.assertEqual(throttle.retry_after("k"), 0)
