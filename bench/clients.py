@@ -1,0 +1,253 @@
+"""Clients: curl for the large transfers, Python for request and handshake rates."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import multiprocessing
+import resource
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.env import Workspace, cpu_seconds
+
+CURL_FORMAT = "%{time_total} %{size_upload} %{size_download} %{http_code}"
+
+
+@dataclass
+class CurlResult:
+    seconds: float
+    uploaded: int
+    downloaded: int
+    status: int
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+def curl_command(ws: Workspace, url: str, args: list[str], output: str, max_time: float) -> list[str]:
+    return [
+        "curl", "-sS", "--http1.1", "--cacert", str(ws.ca), "--cert", str(ws.client_cert),
+        "--key", str(ws.client_key), "--max-time", str(int(max_time)), "-H", "Expect:",
+        "-o", output, "-w", CURL_FORMAT, *args, url,
+    ]
+
+
+def parse_curl(out: str, err: str, body_path: Path | None) -> CurlResult:
+    try:
+        seconds, up, down, status = out.split()
+        result = CurlResult(float(seconds), int(float(up)), int(float(down)), int(status), b"")
+    except ValueError:
+        raise ClientError(f"curl failed: {err.strip() or out.strip()}") from None
+    if body_path is not None and body_path.exists():
+        result.body = body_path.read_bytes()
+        body_path.unlink()
+    if not result.ok:
+        raise ClientError(f"HTTP {result.status}: {result.body[:300]!r} {err.strip()}")
+    return result
+
+
+def curl(ws: Workspace, url: str, args: list[str], keep_body: bool = False, max_time: float = 900) -> CurlResult:
+    body_path = ws.root / f"curl-body-{threading.get_ident()}" if keep_body else None
+    cmd = curl_command(ws, url, args, str(body_path) if body_path else "/dev/null", max_time)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time + 30)
+    return parse_curl(out.stdout, out.stderr, body_path)
+
+
+def curl_parallel(ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: float = 900) -> tuple[float, list[CurlResult]]:
+    """Start all curls together; wall-clock seconds until the last one ends."""
+    procs = []
+    bodies = []
+    start = time.perf_counter()
+    for i, (url, args) in enumerate(jobs):
+        body = ws.root / f"curl-par-{i}"
+        bodies.append(body)
+        procs.append(subprocess.Popen(curl_command(ws, url, args, str(body), max_time),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=max_time + 30) for p in procs]
+    wall = time.perf_counter() - start
+    return wall, [parse_curl(o, e, b) for (o, e), b in zip(outs, bodies)]
+
+
+# ---------------------------------------------------------------- Python HTTPS
+
+
+def ssl_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Api:
+    """A small persistent JSON client for setup calls (login, delete)."""
+
+    def __init__(self, ws: Workspace, port: int) -> None:
+        self.ctx = ssl_context(str(ws.ca), str(ws.client_cert), str(ws.client_key))
+        self.port = port
+        self.conn = http.client.HTTPSConnection("127.0.0.1", port, context=self.ctx, timeout=60)
+        self.session: str | None = None
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        headers = {}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.session:
+            headers["Authorization"] = f"Bearer {self.session}"
+        self.conn.request(method, path, body=data, headers=headers)
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw) if raw else None
+        except ValueError:
+            return resp.status, raw
+
+    def login(self, username: str, password: str) -> str:
+        status, body = self.call("POST", "/login", {"username": username, "password": password})
+        if status != 200:
+            raise ClientError(f"login failed: {status} {body}")
+        self.session = body["session_id"]
+        return self.session
+
+    def delete(self, archive_id: str) -> None:
+        status, body = self.call("POST", "/delete-file", {"id": archive_id})
+        if status != 204:
+            raise ClientError(f"delete failed: {status} {body}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ---------------------------------------------------------------- load generator
+
+
+@dataclass
+class LoadSpec:
+    ca: str
+    cert: str
+    key: str
+    port: int
+    mode: str  # "keepalive" (one connection, many requests) or "newconn" (one request each)
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes | None
+    duration: float
+    max_count: int  # per worker
+    expect: int = 200
+
+
+@dataclass
+class LoadResult:
+    count: int
+    errors: int
+    seconds: float
+    client_cpu: float  # cores used by the client processes, on average
+    server_cpu: float  # cores used by the server processes, on average
+    first_error: str | None
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+
+def _load_worker(spec: LoadSpec, barrier: Any, queue: Any) -> None:
+    count = errors = 0
+    first_error = None
+    elapsed = 0.0
+    try:
+        ctx = ssl_context(spec.ca, spec.cert, spec.key)
+        conn = None
+        if spec.mode == "keepalive":
+            conn = http.client.HTTPSConnection("127.0.0.1", spec.port, context=ctx, timeout=30)
+            conn.connect()
+        headers = dict(spec.headers)
+        if spec.mode == "newconn":
+            headers["Connection"] = "close"
+        barrier.wait(60)
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        deadline = start + spec.duration
+        while count + errors < spec.max_count and time.perf_counter() < deadline:
+            c = conn or http.client.HTTPSConnection("127.0.0.1", spec.port, context=ctx, timeout=30)
+            try:
+                c.request(spec.method, spec.path, body=spec.body, headers=headers)
+                resp = c.getresponse()
+                resp.read()
+                if resp.status == spec.expect:
+                    count += 1
+                else:
+                    errors += 1
+                    first_error = first_error or f"HTTP {resp.status}"
+            except Exception as error:  # keep going; the count says how many failed
+                errors += 1
+                first_error = first_error or repr(error)
+                c.close()
+            if conn is None:
+                c.close()
+        elapsed = time.perf_counter() - start
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    except Exception as error:
+        errors += 1
+        first_error = first_error or repr(error)
+        cpu = 0.0
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+    queue.put((count, errors, elapsed, cpu, first_error))
+
+
+def run_load(spec: LoadSpec, workers: int, server_pids: list[int], during: Any = None) -> LoadResult:
+    """C{workers} client processes, started together after connecting.
+
+    Processes rather than threads, so that the client is not held to one
+    core by the GIL; the server still shares the machine with it.
+    C{during}, if given, is called (in a thread of this process) while the
+    load runs, with a threading.Event that is set when the load ends.
+    """
+    mp = multiprocessing.get_context("fork")
+    barrier = mp.Barrier(workers + 1)
+    queue = mp.Queue()
+    procs = [mp.Process(target=_load_worker, args=(spec, barrier, queue), daemon=True) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        barrier.wait(60)
+    except threading.BrokenBarrierError:
+        pass
+    cpu0 = cpu_seconds(server_pids)
+    start = time.perf_counter()
+    done = threading.Event()
+    side = None
+    if during is not None:
+        side = threading.Thread(target=during, args=(done,), daemon=True)
+        side.start()
+    results = [queue.get(timeout=spec.duration + 120) for _ in procs]
+    wall = time.perf_counter() - start
+    done.set()
+    if side is not None:
+        side.join(30)
+    server_cpu = cpu_seconds(server_pids) - cpu0
+    for proc in procs:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    count = sum(r[0] for r in results)
+    errors = sum(r[1] for r in results)
+    seconds = max((r[2] for r in results), default=0.0) or wall
+    first_error = next((r[4] for r in results if r[4]), None)
+    return LoadResult(count, errors, seconds, sum(r[3] for r in results) / wall, server_cpu / wall, first_error)

@@ -1,0 +1,441 @@
+"""The benchmark's world: machine facts, data files, PKI and the two servers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+PASSWORD = "bench-password-0123"
+USERNAME = "bench"
+NGINX_HINT = "nginx not found: install it with `apt-get install -y nginx-light` (or nginx)"
+
+
+# ---------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "?"))
+    except Exception as error:  # pragma: no cover - reporting only
+        return f"unavailable ({error.__class__.__name__})"
+
+
+def nginx_version(nginx: str | None) -> str:
+    if nginx is None:
+        return "absent"
+    out = subprocess.run([nginx, "-v"], capture_output=True, text=True)
+    return (out.stderr or out.stdout).strip().replace("nginx version: ", "")
+
+
+def machine_header(nginx: str | None) -> list[str]:
+    curl = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return [
+        f"date:         {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        f"machine:      {platform.machine()} ({os.uname().sysname} {os.uname().release})",
+        f"cpu:          {cpu_model()}, {os.cpu_count()} cores",
+        f"nginx:        {nginx_version(nginx)} ({nginx or '-'})",
+        f"python:       {platform.python_version()}  twisted {_version('twisted')}  "
+        f"cryptography {_version('cryptography')}  {ssl.OPENSSL_VERSION}",
+        f"client:       {' '.join(curl.split()[:2])} and Python http.client",
+    ]
+
+
+# ---------------------------------------------------------------- nginx lookup
+
+
+def find_nginx() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def install_nginx() -> str | None:
+    print("installing nginx: apt-get update && apt-get install -y nginx", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update"], check=False, env=env)
+    subprocess.run(["apt-get", "install", "-y", "nginx"], check=False, env=env)
+    return find_nginx()
+
+
+def nginx_has_dav(nginx: str) -> bool:
+    out = subprocess.run([nginx, "-V"], capture_output=True, text=True)
+    return "http_dav_module" in (out.stderr + out.stdout)
+
+
+# ---------------------------------------------------------------- data files
+
+
+def write_random(path: Path, size: int) -> None:
+    block = 16 * MiB
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            n = min(block, left)
+            out.write(os.urandom(n))
+            left -= n
+
+
+def log_lines_block(size: int, seed: int = 1) -> bytes:
+    """Distinct, realistic log lines (compress ~5-8x at deflate level 1)."""
+    rng = random.Random(seed)
+    paths = ["/api/v1/items", "/api/v1/users", "/static/app.js", "/login", "/health", "/api/v1/orders"]
+    levels = ["INFO"] * 8 + ["WARN", "DEBUG"]
+    parts: list[str] = []
+    total = 0
+    t = 1_700_000_000.0
+    while total < size:
+        t += rng.random() * 0.05
+        line = (
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(t))}.{int(t * 1e6) % 1000000:06d}Z "
+            f"{rng.choice(levels)} [worker-{rng.randrange(8)}] req={rng.getrandbits(32):08x} "
+            f"method=GET path={rng.choice(paths)}/{rng.randrange(100000)} status=200 "
+            f"bytes={rng.randrange(100, 90000)} elapsed_ms={rng.random() * 40:.2f}\n"
+        )
+        parts.append(line)
+        total += len(line)
+    return "".join(parts).encode("ascii")[:size]
+
+
+def write_text(path: Path, size: int) -> None:
+    # 8 MiB of distinct lines, repeated: deflate's window is 32 KiB, so the
+    # repetition does not make it any more compressible than fresh lines.
+    block = log_lines_block(min(size, 8 * MiB))
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            n = min(len(block), left)
+            out.write(block[:n])
+            left -= n
+
+
+# ---------------------------------------------------------------- process facts
+
+
+def _read_status(pid: int) -> dict[str, int]:
+    values: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":", 1)
+                    values[key] = int(value.split()[0])  # kB
+    except OSError:
+        pass
+    return values
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+class PeakRss:
+    """Peak resident memory (MiB) of a set of processes during a block.
+
+    VmRSS of all the processes is summed every 50 ms.  For a single process
+    VmHWM is read before and after: when the lifetime peak rose during the
+    block, that new peak was reached inside it, and it is exact.
+    """
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        total = sum(_read_status(pid).get("VmRSS", 0) for pid in self.pids)
+        self.peak_kb = max(self.peak_kb, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> "PeakRss":
+        self._hwm_before = _read_status(self.pids[0]).get("VmHWM", 0) if len(self.pids) == 1 else 0
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        if len(self.pids) == 1:
+            hwm = _read_status(self.pids[0]).get("VmHWM", 0)
+            if hwm > self._hwm_before:
+                self.peak_kb = max(self.peak_kb, hwm)
+
+    @property
+    def mib(self) -> float:
+        return self.peak_kb / 1024
+
+
+def rss_mib(pids: list[int]) -> float:
+    return sum(_read_status(pid).get("VmRSS", 0) for pid in pids) / 1024
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log {log}:\n{_tail(log)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"server did not listen on {port} within {timeout:.0f} s; log {log}:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@dataclass
+class Workspace:
+    root: Path
+    size: int
+    text_size: int
+    small_size: int = 100 * MiB
+    certs: Path = field(init=False)
+    data: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.certs = self.root / "certs"
+        self.data = self.root / "vault-data"
+
+    @property
+    def big(self) -> Path:
+        return self.root / "big.bin"
+
+    @property
+    def text(self) -> Path:
+        return self.root / "text.log"
+
+    @property
+    def small(self) -> Path:
+        return self.root / "small.bin"
+
+    @property
+    def ca(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def client_cert(self) -> Path:
+        return self.certs / "client.crt"
+
+    @property
+    def client_key(self) -> Path:
+        return self.certs / "client.key"
+
+    def admin(self, *args: str, stdin: str | None = None) -> None:
+        cmd = [sys.executable, "-m", "securevault.admin", "--data-dir", str(self.data), *args]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, cwd=self.root)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+
+    def prepare(self) -> None:
+        self.admin("init", "--certs-dir", str(self.certs))
+        self.admin("user", "add", USERNAME, "--password-stdin", stdin=PASSWORD + "\n")
+        for name in ("client.crt", "client.key", "server.crt", "server.key", "ca.crt"):
+            if not (self.certs / name).exists():
+                raise RuntimeError(f"securevault.admin init did not create {self.certs / name}")
+        write_random(self.big, self.size)
+        write_random(self.small, self.small_size)
+        write_text(self.text, self.text_size)
+
+
+class Securevault:
+    name = "securevault"
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.port = free_port()
+        self.log = ws.root / "securevault.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        ws = self.ws
+        cmd = [
+            # twisted.scripts.twistd has no __main__ guard, so "-m" would
+            # import it and exit; call its run() as the twistd script does.
+            sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+            "-n", "--pidfile=", "securevault",
+            "--port", str(self.port), "--interface", "127.0.0.1",
+            "--cert", str(ws.certs / "server.crt"), "--key", str(ws.certs / "server.key"),
+            "--ca-cert", str(ws.ca), "--data-dir", str(ws.data),
+        ]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ws.root, env=env,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"securevault exited with {self.proc.returncode}:\n{_tail(self.log)}")
+            if re.search(r"listening on https://", self.log.read_text(errors="replace")):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"securevault did not log 'listening on' within 60 s:\n{_tail(self.log)}")
+        wait_for_port(self.port, self.proc, self.log)
+
+    @property
+    def pids(self) -> list[int]:
+        assert self.proc is not None
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+NGINX_CONF = """\
+{user}daemon off;
+master_process on;
+worker_processes auto;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_max_body_size 0;
+    client_body_temp_path {root}/body;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certs}/server.crt;
+        ssl_certificate_key {certs}/server.key;
+        ssl_client_certificate {certs}/ca.crt;
+        ssl_verify_client on;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /dav/ {{
+            root {root}/www;
+            dav_methods PUT;
+            create_full_put_path on;
+        }}
+        location = /small.json {{
+            default_type application/json;
+            return 200 '{{"files":[]}}';
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    name = "nginx"
+
+    def __init__(self, ws: Workspace, binary: str) -> None:
+        self.ws = ws
+        self.binary = binary
+        self.port = free_port()
+        self.root = ws.root / "nginx"
+        self.conf = self.root / "nginx.conf"
+        self.log = self.root / "error.log"
+        self.proc: subprocess.Popen | None = None
+        self._pids: list[int] = []
+
+    def start(self) -> None:
+        (self.root / "www" / "dav").mkdir(parents=True, exist_ok=True)
+        (self.root / "body").mkdir(exist_ok=True)
+        # The GET source: the same bytes securevault serves, without a copy.
+        target = self.root / "www" / "dav" / "big.bin"
+        if not target.exists():
+            os.link(self.ws.big, target)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(NGINX_CONF.format(user=user, root=self.root, port=self.port, certs=self.ws.certs))
+        cmd = [self.binary, "-p", str(self.root), "-c", str(self.conf), "-e", str(self.log)]
+        test = subprocess.run(cmd + ["-t"], capture_output=True, text=True)
+        if test.returncode != 0:
+            raise RuntimeError(f"nginx -t failed:\n{test.stderr}")
+        with open(self.root / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for_port(self.port, self.proc, self.log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            self._pids = [self.proc.pid] + children_of(self.proc.pid)
+            if len(self._pids) > 1:
+                break
+            time.sleep(0.1)
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    def stop(self) -> None:
+        # SIGQUIT: graceful; SIGTERM after the timeout.
+        stop_process(self.proc, signal.SIGQUIT, timeout=10)

@@ -1,0 +1,384 @@
+"""The figures of issue 3, measured interleaved, and the table."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import statistics
+import threading
+import time
+import traceback
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bench.clients import Api, ClientError, LoadSpec, curl, curl_parallel, run_load, ssl_context
+from bench.env import MiB, PASSWORD, USERNAME, Nginx, PeakRss, Securevault, Workspace, rss_mib
+
+SV, NG = "securevault", "nginx"
+GROUPS = [
+    "memory", "upload", "parallel-upload", "download", "json-download",
+    "text-upload", "small-requests", "handshakes", "login",
+]
+IMPLIES = {"memory": ["upload", "download", "json-download"], "parallel-upload": []}
+
+try:  # the level the server deflates with; read-only use of the package
+    from securevault.storage import COMPRESSION_LEVEL
+except Exception:  # pragma: no cover
+    COMPRESSION_LEVEL = 1
+
+
+def mbs(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6 if seconds > 0 else 0.0
+
+
+def scrypt_cost(repeats: int = 3) -> float:
+    """Seconds for one hashlib.scrypt(n=2**15, r=8, p=1), best of C{repeats}."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1,
+                       maxmem=64 * MiB, dklen=32)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def scrypt_parallel_rate(threads: int, per_thread: int = 4) -> float:
+    """Hashes per second with C{threads} threads (hashlib.scrypt releases the GIL)."""
+    def work() -> None:
+        for _ in range(per_thread):
+            hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1,
+                           maxmem=64 * MiB, dklen=32)
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return threads * per_thread / (time.perf_counter() - start)
+
+
+def zipfile_speed(data: bytes) -> float:
+    """MB/s of in-process zipfile deflate at the server's level, one thread."""
+    start = time.perf_counter()
+    with zipfile.ZipFile(io.BytesIO(), "w", zipfile.ZIP_DEFLATED, compresslevel=COMPRESSION_LEVEL) as zf:
+        zf.writestr("text.log", data)
+    return mbs(len(data), time.perf_counter() - start)
+
+
+class Bench:
+    def __init__(self, ws: Workspace, sv: Securevault, ng: Nginx, *, duration: float, workers: int,
+                 log: Callable[[str], None] = print) -> None:
+        self.ws, self.sv, self.ng = ws, sv, ng
+        self.duration = duration
+        self.workers = workers
+        self.log = log
+        self.values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.errors: list[str] = []
+        self.notes: list[str] = []
+        self.api: Api | None = None
+        self.archive_id = ""
+        self.cores = os.cpu_count() or 1
+        self.scrypt_seconds = 0.0
+        self.scrypt_rate = 0.0
+        self._run_upload: dict[str, float] = {}
+        self._text: bytes | None = None
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        self.api = Api(self.ws, self.sv.port)
+        self.api.login(USERNAME, PASSWORD)
+        # The download source (and a warm-up of both servers' upload paths).
+        result = self._sv_upload(self.ws.big, "big.bin", delete=False)
+        self.archive_id = json.loads(result.body)["id"]
+        self._ng_upload(self.ws.big, "warmup")
+        self.values["rss_idle"][SV].append(rss_mib(self.sv.pids))
+        self.values["rss_idle"][NG].append(rss_mib(self.ng.pids))
+        self.scrypt_seconds = scrypt_cost()
+        self.scrypt_rate = scrypt_parallel_rate(self.cores)
+        self.notes.append(
+            f"scrypt(n=2**15, r=8, p=1) in the bench process: {self.scrypt_seconds * 1000:.0f} ms each; "
+            f"{self.scrypt_rate:.1f}/s with {self.cores} threads (bound cores/cost = "
+            f"{self.cores / self.scrypt_seconds:.1f}/s)")
+
+    @property
+    def session(self) -> str:
+        assert self.api is not None and self.api.session
+        return self.api.session
+
+    def url(self, server: Any, path: str) -> str:
+        return f"https://127.0.0.1:{server.port}{path}"
+
+    def _sv_upload_args(self, path: Any, name: str) -> list[str]:
+        return ["-X", "POST", "-T", str(path), "-H", "Content-Type: application/octet-stream",
+                "-H", f"X-Filename: {name}", "-H", f"Authorization: Bearer {self.session}"]
+
+    def _sv_upload(self, path: Any, name: str, delete: bool = True):  # type: ignore[no-untyped-def]
+        result = curl(self.ws, self.url(self.sv, "/upload-file"), self._sv_upload_args(path, name), keep_body=True)
+        if result.status != 201:
+            raise ClientError(f"upload answered {result.status}")
+        if result.uploaded != os.path.getsize(path):
+            raise ClientError(f"uploaded {result.uploaded} bytes of {os.path.getsize(path)}")
+        if delete:
+            assert self.api is not None
+            self.api.delete(json.loads(result.body)["id"])
+        return result
+
+    def _ng_upload(self, path: Any, name: str):  # type: ignore[no-untyped-def]
+        result = curl(self.ws, self.url(self.ng, f"/dav/{name}"), ["-T", str(path)])
+        if result.uploaded != os.path.getsize(path):
+            raise ClientError(f"uploaded {result.uploaded} bytes of {os.path.getsize(path)}")
+        return result
+
+    def record(self, key: str, server: str, value: float, text: str) -> None:
+        self.values[key][server].append(value)
+        self.log(f"    {key:<22} {server:<12} {text}")
+
+    # ------------------------------------------------------------ groups
+
+    def run(self, groups: list[str], runs: int) -> None:
+        for run in range(runs):
+            self.log(f"run {run + 1}/{runs}")
+            self._run_upload = {}
+            for group in GROUPS:
+                if group not in groups:
+                    continue
+                for server in (SV, NG):
+                    # Not timed: write back what earlier figures left dirty
+                    # (nginx does not fsync its PUTs), so that it does not
+                    # land in the middle of the next measurement.
+                    os.sync()
+                    try:
+                        getattr(self, "g_" + group.replace("-", "_"))(server)
+                    except Exception as error:
+                        message = f"run {run + 1} {group} {server}: {error}"
+                        self.errors.append(message)
+                        self.log("    FAILED " + message)
+                        if os.environ.get("BENCH_DEBUG"):
+                            traceback.print_exc()
+
+    def _proc(self, server: str) -> Any:
+        return self.sv if server == SV else self.ng
+
+    def g_memory(self, server: str) -> None:
+        ws = self.ws
+        with PeakRss(self._proc(server).pids) as peak:
+            if server == SV:
+                self._sv_upload(ws.small, "small.bin")
+            else:
+                self._ng_upload(ws.small, "small")
+        self.record("rss_upload_small", server, peak.mib, f"peak RSS {peak.mib:.1f} MiB (100 MiB upload)")
+
+    def g_upload(self, server: str) -> None:
+        ws = self.ws
+        with PeakRss(self._proc(server).pids) as peak:
+            result = self._sv_upload(ws.big, "big.bin") if server == SV else self._ng_upload(ws.big, "x")
+        speed = mbs(result.uploaded, result.seconds)
+        self._run_upload[server] = speed
+        self.record("upload", server, speed, f"{speed:.1f} MB/s ({result.seconds:.2f} s)")
+        self.record("rss_upload", server, peak.mib, f"peak RSS {peak.mib:.1f} MiB")
+
+    def g_parallel_upload(self, server: str) -> None:
+        ws = self.ws
+        single = self._run_upload.get(server)
+        if single is None:  # --only parallel-upload: measure one upload in this slot too
+            self.g_upload(server)
+            single = self._run_upload[server]
+        if server == SV:
+            jobs = [(self.url(self.sv, "/upload-file"), self._sv_upload_args(ws.big, f"p{i}.bin")) for i in range(2)]
+        else:
+            jobs = [(self.url(self.ng, f"/dav/p{i}"), ["-T", str(ws.big)]) for i in range(2)]
+        wall, results = curl_parallel(ws, jobs)
+        if server == SV:
+            assert self.api is not None
+            for result in results:
+                self.api.delete(json.loads(result.body)["id"])
+        total = sum(r.uploaded for r in results)
+        if total != 2 * ws.size:
+            raise ClientError(f"parallel uploads sent {total} of {2 * ws.size} bytes")
+        speed = mbs(total, wall)
+        self.record("parallel", server, speed, f"{speed:.1f} MB/s total ({wall:.2f} s)")
+        self.record("parallel_scale", server, speed / single, f"{speed / single:.2f} x one")
+
+    def _download(self, server: str, raw: bool) -> Any:
+        if server == SV:
+            args = ["-H", f"Authorization: Bearer {self.session}"]
+            if raw:
+                args += ["-H", "Accept: application/octet-stream"]
+            return curl(self.ws, self.url(self.sv, f"/download-file?id={self.archive_id}"), args)
+        return curl(self.ws, self.url(self.ng, "/dav/big.bin"), [])
+
+    def g_download(self, server: str) -> None:
+        with PeakRss(self._proc(server).pids) as peak:
+            result = self._download(server, raw=True)
+        if result.downloaded != self.ws.size:
+            raise ClientError(f"downloaded {result.downloaded} bytes of {self.ws.size}")
+        speed = mbs(result.downloaded, result.seconds)
+        self.record("download", server, speed, f"{speed:.1f} MB/s ({result.seconds:.2f} s)")
+        self.record("rss_download", server, peak.mib, f"peak RSS {peak.mib:.1f} MiB")
+
+    def g_json_download(self, server: str) -> None:
+        with PeakRss(self._proc(server).pids) as peak:
+            result = self._download(server, raw=False)
+        floor = self.ws.size if server == NG else (self.ws.size + 2) // 3 * 4
+        if result.downloaded < floor:
+            raise ClientError(f"downloaded {result.downloaded} bytes, expected at least {floor}")
+        # File bytes per second: what the user gets, whatever the encoding.
+        speed = mbs(self.ws.size, result.seconds)
+        self.record("json_download", server, speed,
+                    f"{speed:.1f} MB/s of file ({result.downloaded / 1e6:.0f} MB on the wire, {result.seconds:.2f} s)")
+        self.record("rss_json_download", server, peak.mib, f"peak RSS {peak.mib:.1f} MiB")
+
+    def g_text_upload(self, server: str) -> None:
+        ws = self.ws
+        if server == SV:
+            result = self._sv_upload(ws.text, "text.log")
+            speed = mbs(result.uploaded, result.seconds)
+            self.record("text", server, speed, f"{speed:.1f} MB/s ({result.seconds:.2f} s)")
+        else:  # the reference is not nginx but zipfile, in this process
+            if self._text is None:
+                self._text = ws.text.read_bytes()
+            speed = zipfile_speed(self._text)
+            self.record("text", server, speed, f"{speed:.1f} MB/s (zipfile deflate level {COMPRESSION_LEVEL}, in-process)")
+
+    def _spec(self, server: str, mode: str, method: str, path: str, headers: dict[str, str],
+              body: bytes | None = None, max_count: int = 1_000_000) -> LoadSpec:
+        ws = self.ws
+        return LoadSpec(str(ws.ca), str(ws.client_cert), str(ws.client_key), self._proc(server).port, mode,
+                        method, path, headers, body, self.duration, max_count)
+
+    def _load(self, key: str, server: str, spec: LoadSpec, unit: str, during: Any = None) -> Any:
+        result = run_load(spec, self.workers, self._proc(server).pids, during)
+        if result.count == 0:
+            raise ClientError(f"no request succeeded ({result.errors} failed: {result.first_error})")
+        extra = f", {result.errors} failed: {result.first_error}" if result.errors else ""
+        self.record(key, server, result.rate,
+                    f"{result.rate:.0f} {unit} ({result.count} in {result.seconds:.1f} s; "
+                    f"server {result.server_cpu:.2f} cores, client {result.client_cpu:.2f} cores{extra})")
+        self.values[key + "_server_cpu"][server].append(result.server_cpu)
+        self.values[key + "_client_cpu"][server].append(result.client_cpu)
+        return result
+
+    def g_small_requests(self, server: str) -> None:
+        if server == SV:
+            spec = self._spec(server, "keepalive", "GET", "/get-files", {"Authorization": f"Bearer {self.session}"})
+        else:
+            spec = self._spec(server, "keepalive", "GET", "/small.json", {})
+        self._load("small", server, spec, "req/s")
+
+    def g_handshakes(self, server: str) -> None:
+        path = "/health" if server == SV else "/small.json"
+        self._load("handshake", server, self._spec(server, "newconn", "GET", path, {}), "conn/s")
+
+    def g_login(self, server: str) -> None:
+        if server == NG:
+            return  # the reference is the hash cost, measured in setup
+        body = json.dumps({"username": USERNAME, "password": PASSWORD}).encode()
+        spec = self._spec(server, "keepalive", "POST", "/login", {"Content-Type": "application/json"},
+                          body, max_count=60)
+        latencies: list[float] = []
+
+        def probe(done: threading.Event) -> None:
+            # Is the reactor free while logins hash?  A kept-alive /health
+            # every 20 ms; a login hashed on the reactor thread would stall it.
+            ctx = ssl_context(str(self.ws.ca), str(self.ws.client_cert), str(self.ws.client_key))
+            conn = http.client.HTTPSConnection("127.0.0.1", self.sv.port, context=ctx, timeout=30)
+            conn.connect()
+            while not done.wait(0.02):
+                start = time.perf_counter()
+                conn.request("GET", "/health")
+                conn.getresponse().read()
+                latencies.append(time.perf_counter() - start)
+            conn.close()
+
+        self._load("login", server, spec, "logins/s", during=probe)
+        if latencies:
+            worst = max(latencies) * 1000
+            self.record("login_probe_ms", server, worst,
+                        f"/health during logins: max {worst:.1f} ms, median "
+                        f"{statistics.median(latencies) * 1000:.1f} ms ({len(latencies)} probes)")
+
+    # ------------------------------------------------------------ table
+
+    def median(self, key: str, server: str) -> float | None:
+        values = self.values.get(key, {}).get(server)
+        return statistics.median(values) if values else None
+
+    def table(self) -> list[str]:
+        size = f"{self.ws.size // MiB} MiB"
+        text = f"{self.ws.text_size // MiB} MiB"
+        m = self.median
+        rows: list[tuple[str, float | None, float | None, str, str, Callable[[float | None, float | None], bool | None]]] = []
+
+        def ratio_row(label: str, key: str, target: float, fmt: str = "{:.1f}") -> None:
+            rows.append((label, m(key, SV), m(key, NG), fmt, f">= {target:.2f}",
+                         lambda s, n: None if s is None or not n else s / n >= target))
+
+        def absolute_row(label: str, key: str, target_text: str, check: Callable[[float], bool] | None,
+                         fmt: str = "{:.1f}", nginx: float | None = None, sv: float | None = None) -> None:
+            s = m(key, SV) if sv is None else sv
+            n = m(key, NG) if nginx is None else nginx
+            rows.append((label, s, n, fmt, target_text,
+                         (lambda s_, n_: None if s_ is None or check is None else check(s_))))
+
+        ratio_row(f"upload raw {size} random, MB/s", "upload", 0.50)
+        ratio_row("download raw, MB/s", "download", 0.85)
+        ratio_row("download base64 JSON, file MB/s", "json_download", 0.30)
+        ratio_row(f"upload text {text}, MB/s [nginx col: zipfile L{COMPRESSION_LEVEL}]", "text", 0.90)
+        rows.append(("2 uploads at once, total MB/s", m("parallel", SV), m("parallel", NG), "{:.1f}", "", lambda s, n: None))
+        absolute_row("2 uploads at once / one, x", "parallel_scale", "sv >= 1.5", lambda s: s >= 1.5, "{:.2f}")
+        absolute_row(f"peak RSS, upload {size}, MiB", "rss_upload", "sv <= 100", lambda s: s <= 100)
+        absolute_row(f"peak RSS, raw download {size}, MiB", "rss_download", "sv <= 100", lambda s: s <= 100)
+        absolute_row(f"peak RSS, JSON download {size}, MiB", "rss_json_download", "sv <= 100", lambda s: s <= 100)
+        absolute_row("peak RSS, upload 100 MiB, MiB", "rss_upload_small", "", None)
+        deltas = {}
+        for server in (SV, NG):
+            big, small = m("rss_upload", server), m("rss_upload_small", server)
+            deltas[server] = None if big is None or small is None else big - small
+        rows.append((f"peak RSS delta {size} - 100 MiB upload", deltas[SV], deltas[NG], "{:+.1f}", "sv < 10",
+                     lambda s, n: None if s is None else s < 10))
+        ratio_row(f"small JSON req/s ({self.workers} keep-alive conns)", "small", 0.20, "{:.0f}")
+        ratio_row("new mTLS conn/s (+1 GET each)", "handshake", 0.60, "{:.0f}")
+        bound = self.cores / self.scrypt_seconds if self.scrypt_seconds else None
+        login = m("login", SV)
+        rows.append((f"logins/s [nginx col: {self.cores} cores / scrypt {self.scrypt_seconds * 1000:.0f} ms]",
+                     login, bound, "{:.1f}", ">= 0.75",
+                     lambda s, n: None if s is None or not n else s / n >= 0.75))
+        probe = m("login_probe_ms", SV)
+        rows.append(("max /health ms during logins (reactor free?)", probe, None, "{:.1f}",
+                     f"< {self.scrypt_seconds * 1000 / 2:.0f} ms",
+                     lambda s, n: None if s is None else s < self.scrypt_seconds * 1000 / 2))
+
+        out = []
+        header = ("figure", "securevault", "nginx", "ratio", "target", "ok")
+        body = []
+        for label, s, n, fmt, target, check in rows:
+            if s is None and n is None:
+                continue
+            ratio = f"{s / n:.2f}" if s is not None and n and "at once / one" not in label and "RSS" not in label else "-"
+            ok = check(s, n)
+            body.append((label, fmt.format(s) if s is not None else "-", fmt.format(n) if n is not None else "-",
+                         ratio, target or "-", "-" if ok is None else ("yes" if ok else "NO")))
+        widths = [max(len(r[i]) for r in [header, *body]) for i in range(6)]
+        line = lambda r: "| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) + " |"
+        out.append(line(header))
+        out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        out.extend(line(r) for r in body)
+        return out
+
+    def cpu_notes(self) -> list[str]:
+        notes = []
+        for key, label in (("small", "small JSON requests"), ("handshake", "new connections"), ("login", "logins")):
+            parts = []
+            for server in (SV, NG):
+                s, c = self.median(key + "_server_cpu", server), self.median(key + "_client_cpu", server)
+                if s is not None and c is not None:
+                    parts.append(f"{server}: server {s:.2f} cores, client {c:.2f} cores")
+            if parts:
+                notes.append(f"{label}: " + "; ".join(parts))
+        return notes
