@@ -70,8 +70,7 @@ def write_json(request: Request, status: int, body: Any, headers: dict[bytes, by
     request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
-    if body is None:
-        request.setHeader(b"content-length", b"0")
+    if body is None:  # 204: no body, no Content-Length (RFC 9110 §8.6)
         request.responseHeaders.removeHeader(b"content-type")
         request.finish()
         return
@@ -156,6 +155,9 @@ class JsonEndpoint(Resource):
     allowedMethods: tuple[bytes, ...] = ()
 
     def render(self, request: Request) -> Any:
+        if request.postpath:  # paths match exactly: /health/x and /login/ are unknown
+            fail(request, not_found())
+            return NOT_DONE_YET
         if request.method not in self.allowedMethods:
             request.setHeader(b"allow", b", ".join(self.allowedMethods))
             fail(request, ApiError(405, "method_not_allowed", "Method not allowed."))

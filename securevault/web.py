@@ -163,6 +163,9 @@ class VaultRequest(server.Request):
         if self._refused:
             return
         self._refused = True
+        # The channel answers "Expect: 100-continue" after gotLength returns;
+        # a refused body must not be invited.
+        self.requestHeaders.removeHeader(b"expect")
         if self.upload is not None:
             self.upload.abort()
         if not isinstance(error, ApiError):
@@ -196,11 +199,16 @@ class VaultRequest(server.Request):
     # -- processing -----------------------------------------------------
 
     def process(self) -> None:
-        self.setHeader(b"server", b"securevault")
         self.setHeader(b"cache-control", b"no-store")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.notifyFinish().addBoth(lambda _: self._log_access())
         super().process()
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # server.Request.process sets "TwistedWeb/<version>"; no banner.
+            self.setHeader(b"server", b"securevault")
+        super().write(data)
 
     def processingFailed(self, reason: Failure) -> None:
         """An exception escaped a resource: a JSON 500, traceback in the log."""

@@ -828,11 +828,6 @@ class ExpectContinueTests(_VaultTestCase):
         [response] = connection.responses()
         self.assertEqual(response.status, 201)
 
-    @known_bug(
-        "VaultRequest._refuse answers from gotLength, but HTTPChannel.allHeadersReceived then still "
-        "writes '100 Continue' after the final 413/401 (securevault/web.py VaultRequest._refuse; "
-        "remove the Expect request header there)"
-    )
     def test_no_continue_after_refusal(self) -> None:
         """An upload refused from its headers gets only its final response,
         never a 100 Continue after it."""
@@ -1179,10 +1174,6 @@ class RoutingTests(_VaultTestCase):
             self.assert_error(self.client.get(target), 404, "not_found")
             self.assert_error(self.client.request(b"POST", target, body=b"{}"), 404, "not_found")
 
-    @known_bug(
-        "JsonEndpoint is a leaf resource and never checks request.postpath, so /health/x is 200 and "
-        "/login/ is routed to LoginResource (securevault/jsonapi.py JsonEndpoint.render)"
-    )
     def test_paths_match_exactly(self) -> None:
         """Extra path segments or a trailing slash are 404: /health/x,
         /login/, /get-files/x, /download-file/."""
@@ -1255,10 +1246,6 @@ class RoutingTests(_VaultTestCase):
                 response.json()
         self.assertEqual(statuses, {200, 201, 204, 400, 401, 404, 405, 415})
 
-    @known_bug(
-        "VaultRequest.process sets Server: securevault and then calls server.Request.process, which "
-        "overwrites it with 'TwistedWeb/<version>' (securevault/web.py VaultRequest.process)"
-    )
     def test_no_server_banner(self) -> None:
         """Responses do not reveal the server software's version."""
         response = self.client.get(b"/health")

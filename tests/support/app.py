@@ -232,8 +232,10 @@ def dummy_request(
     headers: dict[bytes, bytes] | None = None,
     body: bytes = b"",
 ) -> DummyRequest:
-    """A DummyRequest whose transport presents C{client}'s certificate."""
-    request = DummyRequest(path.lstrip(b"/").split(b"/"))
+    """A DummyRequest whose transport presents C{client}'s certificate, as it
+    reaches the endpoint after traversal (the path consumed: C{postpath} empty)."""
+    request = DummyRequest([])
+    request.prepath = path.lstrip(b"/").split(b"/")
     request.method = method
     setattr(request, "path", path)
     request.uri = path
