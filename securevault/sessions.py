@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import uuid
 from collections import deque
@@ -26,6 +27,12 @@ class Session:
     expires_at: float  # absolute end: TTL or the certificate's notAfter
 
 
+def _index(session_id: str) -> bytes:
+    """Sessions are found by a digest of their id, so the table's lookup
+    timing depends on a hash the client cannot steer, not on the secret."""
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()
+
+
 class SessionStore:
     """Sessions by id, bound to the certificate they were created with.
 
@@ -36,7 +43,7 @@ class SessionStore:
         self._clock = clock
         self._idle = idle_seconds
         self._ttl = ttl_seconds
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[bytes, Session] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -52,7 +59,7 @@ class SessionStore:
             last_used=now,
             expires_at=min(now + self._ttl, certificate_not_after),
         )
-        self._sessions[session.session_id] = session
+        self._sessions[_index(session.session_id)] = session
         return session
 
     def expiry(self, session: Session) -> float:
@@ -64,12 +71,13 @@ class SessionStore:
 
         A hit refreshes the idle timer.
         """
-        session = self._sessions.get(session_id)
-        if session is None:
+        key = _index(session_id)
+        session = self._sessions.get(key)
+        if session is None or not hmac.compare_digest(session.session_id, session_id):
             return None
         now = self._clock()
         if now >= self.expiry(session):
-            del self._sessions[session_id]
+            del self._sessions[key]
             return None
         if not hmac.compare_digest(session.fingerprint, fingerprint):
             return None
@@ -77,7 +85,7 @@ class SessionStore:
         return session
 
     def end(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        self._sessions.pop(_index(session_id), None)
 
     def end_user(self, user_id: str) -> None:
         for sid in [s for s, v in self._sessions.items() if v.user_id == user_id]:
