@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService, TimerService

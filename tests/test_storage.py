@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cryptography.cobblestone import Cobblestone256Decryptor
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
