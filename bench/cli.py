@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
     except Exception as error:
         print(f"benchmark failed: {error}", file=sys.stderr)
-        if bench is None:
-            _cleanup(sv, ng, root, args.keep)
-            return 1
     finally:
         if bench is not None and bench.api is not None:
             bench.api.close()
         sv.stop()
         ng.stop()
+    if bench is None:
+        _cleanup(sv, ng, root, args.keep)
+        return 1
 
     elapsed = time.monotonic() - started
     print()
