@@ -26,10 +26,17 @@ GROUPS = [
 ]
 IMPLIES = {"memory": ["upload", "download", "json-download"], "parallel-upload": []}
 
-try:  # the level the server deflates with; read-only use of the package
-    from securevault.storage import COMPRESSION_LEVEL
-except Exception:  # pragma: no cover
-    COMPRESSION_LEVEL = 1
+def _server_compression_level() -> int:
+    """The level the server deflates with (read-only use of the package)."""
+    for module in ("securevault.archive", "securevault.storage"):
+        try:
+            return int(getattr(__import__(module, fromlist=["COMPRESSION_LEVEL"]), "COMPRESSION_LEVEL"))
+        except (ImportError, AttributeError):
+            continue
+    return 1
+
+
+COMPRESSION_LEVEL = _server_compression_level()
 
 
 def mbs(nbytes: int, seconds: float) -> float:
