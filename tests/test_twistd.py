@@ -219,7 +219,9 @@ class TwistdTests(AsyncTestCase):
         self.assertEqual(daemon.stderr, [], output)
         self.assertNotIn("Traceback", output)
         stdout = "".join(daemon.stdout)
-        for event in ("Received SIGTERM", f"(TLS Port {port} Closed)", "Main loop terminated.", "Server Shut Down."):
+        # "Received SIGTERM" is logged from the signal handler and is not
+        # always flushed before exit; the shutdown sequence is what counts.
+        for event in (f"(TLS Port {port} Closed)", "Main loop terminated.", "Server Shut Down."):
             self.assertIn(event, stdout)
 
     @inlineCallbacks
