@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from securevault.archive import (  # re-exported: the storage API's vocabulary
     BODY_SUFFIX,
+    CHUNK_PLAINTEXT_BYTES,
     FORMAT_VERSION,
     IO_BLOCK_BYTES,
     META_FORMAT,
@@ -338,6 +339,27 @@ class SecureFileStorage:
             return reader.info, b"".join(reader)
         finally:
             reader.close()
+
+    def authenticate(self, owner_id: str, archive_id: str) -> ArchiveInfo:
+        """Check every chunk's tag and the stream's end, without inflating or
+        keeping anything: a fast pass before a response that cannot be
+        aborted halfway (the JSON download)."""
+        info, data_key = self._read_meta(owner_id, archive_id)
+        body_path = self._paths(owner_id, archive_id)[0]
+        decryptor = Cobblestone256Decryptor(
+            derive_key(data_key, b"body-key"), context_bytes(b"body", owner_id, archive_id)
+        )
+        plain = bytearray(IO_BLOCK_BYTES + 2 * CHUNK_PLAINTEXT_BYTES)
+        try:
+            with open(body_path, "rb", buffering=0) as handle:
+                while block := handle.read(IO_BLOCK_BYTES):
+                    decryptor.update_into(block, plain)
+                decryptor.finalize()
+        except FileNotFoundError as error:
+            raise IntegrityError(f"archive {archive_id} has no body") from error
+        except (InvalidTag, ValueError) as error:
+            raise IntegrityError(f"archive {archive_id} fails authentication") from error
+        return info
 
     def verify(self, owner_id: str, archive_id: str) -> ArchiveInfo:
         """Authenticate the whole archive without keeping its content."""

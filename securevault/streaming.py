@@ -11,6 +11,7 @@ more.  Memory stays flat whatever the size.
 from __future__ import annotations
 
 import base64
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -165,10 +166,11 @@ class UploadStream:
 class DownloadProducer:
     """Streams an archive's plaintext into a response.
 
-    The next block is read in the pool only while the consumer is not paused
-    and no read is in flight.  A block that fails authentication aborts the
-    connection: headers are out, so the client sees a truncated response and
-    never an unauthenticated byte.
+    One block is read ahead in the pool while the reactor thread writes the
+    current one (TLS encryption happens on that thread), and nothing is read
+    while the consumer is paused.  A block that fails authentication aborts
+    the connection: headers are out, so the client sees a truncated response
+    and never an unauthenticated byte.
     """
 
     def __init__(
@@ -186,21 +188,21 @@ class DownloadProducer:
         self._request = request
         self._encode = encode
         self._suffix = suffix
-        self._first = first
+        self._ready: deque[bytes] = deque()
+        if first:
+            self._ready.append(encode(first) if encode else first)
         self._paused = False
         self._in_flight = False
+        self._at_end = False
         self._stopped = False
+        self._pumping = False
         self._done: Deferred[None] = Deferred()
 
     def start(self) -> "Deferred[None]":
         """Begin streaming; fires when the response is finished or aborted."""
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
-        if self._first:
-            first, self._first = self._first, b""
-            self._deliver(first)
-        else:
-            self._fetch()
+        self._pump()
         return self._done
 
     def pauseProducing(self) -> None:
@@ -208,34 +210,60 @@ class DownloadProducer:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if not self._in_flight and not self._stopped:
-            self._fetch()
+        self._pump()
 
     def stopProducing(self) -> None:
         if self._stopped:
             return
         self._stopped = True
+        self._ready.clear()
         if not self._in_flight:
             self._close()
 
-    def _fetch(self) -> None:
-        if self._paused or self._in_flight or self._stopped:
+    def _pump(self) -> None:
+        """Keep one read ahead and write what is ready, in order.
+
+        Not re-entrant: a synchronous C{run_blocking} (tests) delivers the
+        read inside this loop, which only queues it.
+        """
+        if self._pumping:
             return
-        self._in_flight = True
-        self._run(self._reader.read).addCallbacks(self._got, self._failed)
+        self._pumping = True
+        try:
+            while not self._stopped and not self._paused:
+                if not self._in_flight and not self._at_end and len(self._ready) < 2:
+                    self._in_flight = True
+                    self._run(self._read_block).addCallbacks(self._got, self._failed)
+                    continue
+                if not self._ready:
+                    break
+                data = self._ready.popleft()
+                if data:
+                    self._request.write(data)
+                else:
+                    self._finish()
+        finally:
+            self._pumping = False
+
+    def _read_block(self) -> bytes:
+        """In the pool: the next block, encoded there too (base64 of a MiB
+        is work the reactor thread should not do)."""
+        data = self._reader.read()
+        if data and self._encode is not None:
+            return self._encode(data)
+        return data
 
     def _got(self, data: bytes) -> None:
         self._in_flight = False
         if self._stopped:
             self._close()
             return
-        self._deliver(data)
+        if not data:
+            self._at_end = True
+        self._ready.append(data)
+        self._pump()
 
-    def _deliver(self, data: bytes) -> None:
-        if data:
-            self._request.write(self._encode(data) if self._encode else data)
-            self._fetch()
-            return
+    def _finish(self) -> None:
         if self._suffix is not None:
             self._request.write(self._suffix())
         self._stopped = True
@@ -247,6 +275,7 @@ class DownloadProducer:
         self._in_flight = False
         if not self._stopped:
             self._stopped = True
+            self._ready.clear()
             log.error(
                 "Download of archive {archive_id} aborted: {reason}",
                 archive_id=self._reader.info.id,

@@ -66,7 +66,7 @@ def open_download(storage: SecureFileStorage, owner_id: str, archive_id: str | N
         if info.size <= SMALL_JSON_BYTES:
             info, content = storage.read_all(owner_id, archive_id)
             return Opened(info, None, b"", whole=content)
-        storage.verify(owner_id, archive_id)
+        storage.authenticate(owner_id, archive_id)
     reader = storage.open(owner_id, archive_id)
     try:
         first = reader.read()
