@@ -331,7 +331,8 @@ class ArchiveWriter:
             compresslevel=COMPRESSION_LEVEL,
             allowZip64=True,
         )
-        info = zipfile.ZipInfo(self._filename, time.gmtime(self._created_ns / 1e9)[:6])
+        # ZIP (DOS) times start in 1980; a clock before that is clamped.
+        info = zipfile.ZipInfo(self._filename, max(time.gmtime(self._created_ns / 1e9)[:6], (1980, 1, 1, 0, 0, 0)))
         info.compress_type = compression
         info.external_attr = 0o600 << 16
         self._zip_info = info

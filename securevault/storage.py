@@ -24,6 +24,7 @@ import binascii
 import builtins
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -77,6 +78,10 @@ __all__ = [
 ]
 
 
+def _newest_first(info: ArchiveInfo) -> tuple[int, str]:
+    return (-info.created_ns, info.id)
+
+
 class SecureFileStorage:
     """Archives by owner, encrypted at rest; safe to call from any thread."""
 
@@ -87,11 +92,17 @@ class SecureFileStorage:
         *,
         clock_ns: Callable[[], int] = time.time_ns,
         keyring_file: KeyringFile | None = None,
+        cache_listings: bool = False,
     ) -> None:
         self.root = Path(root)
         self._keyring = keyring
         self.clock_ns = clock_ns
         self.archives = self.root / "archives"
+        # The daemon keeps each owner's listing in memory once read, updated
+        # by its own uploads and deletes (the only writers of archives), so
+        # GET /get-files needs no disk and no pool.
+        self._listings: dict[str, builtins.list[ArchiveInfo]] | None = {} if cache_listings else None
+        self._listings_lock = threading.Lock()
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
@@ -189,6 +200,29 @@ class SecureFileStorage:
             write_atomically(meta_path, json.dumps(document).encode("ascii"))
         except OSError as error:
             raise translate_os_error(error) from error
+        self._update_listing(owner_id, add=info)
+
+    def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
+        if self._listings is None:
+            return
+        with self._listings_lock:
+            listing = self._listings.get(owner_id)
+            if listing is None:
+                return
+            listing = [info for info in listing if info.id != remove]
+            if add is not None and all(info.id != add.id for info in listing):
+                listing.append(add)
+                listing.sort(key=_newest_first)
+            self._listings[owner_id] = listing
+
+    def cached_list(self, owner_id: str) -> "builtins.list[ArchiveInfo] | None":
+        """The owner's listing if it is in memory (no I/O: safe on the reactor
+        thread), else None."""
+        if self._listings is None:
+            return None
+        with self._listings_lock:
+            listing = self._listings.get(owner_id)
+            return None if listing is None else builtins.list(listing)
 
     def _read_meta(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
         """Decrypt an archive's metadata; returns it and the data key."""
@@ -271,13 +305,19 @@ class SecureFileStorage:
     def list(self, owner_id: str) -> list[ArchiveInfo]:
         """The owner's archives, newest first.  An archive whose metadata fails
         authentication is left out here (and reported by verify)."""
+        cached = self.cached_list(owner_id)
+        if cached is not None:
+            return cached
         infos = []
         for archive_id in self.archive_ids(owner_id):
             try:
                 infos.append(self._read_meta(owner_id, archive_id)[0])
             except (ArchiveNotFound, IntegrityError):
                 continue
-        infos.sort(key=lambda info: (info.created_ns, info.id), reverse=True)
+        infos.sort(key=_newest_first)
+        if self._listings is not None:
+            with self._listings_lock:
+                self._listings.setdefault(owner_id, builtins.list(infos))
         return infos
 
     def info(self, owner_id: str, archive_id: str) -> ArchiveInfo:
@@ -378,6 +418,7 @@ class SecureFileStorage:
             meta_path.unlink()
         except FileNotFoundError as error:
             raise ArchiveNotFound(archive_id) from error
+        self._update_listing(owner_id, remove=archive_id)
         body_path.unlink(missing_ok=True)
         fsync_directory(meta_path.parent)
 

@@ -172,7 +172,7 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         key_file.create()
         log.info("Created master key {path}", path=str(config.master_key))
     keyring = key_file.load()
-    storage = SecureFileStorage(config.data_dir, keyring, keyring_file=key_file)
+    storage = SecureFileStorage(config.data_dir, keyring, keyring_file=key_file, cache_listings=True)
     # No client is connected yet: recovering here blocks no one, and it must
     # finish before a new upload could write a temp file it would remove.
     removed = storage.recover()

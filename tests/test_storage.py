@@ -853,3 +853,33 @@ class CheckFilenameTests(SyncTestCase):
             self.assertFalse(allowed_filename(name), repr(name))
         else:
             self.assertTrue(allowed_filename(name), repr(name))
+
+
+class ListingCacheTests(SyncTestCase):
+    """The daemon's in-memory listings follow its own uploads and deletes."""
+
+    def test_cache_follows_store_and_delete(self) -> None:
+        """Once listed, an owner's listing is served from memory, and a store
+        or a delete through the same storage updates it, newest first."""
+        clock = iter(range(1_800_000_000 * 10**9, 1_900_000_000 * 10**9, 10**9))
+        storage = SecureFileStorage(
+            self.make_dir(), generate_keyring(), clock_ns=lambda: next(clock), cache_listings=True
+        )
+        self.assertIsNone(storage.cached_list(OWNER))
+        first = storage.store(OWNER, "first.txt", b"1")
+        self.assertIsNone(storage.cached_list(OWNER), "nothing is cached before the first listing")
+        self.assertEqual([i.id for i in storage.list(OWNER)], [first.id])
+        second = storage.store(OWNER, "second.txt", b"2")
+        cached = storage.cached_list(OWNER)
+        assert cached is not None
+        self.assertEqual([i.id for i in cached], [second.id, first.id])
+        storage.delete(OWNER, first.id)
+        self.assertEqual([i.id for i in storage.list(OWNER)], [second.id])
+        self.assertEqual(storage.cached_list("someone-else"), None)
+
+    def test_no_cache_by_default(self) -> None:
+        """Without cache_listings every listing reads the disk."""
+        storage = SecureFileStorage(self.make_dir(), generate_keyring())
+        storage.store(OWNER, "a", b"a")
+        storage.list(OWNER)
+        self.assertIsNone(storage.cached_list(OWNER))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from securevault.app import VaultApp
-from securevault.jsonapi import JsonEndpoint, Reply
+from securevault.jsonapi import JsonEndpoint, Reply, write_json
 from securevault.storage import ArchiveInfo
 
 
@@ -25,6 +25,10 @@ class GetFilesResource(JsonEndpoint):
         def listed(infos: list[ArchiveInfo]) -> Reply:
             return Reply(200, {"files": [info.public() for info in infos]})
 
+        cached = self.app.storage.cached_list(session.user_id)
+        if cached is not None:
+            write_json(request, 200, listed(cached).body)
+            return NOT_DONE_YET
         work = self.app.run_blocking(self.app.storage.list, session.user_id)
         return self.respond_later(request, work.addCallback(listed))
 
