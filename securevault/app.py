@@ -56,9 +56,16 @@ class VaultApp:
         """The verified client certificate; mutual TLS guarantees one."""
         identity = getattr(request, "client_identity", None)
         if identity is None:
-            identity = client_identity(request.transport)
+            # A connection's certificate never changes (no renegotiation):
+            # parse it once per connection, not once per request.
+            channel = getattr(request, "channel", None)
+            identity = getattr(channel, "vault_client_identity", None)
             if identity is None:
-                raise ApiError(403, "forbidden", "A verified client certificate is required.")
+                identity = client_identity(request.transport)
+                if identity is None:
+                    raise ApiError(403, "forbidden", "A verified client certificate is required.")
+                if channel is not None:
+                    setattr(channel, "vault_client_identity", identity)
             setattr(request, "client_identity", identity)
         return identity
 
