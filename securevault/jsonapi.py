@@ -11,7 +11,7 @@ import json
 import uuid
 from http import HTTPStatus
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -20,6 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+if TYPE_CHECKING:
+    from securevault.app import VaultApp
 
 log = Logger(namespace="securevault.web")
 
@@ -131,7 +134,11 @@ def fail(request: Request, reason: Failure | BaseException) -> None:
 def parse_json_object(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, else 400 bad_request."""
     content = request.content
-    raw = content.read() if content is not None else b""
+    return decode_json_object(content.read() if content is not None else b"")
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    """C{raw} as a JSON object, else 400 bad_request."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -153,6 +160,10 @@ class JsonEndpoint(Resource):
 
     isLeaf = True
     allowedMethods: tuple[bytes, ...] = ()
+
+    def __init__(self, app: "VaultApp") -> None:
+        super().__init__()
+        self.app = app
 
     def render(self, request: Request) -> Any:
         if request.postpath:  # paths match exactly: /health/x and /login/ are unknown

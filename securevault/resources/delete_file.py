@@ -9,7 +9,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.app import VaultApp
 from securevault.jsonapi import JsonEndpoint, Reply, not_found, parse_json_object, string_field
 from securevault.storage import ArchiveNotFound
 
@@ -18,10 +17,6 @@ log = Logger(namespace="securevault.security")
 
 class DeleteFileResource(JsonEndpoint):
     allowedMethods = (b"POST",)
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_POST(self, request: Request) -> Any:
         session = self.app.authenticate(request)

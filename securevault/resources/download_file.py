@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.app import VaultApp
 from securevault.jsonapi import (
     JSON_CONTENT_TYPE,
     JsonEndpoint,
@@ -100,10 +99,6 @@ def single_arg(request: Request, name: bytes) -> str | None:
 
 class DownloadFileResource(JsonEndpoint):
     allowedMethods = (b"GET",)
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> Any:
         app = self.app

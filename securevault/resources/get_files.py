@@ -7,17 +7,12 @@ from typing import Any
 
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.app import VaultApp
 from securevault.jsonapi import JsonEndpoint, Reply, write_json
 from securevault.storage import ArchiveInfo
 
 
 class GetFilesResource(JsonEndpoint):
     allowedMethods = (b"GET", b"HEAD")
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> Any:
         session = self.app.authenticate(request)

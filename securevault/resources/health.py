@@ -8,16 +8,11 @@ from typing import Any
 from twisted.web.server import NOT_DONE_YET, Request
 
 from securevault import __version__
-from securevault.app import VaultApp
 from securevault.jsonapi import JsonEndpoint, write_json
 
 
 class HealthResource(JsonEndpoint):
     allowedMethods = (b"GET", b"HEAD")
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> Any:
         write_json(request, 200, {"status": "ok", "version": __version__})

@@ -8,7 +8,6 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from securevault.app import VaultApp
 from securevault.jsonapi import ApiError, JsonEndpoint, Reply, parse_json_object, string_field
 from securevault.storage import rfc3339
 from securevault.tls import ClientIdentity
@@ -29,10 +28,6 @@ def certificate_names_user(identity: ClientIdentity, username: str, policy: str)
 
 class LoginResource(JsonEndpoint):
     allowedMethods = (b"POST",)
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_POST(self, request: Request) -> Any:
         app = self.app

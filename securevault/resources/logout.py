@@ -7,16 +7,11 @@ from typing import Any
 
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.app import VaultApp
 from securevault.jsonapi import JsonEndpoint, write_json
 
 
 class LogoutResource(JsonEndpoint):
     allowedMethods = (b"POST",)
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_POST(self, request: Request) -> Any:
         session = self.app.authenticate(request)

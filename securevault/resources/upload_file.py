@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any, cast
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.app import VaultApp
-from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request
+from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request, decode_json_object
 from securevault.storage import (
     ArchiveInfo,
     InvalidFilename,
@@ -45,12 +43,7 @@ def storage_error(failure: Failure) -> ApiError | Exception:
 
 def parse_json_upload(raw: bytes) -> tuple[str, bytes]:
     """C{{"filename": str, "content": base64}} → name and bytes, else 400."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise bad_request("The body must be a JSON object.")
+    body = decode_json_object(raw)
     filename, content = body.get("filename"), body.get("content")
     if not isinstance(filename, str) or not isinstance(content, str):
         raise bad_request("The fields 'filename' and 'content' must be strings.")
@@ -76,10 +69,6 @@ def store_json_upload(
 
 class UploadFileResource(JsonEndpoint):
     allowedMethods = (b"POST",)
-
-    def __init__(self, app: VaultApp) -> None:
-        super().__init__()
-        self.app = app
 
     def render_POST(self, request: Request) -> Any:
         app = self.app
