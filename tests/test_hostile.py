@@ -231,8 +231,8 @@ class HostileRequestTests(_HostileTestCase):
                 self.assertEqual((response.status, response.json()["error"]), (400, "bad_request"), target)
 
     test_deeply_nested_json.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/jsonapi.py:136 (parse_json_object) and securevault/resources/upload_file.py:49 "
-        "(parse_json_upload) catch ValueError/UnicodeDecodeError but not RecursionError from json.loads: "
+        "bug: securevault/jsonapi.py:143 (decode_json_object, used by every JSON endpoint) catches "
+        "ValueError/UnicodeDecodeError but not RecursionError from json.loads: "
         "a body of 5000 '[' is a 500 internal_error instead of 400 bad_request"
     )
 
@@ -262,7 +262,7 @@ class HostileLogTests(_HostileTestCase):
             text.encode("utf-8")
 
     test_log_lines_cannot_be_forged.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/resources/login.py:63-68 logs the client's username verbatim: a '\\n' in it forges "
+        "bug: securevault/resources/login.py:58-63 logs the client's username verbatim: a '\\n' in it forges "
         "a log line, and a lone surrogate ('\\ud800') makes twistd's UTF-8 text log observer raise "
         "UnicodeEncodeError, so the failed-login event is lost; log repr(username) or escape Cc and surrogates"
     )
