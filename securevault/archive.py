@@ -163,7 +163,7 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
 
 
 def translate_os_error(error: OSError) -> Exception:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StorageFull("No space left on the vault's disk.")
     return error
 
@@ -393,9 +393,15 @@ class ArchiveWriter:
     def abort(self) -> None:
         """Forget the upload and remove its temp file.  Safe to call twice."""
         self._done = True
-        self._sink.closed = True
-        self._zip = None
-        self._member = None
+        self._sink.closed = True  # from here on, zipfile's writes go nowhere
+        member, archive = self._member, self._zip
+        self._member = self._zip = None
+        for closable in (member, archive):
+            if closable is not None:
+                try:
+                    closable.close()
+                except Exception:
+                    pass  # already failing; nothing of it reaches the disk
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

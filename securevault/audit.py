@@ -101,7 +101,9 @@ class AuditLog:
                 last = _last_line(fd)
                 record = {"time": utc_now(), "event": event, **fields}
                 record["prev"] = GENESIS if last is None else line_hash(last)
-                line = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                # ASCII-only JSON: a lone surrogate in a hostile username is escaped,
+                # never an encoding error that would drop the record.
+                line = json.dumps(record, ensure_ascii=True, sort_keys=True).encode("ascii")
                 head = _read_head(self.path)
                 if head is None or head.get("last") != record["prev"]:
                     records = _count_lines(fd)  # first append, or a head lost in a crash

@@ -141,7 +141,7 @@ def decode_json_object(raw: bytes) -> dict[str, Any]:
     """C{raw} as a JSON object, else 400 bad_request."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise bad_request("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object.")

@@ -301,10 +301,6 @@ class DaemonDiskFullTests(SyncTestCase):
         port = self.start(file_size_limit=FILE_SIZE_LIMIT_BYTES)
         self.assert_507(self.raw_upload(port, 3 * MiB))
 
-    test_daemon_file_size_limit_is_507.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/archive.py:166 translate_os_error maps only ENOSPC/EDQUOT; "
-        "EFBIG (file size limit / filesystem maximum) escapes as OSError and the upload is a 500"
-    )
 
 
 FILE_SIZE_LIMIT_BYTES = 1 * MiB
@@ -365,7 +361,4 @@ class FileSizeLimitTests(SyncTestCase):
         """A store that hits EFBIG raises StorageFull (so the API says 507)."""
         self.assertEqual(self.run_child()["raised"], "StorageFull")
 
-    test_efbig_is_storage_full.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/archive.py:166 translate_os_error maps only ENOSPC/EDQUOT; EFBIG escapes as OSError"
-    )
 

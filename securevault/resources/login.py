@@ -17,6 +17,13 @@ log = Logger(namespace="securevault.security")
 INVALID_CREDENTIALS = ApiError(401, "invalid_credentials", "Unknown user or wrong password.")
 
 
+def loggable(username: str) -> str:
+    """A client-supplied name as it may appear in a log line: at most 64
+    characters, control characters and lone surrogates escaped, so it can
+    neither forge a line nor break a UTF-8 log file."""
+    return repr(username[:64])[1:-1]
+
+
 def certificate_names_user(identity: ClientIdentity, username: str, policy: str) -> bool:
     """Whether the certificate may log in as C{username} under --bind-user."""
     if policy == "cn":
@@ -40,7 +47,7 @@ class LoginResource(JsonEndpoint):
         if wait:
             log.warn(
                 "Throttled login for {username} from certificate {fingerprint}",
-                username=username[:64],
+                username=loggable(username),
                 fingerprint=identity.fingerprint,
                 event_kind="throttled",
             )
@@ -57,7 +64,7 @@ class LoginResource(JsonEndpoint):
                 app.throttle.record_failure(*keys)
                 log.warn(
                     "Failed login for {username} from certificate {fingerprint}",
-                    username=username[:64],
+                    username=loggable(username),
                     fingerprint=identity.fingerprint,
                     event_kind="login_failed",
                 )
