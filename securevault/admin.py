@@ -381,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         return _fail(f"{error.strerror or error}{where}.")
+    except EOFError:
+        return _fail("No passphrase could be read (no terminal); give it with --passphrase-stdin.")
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

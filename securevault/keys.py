@@ -127,12 +127,21 @@ class Seal:
     ) -> "Seal":
         if not passphrase:
             raise KeyFileError("the master key passphrase is empty")
-        if not (2 <= n <= 2**20 and 1 <= r <= 32 and 1 <= p <= 16):
+        if not (2 <= n <= 2**20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
             raise KeyFileError("the sealed master key file has unreasonable scrypt parameters")
         salt = os.urandom(SALT_BYTES) if salt is None else salt
-        kek = hashlib.scrypt(
-            passphrase.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=256 * n * r * p, dklen=KEY_BYTES
-        )
+        try:
+            kek = hashlib.scrypt(
+                passphrase.encode("utf-8"),
+                salt=salt,
+                n=n,
+                r=r,
+                p=p,
+                maxmem=min(128 * r * (n + p + 2) + (1 << 20), 2**31 - 1),
+                dklen=KEY_BYTES,
+            )
+        except (ValueError, MemoryError):
+            raise KeyFileError("the sealed master key file has unusable scrypt parameters") from None
         return cls(salt, n, r, p, kek)
 
     def seal(self, keyring: Keyring) -> bytes:

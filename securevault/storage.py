@@ -60,6 +60,7 @@ from securevault.archive import (  # re-exported: the storage API's vocabulary
 )
 from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_atomically
 from securevault.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
+from securevault.passphrase import PassphraseError
 
 __all__ = [
     "ArchiveInfo",
@@ -125,7 +126,7 @@ class SecureFileStorage:
                 try:
                     self._keyring = self._keyring_file.load()
                     self._keyring_stamp = stamp
-                except KeyFileError:
+                except (KeyFileError, PassphraseError, OSError):
                     pass  # mid-replacement or damaged: keep the keys we have
         return self._keyring
 

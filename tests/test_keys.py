@@ -354,10 +354,6 @@ class SealedKeyringTests(SyncTestCase):
             with self.assertRaises(KeyFileError, msg=name):
                 KeyringFile(self.path, lambda: PASSPHRASE).load()
 
-    test_unusable_scrypt_parameters.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/keys.py:133 Seal.derive lets hashlib.scrypt's ValueError escape "
-        "(n not a power of two; maxmem=256*n*r*p over INT_MAX for n=2**20,r=8) instead of KeyFileError"
-    )
 
 
 def run_python(code: str, stdin: str | None) -> subprocess.CompletedProcess[str]:

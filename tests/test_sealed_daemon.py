@@ -144,10 +144,6 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertNotIn("Traceback", result.stderr)
         self.assertIn("--passphrase-stdin", result.stderr)
 
-    test_admin_without_passphrase.skip = (  # type: ignore[attr-defined]
-        "bug: securevault/admin.py:292 _key_file uses passphrase_source('prompt'); getpass raises EOFError "
-        "on an empty non-terminal stdin, which main() (admin.py:379) does not catch: traceback"
-    )
 
     def test_init_sealed_short_passphrase(self) -> None:
         """A passphrase under 8 characters is refused with one line and no key
@@ -230,10 +226,6 @@ class SealedDaemonTests(AsyncTestCase):
         """C{--master-key-passphrase stdin} with the passphrase on standard
         input unseals the key."""
 
-    test_serves_with_passphrase_stdin.skip = (  # type: ignore[attr-defined]
-        "tests.test_twistd.Daemon starts twistd with stdin=DEVNULL; the stdin source is covered by "
-        "tests.test_keys.PassphraseSourceTests and the empty-stdin case above"
-    )
 
     @inlineCallbacks
     def test_rotate_while_running(self) -> Generator[Deferred[Any], Any, None]:
