@@ -104,6 +104,9 @@ class SecureFileStorage:
         # GET /get-files needs no disk and no pool.
         self._listings: dict[str, builtins.list[ArchiveInfo]] | None = {} if cache_listings else None
         self._listings_lock = threading.Lock()
+        # Bumped by every change, cached or not: a first listing read while an
+        # upload commits must not be cached without it.
+        self._listing_versions: dict[str, int] = {}
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
@@ -207,6 +210,7 @@ class SecureFileStorage:
         if self._listings is None:
             return
         with self._listings_lock:
+            self._listing_versions[owner_id] = self._listing_versions.get(owner_id, 0) + 1
             listing = self._listings.get(owner_id)
             if listing is None:
                 return
@@ -306,9 +310,22 @@ class SecureFileStorage:
     def list(self, owner_id: str) -> list[ArchiveInfo]:
         """The owner's archives, newest first.  An archive whose metadata fails
         authentication is left out here (and reported by verify)."""
-        cached = self.cached_list(owner_id)
-        if cached is not None:
-            return cached
+        while True:
+            cached = self.cached_list(owner_id)
+            if cached is not None:
+                return cached
+            with self._listings_lock:
+                version = self._listing_versions.get(owner_id, 0)
+            infos = self._read_listing(owner_id)
+            if self._listings is None:
+                return infos
+            with self._listings_lock:
+                if self._listing_versions.get(owner_id, 0) == version:
+                    self._listings.setdefault(owner_id, builtins.list(infos))
+                    return infos
+            # An upload or delete landed while we read: read again.
+
+    def _read_listing(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
         infos = []
         for archive_id in self.archive_ids(owner_id):
             try:
@@ -316,9 +333,6 @@ class SecureFileStorage:
             except (ArchiveNotFound, IntegrityError):
                 continue
         infos.sort(key=_newest_first)
-        if self._listings is not None:
-            with self._listings_lock:
-                self._listings.setdefault(owner_id, builtins.list(infos))
         return infos
 
     def info(self, owner_id: str, archive_id: str) -> ArchiveInfo:

@@ -883,3 +883,31 @@ class ListingCacheTests(SyncTestCase):
         storage.store(OWNER, "a", b"a")
         storage.list(OWNER)
         self.assertIsNone(storage.cached_list(OWNER))
+
+    def test_upload_during_first_listing(self) -> None:
+        """An archive committed while an owner's first listing is being read
+        from disk is in the cached listing afterwards (the stale read is not
+        cached)."""
+        storage = _SlowScanStorage(self.make_dir(), generate_keyring(), cache_listings=True)
+        storage.store(OWNER, "old.txt", b"old")
+        storage.during_scan = lambda: storage.store(OWNER, "new.txt", b"new")
+        listed = storage.list(OWNER)
+        storage.during_scan = None
+        self.assertEqual(sorted(i.filename for i in listed), ["new.txt", "old.txt"])
+        cached = storage.cached_list(OWNER)
+        assert cached is not None
+        self.assertEqual(sorted(i.filename for i in cached), ["new.txt", "old.txt"])
+
+
+class _SlowScanStorage(SecureFileStorage):
+    """A storage whose directory scan lets something happen in the middle
+    (an upload committing on another thread, here run inline)."""
+
+    during_scan: Callable[[], object] | None = None
+
+    def archive_ids(self, owner_id: str) -> list[str]:
+        ids = super().archive_ids(owner_id)
+        hook, self.during_scan = self.during_scan, None
+        if hook is not None:
+            hook()
+        return ids
