@@ -204,9 +204,10 @@ class _EncryptingSink:
     def __init__(self, fd: int, encryptor: Cobblestone256Encryptor) -> None:
         self._fd = fd
         self._encryptor = encryptor
-        # One buffer for the life of the upload: a fresh 1 MiB bytearray per
-        # write costs more than the encryption itself.
-        self._buffer = ciphertext_buffer(2 * IO_BLOCK_BYTES)
+        # One buffer for the life of the upload, grown to the largest write
+        # (a fresh 1 MiB bytearray per write costs more than the encryption
+        # itself); a small upload never holds a large one.
+        self._buffer = bytearray()
         self.position = 0
         self.ciphertext_bytes = 0
         self._since_writeback = 0
@@ -421,7 +422,9 @@ class ArchiveReader:
         self.info = info
         self._fd = os.open(path, os.O_RDONLY)
         self._decryptor = Cobblestone256Decryptor(body_key, context)
-        self._plain = ciphertext_buffer(IO_BLOCK_BYTES)
+        # Sized by the archive: many small downloads must not each hold a MiB.
+        self._read_bytes = max(1, min(IO_BLOCK_BYTES, info.stored_bytes))
+        self._plain = ciphertext_buffer(self._read_bytes)
         self._pending = memoryview(b"")
         self._zip_position = 0
         self._data_left = info.compressed_size
@@ -437,7 +440,7 @@ class ArchiveReader:
         """Decrypt the next block of the ZIP stream; empty at its end."""
         if self._eof:
             return memoryview(b"")
-        ciphertext = os.read(self._fd, IO_BLOCK_BYTES)
+        ciphertext = os.read(self._fd, self._read_bytes)
         try:
             if not ciphertext:
                 self._eof = True
