@@ -11,7 +11,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from twisted.internet.ssl import (
     AcceptableCiphers,
@@ -76,7 +76,34 @@ def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
         context.add_client_ca(authority)  # advertise which CAs we accept
     # No client-initiated renegotiation; no TLS compression.
     context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    # The same flags Twisted sets for a trust root, plus a check OpenSSL
+    # leaves out: a client certificate must be meant for client use.
+    context.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
+        _require_client_auth_usage,
+    )
     return options
+
+
+def _require_client_auth_usage(
+    connection: SSL.Connection, certificate: Any, error_number: int, depth: int, ok: int
+) -> bool:
+    """OpenSSL's chain verdict, and for the client's own certificate an
+    extended key usage that includes clientAuth.
+
+    OpenSSL treats a certificate without the extension as good for any use;
+    a vault CA's client certificates must say they are client certificates
+    (the development PKI's do).
+    """
+    if not ok:
+        return False
+    if depth > 0:
+        return True
+    try:
+        usage = certificate.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (x509.ExtensionNotFound, ValueError):
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
 
 
 @dataclass(frozen=True)

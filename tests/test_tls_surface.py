@@ -697,9 +697,3 @@ class ExtendedKeyUsageTests(SurfaceTestCase):
         credential = issue_client(self.pki.ca, None)
         return self.assert_refused(self.context(credential), "alert unsupported certificate", "alert")
 
-    test_no_extended_key_usage_refused.skip = (  # type: ignore[attr-defined]
-        "bug: a client certificate from the vault CA with no extendedKeyUsage "
-        "extension is accepted (OpenSSL's ssl_client purpose treats a missing EKU "
-        "as unrestricted); securevault/tls.py server_tls_options does not require "
-        "clientAuth"
-    )
