@@ -911,3 +911,21 @@ class _SlowScanStorage(SecureFileStorage):
         if hook is not None:
             hook()
         return ids
+
+
+class CompressionLevelTests(SyncTestCase):
+    """Compressible uploads are deflated at level 1, the fast level."""
+
+    def test_level_one(self) -> None:
+        """The deflated member is as large as zlib level 1 makes it, not the
+        (smaller, three times slower) default level 6."""
+        line = b"2026-11-24T17:30:00Z host app[%d]: GET /api/items?id=%d 200 %dms user=u%d\n"
+        data = b"".join(line % (i % 977, i, i % 1000, i % 37) for i in range(60000))
+        storage = SecureFileStorage(self.make_dir(), generate_keyring())
+        info = storage.store(OWNER, "app.log", data)
+        self.assertEqual(info.method, "deflated")
+        level_one = zlib.compressobj(1, zlib.DEFLATED, -15)
+        expected = len(level_one.compress(data) + level_one.flush())
+        level_six = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self.assertNotEqual(expected, len(level_six.compress(data) + level_six.flush()))
+        self.assertEqual(info.compressed_size, expected)
