@@ -288,8 +288,14 @@ def _key_file(args: argparse.Namespace) -> KeyringFile:
     """The master key file; a sealed one asks for its passphrase once."""
     if args.passphrase_stdin:
         source = passphrase_source("stdin")
-    else:
+    elif sys.stdin.isatty():
         source = passphrase_source("prompt")
+    else:
+        # getpass would fall back to /dev/tty and wait there: a script gets
+        # a clear error instead.
+        def source() -> str:
+            raise AdminError("The master key is sealed; give its passphrase with --passphrase-stdin.")
+
     return KeyringFile(_master_key(args), source)
 
 
