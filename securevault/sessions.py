@@ -91,6 +91,14 @@ class SessionStore:
         for sid in [s for s, v in self._sessions.items() if v.user_id == user_id]:
             del self._sessions[sid]
 
+    def retain_users(self, user_ids: set[str]) -> int:
+        """End the sessions of users no longer in C{user_ids} (removed with
+        C{securevault-admin user remove}); returns how many."""
+        gone = [sid for sid, s in self._sessions.items() if s.user_id not in user_ids]
+        for sid in gone:
+            del self._sessions[sid]
+        return len(gone)
+
     def sweep(self) -> int:
         """Forget expired sessions; returns how many."""
         now = self._clock()

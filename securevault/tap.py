@@ -226,6 +226,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     def sweep() -> None:
         app.sessions.sweep()
         app.throttle.sweep()
+        # A user removed by the admin command loses its sessions here.
+        app.run_blocking(app.users.user_ids).addCallbacks(
+            app.sessions.retain_users, lambda failure: log.failure("Could not read the users file", failure)
+        )
 
     TimerService(SWEEP_INTERVAL_SECONDS, sweep).setServiceParent(top)
     if config.metrics_port is not None:

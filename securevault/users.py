@@ -255,6 +255,10 @@ class UserStore:
         """All user names, sorted."""
         return sorted(self._load())
 
+    def user_ids(self) -> set[str]:
+        """The ids of every current user (a removed user's id is not here)."""
+        return {str(entry["id"]) for entry in self._load().values()}
+
     def user_id(self, name: str) -> str | None:
         """The user's id, or None when there is no such user."""
         entry = self._load().get(name)

@@ -263,3 +263,17 @@ class LoginThrottleTests(SyncTestCase):
         self.assertIn(throttle.retry_after("k"), (10, 11))
         self.clock.advance(10)
         self.assertEqual(throttle.retry_after("k"), 0)
+
+
+class RetainUsersTests(SyncTestCase):
+    """Sessions of removed users end at the next sweep."""
+
+    def test_removed_user_sessions_end(self) -> None:
+        """retain_users ends exactly the sessions whose user id is gone."""
+        clock = Clock()
+        store = SessionStore(clock.seconds, idle_seconds=60, ttl_seconds=600)
+        kept = store.create("alice", "id-alice", "fp", 10**12)
+        dropped = store.create("bob", "id-bob", "fp", 10**12)
+        self.assertEqual(store.retain_users({"id-alice"}), 1)
+        self.assertIsNotNone(store.lookup(kept.session_id, "fp"))
+        self.assertIsNone(store.lookup(dropped.session_id, "fp"))

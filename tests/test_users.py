@@ -173,3 +173,16 @@ class HashTests(SyncTestCase):
             "scrypt$1$2",
         ]:
             self.assertRaises(UserFileError, check_password, PASSWORD, bad)
+
+
+class UserIdsTests(SyncTestCase):
+    """The set of current user ids, for ending removed users' sessions."""
+
+    def test_user_ids(self) -> None:
+        """user_ids holds every current user's id and loses a removed one's."""
+        store = UserStore(self.make_dir() / "users.json", scrypt_n=2**4)
+        alice = store.add("alice", "password-a")
+        bob = store.add("bob", "password-b")
+        self.assertEqual(store.user_ids(), {alice, bob})
+        store.remove("bob")
+        self.assertEqual(store.user_ids(), {alice})
