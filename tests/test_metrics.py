@@ -21,8 +21,9 @@ from twisted.trial.unittest import SkipTest
 from securevault.metrics import VaultMetrics
 from securevault.pki import load_cert
 from tests.support.testcase import AsyncTestCase, SyncTestCase
-from tests.support.tlsclient import PASSWORD, Credential, client_for, read_body, read_json
-from tests.test_twistd import TWISTD, Daemon, reactor, run_admin
+from tests.support.tlsclient import Credential, client_for, read_body, read_json
+from tests.support.daemon import make_vault, twistd_argv
+from tests.test_twistd import Daemon, reactor
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -171,33 +172,13 @@ class MetricsDaemonTests(AsyncTestCase):
 
     def setUp(self) -> None:
         self.base = self.make_dir()
-        self.certs = self.base / "certs"
-        self.data = self.base / "vault-data"
-        result = run_admin("--data-dir", str(self.data), "init", "--certs-dir", str(self.certs), cwd=self.base)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        result = run_admin(
-            "--data-dir", str(self.data), "user", "add", "alice", "--password-stdin",
-            stdin=PASSWORD + "\n", cwd=self.base,
-        )  # fmt: skip
-        self.assertEqual(result.returncode, 0, result.stderr)
+        self.certs, self.data = make_vault(self.base)
 
     @inlineCallbacks
     def start(self) -> Generator[Deferred[Any], Any, tuple[int, int]]:
         """Start twistd with a metrics port; fires with (vault port, metrics port)."""
         metrics_port = free_port()
-        argv = [
-            *TWISTD,
-            "-n", "--pidfile=", "securevault",
-            "--port", "0",
-            "--interface", "127.0.0.1",
-            "--cert", str(self.certs / "server.crt"),
-            "--key", str(self.certs / "server.key"),
-            "--ca-cert", str(self.certs / "ca.crt"),
-            "--data-dir", str(self.data),
-            "--threads", "2",
-            "--metrics-port", str(metrics_port),
-        ]  # fmt: skip
-        daemon = Daemon(argv, self.base)
+        daemon = Daemon(twistd_argv(self.certs, self.data, "--metrics-port", str(metrics_port)), self.base)
         self.addCleanup(daemon.stop)
         port = yield daemon.wait_listening()
         return port, metrics_port

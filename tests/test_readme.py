@@ -11,7 +11,8 @@ from typing import Any, Generator
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from tests.support.testcase import AsyncTestCase
-from tests.test_twistd import TWISTD, Daemon, child_environment, run_admin
+from tests.support.daemon import TWISTD, child_environment, run_admin
+from tests.test_twistd import Daemon
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 README_PASSWORD = "correct horse battery"

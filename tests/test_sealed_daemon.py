@@ -21,7 +21,8 @@ from securevault.keys import SEALED_FORMAT
 from securevault.pki import load_cert
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import PASSWORD, Credential, VaultClient, client_for, read_body, read_json
-from tests.test_twistd import TWISTD, Daemon, reactor, run_admin
+from tests.support.daemon import run_admin, twistd_argv
+from tests.test_twistd import Daemon, reactor
 
 PASSPHRASE = "a long passphrase"
 _TEMPLATE: list[Path] = []
@@ -82,19 +83,7 @@ class SealedDaemonTests(AsyncTestCase):
 
     def start(self, *extra: str) -> Daemon:
         """Start twistd on this test's data directory and certificates."""
-        argv = [
-            *TWISTD,
-            "-n", "--pidfile=", "securevault",
-            "--port", "0",
-            "--interface", "127.0.0.1",
-            "--cert", str(self.certs / "server.crt"),
-            "--key", str(self.certs / "server.key"),
-            "--ca-cert", str(self.certs / "ca.crt"),
-            "--data-dir", str(self.data),
-            "--threads", "2",
-            *extra,
-        ]  # fmt: skip
-        daemon = Daemon(argv, self.base)
+        daemon = Daemon(twistd_argv(self.certs, self.data, *extra), self.base)
         self.addCleanup(daemon.stop)
         return daemon
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import IO, Any, Generator
@@ -25,22 +23,20 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from securevault.pki import load_cert
+from tests.support.daemon import (
+    LISTENING,
+    TWISTD,
+    WAIT_SECONDS,
+    child_environment,
+    make_vault,
+    twistd_argv,
+)
 from tests.support.testcase import AsyncTestCase
-from tests.support.tlsclient import PASSWORD, Credential, client_for, read_body, read_json
+from tests.support.tlsclient import Credential, client_for, read_body, read_json
 
 reactor: Any = global_reactor
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-WAIT_SECONDS = 30.0
-LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
-
-def child_environment() -> dict[str, str]:
-    """os.environ with the repository first on PYTHONPATH and no $PORT."""
-    env = {k: v for k, v in os.environ.items() if k != "PORT"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPOSITORY), env.get("PYTHONPATH")) if p)
-    return env
 
 
 class Daemon:
@@ -115,19 +111,6 @@ class Daemon:
         self._err_reader.join(WAIT_SECONDS)
 
 
-def run_admin(*argv: str, stdin: str | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run C{securevault-admin ARGV} as a subprocess, bounded in time."""
-    return subprocess.run(
-        [sys.executable, "-m", "securevault.admin", *argv],
-        cwd=cwd,
-        env=child_environment(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_SECONDS,
-        check=False,
-    )
-
 
 class TwistdTests(AsyncTestCase):
     """C{twistd -n securevault} serves, stops cleanly, and fails loudly."""
@@ -136,31 +119,11 @@ class TwistdTests(AsyncTestCase):
 
     def setUp(self) -> None:
         self.base = self.make_dir()
-        self.certs = self.base / "certs"
-        self.data = self.base / "vault-data"
-        result = run_admin("--data-dir", str(self.data), "init", "--certs-dir", str(self.certs), cwd=self.base)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        result = run_admin(
-            "--data-dir", str(self.data), "user", "add", "alice", "--password-stdin",
-            stdin=PASSWORD + "\n", cwd=self.base,
-        )  # fmt: skip
-        self.assertEqual(result.returncode, 0, result.stderr)
+        self.certs, self.data = make_vault(self.base)
 
     def start(self, *extra: str, port: int = 0, cert: Path | None = None) -> Daemon:
         """Start twistd with this test's certificates and data directory."""
-        argv = [
-            *TWISTD,
-            "-n", "--pidfile=", "securevault",
-            "--port", str(port),
-            "--interface", "127.0.0.1",
-            "--cert", str(cert or self.certs / "server.crt"),
-            "--key", str(self.certs / "server.key"),
-            "--ca-cert", str(self.certs / "ca.crt"),
-            "--data-dir", str(self.data),
-            "--threads", "2",
-            *extra,
-        ]  # fmt: skip
-        daemon = Daemon(argv, self.base)
+        daemon = Daemon(twistd_argv(self.certs, self.data, *extra, port=port, cert=cert), self.base)
         self.addCleanup(daemon.stop)
         return daemon
 

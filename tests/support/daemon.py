@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from tests.support.tlsclient import PASSWORD
 
-# Copied from tests/test_twistd.py (its module imports the global reactor).
+# Shared by every daemon test (this module imports no reactor).
 REPOSITORY = Path(__file__).resolve().parents[2]
 WAIT_SECONDS = 30.0
 LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
@@ -60,6 +60,39 @@ def run_admin(*argv: str, stdin: str | None = None, cwd: Path) -> subprocess.Com
         timeout=WAIT_SECONDS * 2,
         check=False,
     )
+
+
+def twistd_argv(
+    certs: Path, data: Path, *extra: str, port: int = 0, cert: Path | None = None, twistd: list[str] = TWISTD
+) -> list[str]:
+    """C{twistd -n securevault} on 127.0.0.1 with a vault's certificates and data."""
+    return [
+        *twistd,
+        "-n", "--pidfile=", "securevault",
+        "--port", str(port),
+        "--interface", "127.0.0.1",
+        "--cert", str(cert or certs / "server.crt"),
+        "--key", str(certs / "server.key"),
+        "--ca-cert", str(certs / "ca.crt"),
+        "--data-dir", str(data),
+        "--threads", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def make_vault(base: Path) -> tuple[Path, Path]:
+    """C{securevault-admin init} and user C{alice} under C{base}; returns the
+    certificates and data directories."""
+    certs, data = base / "certs", base / "vault-data"
+    result = run_admin("--data-dir", str(data), "init", "--certs-dir", str(certs), cwd=base)
+    if result.returncode != 0:
+        raise AssertionError(result.stderr)
+    result = run_admin(
+        "--data-dir", str(data), "user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n", cwd=base
+    )
+    if result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return certs, data
 
 
 class SyncDaemon:
@@ -129,15 +162,7 @@ class VaultFixture:
         return self.base / "vault-data"
 
     def create(self) -> None:
-        result = run_admin("--data-dir", str(self.data), "init", "--certs-dir", str(self.certs), cwd=self.base)
-        if result.returncode != 0:
-            raise AssertionError(result.stderr)
-        result = run_admin(
-            "--data-dir", str(self.data), "user", "add", "alice", "--password-stdin",
-            stdin=PASSWORD + "\n", cwd=self.base,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise AssertionError(result.stderr)
+        make_vault(self.base)
 
     def argv(self, *extra: str, file_size_limit: int | None = None) -> list[str]:
         """twistd's command line; C{file_size_limit} sets RLIMIT_FSIZE in the
@@ -150,18 +175,7 @@ class VaultFixture:
                 "-c",
                 f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); " + TWISTD[2],
             ]
-        return [
-            *twistd,
-            "-n", "--pidfile=", "securevault",
-            "--port", "0",
-            "--interface", "127.0.0.1",
-            "--cert", str(self.certs / "server.crt"),
-            "--key", str(self.certs / "server.key"),
-            "--ca-cert", str(self.certs / "ca.crt"),
-            "--data-dir", str(self.data),
-            "--threads", "2",
-            *extra,
-        ]  # fmt: skip
+        return twistd_argv(self.certs, self.data, *extra, twistd=twistd)
 
     def start(self, *extra: str, file_size_limit: int | None = None) -> SyncDaemon:
         """A daemon on this vault; the caller stops it (or adds cleanup)."""
