@@ -11,7 +11,7 @@ import json
 import uuid
 from http import HTTPStatus
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -20,6 +20,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
+
+from securevault.storage import InvalidFilename, QuotaExceeded, StorageFull
 
 if TYPE_CHECKING:
     from securevault.app import VaultApp
@@ -129,6 +131,18 @@ def fail(request: Request, reason: Failure | BaseException) -> None:
         write_json(request, error.status, error_body(error), error.headers)
     else:
         internal_error(request, reason)
+
+
+def storage_error(failure: Failure) -> ApiError | Exception:
+    """The contract's error for a failed store; other failures pass through."""
+    error = failure.value
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, (QuotaExceeded, StorageFull)):
+        return ApiError(507, "insufficient_storage", str(error))
+    if isinstance(error, InvalidFilename):
+        return ApiError(400, "invalid_filename", str(error))
+    return cast(Exception, error)
 
 
 def parse_json_object(request: Request) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote_to_bytes
@@ -30,6 +31,7 @@ from securevault.jsonapi import (
     fail,
     internal_error,
     not_found,
+    storage_error,
 )
 from securevault.storage import ArchiveInfo, InvalidFilename, check_filename
 from securevault.streaming import UploadStream
@@ -154,12 +156,14 @@ class VaultRequest(server.Request):
 
     def _upload_failed(self, failure: Failure) -> None:
         """The writer failed while the body was still arriving."""
-        from securevault.resources.upload_file import storage_error
+        error = storage_error(failure)
+        self._refuse(error if isinstance(error, ApiError) else failure)
 
-        self._refuse(storage_error(failure))
+    def _refuse(self, error: ApiError | Failure) -> None:
+        """Answer before the body is read, then close the connection.
 
-    def _refuse(self, error: ApiError | Exception) -> None:
-        """Answer before the body is read, then close the connection."""
+        A L{Failure} is an internal error: logged with a request id that the
+        500 body carries too."""
         if self._refused:
             return
         self._refused = True
@@ -168,9 +172,13 @@ class VaultRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         if self.upload is not None:
             self.upload.abort()
-        if not isinstance(error, ApiError):
+        if isinstance(error, ApiError):
+            body = encode_json(error_body(error))
+        else:
+            request_id = uuid.uuid4().hex
+            access_log.failure("Internal error while taking an upload (request {request_id})", error, request_id=request_id)
             error = ApiError(500, "internal_error", "The server failed to answer this request.")
-        body = encode_json(error_body(error))
+            body = encode_json({**error_body(error), "request_id": request_id})
         reason = HTTPStatus(error.status).phrase.encode("ascii")
         headers = [
             (b"Content-Type", JSON_CONTENT_TYPE),

@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, cast
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request, decode_json_object
+from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request, decode_json_object, storage_error
 from securevault.storage import (
     ArchiveInfo,
     InvalidFilename,
-    QuotaExceeded,
     SecureFileStorage,
-    StorageFull,
     check_filename,
 )
 
 log = Logger(namespace="securevault.security")
-
-
-def storage_error(failure: Failure) -> ApiError | Exception:
-    """The contract's error for a failed store; other failures pass through."""
-    error = failure.value
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, (QuotaExceeded, StorageFull)):
-        return ApiError(507, "insufficient_storage", str(error))
-    if isinstance(error, InvalidFilename):
-        return ApiError(400, "invalid_filename", str(error))
-    return cast(Exception, error)
 
 
 def parse_json_upload(raw: bytes) -> tuple[str, bytes]:
