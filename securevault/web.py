@@ -108,6 +108,14 @@ class VaultRequest(server.Request):
         if length is not None and length > self._body_limit:
             self._refuse(ApiError(413, "too_large", f"The body is larger than {self._body_limit} bytes."))
             return
+        if not raw_upload and self._body_limit > SMALL_BODY_BYTES and (length is None or length > SMALL_BODY_BYTES):
+            # A JSON upload may be held in memory up to --max-json-body: only
+            # for a caller with a live session, checked before the body.
+            try:
+                self.app.authenticate(self)
+            except ApiError as error:
+                self._refuse(error)
+                return
         if raw_upload:
             try:
                 self._start_upload(getattr(self.channel, "_path", b""))

@@ -1300,3 +1300,29 @@ class HelperTests(SyncTestCase):
         self.assertIsInstance(app, VaultApp)
         self.assertGreater(clock.seconds(), 1_700_000_000)
         self.assertNotEqual(default_client(0).fingerprint, default_client(1).fingerprint)
+
+
+class AnonymousBodyTests(_VaultTestCase):
+    """Without a session, nobody makes the server hold a large body."""
+
+    def test_json_upload_without_session_refused_before_body(self) -> None:
+        """A JSON upload larger than a small request (64 KiB) is answered 401
+        invalid_session from its headers when there is no live session, and
+        the connection is closed: an anonymous client cannot make the server
+        buffer up to --max-json-body."""
+        connection = self.client.connect()
+        connection.send(
+            encode_request(
+                b"POST", b"/upload-file", [(b"Content-Type", b"application/json"), (b"Content-Length", b"500000")]
+            )
+        )
+        responses = connection.responses()
+        self.assertEqual(len(responses), 1)
+        self.assert_error(responses[0], 401, "invalid_session")
+        self.assertTrue(connection.closed_by_server)
+
+    def test_small_json_upload_without_session_is_read_then_refused(self) -> None:
+        """A small JSON upload without a session is read and answered 401 in
+        the usual way (the connection stays open)."""
+        response = self.client.post_json(b"/upload-file", {"filename": "a", "content": ""}, session=None)
+        self.assert_error(response, 401, "invalid_session")
