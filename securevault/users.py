@@ -144,7 +144,9 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
 def check_password(password: str, encoded: str) -> bool:
     """Whether C{password} matches C{encoded}, using the parameters stored in it."""
     n, r, p, salt, expected = _parse_hash(encoded)
-    actual = _scrypt(password.encode("utf-8"), salt, n, r, p)
+    # A lone surrogate (JSON allows "\ud800") cannot be in a stored password;
+    # encoded with surrogatepass it simply fails to match, at the same cost.
+    actual = _scrypt(password.encode("utf-8", "surrogatepass"), salt, n, r, p)
     return hmac.compare_digest(actual, expected)
 
 

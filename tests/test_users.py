@@ -186,3 +186,15 @@ class UserIdsTests(SyncTestCase):
         self.assertEqual(store.user_ids(), {alice, bob})
         store.remove("bob")
         self.assertEqual(store.user_ids(), {alice})
+
+
+class HostilePasswordTests(SyncTestCase):
+    """A password that is not valid Unicode text is just a wrong password."""
+
+    def test_lone_surrogate_password(self) -> None:
+        """verify() with a lone surrogate in the password returns None for an
+        existing user (JSON can carry "\\ud800"), never raises."""
+        store = UserStore(self.make_dir() / "users.json", scrypt_n=2**4)
+        store.add("alice", "password1")
+        self.assertIsNone(store.verify("alice", "\ud800password1"))
+        self.assertIsNotNone(store.verify("alice", "password1"))
