@@ -26,6 +26,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from securevault.audit import AuditLog
 from tests.strategies import (
+    REAL_USERNAME,
     HostileRequest,
     contract_allows,
     endpoint_requests,
@@ -75,6 +76,7 @@ class _HostileTestCase(SyncTestCase):
         # A username no strategy produces, so hostile logins never throttle it.
         self.username = "owner-" + uuid.uuid4().hex
         self.user_id = add_user(self.app, self.username, PASSWORD)
+        add_user(self.app, REAL_USERNAME, PASSWORD)
         self.client = VaultClient(self.app, self.clock, self)
         self.idle = self.app.config.idle_timeout
         self.cert: ClientCert = make_client("hostile-0")
@@ -240,6 +242,16 @@ class HostileLogTests(_HostileTestCase):
         request = HostileRequest(b"POST", b"/login", ((b"Content-Type", b"application/json"),), body, False)
         [response] = self.exchange(request.encode(""))
         return response
+
+    def test_lone_surrogate_password_for_a_real_user(self) -> None:
+        """A login for an existing user whose password holds a lone surrogate
+        ("\\ud800" in JSON) is 401 invalid_credentials, not a 500."""
+        self.cert = make_client("surrogate-password")
+        body = b'{"username": "' + REAL_USERNAME.encode() + b'", "password": "\\ud800 hostile"}'
+        request = HostileRequest(b"POST", b"/login", ((b"Content-Type", b"application/json"),), body, False)
+        [response] = self.exchange(request.encode(""))
+        self.assertEqual(response.status, 401, response.body)
+        self.assertEqual(json.loads(response.body)["error"], "invalid_credentials")
 
     def test_log_lines_cannot_be_forged(self) -> None:
         """A username with a newline or a lone surrogate in a failed login
