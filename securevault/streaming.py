@@ -107,11 +107,10 @@ class UploadStream:
             return
         writer = self._writer
         if self._pending and (self._pending_bytes >= BLOCK_BYTES or self._ending):
-            block = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending = []
+            pieces, self._pending = self._pending, []
             self._pending_bytes = 0
             self._busy = True
-            self._run(writer.write, block).addCallbacks(self._written, self._failed)
+            self._run(_write_joined, writer, pieces).addCallbacks(self._written, self._failed)
             if self._paused and not self._aborted:
                 self._paused = False
                 self._resume()
@@ -160,6 +159,12 @@ class UploadStream:
         writer, self._writer = self._writer, None
         if writer is not None:
             self._run(writer.abort).addErrback(lambda f: log.failure("Aborting an upload failed", f))
+
+
+def _write_joined(writer: ArchiveWriter, pieces: list[bytes]) -> None:
+    """In the pool: one write of the pieces received meanwhile (joining a few
+    MiB is a copy the reactor thread need not make)."""
+    writer.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 @implementer(IPushProducer)
