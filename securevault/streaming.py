@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_streaming -*-
+# -*- test-case-name: tests.test_resources -*-
 """Bodies that flow between a connection and the worker pool.
 
 L{UploadStream} takes a raw upload body as it arrives and feeds it, in order

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_plugin -*-
 """Options and makeService: the composition root of the daemon.
 
 This is the only module that imports the global reactor.

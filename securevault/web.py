@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_web -*-
+# -*- test-case-name: tests.test_resources,tests.test_hostile -*-
 """Site-wide HTTP policy: VaultSite, VaultRequest and the root resource.
 
 VaultRequest replaces twisted.web's body handling: it checks limits as bytes
