@@ -68,6 +68,26 @@ def filename_from_raw_upload(request: Request, header: bytes | None) -> str:
     return filename
 
 
+def raw_error_response(error: ApiError, body: bytes | None = None) -> bytes:
+    """A whole HTTP/1.1 error response with the contract's headers, for the
+    moments before twisted.web has a request to answer with (the connection
+    is closed after it)."""
+    if body is None:
+        body = encode_json(error_body(error))
+    headers = [
+        (b"Content-Type", JSON_CONTENT_TYPE),
+        (b"Content-Length", str(len(body)).encode("ascii")),
+        (b"Cache-Control", b"no-store"),
+        (b"X-Content-Type-Options", b"nosniff"),
+        (b"Server", b"securevault"),
+        (b"Connection", b"close"),
+        *error.headers.items(),
+    ]
+    head = b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode("ascii"))
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return head + b"\r\n" + body
+
+
 def media_type(request: Request) -> bytes:
     value = request.getHeader(b"content-type") or b""
     return value.split(b";", 1)[0].strip().lower()
@@ -187,21 +207,10 @@ class VaultRequest(server.Request):
             access_log.failure("Internal error while taking an upload (request {request_id})", error, request_id=request_id)
             error = ApiError(500, "internal_error", "The server failed to answer this request.")
             body = encode_json({**error_body(error), "request_id": request_id})
-        reason = HTTPStatus(error.status).phrase.encode("ascii")
-        headers = [
-            (b"Content-Type", JSON_CONTENT_TYPE),
-            (b"Content-Length", str(len(body)).encode("ascii")),
-            (b"Cache-Control", b"no-store"),
-            (b"X-Content-Type-Options", b"nosniff"),
-            (b"Connection", b"close"),
-            *error.headers.items(),
-        ]
-        head = b"HTTP/1.1 %d %s\r\n" % (error.status, reason)
-        head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.code = error.status
         self.sentLength = len(body)
         transport: Any = self.channel.transport
-        transport.write(head + b"\r\n" + body)
+        transport.write(raw_error_response(error, body))
         self.method = getattr(self.channel, "_command", b"-")
         self.path = getattr(self.channel, "_path", b"-").split(b"?", 1)[0]
         self._log_access()
@@ -301,6 +310,27 @@ class VaultChannel(http.HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._cancel_head_deadline()
         super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A single head line over 16 KiB: the same JSON 431, then close."""
+        self._refuse_head(ApiError(431, "header_too_large", "The request head is larger than 16 KiB."))
+
+    def _refuse_head(self, error: ApiError) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(raw_error_response(error))
+        self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Malformed framing, with the contract's JSON error instead of
+        twisted.web's bare "400 Bad Request" (a private hook of HTTPChannel,
+        the one every framing error goes through): 431 for a head over
+        16 KiB, else 400 bad_request; then the connection is closed."""
+        if getattr(self, "_receivedHeaderSize", 0) > self.totalHeadersSize:
+            error = ApiError(431, "header_too_large", "The request head is larger than 16 KiB.")
+        else:
+            error = ApiError(400, "bad_request", "The request is not valid HTTP/1.1.")
+        self._refuse_head(error)
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None

@@ -286,14 +286,29 @@ class HostileConnectionTests(_HostileTestCase):
 
     def test_header_block_too_large(self) -> None:
         """A header block over 16 KiB — one huge header, or many small ones —
-        is answered 431 or 400 and the connection closed, before the block
-        ends; the site serves others afterwards."""
+        is answered with the JSON 431 header_too_large and the connection
+        closed, before the block ends; the site serves others afterwards."""
         for headers in (b"X-Big: " + b"a" * (17 * 1024) + b"\r\n", b"".join(b"X-%d: %s\r\n" % (i, b"b" * 60) for i in range(300))):
             connection = self.client.connect()
             connection.send(b"GET /health HTTP/1.1\r\nHost: vault.test\r\n" + headers)
             self.assertTrue(connection.closed_by_server)
-            for response in connection.responses():
-                self.assertIn(response.status, (400, 431))
+            [response] = connection.responses()
+            self.assertEqual(response.status, 431)
+            self.assertEqual(response.json()["error"], "header_too_large")
+            connection.close()
+            self.assert_healthy()
+
+    def test_malformed_framing_is_json_400(self) -> None:
+        """A request line or header twisted.web cannot parse is answered with
+        the contract's JSON 400 bad_request, and the connection closed."""
+        for raw in (b"NOT A REQUEST\r\n\r\n", b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
+                    b"POST /login HTTP/1.1\r\nContent-Length: abc\r\n\r\n"):
+            connection = self.client.connect()
+            connection.send(raw)
+            self.assertTrue(connection.closed_by_server)
+            [response] = connection.responses()
+            self.assertEqual(response.status, 400, raw)
+            self.assertEqual(response.json()["error"], "bad_request")
             connection.close()
             self.assert_healthy()
 
