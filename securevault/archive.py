@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from securevault.fsutil import TEMP_SUFFIX
+from securevault.fsutil import TEMP_SUFFIX, write_all
 
 if TYPE_CHECKING:
     from securevault.storage import SecureFileStorage
@@ -155,12 +155,6 @@ def ciphertext_buffer(plaintext_bytes: int) -> bytearray:
     return bytearray(plaintext_bytes + CHUNK_PLAINTEXT_BYTES + chunks * CHUNK_TAG_BYTES + 256)
 
 
-def _write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
 
 def translate_os_error(error: OSError) -> Exception:
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -230,7 +224,7 @@ class _EncryptingSink:
         if not ciphertext:
             return
         try:
-            _write_all(self._fd, ciphertext)
+            write_all(self._fd, ciphertext)
         except OSError as error:
             raise translate_os_error(error) from error
         self.ciphertext_bytes += len(ciphertext)

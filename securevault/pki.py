@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from securevault.fsutil import fsync_directory, write_atomically
+from securevault.fsutil import fsync_directory, write_all, write_atomically
 
 PrivateKey = CertificateIssuerPrivateKeyTypes
 """Any key that can sign a certificate (the ones we generate are EC P-256)."""
@@ -255,9 +255,7 @@ def write_key(path: Path, key: PrivateKey) -> None:
     except FileExistsError as error:
         raise PkiError(f"The key file {path} already exists; it was not overwritten.") from error
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
