@@ -162,9 +162,19 @@ class UploadStream:
 
 
 def _write_joined(writer: ArchiveWriter, pieces: list[bytes]) -> None:
-    """In the pool: one write of the pieces received meanwhile (joining a few
-    MiB is a copy the reactor thread need not make)."""
-    writer.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+    """In the pool: the pieces received meanwhile, written in blocks of about
+    1 MiB (joining is a copy the reactor thread need not make; larger blocks
+    would only grow the writer's buffers)."""
+    batch: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= BLOCK_BYTES:
+            writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
 @implementer(IPushProducer)
