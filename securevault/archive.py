@@ -20,6 +20,7 @@ import secrets
 import time
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -190,6 +191,11 @@ class _Writeback:
 _writeback = _Writeback()
 
 
+# Shared by all uploads; a hash job is short and never waits on anything.
+_hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="securevault-sha256")
+PARALLEL_HASH_BYTES = 256 * 1024
+
+
 class _EncryptingSink:
     """The file object zipfile writes to: encrypts and writes to a descriptor.
 
@@ -298,14 +304,25 @@ class ArchiveWriter:
             raise StorageError("write after commit or abort")
         try:
             self._size += len(data)
-            self._sha256.update(data)
-            if self._zip is None:
-                self._sample.append(data)
-                self._sample_bytes += len(data)
-                if self._sample_bytes >= COMPRESSION_SAMPLE_BYTES:
-                    self._start_member()
+            if self._zip is not None and self._method == "deflated" and len(data) >= PARALLEL_HASH_BYTES:
+                # Deflate and SHA-256 both release the GIL: hash this block on
+                # a helper thread while this one compresses it (~8 % of a
+                # text upload's time).  Waited for before returning, so the
+                # digest still sees the blocks in order.
+                hashing = _hashers.submit(self._sha256.update, data)
+                try:
+                    self._member.write(data)
+                finally:
+                    hashing.result()
             else:
-                self._member.write(data)
+                self._sha256.update(data)
+                if self._zip is None:
+                    self._sample.append(data)
+                    self._sample_bytes += len(data)
+                    if self._sample_bytes >= COMPRESSION_SAMPLE_BYTES:
+                        self._start_member()
+                else:
+                    self._member.write(data)
             if self._max_bytes is not None and self._sink.ciphertext_bytes > self._max_bytes:
                 raise QuotaExceeded("The upload exceeds the storage quota.")
         except BaseException:
