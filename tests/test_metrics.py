@@ -4,7 +4,6 @@ directly and as served by a real daemon started with C{--metrics-port}."""
 
 from __future__ import annotations
 
-import base64
 import errno
 import os
 import socket
@@ -21,7 +20,7 @@ from twisted.trial.unittest import SkipTest
 from securevault.metrics import VaultMetrics
 from securevault.pki import load_cert
 from tests.support.testcase import AsyncTestCase, SyncTestCase
-from tests.support.tlsclient import Credential, client_for, read_body, read_json
+from tests.support.tlsclient import Credential, client_for, read_json
 from tests.support.daemon import make_vault, twistd_argv
 from tests.test_twistd import Daemon, reactor
 
@@ -201,16 +200,8 @@ class MetricsDaemonTests(AsyncTestCase):
         self.assertEqual(response.code, 401)
         yield client.login("alice")
         content = os.urandom(60_000)
-        response = yield client.post_json(
-            "/upload-file", {"filename": "m.bin", "content": base64.b64encode(content).decode("ascii")}
-        )
-        stored = yield read_json(response)
-        self.assertEqual(response.code, 201, stored)
-        response = yield client.request(
-            "GET", "/download-file", params={"id": stored["id"]}, headers={"Accept": "application/octet-stream"}
-        )
-        body = yield read_body(response)
-        self.assertEqual(response.code, 200)
+        archive_id = yield client.upload_json("m.bin", content)
+        body = yield client.download_raw(archive_id)
         self.assertEqual(len(body), len(content))
         yield client.close()
 

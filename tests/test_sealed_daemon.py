@@ -6,7 +6,6 @@ and verification by C{securevault-admin} while the daemon runs."""
 from __future__ import annotations
 
 import atexit
-import base64
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from securevault.keys import SEALED_FORMAT
 from securevault.pki import load_cert
 from tests.support.testcase import AsyncTestCase
-from tests.support.tlsclient import PASSWORD, Credential, VaultClient, client_for, read_body, read_json
+from tests.support.tlsclient import PASSWORD, Credential, VaultClient, client_for
 from tests.support.daemon import run_admin, twistd_argv
 from tests.test_twistd import Daemon, reactor
 
@@ -97,25 +96,6 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertEqual(document["format"], SEALED_FORMAT)
         self.assertNotIn("keys", document)
 
-    @inlineCallbacks
-    def upload(self, client: VaultClient, name: str, content: bytes) -> Generator[Deferred[Any], Any, str]:
-        """JSON upload; returns the new archive id."""
-        response = yield client.post_json(
-            "/upload-file", {"filename": name, "content": base64.b64encode(content).decode("ascii")}
-        )
-        stored = yield read_json(response)
-        self.assertEqual(response.code, 201, stored)
-        return str(stored["id"])
-
-    @inlineCallbacks
-    def download(self, client: VaultClient, archive_id: str) -> Generator[Deferred[Any], Any, bytes]:
-        """Raw download of one archive; asserts a 200."""
-        response = yield client.request(
-            "GET", "/download-file", params={"id": archive_id}, headers={"Accept": "application/octet-stream"}
-        )
-        body = yield read_body(response)
-        self.assertEqual(response.code, 200, body[:200])
-        return bytes(body)
 
     def test_init_sealed(self) -> None:
         """C{securevault-admin init --sealed --passphrase-stdin} writes a 0600
@@ -157,8 +137,8 @@ class SealedDaemonTests(AsyncTestCase):
         client = self.client(port)
         yield client.login("alice")
         content = os.urandom(70_000)
-        archive_id = yield self.upload(client, "sealed.bin", content)
-        body = yield self.download(client, archive_id)
+        archive_id = yield client.upload_json("sealed.bin", content)
+        body = yield client.download_raw(archive_id)
         self.assertTrue(body == content, "downloaded bytes differ")
         yield client.close()
         daemon.process.send_signal(signal.SIGTERM)
@@ -227,7 +207,7 @@ class SealedDaemonTests(AsyncTestCase):
         client = self.client(port)
         yield client.login("alice")
         before = os.urandom(120_000)
-        before_id = yield self.upload(client, "before.bin", before)
+        before_id = yield client.upload_json("before.bin", before)
         old_key_file = self.master_key.read_bytes()
 
         result = self.admin("key", "rotate", "--passphrase-stdin", stdin=PASSPHRASE)
@@ -236,11 +216,11 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertNotEqual(self.master_key.read_bytes(), old_key_file)
         self.assert_sealed()
 
-        body = yield self.download(client, before_id)
+        body = yield client.download_raw(before_id)
         self.assertTrue(body == before, "archive stored before the rotation differs")
         after = os.urandom(30_000)
-        after_id = yield self.upload(client, "after.bin", after)
-        body = yield self.download(client, after_id)
+        after_id = yield client.upload_json("after.bin", after)
+        body = yield client.download_raw(after_id)
         self.assertTrue(body == after, "archive stored after the rotation differs")
         yield client.close()
 

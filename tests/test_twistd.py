@@ -10,7 +10,6 @@ in cleanup if still running.
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import socket
@@ -32,7 +31,7 @@ from tests.support.daemon import (
     twistd_argv,
 )
 from tests.support.testcase import AsyncTestCase
-from tests.support.tlsclient import Credential, client_for, read_body, read_json
+from tests.support.tlsclient import Credential, client_for, read_json
 
 reactor: Any = global_reactor
 
@@ -162,16 +161,8 @@ class TwistdTests(AsyncTestCase):
         self.assertEqual((response.code, (yield read_json(response))["status"]), (200, "ok"))
         yield client.login("alice")
         content = os.urandom(100_000)
-        response = yield client.post_json(
-            "/upload-file", {"filename": "daemon.bin", "content": base64.b64encode(content).decode("ascii")}
-        )
-        stored = yield read_json(response)
-        self.assertEqual(response.code, 201, stored)
-        response = yield client.request(
-            "GET", "/download-file", params={"id": stored["id"]}, headers={"Accept": "application/octet-stream"}
-        )
-        body = yield read_body(response)
-        self.assertEqual(response.code, 200)
+        archive_id = yield client.upload_json("daemon.bin", content)
+        body = yield client.download_raw(archive_id)
         self.assertTrue(body == content, "downloaded bytes differ")
         yield client.close()
 

@@ -15,6 +15,7 @@ speaks at most TLS 1.1, for the "TLS 1.1 refused" case.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -286,6 +287,30 @@ class VaultClient:
             raise AssertionError(f"login failed: {response.code} {body!r}")
         self.session_id = body["session_id"]
         return body
+
+    @inlineCallbacks
+    def upload_json(self, filename: str, content: bytes) -> Any:
+        """POST /upload-file in the JSON form; fires with the new archive id
+        (an AssertionError unless 201)."""
+        response = yield self.post_json(
+            "/upload-file", {"filename": filename, "content": base64.b64encode(content).decode("ascii")}
+        )
+        stored = yield read_json(response)
+        if response.code != 201:
+            raise AssertionError(f"upload failed: {response.code} {stored!r}")
+        return str(stored["id"])
+
+    @inlineCallbacks
+    def download_raw(self, archive_id: str) -> Any:
+        """GET /download-file as a raw stream; fires with the bytes (an
+        AssertionError unless 200)."""
+        response = yield self.request(
+            "GET", "/download-file", params={"id": archive_id}, headers={"Accept": "application/octet-stream"}
+        )
+        body = yield read_body(response)
+        if response.code != 200:
+            raise AssertionError(f"download failed: {response.code} {bytes(body)[:200]!r}")
+        return bytes(body)
 
 
 @inlineCallbacks
