@@ -1,0 +1,243 @@
+# -*- test-case-name: tests.test_blobs -*-
+"""Where archive bytes live: the narrow blob store interface, and the local
+directory that is the embedded default.
+
+A blob is one archive's encrypted body, named by its owner and archive id.
+The store knows nothing of ZIP, keys or users: it puts a stream atomically,
+gets it back as a stream, deletes it and lists what it holds (for verify and
+the orphan sweep).  Plain blocking code, run in the worker pool; the S3
+backend is in L{securevault.blobs_s3}.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_all
+
+BODY_SUFFIX = ".body"
+# Ask the kernel to start writeback every so often, so that the fsync at
+# commit has little left to do and the dirty page set stays small.
+WRITEBACK_EVERY_BYTES = 32 << 20
+
+_OWNER_ID = re.compile(r"\A[0-9A-Za-z_-]{1,64}\Z")
+_ARCHIVE_ID = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+class BlobNotFound(Exception):
+    """No blob has that name."""
+
+
+class BlobStoreError(Exception):
+    """The blob store failed; the message says what, without secrets."""
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One stored blob, as listed for verify and the orphan sweep."""
+
+    owner_id: str
+    archive_id: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+class BlobWriter(Protocol):
+    """One blob being written: nothing is visible until L{commit} returns."""
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes; C{data} may be reused by the caller afterwards."""
+
+    def commit(self) -> int:
+        """Make the blob durable and visible under its name; returns its size."""
+
+    def abort(self) -> None:
+        """Forget the blob; safe to call twice and after a failed commit."""
+
+
+class BlobReader(Protocol):
+    def read(self, size: int) -> bytes:
+        """Up to C{size} next bytes; b"" at the end."""
+
+    def close(self) -> None:
+        ...
+
+
+class BlobStore(Protocol):
+    """Archive bodies by (owner id, archive id); safe to call from any thread."""
+
+    def writer(self, owner_id: str, archive_id: str) -> BlobWriter:
+        ...
+
+    def reader(self, owner_id: str, archive_id: str) -> BlobReader:
+        """Raises L{BlobNotFound} when there is no such blob."""
+
+    def delete(self, owner_id: str, archive_id: str) -> None:
+        """Remove the blob; a missing one is not an error."""
+
+    def list(self) -> Iterator[BlobEntry]:
+        """Every committed blob, in no particular order."""
+
+    def remove_incomplete(self) -> int:
+        """Remove what interrupted writes left behind that only this node
+        could have left (local temp files); returns how many."""
+
+    def describe(self) -> str:
+        """Where the blobs are, for the start-up line (no credentials)."""
+
+
+def check_names(owner_id: str, archive_id: str) -> None:
+    if not _OWNER_ID.match(owner_id) or not _ARCHIVE_ID.match(archive_id):
+        raise ValueError("invalid blob name")
+
+
+class _Writeback:
+    """Starts asynchronous writeback of dirty pages (Linux sync_file_range)."""
+
+    _SYNC_FILE_RANGE_WRITE = 2
+
+    def __init__(self) -> None:
+        self._call: Callable[..., int] | None = None
+        name = ctypes.util.find_library("c")
+        if name:
+            try:
+                function = ctypes.CDLL(name, use_errno=True).sync_file_range
+                function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                self._call = function
+            except (OSError, AttributeError):
+                self._call = None
+
+    def start(self, fd: int) -> None:
+        if self._call is not None:  # elsewhere the final fsync does all the work
+            self._call(fd, 0, 0, self._SYNC_FILE_RANGE_WRITE)
+
+
+_writeback = _Writeback()
+
+
+class LocalBlobWriter:
+    """Writes to a temp file beside the final name; commit is fsync + rename
+    + directory fsync, so a crash leaves the old state or the new one."""
+
+    def __init__(self, directory: Path, archive_id: str) -> None:
+        self._directory = directory
+        self._final = directory / f"{archive_id}{BODY_SUFFIX}"
+        self._temp = directory / f".{archive_id}{BODY_SUFFIX}{TEMP_SUFFIX}"
+        self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._size = 0
+        self._since_writeback = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._fd < 0:
+            raise BlobStoreError("write after commit or abort")
+        write_all(self._fd, data)
+        self._size += len(data)
+        self._since_writeback += len(data)
+        if self._since_writeback >= WRITEBACK_EVERY_BYTES:
+            self._since_writeback = 0
+            _writeback.start(self._fd)
+
+    def commit(self) -> int:
+        if self._fd < 0:
+            raise BlobStoreError("commit after commit or abort")
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        os.replace(self._temp, self._final)
+        fsync_directory(self._directory)
+        return self._size
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._temp.unlink(missing_ok=True)
+
+
+class LocalBlobReader:
+    def __init__(self, path: Path) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as error:
+            raise BlobNotFound(path.name) from error
+
+    def read(self, size: int) -> bytes:
+        return os.read(self._fd, size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LocalBlobStore:
+    """Blobs as files: C{<root>/<owner id>/<archive id>.body}, mode 0600."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root.resolve())
+
+    def path(self, owner_id: str, archive_id: str) -> Path:
+        check_names(owner_id, archive_id)
+        return self.root / owner_id / f"{archive_id}{BODY_SUFFIX}"
+
+    def writer(self, owner_id: str, archive_id: str) -> LocalBlobWriter:
+        check_names(owner_id, archive_id)
+        directory = self.root / owner_id
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fsync_directory(directory.parent)
+        return LocalBlobWriter(directory, archive_id)
+
+    def reader(self, owner_id: str, archive_id: str) -> LocalBlobReader:
+        return LocalBlobReader(self.path(owner_id, archive_id))
+
+    def delete(self, owner_id: str, archive_id: str) -> None:
+        path = self.path(owner_id, archive_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_directory(path.parent)
+
+    def list(self) -> Iterator[BlobEntry]:
+        if not self.root.is_dir():
+            return
+        for directory in sorted(self.root.iterdir()):
+            if not directory.is_dir() or not _OWNER_ID.match(directory.name):
+                continue
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    archive_id = entry.name[: -len(BODY_SUFFIX)]
+                    if entry.name.endswith(BODY_SUFFIX) and _ARCHIVE_ID.match(archive_id):
+                        try:
+                            status = entry.stat()
+                        except FileNotFoundError:
+                            continue  # deleted while we listed
+                        yield BlobEntry(directory.name, archive_id, status.st_size, status.st_mtime)
+
+    def remove_incomplete(self) -> int:
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for directory in self.root.iterdir():
+            if not directory.is_dir():
+                continue
+            found = 0
+            for entry in directory.glob(f"*{TEMP_SUFFIX}"):
+                entry.unlink(missing_ok=True)
+                found += 1
+            if found:
+                fsync_directory(directory)
+            removed += found
+        return removed

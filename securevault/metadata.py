@@ -1,0 +1,495 @@
+# -*- test-case-name: tests.test_metadata -*-
+"""Everything small and transactional: the narrow metadata store interface,
+the SQL that implements it, and SQLite, the embedded default.
+
+The store holds users and their password hashes, sessions (by a digest of
+their id, never the id), login-failure counters, the archive index with each
+archive's sealed metadata document, and small named state (schema version,
+key rotation).  It knows nothing of HTTP or cryptography.  Plain blocking
+code, run in the worker pool; PostgreSQL is in L{securevault.metadata_postgres}.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+SCHEMA_VERSION = "1"
+
+
+class MetadataError(Exception):
+    """The metadata store failed; the message says what, without secrets."""
+
+
+class DuplicateUser(MetadataError):
+    """A user with that name already exists."""
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    name: str
+    user_id: str
+    password_hash: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    digest: str  # SHA-256 of the session id, hex: the id itself is never stored
+    username: str
+    user_id: str
+    fingerprint: str
+    created_at: float
+    last_used: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ArchiveRecord:
+    owner_id: str
+    archive_id: str
+    created_ns: int
+    stored_bytes: int
+    key_id: str
+    document: str  # the sealed metadata: see docs/FORMAT.md
+
+
+class MetadataStore(Protocol):
+    """Safe to call from any thread; every method is one transaction."""
+
+    # users
+    def add_user(self, record: UserRecord) -> None:
+        """Raises L{DuplicateUser} when the name is taken."""
+
+    def get_user(self, name: str) -> UserRecord | None:
+        ...
+
+    def set_password_hash(self, name: str, password_hash: str) -> bool:
+        """False when there is no such user."""
+
+    def remove_user(self, name: str) -> bool:
+        """Remove the user and end their sessions; False when there is none."""
+
+    def list_users(self) -> list[UserRecord]:
+        """Sorted by name."""
+
+    # sessions
+    def put_session(self, record: SessionRecord) -> None:
+        ...
+
+    def get_session(self, digest: str) -> SessionRecord | None:
+        ...
+
+    def touch_session(self, digest: str, last_used: float) -> None:
+        ...
+
+    def delete_session(self, digest: str) -> None:
+        ...
+
+    def delete_expired_sessions(self, now: float, idle_seconds: float) -> int:
+        ...
+
+    def count_sessions(self) -> int:
+        ...
+
+    # login throttling
+    def add_login_failures(self, subjects: Sequence[str], at: float) -> None:
+        ...
+
+    def recent_login_failures(self, subject: str, since: float, limit: int) -> list[float]:
+        """Failure times after C{since}, newest first, at most C{limit}."""
+
+    def forget_login_failures(self, before: float) -> int:
+        ...
+
+    # the archive index
+    def put_archive(self, record: ArchiveRecord) -> None:
+        ...
+
+    def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
+        ...
+
+    def list_archives(self, owner_id: str) -> list[ArchiveRecord]:
+        """Newest first."""
+
+    def delete_archive(self, owner_id: str, archive_id: str) -> bool:
+        ...
+
+    def replace_archive_key(
+        self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str
+    ) -> bool:
+        """Swap the document if its key is still C{old_key_id} (rotation)."""
+
+    def find_archive_owner(self, archive_id: str) -> str | None:
+        ...
+
+    def owners(self) -> list[str]:
+        ...
+
+    def usage(self, owner_id: str) -> int:
+        """Stored bytes of the owner's archives (for --quota)."""
+
+    def all_archive_ids(self) -> set[tuple[str, str]]:
+        """(owner id, archive id) of every archive, for the orphan sweep."""
+
+    # named state
+    def get_state(self, name: str) -> str | None:
+        ...
+
+    def set_state(self, name: str, value: str | None) -> None:
+        ...
+
+    def describe(self) -> str:
+        """Where the store is, for the start-up line (no credentials)."""
+
+    def close(self) -> None:
+        ...
+
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS sv_users (
+        name TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS sv_sessions (
+        digest TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        last_used DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS sv_sessions_user ON sv_sessions (user_id)",
+    """CREATE TABLE IF NOT EXISTS sv_login_failures (
+        subject TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS sv_login_failures_subject ON sv_login_failures (subject, at)",
+    """CREATE TABLE IF NOT EXISTS sv_archives (
+        owner_id TEXT NOT NULL,
+        archive_id TEXT NOT NULL,
+        created_ns BIGINT NOT NULL,
+        stored_bytes BIGINT NOT NULL,
+        key_id TEXT NOT NULL,
+        document TEXT NOT NULL,
+        PRIMARY KEY (owner_id, archive_id))""",
+    "CREATE INDEX IF NOT EXISTS sv_archives_id ON sv_archives (archive_id)",
+    "CREATE INDEX IF NOT EXISTS sv_archives_listing ON sv_archives (owner_id, created_ns)",
+    """CREATE TABLE IF NOT EXISTS sv_state (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL)""",
+)
+
+_USER_COLUMNS = "name, user_id, password_hash, created_at"
+_SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at"
+_ARCHIVE_COLUMNS = "owner_id, archive_id, created_ns, stored_bytes, key_id, document"
+
+
+class SqlMetadataStore:
+    """L{MetadataStore} in portable SQL over a DB-API connection per thread.
+
+    Subclasses say how to connect, how a transaction starts, and which
+    placeholder their driver takes; the statements are shared, so SQLite and
+    PostgreSQL pass the same contract suite by running the same SQL.
+    """
+
+    placeholder = "?"
+    integrity_errors: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._connections_lock = threading.Lock()
+        self._statements: dict[str, str] = {}
+
+    # -- what a backend provides ------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    @contextmanager
+    def _transaction(self, connection: Any, write: bool) -> Iterator[Any]:
+        """A cursor in a transaction (C{write}), or for one read statement."""
+        raise NotImplementedError
+        yield
+
+    def _create_schema(self) -> None:
+        with self._write() as run:
+            for statement in SCHEMA:
+                run(statement)
+            run(
+                "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                ("schema", SCHEMA_VERSION),
+            )
+        version = self.get_state("schema")
+        if version != SCHEMA_VERSION:
+            raise MetadataError(f"the metadata store has schema version {version}, this vault needs {SCHEMA_VERSION}")
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _sql(self, statement: str) -> str:
+        converted = self._statements.get(statement)
+        if converted is None:
+            converted = statement.replace("?", self.placeholder)
+            self._statements[statement] = converted
+        return converted
+
+    def _connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _forget_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if connection is not None:
+            with self._connections_lock:
+                if connection in self._connections:
+                    self._connections.remove(connection)
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    @contextmanager
+    def _write(self, write: bool = True) -> Iterator[Any]:
+        """A transaction; yields C{run(sql, params) -> cursor}."""
+        connection = self._connection()
+        try:
+            with self._transaction(connection, write) as cursor:
+
+                def run(statement: str, parameters: Sequence[Any] = ()) -> Any:
+                    cursor.execute(self._sql(statement), tuple(parameters))
+                    return cursor
+
+                yield run
+        except self.integrity_errors:
+            raise
+        except self._broken_errors() as error:
+            self._forget_connection()
+            raise MetadataError(f"the metadata store failed: {type(error).__name__}") from error
+
+    def _broken_errors(self) -> tuple[type[BaseException], ...]:
+        return (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+    def _query(self, statement: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._write(write=False) as run:
+            return list(run(statement, parameters).fetchall())
+
+    def _execute(self, statement: str, parameters: Sequence[Any] = ()) -> int:
+        with self._write() as run:
+            return int(run(statement, parameters).rowcount)
+
+    def close(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            try:
+                connection.close()
+            except Exception:
+                pass
+        self._local = threading.local()
+
+    # -- users ------------------------------------------------------------
+
+    def add_user(self, record: UserRecord) -> None:
+        try:
+            self._execute(
+                f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)",
+                (record.name, record.user_id, record.password_hash, record.created_at),
+            )
+        except self.integrity_errors as error:
+            raise DuplicateUser(record.name) from error
+
+    def get_user(self, name: str) -> UserRecord | None:
+        rows = self._query(f"SELECT {_USER_COLUMNS} FROM sv_users WHERE name = ?", (name,))
+        return UserRecord(*rows[0]) if rows else None
+
+    def set_password_hash(self, name: str, password_hash: str) -> bool:
+        return self._execute("UPDATE sv_users SET password_hash = ? WHERE name = ?", (password_hash, name)) > 0
+
+    def remove_user(self, name: str) -> bool:
+        with self._write() as run:
+            rows = run("SELECT user_id FROM sv_users WHERE name = ?", (name,)).fetchall()
+            if not rows:
+                return False
+            run("DELETE FROM sv_users WHERE name = ?", (name,))
+            run("DELETE FROM sv_sessions WHERE user_id = ?", (rows[0][0],))
+            return True
+
+    def list_users(self) -> list[UserRecord]:
+        return [UserRecord(*row) for row in self._query(f"SELECT {_USER_COLUMNS} FROM sv_users ORDER BY name")]
+
+    # -- sessions -----------------------------------------------------------
+
+    def put_session(self, record: SessionRecord) -> None:
+        self._execute(
+            f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.digest,
+                record.username,
+                record.user_id,
+                record.fingerprint,
+                record.created_at,
+                record.last_used,
+                record.expires_at,
+            ),
+        )
+
+    def get_session(self, digest: str) -> SessionRecord | None:
+        rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM sv_sessions WHERE digest = ?", (digest,))
+        return SessionRecord(*rows[0]) if rows else None
+
+    def touch_session(self, digest: str, last_used: float) -> None:
+        self._execute(
+            "UPDATE sv_sessions SET last_used = ? WHERE digest = ? AND last_used < ?", (last_used, digest, last_used)
+        )
+
+    def delete_session(self, digest: str) -> None:
+        self._execute("DELETE FROM sv_sessions WHERE digest = ?", (digest,))
+
+    def delete_expired_sessions(self, now: float, idle_seconds: float) -> int:
+        return self._execute(
+            "DELETE FROM sv_sessions WHERE expires_at <= ? OR last_used <= ?", (now, now - idle_seconds)
+        )
+
+    def count_sessions(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM sv_sessions")[0][0])
+
+    # -- login throttling ---------------------------------------------------
+
+    def add_login_failures(self, subjects: Sequence[str], at: float) -> None:
+        with self._write() as run:
+            for subject in subjects:
+                run("INSERT INTO sv_login_failures (subject, at) VALUES (?, ?)", (subject, at))
+
+    def recent_login_failures(self, subject: str, since: float, limit: int) -> list[float]:
+        rows = self._query(
+            "SELECT at FROM sv_login_failures WHERE subject = ? AND at > ? ORDER BY at DESC LIMIT ?",
+            (subject, since, limit),
+        )
+        return [float(row[0]) for row in rows]
+
+    def forget_login_failures(self, before: float) -> int:
+        return self._execute("DELETE FROM sv_login_failures WHERE at <= ?", (before,))
+
+    # -- the archive index ----------------------------------------------------
+
+    def put_archive(self, record: ArchiveRecord) -> None:
+        self._execute(
+            f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.owner_id,
+                record.archive_id,
+                record.created_ns,
+                record.stored_bytes,
+                record.key_id,
+                record.document,
+            ),
+        )
+
+    def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
+        rows = self._query(
+            f"SELECT {_ARCHIVE_COLUMNS} FROM sv_archives WHERE owner_id = ? AND archive_id = ?",
+            (owner_id, archive_id),
+        )
+        return ArchiveRecord(*rows[0]) if rows else None
+
+    def list_archives(self, owner_id: str) -> list[ArchiveRecord]:
+        rows = self._query(
+            f"SELECT {_ARCHIVE_COLUMNS} FROM sv_archives WHERE owner_id = ? ORDER BY created_ns DESC, archive_id",
+            (owner_id,),
+        )
+        return [ArchiveRecord(*row) for row in rows]
+
+    def delete_archive(self, owner_id: str, archive_id: str) -> bool:
+        return (
+            self._execute("DELETE FROM sv_archives WHERE owner_id = ? AND archive_id = ?", (owner_id, archive_id))
+            > 0
+        )
+
+    def replace_archive_key(
+        self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str
+    ) -> bool:
+        changed = self._execute(
+            "UPDATE sv_archives SET key_id = ?, document = ? WHERE owner_id = ? AND archive_id = ? AND key_id = ?",
+            (key_id, document, owner_id, archive_id, old_key_id),
+        )
+        return changed > 0
+
+    def find_archive_owner(self, archive_id: str) -> str | None:
+        rows = self._query("SELECT owner_id FROM sv_archives WHERE archive_id = ?", (archive_id,))
+        return str(rows[0][0]) if rows else None
+
+    def owners(self) -> list[str]:
+        return [str(row[0]) for row in self._query("SELECT DISTINCT owner_id FROM sv_archives ORDER BY owner_id")]
+
+    def usage(self, owner_id: str) -> int:
+        rows = self._query("SELECT COALESCE(SUM(stored_bytes), 0) FROM sv_archives WHERE owner_id = ?", (owner_id,))
+        return int(rows[0][0])
+
+    def all_archive_ids(self) -> set[tuple[str, str]]:
+        return {(str(o), str(a)) for o, a in self._query("SELECT owner_id, archive_id FROM sv_archives")}
+
+    # -- named state ------------------------------------------------------------
+
+    def get_state(self, name: str) -> str | None:
+        rows = self._query("SELECT value FROM sv_state WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    def set_state(self, name: str, value: str | None) -> None:
+        if value is None:
+            self._execute("DELETE FROM sv_state WHERE name = ?", (name,))
+        else:
+            self._execute(
+                "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+
+
+class SqliteMetadataStore(SqlMetadataStore):
+    """The embedded default: one SQLite file in WAL mode, a connection per
+    thread, every commit fsync'd (synchronous=FULL): an answered upload
+    survives a power cut."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._create_schema()
+
+    def describe(self) -> str:
+        return f"sqlite:{self.path.resolve()}"
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            fresh = not self.path.exists()
+            connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            if fresh:
+                self.path.chmod(0o600)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as error:
+            raise MetadataError(f"cannot open the metadata database {self.path}: {error}") from error
+        return connection
+
+    @contextmanager
+    def _transaction(self, connection: Any, write: bool) -> Iterator[Any]:
+        cursor = connection.cursor()
+        if not write:  # autocommit: one statement, one snapshot, no lock
+            yield cursor
+            return
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            yield cursor
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()

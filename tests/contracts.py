@@ -1,0 +1,348 @@
+"""The contract every metadata store and every blob store must keep.
+
+Each backend's test module subclasses these mixins with a C{make_store()}
+that returns a fresh, empty store, so SQLite, PostgreSQL, the local
+directory and S3 are held to one and the same suite.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from securevault.blobs import BlobNotFound, BlobStore
+from securevault.metadata import (
+    ArchiveRecord,
+    DuplicateUser,
+    MetadataStore,
+    SessionRecord,
+    UserRecord,
+)
+
+
+def _archive(owner: str, archive_id: str, created_ns: int, stored: int = 100, key_id: str = "k1") -> ArchiveRecord:
+    return ArchiveRecord(owner, archive_id, created_ns, stored, key_id, '{"doc": "%s"}' % archive_id)
+
+
+def _session(digest: str, user_id: str = "u1", *, last_used: float = 100.0, expires_at: float = 1000.0) -> SessionRecord:
+    return SessionRecord(digest, "alice", user_id, "f" * 64, 100.0, last_used, expires_at)
+
+
+class MetadataStoreContract:
+    """Mixed into a trial TestCase; C{make_store} returns a fresh store."""
+
+    def make_store(self) -> MetadataStore:
+        raise NotImplementedError
+
+    def _store(self) -> MetadataStore:
+        store = self.make_store()
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        return store
+
+    # users
+
+    def test_user_round_trip(self) -> None:
+        store = self._store()
+        record = UserRecord("alice", "a" * 32, "scrypt$hash", "2026-11-24T00:00:00Z")
+        store.add_user(record)
+        self.assertEqual(store.get_user("alice"), record)  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_user("bob"))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_user("ALICE"))  # type: ignore[attr-defined]
+
+    def test_duplicate_user_refused(self) -> None:
+        store = self._store()
+        store.add_user(UserRecord("alice", "a" * 32, "h1", "t"))
+        self.assertRaises(DuplicateUser, store.add_user, UserRecord("alice", "b" * 32, "h2", "t"))  # type: ignore[attr-defined]
+        self.assertEqual(store.get_user("alice").password_hash, "h1")  # type: ignore[attr-defined,union-attr]
+
+    def test_set_password_and_list(self) -> None:
+        store = self._store()
+        store.add_user(UserRecord("bob", "b" * 32, "h1", "t"))
+        store.add_user(UserRecord("alice", "a" * 32, "h1", "t"))
+        self.assertTrue(store.set_password_hash("bob", "h2"))  # type: ignore[attr-defined]
+        self.assertFalse(store.set_password_hash("carol", "h2"))  # type: ignore[attr-defined]
+        self.assertEqual([u.name for u in store.list_users()], ["alice", "bob"])  # type: ignore[attr-defined]
+        self.assertEqual(store.get_user("bob").password_hash, "h2")  # type: ignore[attr-defined,union-attr]
+
+    def test_remove_user_ends_sessions(self) -> None:
+        store = self._store()
+        store.add_user(UserRecord("alice", "u1", "h", "t"))
+        store.put_session(_session("d1", "u1"))
+        store.put_session(_session("d2", "u2"))
+        self.assertTrue(store.remove_user("alice"))  # type: ignore[attr-defined]
+        self.assertFalse(store.remove_user("alice"))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_user("alice"))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_session("d1"))  # type: ignore[attr-defined]
+        self.assertIsNotNone(store.get_session("d2"))  # type: ignore[attr-defined]
+
+    # sessions
+
+    def test_session_round_trip_touch_delete(self) -> None:
+        store = self._store()
+        record = _session("d1")
+        store.put_session(record)
+        self.assertEqual(store.get_session("d1"), record)  # type: ignore[attr-defined]
+        store.touch_session("d1", 150.0)
+        self.assertEqual(store.get_session("d1").last_used, 150.0)  # type: ignore[attr-defined,union-attr]
+        store.touch_session("d1", 120.0)  # never moves back
+        self.assertEqual(store.get_session("d1").last_used, 150.0)  # type: ignore[attr-defined,union-attr]
+        self.assertEqual(store.count_sessions(), 1)  # type: ignore[attr-defined]
+        store.delete_session("d1")
+        store.delete_session("d1")
+        self.assertIsNone(store.get_session("d1"))  # type: ignore[attr-defined]
+        self.assertEqual(store.count_sessions(), 0)  # type: ignore[attr-defined]
+
+    def test_expired_sessions_swept(self) -> None:
+        store = self._store()
+        store.put_session(_session("idle", last_used=100.0, expires_at=10_000.0))
+        store.put_session(_session("old", last_used=450.0, expires_at=480.0))
+        store.put_session(_session("live", last_used=450.0, expires_at=10_000.0))
+        self.assertEqual(store.delete_expired_sessions(500.0, 300.0), 2)  # type: ignore[attr-defined]
+        self.assertIsNotNone(store.get_session("live"))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_session("idle"))  # type: ignore[attr-defined]
+
+    # login throttling
+
+    def test_login_failures(self) -> None:
+        store = self._store()
+        for at in (10.0, 20.0, 30.0):
+            store.add_login_failures(["user:a", "cert:x"], at)
+        store.add_login_failures(["user:b"], 25.0)
+        self.assertEqual(store.recent_login_failures("user:a", 15.0, 10), [30.0, 20.0])  # type: ignore[attr-defined]
+        self.assertEqual(store.recent_login_failures("cert:x", 0.0, 2), [30.0, 20.0])  # type: ignore[attr-defined]
+        self.assertEqual(store.recent_login_failures("user:c", 0.0, 5), [])  # type: ignore[attr-defined]
+        self.assertEqual(store.forget_login_failures(20.0), 4)  # type: ignore[attr-defined]
+        self.assertEqual(store.recent_login_failures("user:a", 0.0, 10), [30.0])  # type: ignore[attr-defined]
+
+    # the archive index
+
+    def test_archive_index(self) -> None:
+        store = self._store()
+        store.put_archive(_archive("o1", "a" * 32, 1, 10))
+        store.put_archive(_archive("o1", "b" * 32, 3, 20))
+        store.put_archive(_archive("o1", "c" * 32, 2, 30))
+        store.put_archive(_archive("o2", "d" * 32, 5, 40))
+        self.assertEqual([r.archive_id[0] for r in store.list_archives("o1")], ["b", "c", "a"])  # type: ignore[attr-defined]
+        self.assertEqual(store.get_archive("o1", "a" * 32), _archive("o1", "a" * 32, 1, 10))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_archive("o2", "a" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(store.usage("o1"), 60)  # type: ignore[attr-defined]
+        self.assertEqual(store.usage("nobody"), 0)  # type: ignore[attr-defined]
+        self.assertEqual(store.owners(), ["o1", "o2"])  # type: ignore[attr-defined]
+        self.assertEqual(store.find_archive_owner("d" * 32), "o2")  # type: ignore[attr-defined]
+        self.assertIsNone(store.find_archive_owner("e" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(len(store.all_archive_ids()), 4)  # type: ignore[attr-defined]
+        self.assertTrue(store.delete_archive("o1", "a" * 32))  # type: ignore[attr-defined]
+        self.assertFalse(store.delete_archive("o1", "a" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(store.usage("o1"), 50)  # type: ignore[attr-defined]
+
+    def test_duplicate_archive_refused(self) -> None:
+        store = self._store()
+        store.put_archive(_archive("o1", "a" * 32, 1))
+        with self.assertRaises(Exception):  # type: ignore[attr-defined]
+            store.put_archive(_archive("o1", "a" * 32, 2))
+        self.assertEqual(store.get_archive("o1", "a" * 32).created_ns, 1)  # type: ignore[attr-defined,union-attr]
+
+    def test_replace_archive_key_is_conditional(self) -> None:
+        store = self._store()
+        store.put_archive(_archive("o1", "a" * 32, 1, key_id="k1"))
+        self.assertTrue(store.replace_archive_key("o1", "a" * 32, "k1", "k2", "new"))  # type: ignore[attr-defined]
+        self.assertFalse(store.replace_archive_key("o1", "a" * 32, "k1", "k3", "newer"))  # type: ignore[attr-defined]
+        record = store.get_archive("o1", "a" * 32)
+        self.assertEqual((record.key_id, record.document), ("k2", "new"))  # type: ignore[attr-defined,union-attr]
+
+    # state
+
+    def test_state(self) -> None:
+        store = self._store()
+        self.assertIsNone(store.get_state("rotation"))  # type: ignore[attr-defined]
+        store.set_state("rotation", "k2")
+        store.set_state("rotation", "k3")
+        self.assertEqual(store.get_state("rotation"), "k3")  # type: ignore[attr-defined]
+        store.set_state("rotation", None)
+        self.assertIsNone(store.get_state("rotation"))  # type: ignore[attr-defined]
+
+    def test_text_round_trips_exactly(self) -> None:
+        store = self._store()
+        name = "a.b_c@d-e"
+        store.add_user(UserRecord(name, "u" * 32, "scrypt$32768$8$1$c2FsdA==$aGFzaA==", "t"))
+        self.assertEqual(store.get_user(name).name, name)  # type: ignore[attr-defined,union-attr]
+        document = '{"filename": "r\\u00e9sum\\u00e9 \\ud83d\\ude00.txt"}'
+        store.put_archive(ArchiveRecord("o1", "a" * 32, 2**62, 2**40, "k", document))
+        record = store.get_archive("o1", "a" * 32)
+        self.assertEqual((record.document, record.created_ns, record.stored_bytes), (document, 2**62, 2**40))  # type: ignore[attr-defined,union-attr]
+
+    def test_many_threads(self) -> None:
+        """Every method is safe from the worker pool's threads at once."""
+        store = self._store()
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                for i in range(20):
+                    store.put_archive(_archive(f"o{n}", f"{n:02x}{i:030x}", i))
+                    store.add_login_failures([f"user:{n}"], float(i))
+                    store.list_archives(f"o{n}")
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])  # type: ignore[attr-defined]
+        self.assertEqual(sum(len(store.list_archives(f"o{n}")) for n in range(4)), 80)  # type: ignore[attr-defined]
+
+    def test_shared_between_instances(self) -> None:
+        """Two stores on one backend see each other's writes (two nodes)."""
+        first = self._store()
+        second = self.reopen_store(first)
+        self.addCleanup(second.close)  # type: ignore[attr-defined]
+        first.put_session(_session("d1"))
+        self.assertIsNotNone(second.get_session("d1"))  # type: ignore[attr-defined]
+        second.delete_session("d1")
+        self.assertIsNone(first.get_session("d1"))  # type: ignore[attr-defined]
+        first.add_login_failures(["user:a"], 10.0)
+        self.assertEqual(second.recent_login_failures("user:a", 0.0, 5), [10.0])  # type: ignore[attr-defined]
+
+    def reopen_store(self, store: MetadataStore) -> MetadataStore:
+        """A second store on the same backend as C{store}."""
+        raise NotImplementedError
+
+
+class BlobStoreContract:
+    """Mixed into a trial TestCase; C{make_store} returns a fresh store."""
+
+    def make_store(self) -> BlobStore:
+        raise NotImplementedError
+
+    def _put(self, store: BlobStore, owner: str, archive_id: str, pieces: list[bytes]) -> int:
+        writer = store.writer(owner, archive_id)
+        for piece in pieces:
+            writer.write(memoryview(piece))
+        return writer.commit()
+
+    def _get(self, store: BlobStore, owner: str, archive_id: str, size: int = 65536) -> bytes:
+        reader = store.reader(owner, archive_id)
+        try:
+            out = []
+            while block := reader.read(size):
+                out.append(block)
+            return b"".join(out)
+        finally:
+            reader.close()
+
+    def test_round_trip(self) -> None:
+        store = self.make_store()
+        data = os.urandom(300_000)
+        size = self._put(store, "o1", "a" * 32, [data[:1], data[1:100_000], b"", data[100_000:]])
+        self.assertEqual(size, len(data))  # type: ignore[attr-defined]
+        self.assertEqual(self._get(store, "o1", "a" * 32), data)  # type: ignore[attr-defined]
+        self.assertEqual(self._get(store, "o1", "a" * 32, size=7), data)  # type: ignore[attr-defined]
+
+    def test_empty_blob(self) -> None:
+        store = self.make_store()
+        self.assertEqual(self._put(store, "o1", "a" * 32, []), 0)  # type: ignore[attr-defined]
+        self.assertEqual(self._get(store, "o1", "a" * 32), b"")  # type: ignore[attr-defined]
+
+    def test_large_blob_streams(self) -> None:
+        """More than one part of any chunked upload scheme (S3: 8 MiB parts)."""
+        store = self.make_store()
+        block = os.urandom(1 << 20)
+        writer = store.writer("o1", "b" * 32)
+        for i in range(19):
+            writer.write(memoryview(bytes([i]) + block[1:]))
+        self.assertEqual(writer.commit(), 19 << 20)  # type: ignore[attr-defined]
+        reader = store.reader("o1", "b" * 32)
+        try:
+            for i in range(19):
+                got = b""
+                while len(got) < 1 << 20:
+                    more = reader.read((1 << 20) - len(got))
+                    self.assertTrue(more)  # type: ignore[attr-defined]
+                    got += more
+                self.assertEqual(got, bytes([i]) + block[1:])  # type: ignore[attr-defined]
+            self.assertEqual(reader.read(10), b"")  # type: ignore[attr-defined]
+        finally:
+            reader.close()
+
+    def test_invisible_until_commit(self) -> None:
+        store = self.make_store()
+        writer = store.writer("o1", "a" * 32)
+        writer.write(b"x" * 1000)
+        self.assertRaises(BlobNotFound, store.reader, "o1", "a" * 32)  # type: ignore[attr-defined]
+        self.assertEqual(list(store.list()), [])  # type: ignore[attr-defined]
+        writer.commit()
+        self.assertEqual([(e.owner_id, e.archive_id, e.size) for e in store.list()], [("o1", "a" * 32, 1000)])  # type: ignore[attr-defined]
+
+    def test_abort_leaves_nothing(self) -> None:
+        store = self.make_store()
+        writer = store.writer("o1", "a" * 32)
+        writer.write(os.urandom(9 << 20))
+        writer.abort()
+        writer.abort()
+        self.assertRaises(BlobNotFound, store.reader, "o1", "a" * 32)  # type: ignore[attr-defined]
+        self.assertEqual(list(store.list()), [])  # type: ignore[attr-defined]
+        store.remove_incomplete()
+        self.assertEqual(list(store.list()), [])  # type: ignore[attr-defined]
+
+    def test_delete(self) -> None:
+        store = self.make_store()
+        self._put(store, "o1", "a" * 32, [b"one"])
+        self._put(store, "o2", "a" * 32, [b"two"])
+        store.delete("o1", "a" * 32)
+        store.delete("o1", "a" * 32)  # missing is fine
+        self.assertRaises(BlobNotFound, store.reader, "o1", "a" * 32)  # type: ignore[attr-defined]
+        self.assertEqual(self._get(store, "o2", "a" * 32), b"two")  # type: ignore[attr-defined]
+
+    def test_list_names_and_times(self) -> None:
+        store = self.make_store()
+        before = time.time() - 120
+        self._put(store, "o1", "a" * 32, [b"1"])
+        self._put(store, "o1", "b" * 32, [b"22"])
+        self._put(store, "o_2", "c" * 32, [b"333"])
+        entries = sorted(store.list(), key=lambda e: (e.owner_id, e.archive_id))
+        self.assertEqual(  # type: ignore[attr-defined]
+            [(e.owner_id, e.archive_id, e.size) for e in entries],
+            [("o1", "a" * 32, 1), ("o1", "b" * 32, 2), ("o_2", "c" * 32, 3)],
+        )
+        for entry in entries:
+            self.assertTrue(before < entry.modified < time.time() + 120)  # type: ignore[attr-defined]
+
+    def test_hostile_names_refused(self) -> None:
+        store = self.make_store()
+        for owner, archive_id in [("../x", "a" * 32), ("o1", "../" + "a" * 29), ("o1", "A" * 32), ("", "a" * 32)]:
+            with self.assertRaises(ValueError):  # type: ignore[attr-defined]
+                store.writer(owner, archive_id)
+            with self.assertRaises(ValueError):  # type: ignore[attr-defined]
+                store.reader(owner, archive_id)
+
+    def test_concurrent_writers(self) -> None:
+        store = self.make_store()
+        errors: list[BaseException] = []
+        payloads = {f"{n:032x}": os.urandom(200_000 + n) for n in range(4)}
+
+        def work(archive_id: str, data: bytes) -> None:
+            try:
+                self._put(store, "o1", archive_id, [data[i : i + 65536] for i in range(0, len(data), 65536)])
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=item) for item in payloads.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])  # type: ignore[attr-defined]
+        for archive_id, data in payloads.items():
+            self.assertEqual(self._get(store, "o1", archive_id), data)  # type: ignore[attr-defined]
+
+    def test_overwrite_is_atomic(self) -> None:
+        """A name is written once by the vault; a second commit replaces the
+        blob whole, never leaving a mix."""
+        store = self.make_store()
+        self._put(store, "o1", "a" * 32, [b"first" * 1000])
+        self._put(store, "o1", "a" * 32, [b"second" * 1000])
+        self.assertEqual(self._get(store, "o1", "a" * 32), b"second" * 1000)  # type: ignore[attr-defined]
+
