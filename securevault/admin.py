@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from securevault.audit import AuditLog, verify_chain
-from securevault.keys import KeyFileError, KeyringFile
+from securevault.keys import KeyFileError, Keyring, KeyringFile
 from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.maintenance import export_archive, rotate_master_key, verify_archives
-from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
+from securevault.backends import BLOBS_ENV, METADATA_ENV, BackendError, Stores, blobs_setting, metadata_setting, open_stores
+from securevault.migration import migrate, migrate_users
+from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage, StorageError
 from securevault.pki import PkiError, init_dev_pki, issue_client_cert
 from securevault.users import (
     UnknownUser,
@@ -36,7 +38,9 @@ PROG = "securevault-admin"
 DEFAULT_DATA_DIR = "vault-data"
 DEFAULT_CERTS_DIR = "certs"
 MASTER_KEY_NAME = "master.key"
-USERS_FILE_NAME = "users.json"
+# verify --repair leaves blobs younger than this: a node may be between
+# writing a blob and committing its index row.
+REPAIR_GRACE_SECONDS = 3600.0
 DATA_DIR_MODE = 0o700
 
 
@@ -55,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir",
         default=DEFAULT_DATA_DIR,
         help=f"the vault's data directory (default: {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--metadata",
+        help=f"metadata store: sqlite (default), sqlite:///PATH or postgresql://... (default: ${METADATA_ENV})",
+    )
+    parser.add_argument(
+        "--blobs", help=f"blob store: file:///DIR or s3://BUCKET/PREFIX (default: ${BLOBS_ENV}, else <data-dir>/archives)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -119,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="authenticate every archive; exit 1 if any fails")
     verify.add_argument("--user", help="only this user's archives")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove blobs that no archive names (debris of a crash between a blob and its index row)",
+    )
+    verify.add_argument(
+        "--grace",
+        type=float,
+        default=REPAIR_GRACE_SECONDS,
+        metavar="SECONDS",
+        help=f"with --repair, only blobs older than this; a running node may be mid-upload (default: {REPAIR_GRACE_SECONDS:.0f})",
+    )
     verify.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
     verify.add_argument(
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
@@ -184,8 +207,21 @@ def _existing_data_dir(args: argparse.Namespace) -> Path:
     return data_dir
 
 
+def _stores(args: argparse.Namespace) -> Stores:
+    """The vault's stores, opened once per command (closed by L{main})."""
+    stores: Stores | None = getattr(args, "opened_stores", None)
+    if stores is None:
+        stores = open_stores(
+            _existing_data_dir(args), metadata_setting(args.metadata), blobs_setting(args.blobs)
+        )
+        args.opened_stores = stores
+    return stores
+
+
 def _user_store(args: argparse.Namespace) -> UserStore:
-    return UserStore(_existing_data_dir(args) / USERS_FILE_NAME)
+    users = UserStore(_stores(args).metadata)
+    migrate_users(_existing_data_dir(args), users)  # a vault from before the stores
+    return users
 
 
 def _init(args: argparse.Namespace, out: TextIO) -> None:
@@ -299,8 +335,10 @@ def _key_file(args: argparse.Namespace) -> KeyringFile:
     return KeyringFile(_master_key(args), source)
 
 
-def _storage(args: argparse.Namespace) -> SecureFileStorage:
-    return SecureFileStorage(_existing_data_dir(args), _key_file(args).load())
+def _storage(args: argparse.Namespace, keyring: Keyring | None = None) -> SecureFileStorage:
+    storage = _stores(args).storage(keyring or _key_file(args).load())
+    migrate(_existing_data_dir(args), _user_store(args), storage)
+    return storage
 
 
 def _progress(message: str) -> None:
@@ -308,7 +346,7 @@ def _progress(message: str) -> None:
 
 
 def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
-    report = rotate_master_key(_existing_data_dir(args), _key_file(args), _progress)
+    report = rotate_master_key(lambda keyring: _storage(args, keyring), _key_file(args), _progress)
     AuditLog(_audit_path(args)).append(
         "key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids)
     )
@@ -322,7 +360,7 @@ def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
 def _verify(args: argparse.Namespace, out: TextIO) -> None:
     storage = _storage(args)
     names = {}
-    store = UserStore(Path(args.data_dir) / USERS_FILE_NAME)
+    store = _user_store(args)
     for name in store.names():
         user_id = store.user_id(name)
         if user_id is not None:
@@ -338,6 +376,17 @@ def _verify(args: argparse.Namespace, out: TextIO) -> None:
         owner = names.get(failure.owner_id, f"(removed user {failure.owner_id})")
         print(f"FAILED {failure.archive_id} of {owner}: {failure.reason}", file=out)
     print(f"{checked} archives verified, {len(failures)} failed", file=out)
+    if not args.user:
+        orphans = storage.orphans(args.grace)
+        for owner_id, archive_id in orphans:
+            if args.repair:
+                storage.blobs.delete(owner_id, archive_id)
+            action = "removed" if args.repair else "found"
+            print(f"ORPHAN {archive_id} of {names.get(owner_id, owner_id)}: blob without an index row, {action}", file=out)
+        if orphans and not args.repair:
+            print(f"{len(orphans)} orphaned blobs; remove them with --repair", file=out)
+        elif orphans:
+            print(f"{len(orphans)} orphaned blobs removed", file=out)
     if failures:
         raise CheckFailed()
 
@@ -382,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args, sys.stdout)
     except CheckFailed:
         return 1
-    except (AdminError, PkiError, UserError, KeyFileError, PassphraseError) as error:
+    except (AdminError, PkiError, UserError, KeyFileError, PassphraseError, BackendError, StorageError) as error:
         return _fail(str(error))
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
@@ -392,6 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    finally:
+        stores = getattr(args, "opened_stores", None)
+        if stores is not None:
+            stores.close()
     return 0
 
 

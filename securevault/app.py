@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.web.server import Request
+
+from typing import TYPE_CHECKING
 
 from securevault.audit import AuditLog
 from securevault.config import VaultConfig
@@ -19,7 +22,19 @@ from securevault.tls import ClientIdentity, client_identity
 from securevault.users import UserStore
 from securevault.workers import RunBlocking
 
+if TYPE_CHECKING:
+    from securevault.backends import Stores
+
 log = Logger(namespace="securevault.security")
+
+
+class SessionRefused(ApiError):
+    """401 invalid_session, raised in the pool; the reactor side logs it
+    with L{VaultApp.refused}."""
+
+    def __init__(self) -> None:
+        error = invalid_session()
+        super().__init__(error.status, error.code, error.message, error.headers)
 
 
 @dataclass
@@ -35,6 +50,10 @@ class VaultApp:
     clock: Callable[[], float]
     audit: AuditLog | None = None
     metrics: VaultMetrics | None = None
+    stores: "Stores | None" = None
+    # Live sessions, as counted by the last sweep (for the metrics gauge:
+    # the reactor thread never asks the store).
+    session_count: int = 0
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> None:
         """Append a security event to the audit log, in the pool; no secrets."""
@@ -69,21 +88,35 @@ class VaultApp:
             setattr(request, "client_identity", identity)
         return identity
 
-    def authenticate(self, request: Request) -> Session:
-        """The caller's session, from the headers only; else 401 invalid_session."""
+    def authenticate(self, request: Request) -> "Deferred[Session]":
+        """The caller's session, from the headers only; else a failure with
+        401 invalid_session.  The lookup runs in the pool: sessions live in
+        the metadata store, shared by every node."""
+        try:
+            identity = self.identity(request)
+        except ApiError as error:
+            return fail(error)
         session_id = session_id_from_headers(request)
-        identity = self.identity(request)
-        session = self.sessions.lookup(session_id, identity.fingerprint) if session_id else None
-        if session is None:
-            log.warn(
-                "Refused session for certificate {fingerprint}",
-                fingerprint=identity.fingerprint,
-                event_kind="refused_session",
-            )
-            self.record("session_refused", request)
-            raise invalid_session()
-        setattr(request, "vault_user", session.username)
-        return session
+        if not session_id:
+            return fail(self.refused(request))
+
+        def found(session: Session | None) -> Session:
+            if session is None:
+                raise self.refused(request)
+            setattr(request, "vault_user", session.username)
+            return session
+
+        return self.run_blocking(self.sessions.lookup, session_id, identity.fingerprint).addCallback(found)
+
+    def refused(self, request: Request) -> ApiError:
+        """Log and audit a refused session; the 401 to answer with."""
+        log.warn(
+            "Refused session for certificate {fingerprint}",
+            fingerprint=self.identity(request).fingerprint,
+            event_kind="refused_session",
+        )
+        self.record("session_refused", request)
+        return invalid_session()
 
 
 def session_id_from_headers(request: Request) -> str | None:

@@ -10,8 +10,6 @@ Twisted import; L{securevault.storage.SecureFileStorage} owns the layout.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
@@ -23,22 +21,20 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, cast
+from typing import IO, TYPE_CHECKING, Any, Iterator, cast
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from securevault.fsutil import TEMP_SUFFIX, write_all
-
 if TYPE_CHECKING:
+    from securevault.blobs import BlobReader, BlobWriter
     from securevault.storage import SecureFileStorage
 
 FORMAT_VERSION = 1
 META_FORMAT = "securevault-archive"
-BODY_SUFFIX = ".body"
+# Before the metadata store, each archive had a .meta file beside its body.
 META_SUFFIX = ".meta"
 DATA_KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -51,9 +47,6 @@ COMPRESSION_SAMPLE_BYTES = 64 * 1024
 COMPRESSION_LEVEL = 1
 # Deflate a file only when level 1 shrinks the sample to at most this share.
 COMPRESSIBLE_RATIO = 0.9
-# Ask the kernel to start writeback every so often, so that the fsync at
-# commit has little left to do and the dirty page set stays small.
-WRITEBACK_EVERY_BYTES = 32 << 20
 MAX_FILENAME_BYTES = 255
 
 _ARCHIVE_ID = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -165,46 +158,20 @@ def translate_os_error(error: OSError) -> Exception:
     return error
 
 
-class _Writeback:
-    """Starts asynchronous writeback of dirty pages (Linux sync_file_range)."""
-
-    _SYNC_FILE_RANGE_WRITE = 2
-
-    def __init__(self) -> None:
-        self._call: Callable[..., int] | None = None
-        name = ctypes.util.find_library("c")
-        if name:
-            try:
-                libc = ctypes.CDLL(name, use_errno=True)
-                function = libc.sync_file_range
-                function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                self._call = function
-            except (OSError, AttributeError):
-                self._call = None
-
-    def start(self, fd: int) -> None:
-        if self._call is not None:
-            self._call(fd, 0, 0, self._SYNC_FILE_RANGE_WRITE)
-        # Elsewhere the final fsync does all the work.
-
-
-_writeback = _Writeback()
-
-
 # Shared by all uploads; a hash job is short and never waits on anything.
 _hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="securevault-sha256")
 PARALLEL_HASH_BYTES = 256 * 1024
 
 
 class _EncryptingSink:
-    """The file object zipfile writes to: encrypts and writes to a descriptor.
+    """The file object zipfile writes to: encrypts and writes to a blob.
 
     It has C{tell} but no C{seek}, so zipfile streams (data descriptors)
     instead of seeking back to patch headers.
     """
 
-    def __init__(self, fd: int, encryptor: Cobblestone256Encryptor) -> None:
-        self._fd = fd
+    def __init__(self, blob: "BlobWriter", encryptor: Cobblestone256Encryptor) -> None:
+        self._blob = blob
         self._encryptor = encryptor
         # One buffer for the life of the upload, grown to the largest write
         # (a fresh 1 MiB bytearray per write costs more than the encryption
@@ -212,14 +179,13 @@ class _EncryptingSink:
         self._buffer = bytearray()
         self.position = 0
         self.ciphertext_bytes = 0
-        self._since_writeback = 0
         self.closed = False
 
     def write(self, data: bytes | memoryview) -> int:
         size = len(data)
         if size == 0 or self.closed:
-            # Once the upload is aborted its descriptor number may belong to
-            # another file: whatever zipfile still flushes goes nowhere.
+            # Once the upload is aborted, whatever zipfile still flushes
+            # goes nowhere.
             return size
         if len(self._buffer) < size + 2 * CHUNK_PLAINTEXT_BYTES:
             self._buffer = ciphertext_buffer(size)
@@ -232,14 +198,10 @@ class _EncryptingSink:
         if not ciphertext:
             return
         try:
-            write_all(self._fd, ciphertext)
+            self._blob.write(ciphertext)
         except OSError as error:
             raise translate_os_error(error) from error
         self.ciphertext_bytes += len(ciphertext)
-        self._since_writeback += len(ciphertext)
-        if self._since_writeback >= WRITEBACK_EVERY_BYTES:
-            self._since_writeback = 0
-            _writeback.start(self._fd)
 
     def finish(self) -> None:
         self._emit(self._encryptor.finalize())
@@ -274,7 +236,6 @@ class ArchiveWriter:
         self._max_bytes = max_bytes
         self.archive_id = secrets.token_hex(16)
         self._created_ns = storage.clock_ns()
-        self._directory = storage.owner_directory(owner_id, create=True)
         self._data_key = os.urandom(DATA_KEY_BYTES)
         self._sha256 = hashlib.sha256()
         self._size = 0
@@ -286,12 +247,11 @@ class ArchiveWriter:
         self._data_offset = 0
         self._method = "stored"
         self._done = False
-        self._body_temp = self._directory / f".{self.archive_id}{BODY_SUFFIX}{TEMP_SUFFIX}"
-        self._fd = os.open(self._body_temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._blob = storage.blobs.writer(owner_id, self.archive_id)
         encryptor = Cobblestone256Encryptor(
             derive_key(self._data_key, b"body-key"), context_bytes(b"body", owner_id, self.archive_id)
         )
-        self._sink = _EncryptingSink(self._fd, encryptor)
+        self._sink = _EncryptingSink(self._blob, encryptor)
 
     @property
     def size(self) -> int:
@@ -374,12 +334,10 @@ class ArchiveWriter:
             self._sink.finish()
             if self._max_bytes is not None and self._sink.ciphertext_bytes > self._max_bytes:
                 raise QuotaExceeded("The upload exceeds the storage quota.")
-            try:
-                os.fsync(self._fd)
-            except OSError as error:
-                raise translate_os_error(error) from error
-            os.close(self._fd)
-            self._fd = -1
+            # The blob is durable before the index row that names it commits:
+            # a crash in between leaves an orphan blob (swept), never a row
+            # without a blob.
+            self._blob.commit()
             info = ArchiveInfo(
                 id=self.archive_id,
                 filename=self._filename,
@@ -392,12 +350,10 @@ class ArchiveWriter:
                 compressed_size=compressed_size,
                 stored_bytes=self._sink.ciphertext_bytes,
             )
-            body_path = self._directory / f"{self.archive_id}{BODY_SUFFIX}"
-            os.replace(self._body_temp, body_path)
             try:
                 self._storage.write_meta(self._owner_id, info, self._data_key)
             except BaseException:
-                body_path.unlink(missing_ok=True)
+                self._storage.blobs.delete(self._owner_id, self.archive_id)
                 raise
             self._done = True
             return info
@@ -420,10 +376,7 @@ class ArchiveWriter:
                     closable.close()
                 except Exception:
                     pass  # already failing; nothing of it reaches the disk
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._body_temp.unlink(missing_ok=True)
+        self._blob.abort()
 
 
 class ArchiveReader:
@@ -435,9 +388,9 @@ class ArchiveReader:
     L{IntegrityError}.
     """
 
-    def __init__(self, path: Path, info: ArchiveInfo, body_key: bytes, context: bytes) -> None:
+    def __init__(self, blob: "BlobReader", info: ArchiveInfo, body_key: bytes, context: bytes) -> None:
         self.info = info
-        self._fd = os.open(path, os.O_RDONLY)
+        self._blob: BlobReader | None = blob
         self._decryptor = Cobblestone256Decryptor(body_key, context)
         # Sized by the archive: many small downloads must not each hold a MiB.
         self._read_bytes = max(1, min(READ_BLOCK_BYTES, info.stored_bytes))
@@ -457,7 +410,9 @@ class ArchiveReader:
         """Decrypt the next block of the ZIP stream; empty at its end."""
         if self._eof:
             return memoryview(b"")
-        ciphertext = os.read(self._fd, self._read_bytes)
+        if self._blob is None:
+            raise IntegrityError("read after close")
+        ciphertext = self._blob.read(self._read_bytes)
         try:
             if not ciphertext:
                 self._eof = True
@@ -551,6 +506,6 @@ class ArchiveReader:
             yield chunk
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._blob is not None:
+            self._blob.close()
+            self._blob = None

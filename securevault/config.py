@@ -67,6 +67,8 @@ class VaultConfig:
     audit_log: Path | None = None
     bind_user: str = "none"
     master_key_passphrase: str | None = None
+    metadata_url: str | None = None  # None: SQLite in the data directory
+    blobs_url: str | None = None  # None: <data-dir>/archives
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "VaultConfig":
@@ -92,4 +94,6 @@ class VaultConfig:
             audit_log=Path(audit_log) if audit_log else data_dir / "audit.jsonl",
             bind_user=str(options.get("bind-user", "none")),
             master_key_passphrase=options.get("master-key-passphrase"),
+            metadata_url=options.get("metadata"),
+            blobs_url=options.get("blobs"),
         )

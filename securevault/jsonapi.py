@@ -11,7 +11,7 @@ import json
 import uuid
 from http import HTTPStatus
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -25,6 +25,7 @@ from securevault.storage import InvalidFilename, QuotaExceeded, StorageFull
 
 if TYPE_CHECKING:
     from securevault.app import VaultApp
+    from securevault.sessions import Session
 
 log = Logger(namespace="securevault.web")
 
@@ -192,6 +193,11 @@ class JsonEndpoint(Resource):
         except ApiError as error:  # cheap synchronous validation
             fail(request, error)
             return NOT_DONE_YET
+
+    def authenticated(self, request: Request, then: "Callable[[Session], Reply | Deferred[Reply]]") -> Any:
+        """Answer with C{then(session)} once the caller's session is found;
+        401 invalid_session when there is none."""
+        return self.respond_later(request, self.app.authenticate(request).addCallback(then))
 
     def respond_later(self, request: Request, work: "Deferred[Reply]") -> Any:
         """Finish the request from C{work}; a client that leaves cancels it."""

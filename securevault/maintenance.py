@@ -17,6 +17,8 @@ from securevault.keys import Keyring, KeyringFile, generate_keyring, new_key_id
 from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
 
 Progress = Callable[[str], None]
+# The key a rotation in progress rewraps to (metadata store state).
+ROTATION_STATE = "key_rotation"
 
 
 def _quiet(_: str) -> None:
@@ -32,12 +34,13 @@ class RotationReport:
 
 
 def rotate_master_key(
-    data_dir: Path, master_key: Path | KeyringFile, progress: Progress = _quiet
+    storage_for: Callable[[Keyring], SecureFileStorage], master_key: Path | KeyringFile, progress: Progress = _quiet
 ) -> RotationReport:
     """Rewrap every data key under a new master key, then retire the old ones.
 
+    C{storage_for(keyring)} opens the vault's stores with that keyring.
     Steps, each durable before the next: (1) the keyring file gains a new
-    current key, keeping the old; (2) every archive's C{.meta} is rewrapped;
+    current key, keeping the old; (2) every archive's index row is rewrapped;
     (3) the keyring keeps only the new key.  A run interrupted anywhere is
     finished by running it again: step (1) is skipped when the keyring
     already holds more than one key.
@@ -54,7 +57,9 @@ def rotate_master_key(
         progress(f"new master key {new_id} added; rewrapping data keys")
     else:
         progress(f"resuming an interrupted rotation to key {keyring.current_id}")
-    storage = SecureFileStorage(data_dir, keyring)
+    storage = storage_for(keyring)
+    # Recorded in the metadata store, where every node and verify can see it.
+    storage.metadata.set_state(ROTATION_STATE, keyring.current_id)
     rewrapped = total = 0
     # Sweep until a pass finds nothing left under an old key, so an archive
     # committed by a running daemon during the sweep is not stranded.
@@ -76,6 +81,7 @@ def rotate_master_key(
     retired = tuple(kid for kid in keyring.keys if kid != keyring.current_id)
     key_file.save(Keyring(keyring.current_id, {keyring.current_id: keyring.current_key}))
     remove_stale_temps(key_file.path)
+    storage.metadata.set_state(ROTATION_STATE, None)
     progress(f"retired old master key(s) {', '.join(retired) or '-'}")
     return RotationReport(keyring.current_id, retired, rewrapped, total)
 

@@ -25,6 +25,10 @@ class MetadataError(Exception):
     """The metadata store failed; the message says what, without secrets."""
 
 
+class MetadataFull(MetadataError):
+    """The metadata store's disk is full."""
+
+
 class DuplicateUser(MetadataError):
     """A user with that name already exists."""
 
@@ -275,10 +279,15 @@ class SqlMetadataStore:
             raise
         except self._broken_errors() as error:
             self._forget_connection()
-            raise MetadataError(f"the metadata store failed: {type(error).__name__}") from error
+            if self._is_full(error):
+                raise MetadataFull("no space left for the metadata store") from error
+            raise MetadataError(f"the metadata store failed: {type(error).__name__}: {error}") from error
 
     def _broken_errors(self) -> tuple[type[BaseException], ...]:
         return (sqlite3.OperationalError, sqlite3.DatabaseError)
+
+    def _is_full(self, error: BaseException) -> bool:
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
     def _query(self, statement: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._write(write=False) as run:

@@ -1,17 +1,28 @@
 # -*- test-case-name: tests.test_sessions -*-
-"""Sessions and login throttling, in memory, with an injected clock."""
+"""Sessions and login throttling, kept in the metadata store.
+
+Every node of a vault shares them through the store: a session created on
+one node works on the others, a logout anywhere ends it everywhere, and
+failed logins count across all nodes.  Blocking code, run in the worker
+pool, with an injected clock.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from securevault.metadata import MetadataStore, SessionRecord
+
 FAILURES_BEFORE_THROTTLE = 5
 THROTTLE_WINDOW_SECONDS = 5 * 60
+# A session's last use is written back at most this often (and at most every
+# twentieth of the idle timeout), not on every request: a read per request,
+# not a write, while idle expiry stays accurate to a few seconds.
+TOUCH_INTERVAL_SECONDS = 5.0
 
 
 @dataclass
@@ -27,10 +38,11 @@ class Session:
     expires_at: float  # absolute end: TTL or the certificate's notAfter
 
 
-def _index(session_id: str) -> bytes:
-    """Sessions are found by a digest of their id, so the table's lookup
-    timing depends on a hash the client cannot steer, not on the secret."""
-    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()
+def session_digest(session_id: str) -> str:
+    """What the store keeps instead of the id: its SHA-256.  A stolen copy
+    of the store holds no usable session id, and lookups are by a hash the
+    client cannot steer."""
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class SessionStore:
@@ -39,14 +51,17 @@ class SessionStore:
     Idle and absolute expiry are checked at each lookup and by L{sweep}.
     """
 
-    def __init__(self, clock: Callable[[], float], *, idle_seconds: float, ttl_seconds: float) -> None:
+    def __init__(
+        self, store: MetadataStore, clock: Callable[[], float], *, idle_seconds: float, ttl_seconds: float
+    ) -> None:
+        self._store = store
         self._clock = clock
         self._idle = idle_seconds
         self._ttl = ttl_seconds
-        self._sessions: dict[bytes, Session] = {}
+        self._touch_interval = min(TOUCH_INTERVAL_SECONDS, idle_seconds / 20)
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+    def count(self) -> int:
+        return self._store.count_sessions()
 
     def create(self, username: str, user_id: str, fingerprint: str, certificate_not_after: float) -> Session:
         now = self._clock()
@@ -59,7 +74,17 @@ class SessionStore:
             last_used=now,
             expires_at=min(now + self._ttl, certificate_not_after),
         )
-        self._sessions[_index(session.session_id)] = session
+        self._store.put_session(
+            SessionRecord(
+                session_digest(session.session_id),
+                username,
+                user_id,
+                fingerprint,
+                session.created_at,
+                session.last_used,
+                session.expires_at,
+            )
+        )
         return session
 
     def expiry(self, session: Session) -> float:
@@ -71,88 +96,67 @@ class SessionStore:
 
         A hit refreshes the idle timer.
         """
-        key = _index(session_id)
-        session = self._sessions.get(key)
-        if session is None or not hmac.compare_digest(session.session_id, session_id):
+        digest = session_digest(session_id)
+        record = self._store.get_session(digest)
+        if record is None or not hmac.compare_digest(record.digest, digest):
             return None
+        session = Session(
+            session_id,
+            record.username,
+            record.user_id,
+            record.fingerprint,
+            record.created_at,
+            record.last_used,
+            record.expires_at,
+        )
         now = self._clock()
         if now >= self.expiry(session):
-            del self._sessions[key]
+            self._store.delete_session(digest)
             return None
-        if not hmac.compare_digest(session.fingerprint, fingerprint):
+        if not hmac.compare_digest(record.fingerprint, fingerprint):
             return None
+        if now - session.last_used >= self._touch_interval:
+            self._store.touch_session(digest, now)
         session.last_used = now
         return session
 
     def end(self, session_id: str) -> None:
-        self._sessions.pop(_index(session_id), None)
-
-    def end_user(self, user_id: str) -> None:
-        for sid in [s for s, v in self._sessions.items() if v.user_id == user_id]:
-            del self._sessions[sid]
-
-    def retain_users(self, user_ids: set[str]) -> int:
-        """End the sessions of users no longer in C{user_ids} (removed with
-        C{securevault-admin user remove}); returns how many."""
-        gone = [sid for sid, s in self._sessions.items() if s.user_id not in user_ids]
-        for sid in gone:
-            del self._sessions[sid]
-        return len(gone)
+        self._store.delete_session(session_digest(session_id))
 
     def sweep(self) -> int:
         """Forget expired sessions; returns how many."""
-        now = self._clock()
-        dead = [sid for sid, s in self._sessions.items() if now >= self.expiry(s)]
-        for sid in dead:
-            del self._sessions[sid]
-        return len(dead)
+        return self._store.delete_expired_sessions(self._clock(), self._idle)
 
 
 class LoginThrottle:
-    """Counts failed logins per key (username, certificate) in a sliding window."""
+    """Counts failed logins per subject (username, certificate) in a sliding
+    window, across every node that shares the store."""
 
     def __init__(
         self,
+        store: MetadataStore,
         clock: Callable[[], float],
         *,
         limit: int = FAILURES_BEFORE_THROTTLE,
         window_seconds: float = THROTTLE_WINDOW_SECONDS,
     ) -> None:
+        self._store = store
         self._clock = clock
         self._limit = limit
         self._window = window_seconds
-        self._failures: dict[str, deque[float]] = {}
 
-    def _recent(self, key: str) -> deque[float] | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        horizon = self._clock() - self._window
-        while times and times[0] <= horizon:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
-
-    def retry_after(self, *keys: str) -> int:
-        """Seconds until a login for these keys may be tried; 0 when allowed."""
+    def retry_after(self, *subjects: str) -> int:
+        """Seconds until a login for these subjects may be tried; 0 when allowed."""
         wait = 0.0
         now = self._clock()
-        for key in keys:
-            times = self._recent(key)
-            if times is not None and len(times) >= self._limit:
-                wait = max(wait, times[-self._limit] + self._window - now)
+        for subject in subjects:
+            times = self._store.recent_login_failures(subject, now - self._window, self._limit)
+            if len(times) >= self._limit:
+                wait = max(wait, times[-1] + self._window - now)
         return int(wait) + 1 if wait > 0 else 0
 
-    def record_failure(self, *keys: str) -> None:
-        now = self._clock()
-        for key in keys:
-            times = self._failures.setdefault(key, deque())
-            times.append(now)
-            while len(times) > self._limit:
-                times.popleft()
+    def record_failure(self, *subjects: str) -> None:
+        self._store.add_login_failures(subjects, self._clock())
 
-    def sweep(self) -> None:
-        for key in list(self._failures):
-            self._recent(key)
+    def sweep(self) -> int:
+        return self._store.forget_login_failures(self._clock() - self._window)

@@ -2,19 +2,20 @@
 """SecureFileStorage: each upload becomes one ZIP archive, encrypted at rest.
 
 Plain blocking Python with no Twisted import: the daemon runs every call here
-in its worker pool.  The on-disk format is described in docs/FORMAT.md.
+in its worker pool.  The format is described in docs/FORMAT.md.
 
-An archive is two files under C{archives/<owner id>/}:
+An archive is two things, kept behind two narrow interfaces:
 
-  - C{<archive id>.body}: the ZIP archive, encrypted as one Cobblestone-256
-    stream (AES-256-GCM in 16 KiB chunks, key-committing) under a key derived
-    from the archive's random data key;
-  - C{<archive id>.meta}: JSON with the data key wrapped by the master key and
-    the metadata (filename, size, sha256, ...) encrypted under the data key.
+  - its body in the blob store (L{securevault.blobs}): the ZIP archive,
+    encrypted as one Cobblestone-256 stream (AES-256-GCM in 16 KiB chunks,
+    key-committing) under a key derived from the archive's random data key;
+  - its row in the metadata store's archive index (L{securevault.metadata}):
+    a JSON document with the data key wrapped by the master key and the
+    metadata (filename, size, sha256, ...) sealed under the data key.
 
-The C{.meta} file is renamed into place last, so its presence is the commit
-point; a body without one is debris from a crash and is removed at start.
-Master key rotation rewrites only C{.meta} files.
+The blob is made durable first and the index row committed last, so the row
+is the commit point: a blob without a row is debris from a crash, removed at
+start or by the orphan sweep.  Master key rotation rewrites only rows.
 """
 
 from __future__ import annotations
@@ -27,19 +28,17 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from securevault.archive import (  # re-exported: the storage API's vocabulary
-    BODY_SUFFIX,
     CHUNK_PLAINTEXT_BYTES,
     FORMAT_VERSION,
     IO_BLOCK_BYTES,
     META_FORMAT,
-    META_SUFFIX,
     NONCE_BYTES,
     OWNER_ID,
     ArchiveInfo,
@@ -58,8 +57,9 @@ from securevault.archive import (  # re-exported: the storage API's vocabulary
     rfc3339,
     translate_os_error,
 )
-from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_atomically
+from securevault.blobs import BODY_SUFFIX, BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
 from securevault.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
+from securevault.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
 from securevault.passphrase import PassphraseError
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "ArchiveNotFound",
     "ArchiveReader",
     "ArchiveWriter",
+    "BODY_SUFFIX",
     "IntegrityError",
     "InvalidFilename",
     "QuotaExceeded",
@@ -79,34 +80,44 @@ __all__ = [
 ]
 
 
-def _newest_first(info: ArchiveInfo) -> tuple[int, str]:
-    return (-info.created_ns, info.id)
+T = TypeVar("T")
+
+# How many decrypted metadata entries a node keeps, across all owners.
+INFO_CACHE_ENTRIES = 100_000
+METADATA_FILE = "vault.db"
 
 
 class SecureFileStorage:
-    """Archives by owner, encrypted at rest; safe to call from any thread."""
+    """Archives by owner, encrypted at rest; safe to call from any thread.
+
+    Without explicit stores it uses the embedded defaults under C{root}:
+    SQLite in C{vault.db} and blobs under C{archives/}.
+    """
 
     def __init__(
         self,
-        root: Path,
+        root: Path | None,
         keyring: Keyring,
         *,
+        metadata: MetadataStore | None = None,
+        blobs: BlobStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         keyring_file: KeyringFile | None = None,
-        cache_listings: bool = False,
     ) -> None:
-        self.root = Path(root)
+        if metadata is None or blobs is None:
+            if root is None:
+                raise ValueError("a data directory is needed for the embedded stores")
+            Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.metadata: MetadataStore = metadata or SqliteMetadataStore(Path(root or ".") / METADATA_FILE)
+        self.blobs: BlobStore = blobs or LocalBlobStore(Path(root or ".") / "archives")
         self._keyring = keyring
         self.clock_ns = clock_ns
-        self.archives = self.root / "archives"
-        # The daemon keeps each owner's listing in memory once read, updated
-        # by its own uploads and deletes (the only writers of archives), so
-        # GET /get-files needs no disk and no pool.
-        self._listings: dict[str, builtins.list[ArchiveInfo]] | None = {} if cache_listings else None
-        self._listings_lock = threading.Lock()
-        # Bumped by every change, cached or not: a first listing read while an
-        # upload commits must not be cached without it.
-        self._listing_versions: dict[str, int] = {}
+        # Decrypted metadata by (owner, archive id), valid while the row's
+        # document is the same: a listing decrypts only what it has not seen.
+        # Rows come from the metadata store each time, so every node sees
+        # every other node's uploads and deletes at once.
+        self._infos: dict[tuple[str, str], tuple[str, ArchiveInfo]] = {}
+        self._infos_lock = threading.Lock()
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
@@ -133,47 +144,49 @@ class SecureFileStorage:
                     pass  # mid-replacement or damaged: keep the keys we have
         return self._keyring
 
-    # -- layout ---------------------------------------------------------
-
-    def owner_directory(self, owner_id: str, *, create: bool = False) -> Path:
-        if not OWNER_ID.match(owner_id):
-            raise ValueError("invalid owner id")
-        directory = self.archives / owner_id
-        if create and not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fsync_directory(directory.parent)
-        return directory
-
-    def _paths(self, owner_id: str, archive_id: str) -> tuple[Path, Path]:
-        if not is_archive_id(archive_id):
-            raise ArchiveNotFound(archive_id)
-        directory = self.owner_directory(owner_id)
-        return directory / f"{archive_id}{BODY_SUFFIX}", directory / f"{archive_id}{META_SUFFIX}"
+    # -- crash debris -----------------------------------------------------
 
     def recover(self) -> int:
-        """Remove what a crash left behind: temp files and bodies that were
-        never committed.  Run once at start; returns how many were removed."""
+        """Remove what a crash left behind: incomplete blob writes and blobs
+        that were never committed to the index.  Run once at start of a
+        single node, before any upload; returns how many were removed."""
+        return self.blobs.remove_incomplete() + self.sweep_orphans(grace_seconds=None)
+
+    def orphans(self, grace_seconds: float | None) -> "builtins.list[tuple[str, str]]":
+        """Blobs with no index row, older than C{grace_seconds} (None: all).
+
+        Another node may have just committed a blob whose row is a moment
+        away: while nodes run, only a grace period tells debris apart."""
+        blobs = builtins.list(self.blobs.list())  # listed before the index is read
+        indexed = self.metadata.all_archive_ids()
+        horizon = None if grace_seconds is None else time.time() - grace_seconds
+        return [
+            (entry.owner_id, entry.archive_id)
+            for entry in blobs
+            if (entry.owner_id, entry.archive_id) not in indexed and (horizon is None or entry.modified < horizon)
+        ]
+
+    def sweep_orphans(self, grace_seconds: float | None) -> int:
         removed = 0
-        if not self.archives.is_dir():
-            return 0
-        for directory in self.archives.iterdir():
-            if not directory.is_dir():
-                continue
-            for entry in directory.iterdir():
-                name = entry.name
-                orphan = name.endswith(BODY_SUFFIX) and not entry.with_suffix(META_SUFFIX).exists()
-                if name.endswith(TEMP_SUFFIX) or orphan:
-                    entry.unlink(missing_ok=True)
-                    removed += 1
-            if removed:
-                fsync_directory(directory)
+        for owner_id, archive_id in self.orphans(grace_seconds):
+            self.blobs.delete(owner_id, archive_id)
+            removed += 1
         return removed
 
     # -- metadata -------------------------------------------------------
 
-    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None:
-        """Wrap the data key and seal the metadata; atomically publish."""
-        key_id, wrapped = self.keyring.wrap(data_key, context_bytes(b"data-key", owner_id, info.id))
+    def _index_call(self, function: Callable[..., "T"], *args: object) -> "T":
+        """A metadata store call, its failures in the storage vocabulary."""
+        try:
+            return function(*args)
+        except MetadataFull as error:
+            raise StorageFull("No space left for the vault's metadata.") from error
+        except MetadataError as error:
+            raise StorageError(str(error)) from error
+
+    def seal_document(self, owner_id: str, info: ArchiveInfo, data_key: bytes, keyring: Keyring | None = None) -> ArchiveRecord:
+        """The index row for an archive: data key wrapped, metadata sealed."""
+        key_id, wrapped = (keyring or self.keyring).wrap(data_key, context_bytes(b"data-key", owner_id, info.id))
         nonce = os.urandom(NONCE_BYTES)
         plaintext = json.dumps(
             {
@@ -199,45 +212,17 @@ class SecureFileStorage:
             "wrapped_key": base64.b64encode(wrapped).decode("ascii"),
             "metadata": base64.b64encode(nonce + sealed).decode("ascii"),
         }
-        meta_path = self._paths(owner_id, info.id)[1]
-        try:
-            write_atomically(meta_path, json.dumps(document).encode("ascii"))
-        except OSError as error:
-            raise translate_os_error(error) from error
-        self._update_listing(owner_id, add=info)
+        return ArchiveRecord(owner_id, info.id, info.created_ns, info.stored_bytes, key_id, json.dumps(document))
 
-    def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
-        if self._listings is None:
-            return
-        with self._listings_lock:
-            self._listing_versions[owner_id] = self._listing_versions.get(owner_id, 0) + 1
-            listing = self._listings.get(owner_id)
-            if listing is None:
-                return
-            listing = [info for info in listing if info.id != remove]
-            if add is not None and all(info.id != add.id for info in listing):
-                listing.append(add)
-                listing.sort(key=_newest_first)
-            self._listings[owner_id] = listing
+    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None:
+        """Commit the archive's index row: from here on it exists."""
+        self._index_call(self.metadata.put_archive, self.seal_document(owner_id, info, data_key))
 
-    def cached_list(self, owner_id: str) -> "builtins.list[ArchiveInfo] | None":
-        """The owner's listing if it is in memory (no I/O: safe on the reactor
-        thread), else None."""
-        if self._listings is None:
-            return None
-        with self._listings_lock:
-            listing = self._listings.get(owner_id)
-            return None if listing is None else builtins.list(listing)
-
-    def _read_meta(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
-        """Decrypt an archive's metadata; returns it and the data key."""
-        meta_path = self._paths(owner_id, archive_id)[1]
+    def unseal(self, record: ArchiveRecord) -> tuple[ArchiveInfo, bytes]:
+        """Decrypt an index row's document; returns the metadata and data key."""
+        owner_id, archive_id = record.owner_id, record.archive_id
         try:
-            raw = meta_path.read_bytes()
-        except FileNotFoundError as error:
-            raise ArchiveNotFound(archive_id) from error
-        try:
-            document = json.loads(raw)
+            document = json.loads(record.document)
             if document["format"] != META_FORMAT or document["version"] != FORMAT_VERSION:
                 raise IntegrityError(f"archive {archive_id} has an unknown format")
             wrapped = base64.b64decode(document["wrapped_key"], validate=True)
@@ -254,38 +239,52 @@ class SecureFileStorage:
             raise IntegrityError(f"archive {archive_id} metadata fails authentication") from error
         return info, data_key
 
+    def _record(self, owner_id: str, archive_id: str) -> ArchiveRecord:
+        if not is_archive_id(archive_id) or not OWNER_ID.match(owner_id):
+            raise ArchiveNotFound(archive_id)
+        record = self._index_call(self.metadata.get_archive, owner_id, archive_id)
+        if record is None:
+            raise ArchiveNotFound(archive_id)
+        return record
+
+    def _read_meta(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
+        return self.unseal(self._record(owner_id, archive_id))
+
     def rewrap(self, owner_id: str, archive_id: str, keyring: Keyring) -> bool:
         """Rewrap one archive's data key under C{keyring}'s current key.
 
-        Only the C{.meta} file is rewritten.  Returns False when it already was.
+        Only the index row changes.  Returns False when it already was.
         """
-        meta_path = self._paths(owner_id, archive_id)[1]
+        record = self._record(owner_id, archive_id)
+        if record.key_id == keyring.current_id:
+            return False
         context = context_bytes(b"data-key", owner_id, archive_id)
         try:
-            document = json.loads(meta_path.read_bytes())
-            if document["key_id"] == keyring.current_id:
-                return False
+            document = json.loads(record.document)
             data_key = self.keyring.unwrap(
                 str(document["key_id"]), base64.b64decode(document["wrapped_key"], validate=True), context
             )
-        except FileNotFoundError as error:
-            raise ArchiveNotFound(archive_id) from error
         except (UnwrapError, ValueError, KeyError, TypeError, binascii.Error) as error:
             raise IntegrityError(f"archive {archive_id} data key fails authentication") from error
         key_id, wrapped = keyring.wrap(data_key, context)
         document["key_id"] = key_id
         document["wrapped_key"] = base64.b64encode(wrapped).decode("ascii")
-        write_atomically(meta_path, json.dumps(document).encode("ascii"))
-        return True
+        return self._index_call(
+            self.metadata.replace_archive_key, owner_id, archive_id, record.key_id, key_id, json.dumps(document)
+        )
 
     # -- the operations the API needs ----------------------------------
 
     def writer(self, owner_id: str, filename: str, *, max_bytes: int | None = None) -> ArchiveWriter:
         """Start a streamed upload; see L{ArchiveWriter}."""
+        if not OWNER_ID.match(owner_id):
+            raise ValueError("invalid owner id")
         try:
             return ArchiveWriter(self, owner_id, filename, max_bytes=max_bytes)
         except OSError as error:
             raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            raise StorageError(str(error)) from error
 
     def store(self, owner_id: str, filename: str, data: bytes, *, max_bytes: int | None = None) -> ArchiveInfo:
         """Store a whole file held in memory (the JSON upload form)."""
@@ -295,44 +294,29 @@ class SecureFileStorage:
             writer.write(view[start : start + IO_BLOCK_BYTES])  # type: ignore[arg-type]
         return writer.commit()
 
-    def archive_ids(self, owner_id: str) -> list[str]:
-        directory = self.owner_directory(owner_id)
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        return [
-            name[: -len(META_SUFFIX)]
-            for name in names
-            if name.endswith(META_SUFFIX) and is_archive_id(name[: -len(META_SUFFIX)])
-        ]
+    def archive_ids(self, owner_id: str) -> "builtins.list[str]":
+        return [record.archive_id for record in self._index_call(self.metadata.list_archives, owner_id)]
 
-    def list(self, owner_id: str) -> list[ArchiveInfo]:
+    def list(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
         """The owner's archives, newest first.  An archive whose metadata fails
         authentication is left out here (and reported by verify)."""
-        while True:
-            cached = self.cached_list(owner_id)
-            if cached is not None:
-                return cached
-            with self._listings_lock:
-                version = self._listing_versions.get(owner_id, 0)
-            infos = self._read_listing(owner_id)
-            if self._listings is None:
-                return infos
-            with self._listings_lock:
-                if self._listing_versions.get(owner_id, 0) == version:
-                    self._listings.setdefault(owner_id, builtins.list(infos))
-                    return infos
-            # An upload or delete landed while we read: read again.
-
-    def _read_listing(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
         infos = []
-        for archive_id in self.archive_ids(owner_id):
-            try:
-                infos.append(self._read_meta(owner_id, archive_id)[0])
-            except (ArchiveNotFound, IntegrityError):
+        for record in self._index_call(self.metadata.list_archives, owner_id):
+            key = (owner_id, record.archive_id)
+            with self._infos_lock:
+                cached = self._infos.get(key)
+            if cached is not None and cached[0] == record.document:
+                infos.append(cached[1])
                 continue
-        infos.sort(key=_newest_first)
+            try:
+                info = self.unseal(record)[0]
+            except IntegrityError:
+                continue
+            with self._infos_lock:
+                if len(self._infos) >= INFO_CACHE_ENTRIES:
+                    self._infos.clear()
+                self._infos[key] = (record.document, info)
+            infos.append(info)
         return infos
 
     def info(self, owner_id: str, archive_id: str) -> ArchiveInfo:
@@ -345,46 +329,55 @@ class SecureFileStorage:
                 return info
         raise ArchiveNotFound(filename)
 
+    def _body(self, owner_id: str, archive_id: str) -> BlobReader:
+        try:
+            return self.blobs.reader(owner_id, archive_id)
+        except BlobNotFound as error:
+            raise IntegrityError(f"archive {archive_id} has no body") from error
+        except BlobStoreError as error:
+            raise StorageError(str(error)) from error
+
+    def _blocks(self, body: BlobReader, archive_id: str) -> Iterator[bytes]:
+        try:
+            while block := body.read(IO_BLOCK_BYTES):
+                yield block
+        except BlobStoreError as error:
+            raise StorageError(str(error)) from error
+
     def open(self, owner_id: str, archive_id: str) -> ArchiveReader:
         """A reader for the archive's original bytes; see L{ArchiveReader}."""
         info, data_key = self._read_meta(owner_id, archive_id)
-        body_path = self._paths(owner_id, archive_id)[0]
-        try:
-            return ArchiveReader(
-                body_path,
-                info,
-                derive_key(data_key, b"body-key"),
-                context_bytes(b"body", owner_id, archive_id),
-            )
-        except FileNotFoundError as error:
-            raise IntegrityError(f"archive {archive_id} has no body") from error
+        return ArchiveReader(
+            self._body(owner_id, archive_id),
+            info,
+            derive_key(data_key, b"body-key"),
+            context_bytes(b"body", owner_id, archive_id),
+        )
 
     def iter_zip(self, owner_id: str, archive_id: str) -> Iterator[bytes]:
         """The decrypted archive, a standard ZIP file, block by block; every
         block is authenticated and the end of the stream is checked."""
         info, data_key = self._read_meta(owner_id, archive_id)
-        body_path = self._paths(owner_id, archive_id)[0]
         decryptor = Cobblestone256Decryptor(
             derive_key(data_key, b"body-key"), context_bytes(b"body", owner_id, archive_id)
         )
+        body = self._body(owner_id, archive_id)
         try:
-            handle = open(body_path, "rb")
-        except FileNotFoundError as error:
-            raise IntegrityError(f"archive {archive_id} has no body") from error
-        with handle:
             try:
-                while block := handle.read(IO_BLOCK_BYTES):
+                for block in self._blocks(body, archive_id):
                     yield decryptor.update(block)
                 yield decryptor.finalize()
             except (InvalidTag, ValueError) as error:
                 raise IntegrityError(f"archive {archive_id} fails authentication") from error
+        finally:
+            body.close()
 
     def find_owner(self, archive_id: str) -> str:
         """The owner of an archive id (admin commands name archives by id only)."""
         if is_archive_id(archive_id):
-            for owner_id in self.owners():
-                if (self.archives / owner_id / f"{archive_id}{META_SUFFIX}").exists():
-                    return owner_id
+            owner = self._index_call(self.metadata.find_archive_owner, archive_id)
+            if owner is not None:
+                return owner
         raise ArchiveNotFound(archive_id)
 
     def read_all(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
@@ -400,20 +393,19 @@ class SecureFileStorage:
         keeping anything: a fast pass before a response that cannot be
         aborted halfway (the JSON download)."""
         info, data_key = self._read_meta(owner_id, archive_id)
-        body_path = self._paths(owner_id, archive_id)[0]
         decryptor = Cobblestone256Decryptor(
             derive_key(data_key, b"body-key"), context_bytes(b"body", owner_id, archive_id)
         )
         plain = bytearray(IO_BLOCK_BYTES + 2 * CHUNK_PLAINTEXT_BYTES)
+        body = self._body(owner_id, archive_id)
         try:
-            with open(body_path, "rb", buffering=0) as handle:
-                while block := handle.read(IO_BLOCK_BYTES):
-                    decryptor.update_into(block, plain)
-                decryptor.finalize()
-        except FileNotFoundError as error:
-            raise IntegrityError(f"archive {archive_id} has no body") from error
+            for block in self._blocks(body, archive_id):
+                decryptor.update_into(block, plain)
+            decryptor.finalize()
         except (InvalidTag, ValueError) as error:
             raise IntegrityError(f"archive {archive_id} fails authentication") from error
+        finally:
+            body.close()
         return info
 
     def verify(self, owner_id: str, archive_id: str) -> ArchiveInfo:
@@ -427,30 +419,22 @@ class SecureFileStorage:
             reader.close()
 
     def delete(self, owner_id: str, archive_id: str) -> None:
-        """Remove an archive: the metadata first, so it vanishes at once."""
-        body_path, meta_path = self._paths(owner_id, archive_id)
+        """Remove an archive: the index row first, so it vanishes at once
+        everywhere; a crash before the blob goes leaves only an orphan."""
+        if not is_archive_id(archive_id) or not OWNER_ID.match(owner_id):
+            raise ArchiveNotFound(archive_id)
+        if not self._index_call(self.metadata.delete_archive, owner_id, archive_id):
+            raise ArchiveNotFound(archive_id)
+        with self._infos_lock:
+            self._infos.pop((owner_id, archive_id), None)
         try:
-            meta_path.unlink()
-        except FileNotFoundError as error:
-            raise ArchiveNotFound(archive_id) from error
-        self._update_listing(owner_id, remove=archive_id)
-        body_path.unlink(missing_ok=True)
-        fsync_directory(meta_path.parent)
+            self.blobs.delete(owner_id, archive_id)
+        except (OSError, BlobStoreError):
+            pass  # the orphan sweep removes it later
 
     def usage(self, owner_id: str) -> int:
-        """Bytes the owner's archives take on disk (for --quota)."""
-        total = 0
-        directory = self.owner_directory(owner_id)
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.name.endswith(BODY_SUFFIX):
-                        total += entry.stat().st_size
-        except FileNotFoundError:
-            return 0
-        return total
+        """Bytes the owner's archives take in the blob store (for --quota)."""
+        return self._index_call(self.metadata.usage, owner_id)
 
     def owners(self) -> "builtins.list[str]":
-        if not self.archives.is_dir():
-            return []
-        return sorted(p.name for p in self.archives.iterdir() if p.is_dir())
+        return self._index_call(self.metadata.owners)

@@ -6,6 +6,7 @@ This is the only module that imports the global reactor.
 
 from __future__ import annotations
 
+import itertools
 import os
 from functools import partial
 from typing import Any
@@ -22,6 +23,14 @@ from twisted.python.threadpool import ThreadPool
 from securevault import __version__
 from securevault.app import VaultApp
 from securevault.audit import AuditLog
+from securevault.backends import (
+    BackendError,
+    blobs_setting,
+    check_blobs_url,
+    check_metadata_url,
+    metadata_setting,
+    open_stores,
+)
 from securevault.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -38,16 +47,20 @@ from securevault.fsutil import remove_stale_temps
 from securevault.keys import KeyFileError, KeyringFile
 from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.metrics import VaultMetrics
+from securevault.migration import migrate
 from securevault.sessions import LoginThrottle, SessionStore
-from securevault.storage import SecureFileStorage
 from securevault.tls import TLSConfigError, load_ca_certificates, server_tls_options
-from securevault.users import UserStore
+from securevault.users import UserError, UserStore
 from securevault.web import VaultSite
 from securevault.workers import ThreadPoolService
 
 log = Logger(namespace="securevault")
 
 SWEEP_INTERVAL_SECONDS = 60.0
+# Blobs with no index row are looked for once an hour, and removed when
+# older than a day: another node may be between its blob and its row.
+ORPHAN_SWEEP_EVERY = 60
+ORPHAN_GRACE_SECONDS = 24 * 3600.0
 
 
 def _positive_int(value: str) -> int:
@@ -75,7 +88,21 @@ class Options(usage.Options):
         ["cert", None, "certs/server.crt", "Server certificate (PEM)."],
         ["key", None, "certs/server.key", "Server private key (PEM)."],
         ["ca-cert", None, "certs/ca.crt", "CA certificate(s) that client certificates must chain to."],
-        ["data-dir", None, "vault-data", "Directory holding users and archives."],
+        ["data-dir", None, "vault-data", "Directory holding the master key, audit log and embedded stores."],
+        [
+            "metadata",
+            None,
+            None,
+            "Metadata store: sqlite (<data-dir>/vault.db), sqlite:///PATH or postgresql://... "
+            "[default: $SECUREVAULT_METADATA, else sqlite].",
+        ],
+        [
+            "blobs",
+            None,
+            None,
+            "Blob store: file:///DIR (<data-dir>/archives) or s3://BUCKET/PREFIX, with endpoint, region and "
+            "credentials from the usual AWS variables [default: $SECUREVAULT_BLOBS, else <data-dir>/archives].",
+        ],
         ["master-key", None, None, "Master key file [default: <data-dir>/master.key]; created when absent."],
         ["threads", None, None, "Worker threads [default: CPU count, at least 2].", _positive_int],
         ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "Seconds a session lives unused.", _positive_float],
@@ -114,6 +141,13 @@ class Options(usage.Options):
                 passphrase_source(self["master-key-passphrase"])
             except PassphraseError as error:
                 raise usage.UsageError(str(error)) from None
+        self["metadata"] = metadata_setting(self["metadata"])
+        self["blobs"] = blobs_setting(self["blobs"])
+        try:
+            check_metadata_url(self["metadata"])
+            check_blobs_url(self["blobs"])
+        except BackendError as error:
+            raise usage.UsageError(str(error)) from None
         if self["bind-user"] not in BIND_USER_POLICIES:
             raise usage.UsageError(f"--bind-user must be one of none, cn, san, not {self['bind-user']!r}")
 
@@ -165,28 +199,51 @@ class TLSListenerService(ListenerService):
 def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     """The shared collaborators, from settings; fails with a one-line reason."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for secret_file in (config.master_key, config.data_dir / "users.json"):
-        remove_stale_temps(secret_file)
+    remove_stale_temps(config.master_key)
     key_file = KeyringFile(config.master_key, passphrase_source(config.master_key_passphrase))
     if not config.master_key.exists():
         key_file.create()
         log.info("Created master key {path}", path=str(config.master_key))
     keyring = key_file.load()
-    storage = SecureFileStorage(config.data_dir, keyring, keyring_file=key_file, cache_listings=True)
-    # No client is connected yet: recovering here blocks no one, and it must
-    # finish before a new upload could write a temp file it would remove.
-    removed = storage.recover()
+    stores = open_stores(config.data_dir, config.metadata_url, config.blobs_url)
+    storage = stores.storage(keyring, keyring_file=key_file)
+    users = UserStore(stores.metadata)
+    # No client is connected yet: migrating and recovering here blocks no
+    # one, and both must finish before an upload could start.
+    migrated = migrate(config.data_dir, users, storage)
+    if migrated.users or migrated.archives:
+        log.info(
+            "Moved {users} users and {archives} archives from files into the metadata store",
+            users=migrated.users,
+            archives=migrated.archives,
+        )
+    if migrated.left_in_place:
+        log.warn(
+            "{count} archives of {data_dir} stay in its files: the blob store is elsewhere",
+            count=migrated.left_in_place,
+            data_dir=str(config.data_dir),
+        )
+    if stores.single_node:
+        removed = storage.recover()
+    else:
+        # Other nodes may be mid-upload: only this node's own debris now;
+        # orphans older than the grace period go in the periodic sweep.
+        removed = storage.blobs.remove_incomplete()
     if removed:
         log.info("Removed {count} leftover temporary files", count=removed)
+    log.info("Stores: {stores}", stores=stores.describe())
     return VaultApp(
         config=config,
         storage=storage,
-        users=UserStore(config.data_dir / "users.json"),
-        sessions=SessionStore(clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl),
-        throttle=LoginThrottle(clock.seconds),
+        users=users,
+        sessions=SessionStore(
+            stores.metadata, clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl
+        ),
+        throttle=LoginThrottle(stores.metadata, clock.seconds),
         run_blocking=run_blocking,
         clock=clock.seconds,
         audit=AuditLog(config.audit_log) if config.audit_log else None,
+        stores=stores,
     )
 
 
@@ -197,7 +254,7 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
     from twisted.web.server import Site
 
     app.metrics = VaultMetrics(
-        active_sessions=lambda: len(app.sessions),
+        active_sessions=lambda: app.session_count,
         pool_queue_depth=lambda: pool.q.qsize(),
     )
     root = Resource()
@@ -220,15 +277,28 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
         app = build_app(config, partial(deferToThreadPool, reactor, pool), reactor)
-    except (TLSConfigError, KeyFileError, PassphraseError, OSError) as error:
+    except (TLSConfigError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
 
-    def sweep() -> None:
+    sweeps = itertools.count()
+
+    def sweep_blocking() -> int:
+        """In the pool: expired sessions and old login failures, and now and
+        then blobs that no index row names (debris of a crash)."""
         app.sessions.sweep()
         app.throttle.sweep()
-        # A user removed by the admin command loses its sessions here.
-        app.run_blocking(app.users.user_ids).addCallbacks(
-            app.sessions.retain_users, lambda failure: log.failure("Could not read the users file", failure)
+        if next(sweeps) % ORPHAN_SWEEP_EVERY == ORPHAN_SWEEP_EVERY - 1:
+            removed = app.storage.sweep_orphans(ORPHAN_GRACE_SECONDS)
+            if removed:
+                log.info("Removed {count} orphaned blobs", count=removed)
+        return app.sessions.count()
+
+    def counted(count: int) -> None:
+        app.session_count = count
+
+    def sweep() -> None:
+        app.run_blocking(sweep_blocking).addCallbacks(
+            counted, lambda failure: log.failure("The periodic sweep failed", failure)
         )
 
     TimerService(SWEEP_INTERVAL_SECONDS, sweep).setServiceParent(top)

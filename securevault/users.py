@@ -2,28 +2,27 @@
 """User accounts: names, stable random ids and scrypt password hashes.
 
 Plain blocking Python with no Twisted imports: scrypt is deliberately slow
-and memory-hungry, so the daemon runs every call in its worker pool.  The
-file is re-read on every call because C{securevault-admin user ...} edits it
-while the daemon runs; it is small, so this costs little and needs no
-reload signal.
+and memory-hungry, so the daemon runs every call in its worker pool.  Users
+live in the metadata store, which C{securevault-admin user ...} edits while
+the daemons run.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, TypeVar
 
-from securevault.fsutil import write_atomically
+from securevault.metadata import DuplicateUser, MetadataError, MetadataStore, UserRecord
+
+T = TypeVar("T")
 
 USERS_FORMAT = "securevault-users"
 USERS_VERSION = 1
@@ -155,67 +154,25 @@ def _now() -> str:
 
 
 class UserStore:
-    """The users of one vault, kept in C{<data-dir>/users.json}.
+    """The users of one vault, kept in its metadata store.
 
-    Safe to use from several threads and processes: readers see either the
-    old or the new file (it is replaced atomically), and writers serialise on
-    an advisory lock so two admin commands cannot lose each other's change.
+    Every node and the admin command see the same users at once: there is
+    no file to reload and no signal to send.
     """
 
-    def __init__(self, path: Path, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+    def __init__(self, store: MetadataStore, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
         if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > MAX_SCRYPT_N:
             raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
-        self._path = path
+        self._store = store
         self._scrypt_n = scrypt_n
-        self._lock_path = path.with_name(f".{path.name}.lock")
 
-    @property
-    def path(self) -> Path:
-        return self._path
-
-    # -- file access -------------------------------------------------------
-
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
         try:
-            data = self._path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        except OSError as error:
-            raise UserFileError(
-                f"The users file {self._path} cannot be read: {error.strerror}."
-            ) from error
-        try:
-            document = json.loads(data)
-            if document.get("format") != USERS_FORMAT or document.get("version") != USERS_VERSION:
-                raise ValueError("wrong format")
-            users = document["users"]
-            if not isinstance(users, dict) or not all(
-                isinstance(entry, dict)
-                and isinstance(entry.get("id"), str)
-                and isinstance(entry.get("password"), str)
-                for entry in users.values()
-            ):
-                raise ValueError("bad entries")
-        except (ValueError, KeyError, AttributeError, TypeError) as error:
-            raise UserFileError(f"The users file {self._path} is malformed.") from error
-        return users
-
-    def _save(self, users: dict[str, dict[str, Any]]) -> None:
-        document = {"format": USERS_FORMAT, "version": USERS_VERSION, "users": users}
-        data = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
-        write_atomically(self._path, data, mode=0o600)
-
-    @contextmanager
-    def _writing(self) -> Iterator[dict[str, dict[str, Any]]]:
-        """Load under an exclusive lock, yield the users, save them on success."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            users = self._load()
-            yield users
-            self._save(users)
-        finally:
-            os.close(fd)  # closing releases the lock
+            return function(*args)
+        except DuplicateUser:
+            raise
+        except MetadataError as error:
+            raise UserFileError(f"The user store cannot be used: {error}.") from error
 
     # -- operations ----------------------------------------------------------
 
@@ -228,43 +185,49 @@ class UserStore:
         validate_username(name)
         validate_password(password)
         encoded = hash_password(password, n=self._scrypt_n)
-        with self._writing() as users:
-            if name in users:
-                raise UserExists(f"The user {name!r} already exists.")
-            user_id = os.urandom(16).hex()
-            users[name] = {"id": user_id, "password": encoded, "created_at": _now()}
+        user_id = os.urandom(16).hex()
+        try:
+            self._call(self._store.add_user, UserRecord(name, user_id, encoded, _now()))
+        except DuplicateUser:
+            raise UserExists(f"The user {name!r} already exists.") from None
         return user_id
+
+    def import_user(self, name: str, user_id: str, password_hash: str, created_at: str) -> bool:
+        """Add a user as it was kept elsewhere (migration); False if present."""
+        _parse_hash(password_hash)
+        try:
+            self._call(self._store.add_user, UserRecord(validate_username(name), user_id, password_hash, created_at))
+        except DuplicateUser:
+            return False
+        return True
 
     def set_password(self, name: str, password: str) -> None:
         """Replace the user's password; their id, and so their archives, stay."""
         validate_username(name)
         validate_password(password)
         encoded = hash_password(password, n=self._scrypt_n)
-        with self._writing() as users:
-            if name not in users:
-                raise UnknownUser(f"There is no user {name!r}.")
-            users[name]["password"] = encoded
+        if not self._call(self._store.set_password_hash, name, encoded):
+            raise UnknownUser(f"There is no user {name!r}.")
 
     def remove(self, name: str) -> None:
-        """Delete the user; their archives stay on disk but nobody can log in to them."""
+        """Delete the user and end their sessions on every node; their
+        archives stay stored but nobody can log in to them."""
         validate_username(name)
-        with self._writing() as users:
-            if name not in users:
-                raise UnknownUser(f"There is no user {name!r}.")
-            del users[name]
+        if not self._call(self._store.remove_user, name):
+            raise UnknownUser(f"There is no user {name!r}.")
 
     def names(self) -> list[str]:
         """All user names, sorted."""
-        return sorted(self._load())
+        return [record.name for record in self._call(self._store.list_users)]
 
     def user_ids(self) -> set[str]:
         """The ids of every current user (a removed user's id is not here)."""
-        return {str(entry["id"]) for entry in self._load().values()}
+        return {record.user_id for record in self._call(self._store.list_users)}
 
     def user_id(self, name: str) -> str | None:
         """The user's id, or None when there is no such user."""
-        entry = self._load().get(name)
-        return None if entry is None else str(entry["id"])
+        record = self._call(self._store.get_user, name)
+        return None if record is None else record.user_id
 
     def verify(self, name: str, password: str) -> str | None:
         """The user's id if C{password} is theirs, else None.
@@ -272,9 +235,9 @@ class UserStore:
         An unknown user, an invalid name and an invalid password all cost one
         scrypt too, so response times do not reveal which names exist.
         """
-        entry = self._load().get(name) if isinstance(name, str) else None
+        record = self._call(self._store.get_user, name) if isinstance(name, str) else None
         valid = isinstance(password, str) and PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS
-        if entry is None or not valid:
+        if record is None or not valid:
             decoy = _scrypt(
                 password.encode("utf-8", "replace") if isinstance(password, str) else b"",
                 _DUMMY_SALT,
@@ -284,6 +247,30 @@ class UserStore:
             )
             hmac.compare_digest(decoy, _DUMMY_HASH)
             return None
-        if check_password(password, entry["password"]):
-            return str(entry["id"])
+        if check_password(password, record.password_hash):
+            return record.user_id
         return None
+
+
+def read_legacy_users(path: Path) -> dict[str, dict[str, Any]]:
+    """The users of a C{users.json} written before the metadata store (for
+    the one-time migration); {} when there is no file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        raise UserFileError(f"The users file {path} cannot be read: {error.strerror}.") from error
+    try:
+        document = json.loads(data)
+        if document.get("format") != USERS_FORMAT or document.get("version") != USERS_VERSION:
+            raise ValueError("wrong format")
+        users = document["users"]
+        if not isinstance(users, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("password"), str)
+            for entry in users.values()
+        ):
+            raise ValueError("bad entries")
+    except (ValueError, KeyError, AttributeError, TypeError) as error:
+        raise UserFileError(f"The users file {path} is malformed.") from error
+    return users

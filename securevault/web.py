@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.app import VaultApp
+from securevault.app import SessionRefused, VaultApp, session_id_from_headers
 from securevault.jsonapi import (
     JSON_CONTENT_TYPE,
     ApiError,
@@ -111,6 +111,7 @@ class VaultRequest(server.Request):
         self._refused = False
         self._started = time.monotonic()
         self._logged = False
+        self._processing = False
 
     # -- body handling --------------------------------------------------
 
@@ -131,34 +132,64 @@ class VaultRequest(server.Request):
         if not raw_upload and self._body_limit > SMALL_BODY_BYTES and (length is None or length > SMALL_BODY_BYTES):
             # A JSON upload may be held in memory up to --max-json-body: only
             # for a caller with a live session, checked before the body.
-            try:
-                self.app.authenticate(self)
-            except ApiError as error:
-                self._refuse(error)
-                return
+            self._check_session_first()
         if raw_upload:
             try:
                 self._start_upload(getattr(self.channel, "_path", b""))
             except ApiError as error:
                 self._refuse(error)
 
+    def _check_session_first(self) -> None:
+        """Hold the body until the session is found in the store; refuse it
+        unread when there is none."""
+        transport: Any = self.channel.transport
+        transport.pauseProducing()
+
+        def checked(_: object) -> None:
+            if not self._refused and not self._processing:
+                transport.resumeProducing()
+
+        def refused(failure: Failure) -> None:
+            if self._processing:
+                return  # the whole body came first: the endpoint answers
+            error = failure.value if isinstance(failure.value, ApiError) else failure
+            self._refuse(error)
+
+        self.app.authenticate(self).addCallbacks(checked, refused)
+
     def _start_upload(self, uri: bytes) -> None:
-        """Authenticate and name the upload, then open its archive writer."""
+        """Name the upload and open its archive writer in the pool, once the
+        session is found there; bytes that arrive meanwhile wait in
+        L{UploadStream} (the connection is paused past its high water)."""
         self.uri = uri
         self.path, _, query = uri.partition(b"?")
         self.args = http.parse_qs(query, keep_blank_values=True) if query else {}
         app = self.app
-        session = app.authenticate(self)
-        filename = filename_from_raw_upload(self, self.getHeader(b"x-filename"))
+        identity = app.identity(self)
+        session_id = session_id_from_headers(self)
+        try:
+            filename: str | None = filename_from_raw_upload(self, self.getHeader(b"x-filename"))
+            filename_error = None
+        except ApiError as error:
+            filename, filename_error = None, error
         quota = app.config.quota
         storage = app.storage
+        owners: list[str] = []
 
         def open_writer() -> Any:
+            session = app.sessions.lookup(session_id, identity.fingerprint) if session_id else None
+            if session is None:
+                raise SessionRefused()
+            self.vault_user = session.username
+            if filename_error is not None:
+                raise filename_error
+            assert filename is not None
+            owners.append(session.user_id)
             remaining = None if quota is None else max(0, quota - storage.usage(session.user_id))
             return storage.writer(session.user_id, filename, max_bytes=remaining)
 
         def discard(info: ArchiveInfo) -> None:
-            app.run_blocking(storage.delete, session.user_id, info.id).addErrback(lambda _: None)
+            app.run_blocking(storage.delete, owners[0], info.id).addErrback(lambda _: None)
 
         transport: Any = self.channel.transport
         self.upload = UploadStream(
@@ -184,6 +215,8 @@ class VaultRequest(server.Request):
 
     def _upload_failed(self, failure: Failure) -> None:
         """The writer failed while the body was still arriving."""
+        if failure.check(SessionRefused):
+            self.app.refused(self)
         error = storage_error(failure)
         self._refuse(error if isinstance(error, ApiError) else failure)
 
@@ -219,6 +252,7 @@ class VaultRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        self._processing = True
         super().requestReceived(command, path, version)
 
     # -- processing -----------------------------------------------------

@@ -8,8 +8,15 @@ import uuid
 
 from twisted.internet.task import Clock
 
-from securevault.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore
+from securevault.metadata import SqliteMetadataStore
+from securevault.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore, session_digest
 from tests.support.testcase import SyncTestCase
+
+
+def metadata_store(testcase: SyncTestCase) -> SqliteMetadataStore:
+    store = SqliteMetadataStore(testcase.make_dir() / "vault.db")
+    testcase.addCleanup(store.close)
+    return store
 
 IDLE = 30 * 60.0
 TTL = 12 * 60 * 60.0
@@ -25,7 +32,8 @@ class SessionStoreTests(SyncTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.store = SessionStore(self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL)
+        self.metadata = metadata_store(self)
+        self.store = SessionStore(self.metadata, self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL)
 
     def create(self, username: str = "alice", fingerprint: str = CERT_A, not_after: float = FAR_FUTURE) -> str:
         return self.store.create(username, "id-" + username, fingerprint, not_after).session_id
@@ -40,7 +48,7 @@ class SessionStoreTests(SyncTestCase):
         self.assertEqual((session.created_at, session.last_used), (START, START))
         self.assertEqual(session.expires_at, START + TTL)
         self.assertEqual(self.store.expiry(session), START + IDLE)
-        self.assertEqual(len(self.store), 1)
+        self.assertEqual(self.store.count(), 1)
 
     def test_ids_are_unique(self) -> None:
         """Every session gets its own id."""
@@ -86,7 +94,7 @@ class SessionStoreTests(SyncTestCase):
         self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
         self.clock.advance(IDLE)
         self.assertIsNone(self.store.lookup(session_id, CERT_A))
-        self.assertEqual(len(self.store), 0)
+        self.assertEqual(self.store.count(), 0)
 
     def test_expiry_is_exclusive(self) -> None:
         """At exactly the expiry instant the session is already gone."""
@@ -143,14 +151,37 @@ class SessionStoreTests(SyncTestCase):
         self.assertIsNone(self.store.lookup(first, CERT_A))
         self.assertIsNotNone(self.store.lookup(second, CERT_A))
 
-    def test_end_user(self) -> None:
-        """end_user() forgets every session of one user and no other."""
-        alice1, alice2 = self.create("alice"), self.create("alice", CERT_B)
-        bob = self.create("bob")
-        self.store.end_user("id-alice")
-        self.assertIsNone(self.store.lookup(alice1, CERT_A))
-        self.assertIsNone(self.store.lookup(alice2, CERT_B))
-        self.assertIsNotNone(self.store.lookup(bob, CERT_A))
+    def test_only_digests_are_stored(self) -> None:
+        """The store never holds a session id, only its SHA-256: a copy of
+        the database gives no usable session."""
+        session_id = self.create()
+        self.metadata.close()  # checkpoints the WAL into the file
+        raw = self.metadata.path.read_bytes()
+        self.assertIn(session_digest(session_id).encode(), raw)
+        self.assertNotIn(session_id.encode(), raw)
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
+
+    def test_shared_by_two_nodes(self) -> None:
+        """Two stores on one database are two nodes: a session made on one
+        works on the other, and ending it on the other ends it on the first."""
+        other = SessionStore(
+            SqliteMetadataStore(self.metadata.path), self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL
+        )
+        session_id = self.create()
+        self.assertIsNotNone(other.lookup(session_id, CERT_A))
+        other.end(session_id)
+        self.assertIsNone(self.store.lookup(session_id, CERT_A))
+
+    def test_idle_refresh_is_written_back(self) -> None:
+        """Use on one node keeps the session alive on another."""
+        other = SessionStore(
+            SqliteMetadataStore(self.metadata.path), self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL
+        )
+        session_id = self.create()
+        for _ in range(3):
+            self.clock.advance(IDLE - 10)
+            self.assertIsNotNone(other.lookup(session_id, CERT_A))
+        self.assertIsNotNone(self.store.lookup(session_id, CERT_A))
 
     def test_sweep(self) -> None:
         """sweep() forgets expired sessions, keeps live ones, and says how
@@ -162,7 +193,7 @@ class SessionStoreTests(SyncTestCase):
         self.assertEqual(self.store.sweep(), 0)
         self.clock.advance(IDLE / 2)
         self.assertEqual(self.store.sweep(), 2)
-        self.assertEqual(len(self.store), 1)
+        self.assertEqual(self.store.count(), 1)
         self.assertIsNone(self.store.lookup(old, CERT_A))
         self.assertIsNone(self.store.lookup(short, CERT_A))
         self.assertIsNotNone(self.store.lookup(young, CERT_A))
@@ -175,7 +206,8 @@ class LoginThrottleTests(SyncTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.throttle = LoginThrottle(self.clock.seconds)
+        self.metadata = metadata_store(self)
+        self.throttle = LoginThrottle(self.metadata, self.clock.seconds)
 
     def record(self, *keys: str, times: int = 1) -> None:
         for _ in range(times):
@@ -256,7 +288,7 @@ class LoginThrottleTests(SyncTestCase):
 
     def test_custom_limits(self) -> None:
         """The limit and window are parameters."""
-        throttle = LoginThrottle(self.clock.seconds, limit=2, window_seconds=10)
+        throttle = LoginThrottle(self.metadata, self.clock.seconds, limit=2, window_seconds=10)
         throttle.record_failure("k")
         self.assertEqual(throttle.retry_after("k"), 0)
         throttle.record_failure("k")
@@ -264,16 +296,11 @@ class LoginThrottleTests(SyncTestCase):
         self.clock.advance(10)
         self.assertEqual(throttle.retry_after("k"), 0)
 
-
-class RetainUsersTests(SyncTestCase):
-    """Sessions of removed users end at the next sweep."""
-
-    def test_removed_user_sessions_end(self) -> None:
-        """retain_users ends exactly the sessions whose user id is gone."""
-        clock = Clock()
-        store = SessionStore(clock.seconds, idle_seconds=60, ttl_seconds=600)
-        kept = store.create("alice", "id-alice", "fp", 10**12)
-        dropped = store.create("bob", "id-bob", "fp", 10**12)
-        self.assertEqual(store.retain_users({"id-alice"}), 1)
-        self.assertIsNotNone(store.lookup(kept.session_id, "fp"))
-        self.assertIsNone(store.lookup(dropped.session_id, "fp"))
+    def test_counted_across_nodes(self) -> None:
+        """Failures recorded through two stores on one database add up."""
+        other = LoginThrottle(SqliteMetadataStore(self.metadata.path), self.clock.seconds)
+        for _ in range(FAILURES_BEFORE_THROTTLE - 1):
+            self.throttle.record_failure("user:alice")
+        self.assertEqual(other.retry_after("user:alice"), 0)
+        other.record_failure("user:alice")
+        self.assertGreater(self.throttle.retry_after("user:alice"), 0)

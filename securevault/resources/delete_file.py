@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from securevault.jsonapi import JsonEndpoint, Reply, not_found, parse_json_object, string_field
+from securevault.sessions import Session
 from securevault.storage import ArchiveNotFound
 
 log = Logger(namespace="securevault.security")
@@ -19,7 +21,9 @@ class DeleteFileResource(JsonEndpoint):
     allowedMethods = (b"POST",)
 
     def render_POST(self, request: Request) -> Any:
-        session = self.app.authenticate(request)
+        return self.authenticated(request, lambda session: self._delete(request, session))
+
+    def _delete(self, request: Request, session: Session) -> "Deferred[Reply]":
         archive_id = string_field(parse_json_object(request), "id")
 
         def deleted(_: None) -> Reply:
@@ -32,4 +36,4 @@ class DeleteFileResource(JsonEndpoint):
             raise not_found("No such archive.")
 
         work = self.app.run_blocking(self.app.storage.delete, session.user_id, archive_id)
-        return self.respond_later(request, work.addCallbacks(deleted, missing))
+        return work.addCallbacks(deleted, missing)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
@@ -36,6 +36,7 @@ from securevault.storage import (
     IntegrityError,
     SecureFileStorage,
 )
+from securevault.sessions import Session
 from securevault.streaming import Base64Encoder, DownloadProducer, base64_length
 
 log = Logger(namespace="securevault.security")
@@ -102,14 +103,21 @@ class DownloadFileResource(JsonEndpoint):
 
     def render_GET(self, request: Request) -> Any:
         app = self.app
-        session = app.authenticate(request)
-        archive_id = single_arg(request, b"id")
-        filename = single_arg(request, b"filename")
-        if (archive_id is None) == (filename is None):
-            raise bad_request("Give exactly one of 'id' and 'filename'.")
         raw = wants_raw(request)
         lost: list[Failure] = []
-        work = app.run_blocking(open_download, app.storage, session.user_id, archive_id, filename, raw)
+        sessions: list[Session] = []
+        archive_ids: list[str | None] = []
+
+        def open_it(session: Session) -> "Deferred[Opened]":
+            sessions.append(session)
+            archive_id = single_arg(request, b"id")
+            filename = single_arg(request, b"filename")
+            if (archive_id is None) == (filename is None):
+                raise bad_request("Give exactly one of 'id' and 'filename'.")
+            archive_ids.append(archive_id)
+            return app.run_blocking(open_download, app.storage, session.user_id, archive_id, filename, raw)
+
+        work = app.authenticate(request).addCallback(open_it)
 
         def left(reason: Failure) -> None:
             lost.append(reason)
@@ -124,7 +132,7 @@ class DownloadFileResource(JsonEndpoint):
                 return
             info = result.info
             log.info("Download of archive {archive_id}", archive_id=info.id, event_kind="download")
-            app.record("download", request, user=session.username, archive_id=info.id, size=info.size)
+            app.record("download", request, user=sessions[0].username, archive_id=info.id, size=info.size)
             request.setResponseCode(200)
             if raw:
                 self._start_raw(request, result)
@@ -137,7 +145,8 @@ class DownloadFileResource(JsonEndpoint):
             if reason.check(ArchiveNotFound):
                 fail(request, not_found("No such archive."))
             elif reason.check(IntegrityError):
-                app.record("integrity_error", request, user=session.username, archive_id=archive_id)
+                archive_id = archive_ids[0] if archive_ids else None
+                app.record("integrity_error", request, user=sessions[0].username, archive_id=archive_id)
                 integrity_failure(request, archive_id or "(by filename)")
             else:
                 fail(request, reason)

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from securevault.jsonapi import ApiError, JsonEndpoint, Reply, parse_json_object, string_field
+from securevault.sessions import Session
 from securevault.storage import rfc3339
 from securevault.tls import ClientIdentity
 
@@ -42,26 +43,38 @@ class LoginResource(JsonEndpoint):
         username = string_field(body, "username")
         password = string_field(body, "password")
         identity = app.identity(request)
-        keys = ("user:" + username, "cert:" + identity.fingerprint)
-        wait = app.throttle.retry_after(*keys)
-        if wait:
-            log.warn(
-                "Throttled login for {username} from certificate {fingerprint}",
-                username=loggable(username),
-                fingerprint=identity.fingerprint,
-                event_kind="throttled",
-            )
-            app.record("login_throttled", request, user=username[:64])
-            raise ApiError(
-                429,
-                "too_many_attempts",
-                "Too many failed logins; try again later.",
-                {b"Retry-After": str(wait).encode("ascii")},
-            )
+        subjects = ("user:" + username, "cert:" + identity.fingerprint)
 
-        def checked(user_id: str | None) -> Reply:
+        def attempt() -> tuple[int, Session | None]:
+            """In the pool: the throttle (shared by every node), then the
+            password; a throttled attempt costs no scrypt.  Returns the
+            seconds to wait (0: not throttled) and the new session."""
+            wait = app.throttle.retry_after(*subjects)
+            if wait:
+                return wait, None
+            user_id = app.users.verify(username, password)
             if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
-                app.throttle.record_failure(*keys)
+                app.throttle.record_failure(*subjects)
+                return 0, None
+            return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+
+        def answered(result: tuple[int, Session | None]) -> Reply:
+            wait, session = result
+            if wait:
+                log.warn(
+                    "Throttled login for {username} from certificate {fingerprint}",
+                    username=loggable(username),
+                    fingerprint=identity.fingerprint,
+                    event_kind="throttled",
+                )
+                app.record("login_throttled", request, user=username[:64])
+                raise ApiError(
+                    429,
+                    "too_many_attempts",
+                    "Too many failed logins; try again later.",
+                    {b"Retry-After": str(wait).encode("ascii")},
+                )
+            if session is None:
                 log.warn(
                     "Failed login for {username} from certificate {fingerprint}",
                     username=loggable(username),
@@ -70,7 +83,6 @@ class LoginResource(JsonEndpoint):
                 )
                 app.record("login_failed", request, user=username[:64])
                 raise INVALID_CREDENTIALS
-            session = app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
             setattr(request, "vault_user", username)
             log.info("Login by {username}", username=username, event_kind="login")
             app.record("login", request, user=username)
@@ -79,5 +91,4 @@ class LoginResource(JsonEndpoint):
                 {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))},
             )
 
-        work = app.run_blocking(app.users.verify, username, password)
-        return self.respond_later(request, work.addCallback(checked))
+        return self.respond_later(request, app.run_blocking(attempt).addCallback(answered))

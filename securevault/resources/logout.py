@@ -1,21 +1,26 @@
 # -*- test-case-name: tests.test_resources -*-
-"""POST /logout: ends the caller's session."""
+"""POST /logout: ends the caller's session, on every node."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.internet.defer import Deferred
+from twisted.web.server import Request
 
-from securevault.jsonapi import JsonEndpoint, write_json
+from securevault.jsonapi import JsonEndpoint, Reply
+from securevault.sessions import Session
 
 
 class LogoutResource(JsonEndpoint):
     allowedMethods = (b"POST",)
 
     def render_POST(self, request: Request) -> Any:
-        session = self.app.authenticate(request)
-        self.app.sessions.end(session.session_id)
-        self.app.record("logout", request, user=session.username)
-        write_json(request, 204, None)
-        return NOT_DONE_YET
+        def end(session: Session) -> "Deferred[Reply]":
+            def ended(_: None) -> Reply:
+                self.app.record("logout", request, user=session.username)
+                return Reply(204)
+
+            return self.app.run_blocking(self.app.sessions.end, session.session_id).addCallback(ended)
+
+        return self.authenticated(request, end)

@@ -12,11 +12,14 @@ import base64
 import binascii
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from securevault.app import SessionRefused
 from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request, decode_json_object, storage_error
+from securevault.sessions import Session
 from securevault.storage import (
     ArchiveInfo,
     InvalidFilename,
@@ -62,16 +65,19 @@ class UploadFileResource(JsonEndpoint):
         if upload is not None:
             work = upload.finish()
         else:
-            session = app.authenticate(request)
-            kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
-            if kind != b"application/json":
-                raise ApiError(
-                    415,
-                    "unsupported_media_type",
-                    "Send application/json or application/octet-stream with X-Filename.",
-                )
-            raw = request.content.read() if request.content is not None else b""
-            work = app.run_blocking(store_json_upload, app.storage, session.user_id, raw, app.config.quota)
+
+            def store(session: Session) -> "Deferred[ArchiveInfo]":
+                kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
+                if kind != b"application/json":
+                    raise ApiError(
+                        415,
+                        "unsupported_media_type",
+                        "Send application/json or application/octet-stream with X-Filename.",
+                    )
+                raw = request.content.read() if request.content is not None else b""
+                return app.run_blocking(store_json_upload, app.storage, session.user_id, raw, app.config.quota)
+
+            work = app.authenticate(request).addCallback(store)
 
         def stored(info: ArchiveInfo) -> Reply:
             log.info(
@@ -84,6 +90,8 @@ class UploadFileResource(JsonEndpoint):
             return Reply(201, info.public())
 
         def failed(failure: Failure) -> None:
+            if upload is not None and failure.check(SessionRefused):
+                app.refused(request)
             raise storage_error(failure)
 
         return self.respond_later(request, work.addCallbacks(stored, failed))

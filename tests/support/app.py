@@ -13,6 +13,7 @@ the path real traffic takes, C{gotLength}/C{handleContentChunk} included.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from io import BytesIO
 import json
@@ -37,6 +38,7 @@ from securevault.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_B
 from securevault.keys import generate_keyring
 from securevault.pki import PrivateKey, make_ca, make_client_cert
 from securevault.sessions import LoginThrottle, SessionStore
+from securevault.blobs import LocalBlobStore
 from securevault.storage import BODY_SUFFIX, SecureFileStorage
 from securevault.users import UserStore
 from securevault.web import VaultSite
@@ -143,12 +145,17 @@ def make_app(
         return int(fake_clock.seconds()) * 1_000_000_000 + next(counter) % 1_000_000_000
 
     storage = storage_class(data_dir, generate_keyring(), clock_ns=clock_ns)
+    addCleanup = getattr(test, "addCleanup", None)
+    if addCleanup is not None:
+        addCleanup(storage.metadata.close)
     app = VaultApp(
         config=config,
         storage=storage,
-        users=UserStore(data_dir / "users.json", scrypt_n=TEST_SCRYPT_N),
-        sessions=SessionStore(clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl),
-        throttle=LoginThrottle(clock.seconds),
+        users=UserStore(storage.metadata, scrypt_n=TEST_SCRYPT_N),
+        sessions=SessionStore(
+            storage.metadata, clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl
+        ),
+        throttle=LoginThrottle(storage.metadata, clock.seconds),
         run_blocking=run_inline,
         clock=clock.seconds,
     )
@@ -160,18 +167,49 @@ def add_user(app: VaultApp, name: str, password: str) -> str:
     return app.users.add(name, password)
 
 
+def blob_directory(storage: SecureFileStorage, user_id: str) -> Path:
+    """Where the local blob store keeps the user's archive bodies."""
+    blobs = storage.blobs
+    assert isinstance(blobs, LocalBlobStore), "a test of files on disk needs the local blob store"
+    return blobs.root / user_id
+
+
+def stored_names(storage: SecureFileStorage, user_id: str) -> list[str]:
+    """What the vault keeps for the user: every file in their blob directory
+    (temp files included) and, named C{<archive id>.meta}, every row of
+    theirs in the archive index.  An upload that left nothing behind adds
+    nothing here; a committed one adds C{.body} and C{.meta}."""
+    directory = blob_directory(storage, user_id)
+    files = sorted(entry.name for entry in directory.iterdir()) if directory.is_dir() else []
+    rows = [f"{record.archive_id}.meta" for record in storage.metadata.list_archives(user_id)]
+    return sorted(files + rows)
+
+
 def owner_files(app: VaultApp, user_id: str) -> list[str]:
-    """Every file name in the user's archive directory, temp files included."""
-    directory = app.storage.owner_directory(user_id)
-    if not directory.is_dir():
-        return []
-    return sorted(entry.name for entry in directory.iterdir())
+    """L{stored_names} of the app's storage."""
+    return stored_names(app.storage, user_id)
+
+
+def archive_document(storage: SecureFileStorage, user_id: str, archive_id: str) -> str:
+    """The archive's index row document (wrapped key and sealed metadata)."""
+    record = storage.metadata.get_archive(user_id, archive_id)
+    assert record is not None
+    return record.document
+
+
+def set_archive_document(storage: SecureFileStorage, user_id: str, archive_id: str, document: str) -> None:
+    """Replace the archive's index row document, as an attacker with write
+    access to the metadata store could."""
+    record = storage.metadata.get_archive(user_id, archive_id)
+    assert record is not None
+    storage.metadata.delete_archive(user_id, archive_id)
+    storage.metadata.put_archive(dataclasses.replace(record, document=document))
 
 
 def corrupt_archive(app: VaultApp, user_id: str, archive_id: str, offset: int = -1) -> None:
     """Flip one bit of the archive's encrypted body on disk (default: the last
     byte, which is in the final chunk's tag)."""
-    body = app.storage.owner_directory(user_id) / f"{archive_id}{BODY_SUFFIX}"
+    body = blob_directory(app.storage, user_id) / f"{archive_id}{BODY_SUFFIX}"
     data = bytearray(body.read_bytes())
     data[offset] ^= 0x01
     body.write_bytes(bytes(data))

@@ -1,0 +1,192 @@
+# -*- test-case-name: tests.test_metadata_postgres -*-
+"""PostgreSQL for the metadata store, so that several vault nodes can share
+users, sessions and the archive index (C{--metadata postgresql://...}).
+
+The SQL is L{securevault.metadata.SqlMetadataStore}'s, shared with SQLite;
+this module says how to connect (psycopg 3, a connection per worker thread,
+autocommit outside explicit transactions), keeps two nodes starting at once
+from racing on the schema, and survives a connection that died while idle (a
+server restart, a terminated backend, an idle-session timeout) by
+reconnecting once where that is safe.  Nothing here ever names the password.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Sequence
+from urllib.parse import quote
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+
+from securevault.metadata import SCHEMA, SCHEMA_VERSION, MetadataError, SqlMetadataStore
+
+Connection = psycopg.Connection[TupleRow]
+
+# Serialises schema creation across every node on one database ("svschema").
+SCHEMA_LOCK = 0x7376_7363_6865_6D61
+
+CONNECT_TIMEOUT = 10  # seconds, when neither the DSN nor PGCONNECT_TIMEOUT sets one
+APPLICATION_NAME = "securevault"  # in pg_stat_activity, unless the DSN names one
+
+_BROKEN: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
+_SECRET_PARAMETERS = ("password", "sslpassword")
+
+
+def _describe(parameters: dict[str, Any]) -> str:
+    """C{postgresql://user@host:port/dbname}, never the password."""
+
+    def given(key: str, variable: str) -> str:
+        return str(parameters.get(key) or os.environ.get(variable) or "")
+
+    user = given("user", "PGUSER")
+    host = str(parameters.get("host") or parameters.get("hostaddr") or os.environ.get("PGHOST") or "")
+    port = given("port", "PGPORT")
+    dbname = given("dbname", "PGDATABASE") or user
+    if ":" in host and "," not in host and not host.startswith("/"):
+        host = f"[{host}]"  # IPv6
+    elif host.startswith("/"):
+        host = quote(host, safe="")  # a Unix socket directory
+    where = f"{quote(user, safe='')}@{host}" if user else host
+    if port:
+        where += f":{port}"
+    return f"postgresql://{where}/{quote(dbname, safe='')}"
+
+
+class PostgresMetadataStore(SqlMetadataStore):
+    """L{MetadataStore} on PostgreSQL, shared by every node given one DSN.
+
+    The DSN is a libpq connection string, URL (C{postgresql://...}) or
+    C{key=value}; libpq's environment variables (C{PGPASSWORD},
+    C{PGSSLMODE}, ...) and C{~/.pgpass} apply as usual.
+    """
+
+    placeholder = "%s"
+    integrity_errors: tuple[type[BaseException], ...] = (psycopg.IntegrityError,)
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            self._parameters = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            # libpq's parse errors may quote the DSN, password and all.
+            raise MetadataError(
+                "the PostgreSQL metadata DSN is not a valid libpq connection string"
+                " (not repeated here: it may hold a password)"
+            ) from None
+        super().__init__()
+        self._dsn = dsn
+        self._description = _describe(self._parameters)
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self) -> str:
+        return self._description
+
+    # -- connecting ---------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        for key in _SECRET_PARAMETERS:
+            secret = self._parameters.get(key)
+            if secret:
+                text = text.replace(str(secret), "***")
+        return text
+
+    def _connect(self) -> Connection:
+        defaults: dict[str, Any] = {}
+        if "connect_timeout" not in self._parameters and not os.environ.get("PGCONNECT_TIMEOUT"):
+            defaults["connect_timeout"] = CONNECT_TIMEOUT
+        if "application_name" not in self._parameters and not os.environ.get("PGAPPNAME"):
+            defaults["application_name"] = APPLICATION_NAME
+        try:
+            return psycopg.connect(self._dsn, autocommit=True, **defaults)
+        except psycopg.Error as error:
+            reason = re.sub(r"\s+", " ", self._redact(str(error))).strip()
+            # "from None": the cause would be printed with the traceback, and
+            # nothing from libpq leaves here unredacted.
+            raise MetadataError(f"cannot connect to the metadata database {self._description}: {reason}") from None
+
+    def _connection(self) -> Connection:
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is not None and connection.closed:  # closed is also true once broken
+            self._forget_connection()
+        result: Connection = super()._connection()
+        return result
+
+    def _begin(self, stack: ExitStack) -> Connection:
+        """BEGIN on this thread's connection, entered on C{stack}.  If that
+        connection turns out to have died while idle (psycopg then marks it
+        closed), BEGIN once more on a fresh one: nothing has run yet."""
+        connection = self._connection()
+        try:
+            stack.enter_context(connection.transaction())
+            return connection
+        except _BROKEN:
+            if not connection.closed:
+                raise
+        self._forget_connection()
+        connection = self._connection()
+        stack.enter_context(connection.transaction())
+        return connection
+
+    # -- transactions ---------------------------------------------------------
+
+    def _broken_errors(self) -> tuple[type[BaseException], ...]:
+        return _BROKEN
+
+    def _is_full(self, error: BaseException) -> bool:
+        return getattr(error, "sqlstate", None) == "53100"  # disk_full
+
+    @contextmanager
+    def _transaction(self, connection: Any, write: bool) -> Iterator[Any]:
+        # The connection is autocommit: a read is one statement on its own;
+        # a write is BEGIN ... COMMIT (ROLLBACK on any exception), and its
+        # BEGIN may replace the connection given (see _begin).  Once a
+        # statement has run, a failure is the caller's: a write is never
+        # repeated (its commit may or may not have happened), a read is, once,
+        # by _query.
+        with ExitStack() as stack:
+            if write:
+                connection = self._begin(stack)
+            try:
+                yield stack.enter_context(connection.cursor())
+            except _BROKEN:
+                self._local.lost = connection.closed
+                raise
+
+    def _query(self, statement: str, parameters: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read; repeated once, on a fresh connection, if it failed because
+        this thread's connection had died (a read is always safe to repeat)."""
+        self._local.lost = False
+        try:
+            return super()._query(statement, parameters)
+        except MetadataError:
+            if not getattr(self._local, "lost", False):
+                raise
+        return super()._query(statement, parameters)
+
+    # -- the schema -----------------------------------------------------------
+
+    def _create_schema(self) -> None:
+        """Create the tables unless they are there.  Nodes starting at once
+        would race in C{CREATE TABLE IF NOT EXISTS}, so the DDL runs under a
+        transaction-scoped advisory lock; when the schema already exists no
+        DDL runs at all, so the vault's role needs no CREATE privilege then."""
+        exists = self._query("SELECT to_regclass(?) IS NOT NULL", ("sv_state",))[0][0]
+        if not exists or self.get_state("schema") is None:
+            with self._write() as run:
+                run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
+                for statement in SCHEMA:
+                    run(statement)
+                run(
+                    "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                    ("schema", SCHEMA_VERSION),
+                )
+        version = self.get_state("schema")
+        if version != SCHEMA_VERSION:
+            raise MetadataError(f"the metadata store has schema version {version}, this vault needs {SCHEMA_VERSION}")
