@@ -1,0 +1,174 @@
+"""Two real vault nodes sharing one PostgreSQL and one S3 bucket.
+
+Each node is a C{twistd securevault} subprocess with its own data directory
+(its own audit log) and the same master key; what they share goes through
+the engines only: no node talks to the other.  A session made on node A is
+used on node B, logout on B ends it on A, failed logins count across both,
+and an upload through either is listed, downloaded and verified through the
+other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import ssl
+import subprocess
+from urllib.parse import quote
+
+from psycopg.conninfo import conninfo_to_dict
+
+from tests.support.daemon import (
+    SyncDaemon,
+    call,
+    connect,
+    download_sha256,
+    list_files,
+    login,
+    raw_upload_head,
+    run_admin,
+    send_until_answered,
+    twistd_argv,
+)
+from tests.support.postgres import postgres_dsn
+from tests.support.s3 import make_bucket, moto_endpoint, s3_environment
+from tests.support.testcase import SyncTestCase
+from tests.support.tlsclient import PASSWORD
+
+
+def postgres_url(testcase: SyncTestCase) -> str:
+    """The test schema's DSN as a postgresql:// URL (what --metadata takes)."""
+    parameters = conninfo_to_dict(postgres_dsn(testcase))
+    user = quote(str(parameters.get("user", "")), safe="")
+    host = parameters.get("host", "127.0.0.1")
+    port = parameters.get("port", 5432)
+    dbname = quote(str(parameters.get("dbname", "postgres")), safe="")
+    options = quote(str(parameters.get("options", "")), safe="")
+    return f"postgresql://{user}@{host}:{port}/{dbname}?options={options}"
+
+
+class TwoNodeTests(SyncTestCase):
+    def setUp(self) -> None:
+        self.metadata = postgres_url(self)
+        endpoint = moto_endpoint(self)
+        bucket, self.s3 = make_bucket(self)
+        self.bucket = bucket
+        self.blobs = f"s3://{bucket}/vault"
+        for name, value in s3_environment(endpoint).items():  # the nodes inherit os.environ
+            self.patch(os, "environ", {**os.environ, name: value})
+        self.base = self.make_dir()
+        self.certs = self.base / "certs"
+        shared = self.base / "shared"
+        result = run_admin("--data-dir", str(shared), "init", "--certs-dir", str(self.certs), cwd=self.base)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.master_key = shared / "master.key"
+        result = self.admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.nodes = [self.start_node(name) for name in ("a", "b")]
+        self.ports = [node.wait_listening() for node in self.nodes]
+        self.context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.certs / "ca.crt"))
+        self.context.load_cert_chain(str(self.certs / "client.crt"), str(self.certs / "client.key"))
+
+    def admin(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_admin(
+            "--data-dir", str(self.base / "shared"), "--metadata", self.metadata, "--blobs", self.blobs, *argv,
+            stdin=stdin, cwd=self.base,
+        )  # fmt: skip
+
+    def start_node(self, name: str) -> SyncDaemon:
+        data = self.base / f"node-{name}"
+        argv = twistd_argv(
+            self.certs, data,
+            "--metadata", self.metadata, "--blobs", self.blobs, "--master-key", str(self.master_key),
+        )  # fmt: skip
+        node = SyncDaemon(argv, self.base)
+        self.addCleanup(node.stop)
+        return node
+
+    def test_shared_sessions_archives_and_throttling(self) -> None:
+        a, b = self.ports
+        for node in self.nodes:
+            self.assertIn(f"s3://{self.bucket}/vault", node.output())
+            self.assertIn("postgresql://", node.output())
+        # Login on A; the session works on B.
+        session = login(self.context, a)
+        self.assertEqual(list_files(self.context, b, session), [])
+
+        # A JSON upload through A is listed and downloaded through B.
+        content = os.urandom(100_000)
+        body = json.dumps({"filename": "report.bin", "content": base64.b64encode(content).decode()})
+        stored = call(
+            self.context, a, "POST", "/upload-file", body=body.encode(),
+            headers=[("Content-Type", "application/json")], session=session,
+        )  # fmt: skip
+        self.assertEqual(stored.status, 201, stored.body)
+        first = stored.json()
+        self.assertEqual([f["id"] for f in list_files(self.context, b, session)], [first["id"]])
+        self.assertEqual(download_sha256(self.context, b, session, first["id"]), hashlib.sha256(content).hexdigest())
+
+        # A raw upload of several S3 parts through B, downloaded through A.
+        big = os.urandom(20 << 20)
+        with connect(self.context, b) as sock:
+            response = send_until_answered(sock, raw_upload_head("big.bin", len(big), session), big)
+        self.assertEqual(response.status, 201, response.body[:200])
+        second = response.json()
+        self.assertEqual(download_sha256(self.context, a, session, second["id"]), hashlib.sha256(big).hexdigest())
+        keys = sorted(item["Key"] for item in self.s3.list_objects_v2(Bucket=self.bucket)["Contents"])
+        self.assertEqual(len(keys), 2)
+        self.assertTrue(all(key.startswith("vault/") and key.endswith(".body") for key in keys))
+        head = self.s3.head_object(Bucket=self.bucket, Key=next(k for k in keys if second["id"] in k))
+        self.assertTrue(head["ETag"].strip('"').endswith("-3"), head["ETag"])  # 8 + 8 + 4 MiB parts
+
+        # Delete through A: gone on B.
+        deleted = call(
+            self.context, a, "POST", "/delete-file", body=json.dumps({"id": first["id"]}).encode(),
+            headers=[("Content-Type", "application/json")], session=session,
+        )  # fmt: skip
+        self.assertEqual(deleted.status, 204)
+        self.assertEqual([f["id"] for f in list_files(self.context, b, session)], [second["id"]])
+
+        # Logout through B ends the session on A.
+        self.assertEqual(call(self.context, b, "POST", "/logout", session=session).status, 204)
+        self.assertEqual(call(self.context, a, "GET", "/get-files", session=session).status, 401)
+
+        # Failed logins through both nodes add up: the fifth locks both.
+        wrong = json.dumps({"username": "alice", "password": "wrong password"}).encode()
+        statuses = [
+            call(
+                self.context, port, "POST", "/login", body=wrong, headers=[("Content-Type", "application/json")]
+            ).status
+            for port in (a, b, a, b, a)
+        ]
+        self.assertEqual(statuses, [401] * 5)
+        for port in (a, b):
+            right = json.dumps({"username": "alice", "password": PASSWORD}).encode()
+            throttled = call(
+                self.context, port, "POST", "/login", body=right, headers=[("Content-Type", "application/json")]
+            )
+            self.assertEqual(throttled.status, 429, throttled.body)
+
+        # The admin sees the same vault: one archive, intact.
+        result = self.admin("verify")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("1 archives verified, 0 failed", result.stdout)
+
+    def test_user_removed_on_one_node_is_gone_on_both(self) -> None:
+        a, b = self.ports
+        session = login(self.context, a)
+        result = self.admin("user", "remove", "alice")
+        self.assertEqual(result.returncode, 0)
+        for port in (a, b):
+            self.assertEqual(call(self.context, port, "GET", "/get-files", session=session).status, 401)
+
+    def test_node_restart_keeps_sessions(self) -> None:
+        """Sessions live in PostgreSQL: a node restarted (or replaced behind
+        the load balancer) keeps serving them."""
+        a, _ = self.ports
+        session = login(self.context, a)
+        self.nodes[0].kill()
+        restarted = self.start_node("a")
+        port = restarted.wait_listening()
+        self.assertEqual(list_files(self.context, port, session), [])
+
