@@ -28,6 +28,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="client processes for request-rate figures (default 4)")
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--metadata", default=None,
+                        help="run securevault on this metadata store (e.g. postgresql://...; default: embedded SQLite)")
+    parser.add_argument("--blobs", default=None,
+                        help="run securevault on this blob store (e.g. s3://bucket/prefix, endpoint from "
+                             "AWS_ENDPOINT_URL; default: embedded directory)")
     parser.add_argument("--install-nginx", action="store_true",
                         help="when nginx is absent, apt-get update && apt-get install -y nginx")
     args = parser.parse_args(argv)
@@ -68,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_header(nginx)
     for line in header:
         print(line)
+    if args.metadata or args.blobs:
+        print(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, blobs {args.blobs or 'directory (embedded)'}")
     print(f"settings:     --size-mib {args.size_mib} --text-mib {args.text_mib} --runs {args.runs} "
           f"figures {','.join(args.groups)}; load figures {args.duration:g} s x {args.workers} client processes")
     print(flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="svbench-", dir=args.workdir))
-    ws = Workspace(root, args.size_mib * MiB, args.text_mib * MiB)
+    store_args = [*(["--metadata", args.metadata] if args.metadata else []),
+                  *(["--blobs", args.blobs] if args.blobs else [])]
+    ws = Workspace(root, args.size_mib * MiB, args.text_mib * MiB, store_args=store_args)
     sv = Securevault(ws)
     ng = Nginx(ws, nginx)
     started = time.monotonic()
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in header:
         print(line)
+    if args.metadata or args.blobs:
+        print(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, blobs {args.blobs or 'directory (embedded)'}")
     print(f"settings:     --size-mib {args.size_mib} --runs {args.runs}; medians of {args.runs} interleaved "
           f"run(s); {elapsed / 60:.1f} min")
     print()

@@ -270,6 +270,8 @@ class Workspace:
     size: int
     text_size: int
     small_size: int = 100 * MiB
+    # --metadata/--blobs for the admin and the daemon (empty: embedded stores)
+    store_args: list[str] = field(default_factory=list)
     certs: Path = field(init=False)
     data: Path = field(init=False)
 
@@ -302,7 +304,7 @@ class Workspace:
         return self.certs / "client.key"
 
     def admin(self, *args: str, stdin: str | None = None) -> None:
-        cmd = [sys.executable, "-m", "securevault.admin", "--data-dir", str(self.data), *args]
+        cmd = [sys.executable, "-m", "securevault.admin", "--data-dir", str(self.data), *self.store_args, *args]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, cwd=self.root)
         if out.returncode != 0:
@@ -337,7 +339,7 @@ class Securevault:
             "-n", "--pidfile=", "securevault",
             "--port", str(self.port), "--interface", "127.0.0.1",
             "--cert", str(ws.certs / "server.crt"), "--key", str(ws.certs / "server.key"),
-            "--ca-cert", str(ws.ca), "--data-dir", str(ws.data),
+            "--ca-cert", str(ws.ca), "--data-dir", str(ws.data), *ws.store_args,
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         with open(self.log, "ab") as log:
