@@ -14,13 +14,19 @@ import base64
 import hashlib
 import json
 import os
+import shutil
+import socket
 import ssl
 import subprocess
+import time
+from pathlib import Path
 from urllib.parse import quote
 
 from psycopg.conninfo import conninfo_to_dict
+from twisted.trial.unittest import SkipTest
 
 from tests.support.daemon import (
+    REPOSITORY,
     SyncDaemon,
     call,
     connect,
@@ -49,7 +55,15 @@ def postgres_url(testcase: SyncTestCase) -> str:
     return f"postgresql://{user}@{host}:{port}/{dbname}?options={options}"
 
 
-class TwoNodeTests(SyncTestCase):
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class TwoNodes(SyncTestCase):
+    """Two nodes on a fresh schema and bucket, user alice."""
+
     def setUp(self) -> None:
         self.metadata = postgres_url(self)
         endpoint = moto_endpoint(self)
@@ -87,6 +101,7 @@ class TwoNodeTests(SyncTestCase):
         self.addCleanup(node.stop)
         return node
 
+class TwoNodeTests(TwoNodes):
     def test_shared_sessions_archives_and_throttling(self) -> None:
         a, b = self.ports
         for node in self.nodes:
@@ -172,3 +187,88 @@ class TwoNodeTests(SyncTestCase):
         port = restarted.wait_listening()
         self.assertEqual(list_files(self.context, port, session), [])
 
+
+
+HAPROXY_CONFIG = REPOSITORY / "contrib" / "haproxy.cfg"
+
+
+class LoadBalancerTests(TwoNodes):
+    """The two nodes behind HAProxy, configured by contrib/haproxy.cfg (only
+    addresses, paths and check interval changed): TLS passes through, each
+    node verifies the client certificate, health checks use mutual TLS, and
+    when a node dies the other serves every session."""
+
+    def setUp(self) -> None:
+        haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+        if haproxy is None:
+            message = "haproxy is not installed (apt-get install haproxy)"
+            if os.environ.get("SECUREVAULT_TEST_REQUIRE_BACKENDS"):
+                self.fail(message)
+            raise SkipTest(message)
+        super().setUp()
+        result = run_admin("--data-dir", str(self.base / "shared"), "cert", "client", "haproxy",
+                           "--certs-dir", str(self.certs), cwd=self.base)  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        check_pem = self.base / "check.pem"
+        check_pem.write_bytes((self.certs / "haproxy.crt").read_bytes() + (self.certs / "haproxy.key").read_bytes())
+        self.port = free_port()
+        config = HAPROXY_CONFIG.read_text()
+        replacements = {
+            "bind :443": f"bind 127.0.0.1:{self.port}",
+            "/etc/haproxy/vault-ca.crt": str(self.certs / "ca.crt"),
+            "/etc/haproxy/vault-check.pem": str(check_pem),
+            "inter 5s": "inter 300ms",
+            "log stdout format raw local0": "log stdout format raw local0 notice",
+        }
+        for old, new in replacements.items():
+            self.assertIn(old, config)
+            config = config.replace(old, new)
+        servers = [line for line in config.splitlines() if line.strip().startswith("server ")]
+        self.assertEqual(len(servers), 3)
+        config = config.replace(servers[0], f"    server node-a 127.0.0.1:{self.ports[0]}")
+        config = config.replace(servers[1], f"    server node-b 127.0.0.1:{self.ports[1]}")
+        config = config.replace(servers[2] + "\n", "")
+        path = self.base / "haproxy.cfg"
+        path.write_text(config)
+        checked = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+        self.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
+        self.haproxy = subprocess.Popen(
+            [haproxy, "-db", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.addCleanup(self.haproxy.wait, 10)
+        self.addCleanup(self.haproxy.terminate)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    break
+            time.sleep(0.1)
+        else:
+            self.fail("haproxy did not listen")
+
+    def test_through_the_load_balancer(self) -> None:
+        session = login(self.context, self.port)
+        for _ in range(6):
+            self.assertEqual(list_files(self.context, self.port, session), [])
+        for node in self.nodes:  # both served requests, and both were health-checked
+            self.assertIn("GET /get-files 200 user=alice", node.output())
+            self.assertIn("GET /health 200 user=-", node.output())
+        # Without a client certificate, the node (not HAProxy) refuses the handshake.
+        bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.certs / "ca.crt"))
+        with self.assertRaises((ssl.SSLError, ConnectionError)):
+            with connect(bare, self.port) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                if not sock.recv(1):
+                    raise ConnectionResetError("closed")
+        # Node A dies: once HAProxy sees it, node B serves the same session.
+        self.nodes[0].kill()
+        deadline = time.monotonic() + 20
+        served = 0
+        while served < 5 and time.monotonic() < deadline:
+            try:
+                self.assertEqual(list_files(self.context, self.port, session), [])
+                served += 1
+            except (OSError, AssertionError, ssl.SSLError):
+                served = 0
+                time.sleep(0.2)
+        self.assertEqual(served, 5)
