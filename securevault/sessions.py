@@ -128,6 +128,26 @@ class SessionStore:
         return self._store.delete_expired_sessions(self._clock(), self._idle)
 
 
+# A throttle subject longer than this, or one the store cannot keep as text
+# (a lone surrogate or a NUL from a hostile JSON username), is counted under
+# its digest instead.  Valid usernames and fingerprints are far shorter.
+MAX_PLAIN_SUBJECT_CHARS = 128
+
+
+def throttle_subject(subject: str) -> str:
+    """What the store keeps for a subject: the subject itself when it is
+    short, encodable text without NUL, else C{"sha256:" + hex digest}, so a
+    hostile username is still throttled but never fails the store."""
+    if len(subject) <= MAX_PLAIN_SUBJECT_CHARS and "\0" not in subject:
+        try:
+            subject.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return subject
+    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class LoginThrottle:
     """Counts failed logins per subject (username, certificate) in a sliding
     window, across every node that shares the store."""
@@ -150,13 +170,13 @@ class LoginThrottle:
         wait = 0.0
         now = self._clock()
         for subject in subjects:
-            times = self._store.recent_login_failures(subject, now - self._window, self._limit)
+            times = self._store.recent_login_failures(throttle_subject(subject), now - self._window, self._limit)
             if len(times) >= self._limit:
                 wait = max(wait, times[-1] + self._window - now)
         return int(wait) + 1 if wait > 0 else 0
 
     def record_failure(self, *subjects: str) -> None:
-        self._store.add_login_failures(subjects, self._clock())
+        self._store.add_login_failures([throttle_subject(subject) for subject in subjects], self._clock())
 
     def sweep(self) -> int:
         return self._store.forget_login_failures(self._clock() - self._window)

@@ -45,6 +45,7 @@ from securevault.config import (
 )
 from securevault.fsutil import remove_stale_temps
 from securevault.keys import KeyFileError, KeyringFile
+from securevault.metadata import MetadataError
 from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.metrics import VaultMetrics
 from securevault.migration import migrate
@@ -253,8 +254,19 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
+    def active_sessions() -> float:
+        """Counted in the store at each scrape: the metrics resource is WSGI,
+        so this runs in the reactor's thread pool, never the reactor thread.
+        The last known count stands in while the store fails (the periodic
+        sweep logs that)."""
+        try:
+            app.session_count = app.sessions.count()
+        except MetadataError:
+            pass
+        return app.session_count
+
     app.metrics = VaultMetrics(
-        active_sessions=lambda: app.session_count,
+        active_sessions=active_sessions,
         pool_queue_depth=lambda: pool.q.qsize(),
     )
     root = Resource()

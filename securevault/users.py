@@ -235,7 +235,10 @@ class UserStore:
         An unknown user, an invalid name and an invalid password all cost one
         scrypt too, so response times do not reveal which names exist.
         """
-        record = self._call(self._store.get_user, name) if isinstance(name, str) else None
+        # Only a valid name is looked up: a hostile one (a lone surrogate, a
+        # NUL) may be more than the store can take as a query parameter.
+        known = isinstance(name, str) and USERNAME_PATTERN.fullmatch(name) is not None
+        record = self._call(self._store.get_user, name) if known else None
         valid = isinstance(password, str) and PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS
         if record is None or not valid:
             decoy = _scrypt(

@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Iterator
@@ -17,8 +18,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from securevault.admin import AdminError, main, read_new_password
+from securevault.blobs import LocalBlobStore
 from securevault.keys import load_keyring
-from securevault.users import UserStore
+from securevault.metadata import SqliteMetadataStore
+from securevault.storage import SecureFileStorage
+from securevault.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_password
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[1]
@@ -48,6 +52,15 @@ class AdminTestCase(SyncTestCase):
         status, out, err = self.run_admin("init", "--certs-dir", str(self.certs_dir))
         self.assertEqual((status, err), (0, ""))
         return out
+
+    def metadata(self) -> SqliteMetadataStore:
+        """The vault's metadata store where the daemon finds it by default
+        (C{<data-dir>/vault.db}), opened once, closed when the test ends."""
+        store: SqliteMetadataStore | None = getattr(self, "_metadata", None)
+        if store is None:
+            store = self._metadata = SqliteMetadataStore(self.data_dir / "vault.db")
+            self.addCleanup(store.close)
+        return store
 
 
 def _mode(path: Path) -> int:
@@ -124,19 +137,65 @@ class UserCommandTests(AdminTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.init()
-        self.store = UserStore(self.data_dir / "users.json")
+
+    @property
+    def store(self) -> UserStore:
+        """The users as the daemon sees them, in the vault's metadata store."""
+        return UserStore(self.metadata())
 
     def test_add_from_stdin(self) -> None:
         """--password-stdin reads one line, stripping only the newline; the
-        password is never printed and not stored in plaintext."""
+        password is never printed and not stored in plaintext (in no file of
+        the metadata database, write-ahead log included); no users.json is
+        written."""
         password = "  spaces around  "
         status, out, err = self.run_admin("user", "add", "alice", "--password-stdin", stdin=password + "\nrest\n")
         self.assertEqual((status, err), (0, ""))
         self.assertNotIn(password.strip(), out)
         self.assertIsNotNone(self.store.verify("alice", password))
-        self.assertNotIn(password.strip().encode(), (self.data_dir / "users.json").read_bytes())
+        database = sorted(self.data_dir.glob("vault.db*"))
+        self.assertIn(self.data_dir / "vault.db", database)
+        for path in database:
+            self.assertNotIn(password.strip().encode(), path.read_bytes(), path)
+        self.assertFalse((self.data_dir / "users.json").exists())
         status, out, err = self.run_admin("user", "list")
         self.assertEqual((status, out), (0, "alice\n"))
+
+    def test_seen_by_an_open_store(self) -> None:
+        """A store already open (a running daemon's) sees each command's
+        change at once: no file to reload, no signal to send."""
+        store = self.store
+        self.assertEqual(store.names(), [])
+        self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)
+        user_id = store.verify("alice", PASSWORD)
+        self.assertIsNotNone(user_id)
+        self.run_admin("user", "passwd", "alice", "--password-stdin", stdin="new password\n")
+        self.assertIsNone(store.verify("alice", PASSWORD))
+        self.assertEqual(store.verify("alice", "new password"), user_id)
+        self.run_admin("user", "remove", "alice")
+        self.assertEqual(store.names(), [])
+
+    def test_legacy_users_file_migrated(self) -> None:
+        """A users.json from before the metadata store is moved into it by the
+        first user command (ids and passwords kept) and renamed
+        users.json.migrated; later commands work on the store alone."""
+        legacy = {
+            "format": USERS_FORMAT,
+            "version": USERS_VERSION,
+            "users": {
+                "bob": {"id": "b" * 32, "password": hash_password(PASSWORD, n=2**10), "created_at": "2025-01-01T00:00:00Z"},
+                "alice": {"id": "a" * 32, "password": hash_password("alice password", n=2**10), "created_at": ""},
+            },
+        }
+        (self.data_dir / "users.json").write_text(json.dumps(legacy))
+        status, out, err = self.run_admin("user", "list")
+        self.assertEqual((status, out, err), (0, "alice\nbob\n", ""))
+        self.assertFalse((self.data_dir / "users.json").exists())
+        self.assertEqual(json.loads((self.data_dir / "users.json.migrated").read_text()), legacy)
+        self.assertEqual(self.store.verify("bob", PASSWORD), "b" * 32)
+        self.assertEqual(self.store.verify("alice", "alice password"), "a" * 32)
+        self.assertEqual(self.run_admin("user", "remove", "bob")[0], 0)
+        self.assertEqual(self.run_admin("user", "list")[1], "alice\n")
 
     def test_add_errors(self) -> None:
         """A duplicate name, a bad name, a short or missing password fail with status 1."""
@@ -177,6 +236,88 @@ class UserCommandTests(AdminTestCase):
         status, out, err = self.run_admin("user")
         self.assertEqual(status, 2)
         self.assertIn("usage:", err)
+
+
+class VerifyRepairTests(AdminTestCase):
+    """C{verify} reports blobs that no index row names (the debris of a crash
+    between writing a blob and committing its row); C{--repair} removes those
+    older than C{--grace} seconds."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.init()
+        self.assertEqual(self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)[0], 0)
+        self.alice_id = self.store_user_id("alice")
+        storage = SecureFileStorage(
+            self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=self.metadata()
+        )
+        blobs = storage.blobs
+        assert isinstance(blobs, LocalBlobStore)
+        self.blobs = blobs
+        self.kept = storage.store(self.alice_id, "kept.txt", b"kept " * 1000).id
+        # An upload whose index row never committed: the blob alone.
+        self.orphan = storage.store(self.alice_id, "lost.txt", b"lost " * 1000).id
+        self.assertTrue(self.metadata().delete_archive(self.alice_id, self.orphan))
+
+    def store_user_id(self, name: str) -> str:
+        user_id = UserStore(self.metadata()).user_id(name)
+        assert user_id is not None
+        return user_id
+
+    def age(self, archive_id: str, seconds: float) -> None:
+        """Make the blob's last write C{seconds} old."""
+        then = time.time() - seconds
+        os.utime(self.blobs.path(self.alice_id, archive_id), (then, then))
+
+    def assert_kept_archive_intact(self) -> None:
+        self.assertTrue(self.blobs.path(self.alice_id, self.kept).exists())
+        self.assertIsNotNone(self.metadata().get_archive(self.alice_id, self.kept))
+
+    def test_verify_only_reports(self) -> None:
+        """Without --repair an orphan older than the grace period is reported,
+        with its owner's name and the way to remove it, and left in place;
+        the indexed archive verifies."""
+        self.age(self.orphan, 2 * 3600)
+        status, out, err = self.run_admin("verify")
+        self.assertEqual(status, 0, err)
+        self.assertIn("1 archives verified, 0 failed\n", out)
+        self.assertIn(f"ORPHAN {self.orphan} of alice: blob without an index row, found\n", out)
+        self.assertIn("1 orphaned blobs; remove them with --repair\n", out)
+        self.assertNotIn(self.kept, out)
+        self.assertTrue(self.blobs.path(self.alice_id, self.orphan).exists())
+        self.assert_kept_archive_intact()
+        # Reported again next time: nothing was changed.
+        self.assertIn(f"ORPHAN {self.orphan} of alice", self.run_admin("verify")[1])
+
+    def test_repair_removes(self) -> None:
+        """verify --repair --grace 0 removes the orphan blob and says so; the
+        indexed archive (blob and row) stays; a second run finds nothing."""
+        self.age(self.orphan, 1)
+        status, out, err = self.run_admin("verify", "--repair", "--grace", "0")
+        self.assertEqual(status, 0, err)
+        self.assertIn("1 archives verified, 0 failed\n", out)
+        self.assertIn(f"ORPHAN {self.orphan} of alice: blob without an index row, removed\n", out)
+        self.assertIn("1 orphaned blobs removed\n", out)
+        self.assertFalse(self.blobs.path(self.alice_id, self.orphan).exists())
+        self.assert_kept_archive_intact()
+        status, out, err = self.run_admin("verify", "--repair", "--grace", "0")
+        self.assertEqual((status, err), (0, ""))
+        self.assertNotIn("ORPHAN", out)
+        self.assertNotIn("orphaned", out)
+        self.assert_kept_archive_intact()
+
+    def test_repair_respects_grace(self) -> None:
+        """A blob younger than --grace (default an hour) may be an upload in
+        flight on another node: --repair neither reports nor removes it."""
+        self.age(self.orphan, 60)
+        for argv in (["verify", "--repair"], ["verify", "--repair", "--grace", "120"]):
+            status, out, err = self.run_admin(*argv)
+            self.assertEqual((status, err), (0, ""), argv)
+            self.assertNotIn("ORPHAN", out, argv)
+            self.assertTrue(self.blobs.path(self.alice_id, self.orphan).exists(), argv)
+        self.assertIn(f"ORPHAN {self.orphan} of alice", self.run_admin("verify", "--repair", "--grace", "30")[1])
+        self.assertFalse(self.blobs.path(self.alice_id, self.orphan).exists())
+        self.assert_kept_archive_intact()
 
 
 def _prompts(*answers: str) -> Iterator[str]:
@@ -247,8 +388,11 @@ class EntryPointTests(SyncTestCase):
         result = run("user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertNotIn(PASSWORD, result.stdout + result.stderr)
-        users = json.loads((cwd / "vault-data" / "users.json").read_text())
-        self.assertEqual(list(users["users"]), ["alice"])
+        self.assertFalse((cwd / "vault-data" / "users.json").exists())
+        metadata = SqliteMetadataStore(cwd / "vault-data" / "vault.db")
+        self.addCleanup(metadata.close)
+        self.assertEqual([user.name for user in metadata.list_users()], ["alice"])
+        self.assertIsNotNone(UserStore(metadata).verify("alice", PASSWORD))
         self.assertEqual(run("user", "list").stdout, "alice\n")
         result = run("user", "remove", "nobody")
         self.assertEqual(result.returncode, 1)

@@ -23,6 +23,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 
 from securevault import __version__
+from securevault.metadata import SqliteMetadataStore
 from securevault.tap import Options, TLSListenerService, makeService
 from securevault.users import UserStore
 from tests.support.testcase import AsyncTestCase
@@ -55,9 +56,11 @@ class VaultServerTestCase(AsyncTestCase):
         self.pki = TestPKI.for_class(type(self), base / "certs")
         self.data_dir = base / "vault-data"
         self.data_dir.mkdir(mode=0o700)
-        users = UserStore(self.data_dir / "users.json", scrypt_n=2**10)
+        metadata = SqliteMetadataStore(self.data_dir / "vault.db")  # where the daemon looks by default
+        users = UserStore(metadata, scrypt_n=2**10)
         users.add("alice", PASSWORD)
         users.add("bob", PASSWORD)
+        metadata.close()
         options = Options()
         options.parseOptions(
             [

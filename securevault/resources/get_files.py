@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from securevault.jsonapi import JsonEndpoint, Reply
-from securevault.sessions import Session
 from securevault.storage import ArchiveInfo
 
 
@@ -20,9 +18,8 @@ class GetFilesResource(JsonEndpoint):
         def listed(infos: list[ArchiveInfo]) -> Reply:
             return Reply(200, {"files": [info.public() for info in infos]})
 
-        def list_files(session: Session) -> "Deferred[Reply]":
-            return self.app.run_blocking(self.app.storage.list, session.user_id).addCallback(listed)
-
-        return self.authenticated(request, list_files)
+        storage = self.app.storage
+        work = self.app.with_session(request, lambda session: storage.list(session.user_id))
+        return self.respond_later(request, work.addCallback(listed))
 
     render_HEAD = render_GET
