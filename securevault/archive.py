@@ -353,7 +353,7 @@ class ArchiveWriter:
             try:
                 self._storage.write_meta(self._owner_id, info, self._data_key)
             except BaseException:
-                self._storage.blobs.delete(self._owner_id, self.archive_id)
+                self._storage.discard_unindexed_blob(self._owner_id, self.archive_id)
                 raise
             self._done = True
             return info

@@ -11,6 +11,7 @@ code, run in the worker pool; PostgreSQL is in L{securevault.metadata_postgres}.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -472,6 +473,16 @@ class SqliteMetadataStore(SqlMetadataStore):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = Path(path)
+        try:
+            # Created private before SQLite opens it (no window at the umask;
+            # its -wal and -shm files take the database's mode).  Only when
+            # absent: closing any descriptor of a database this process has
+            # open would drop SQLite's POSIX locks on it.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as error:
+            raise MetadataError(f"cannot open the metadata database {self.path}: {error}") from error
         self._create_schema()
 
     def describe(self) -> str:
@@ -479,13 +490,10 @@ class SqliteMetadataStore(SqlMetadataStore):
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            fresh = not self.path.exists()
             connection = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            if fresh:
-                self.path.chmod(0o600)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=FULL")
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:
             raise MetadataError(f"cannot open the metadata database {self.path}: {error}") from error
         return connection
 

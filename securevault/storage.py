@@ -166,6 +166,17 @@ class SecureFileStorage:
             if (entry.owner_id, entry.archive_id) not in indexed and (horizon is None or entry.modified < horizon)
         ]
 
+    def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None:
+        """After a failed index write: remove the blob only if its row is
+        known to be absent.  A commit whose answer was lost (a network
+        database) may have landed; when in doubt the blob stays, and the
+        orphan sweep removes it later if no row names it."""
+        try:
+            if self.metadata.get_archive(owner_id, archive_id) is None:
+                self.blobs.delete(owner_id, archive_id)
+        except Exception:
+            pass
+
     def sweep_orphans(self, grace_seconds: float | None) -> int:
         removed = 0
         for owner_id, archive_id in self.orphans(grace_seconds):
@@ -256,11 +267,13 @@ class SecureFileStorage:
         Only the index row changes.  Returns False when it already was.
         """
         record = self._record(owner_id, archive_id)
-        if record.key_id == keyring.current_id:
-            return False
         context = context_bytes(b"data-key", owner_id, archive_id)
         try:
             document = json.loads(record.document)
+            # The document's key id decides, not the column beside it: a row
+            # whose two disagree is rewrapped, never stranded on a retired key.
+            if record.key_id == keyring.current_id and document["key_id"] == keyring.current_id:
+                return False
             data_key = self.keyring.unwrap(
                 str(document["key_id"]), base64.b64decode(document["wrapped_key"], validate=True), context
             )

@@ -7,8 +7,8 @@ pseudo-random point (after some number of body bytes, after a short delay,
 or right after the first 201).  The daemon is then started again on the same
 data directory, and the vault must hold exactly what was promised: every
 upload that got its 201 is listed and downloads byte-exact, nothing partial
-is listed, no temp file or uncommitted body is left, and
-C{securevault-admin verify} passes.
+is listed, no temp file and no body without an index row (an uncommitted
+upload) is left, and C{securevault-admin verify} passes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sqlite3
 import ssl
 import threading
 import time
@@ -129,8 +130,8 @@ class CrashTests(SyncTestCase):
         201 — and restart it on the same data directory: every upload that
         got its 201 is listed with its sha256 and downloads byte-exact; every
         listed archive is one of the uploads, complete (a 201 lost in flight
-        may exist, byte-exact); no C{*.tmp} and no C{.body} without C{.meta}
-        remain; C{securevault-admin verify} exits 0."""
+        may exist, byte-exact); no C{*.tmp} and no C{.body} without an index
+        row remain; C{securevault-admin verify} exits 0."""
         ledger = CrashLedger()
         daemon = self.start()
         for n in range(LOOPS):
@@ -211,7 +212,7 @@ class CrashTests(SyncTestCase):
     def check_after_restart(self, daemon: SyncDaemon, ledger: CrashLedger, label: str) -> None:
         """The restarted vault holds what was promised and nothing partial."""
         port = daemon.wait_listening()
-        self.assert_no_debris(self.vault.data / "archives", label)
+        self.assert_no_debris(self.vault.data, label)
         session = login(self.context, port)
         listed = {str(f["id"]): f for f in list_files(self.context, port, session)}
         for archive_id, sha256 in ledger.acknowledged.items():
@@ -232,11 +233,19 @@ class CrashTests(SyncTestCase):
         result = self.vault.verify()
         self.assertEqual(result.returncode, 0, f"{label}: verify failed\n{result.stdout}\n{result.stderr}")
 
-    def assert_no_debris(self, archives: Path, label: str) -> None:
-        """No temp file, and every body has its metadata."""
+    def assert_no_debris(self, data_dir: Path, label: str) -> None:
+        """No temp file in the blob store, and every body has its row in the
+        archive index (read from the running daemon's SQLite database)."""
+        archives = data_dir / "archives"
         if not archives.exists():
             return
+        database = sqlite3.connect((data_dir / "vault.db").resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            indexed = set(database.execute("SELECT owner_id, archive_id FROM sv_archives").fetchall())
+        finally:
+            database.close()
         for path in archives.rglob("*"):
             self.assertFalse(path.name.endswith(".tmp"), f"{label}: temp file left: {path}")
             if path.name.endswith(".body"):
-                self.assertTrue(path.with_suffix(".meta").exists(), f"{label}: body without meta: {path}")
+                key = (path.parent.name, path.name[: -len(".body")])
+                self.assertIn(key, indexed, f"{label}: body without an index row: {path}")

@@ -1,11 +1,17 @@
 # -*- test-case-name: tests.test_diskfull -*-
 """Full disk and quota: a write that does not fit answers 507 and leaves
-nothing behind.
+nothing behind, neither a body in the blob store nor a row in the archive
+index.
 
 Where the test runs as root, the disk really fills: a 2 MiB tmpfs is mounted
-for the test and removed in cleanup.  Otherwise those tests are skipped and
-the error is injected instead, with C{RLIMIT_FSIZE} in a child process (every
-write past the limit fails with EFBIG).
+for the test and removed in cleanup.  The data directory, SQLite metadata
+database (C{vault.db} and its write-ahead log) included, lives on it and is
+created before the test fills it, as a vault's would be.  A full disk under
+the database ("database or disk is full") is L{MetadataFull}, which the
+storage reports as L{StorageFull}, like a blob that does not fit.  Without
+root those tests are skipped and the error is injected instead, with
+C{RLIMIT_FSIZE} in a child process (every write past the limit fails with
+EFBIG).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from typing import Any
 from twisted.trial.unittest import SkipTest
 
 from securevault.keys import generate_keyring
+from securevault.metadata import MetadataFull, SqliteMetadataStore
 from securevault.storage import SecureFileStorage, StorageFull
-from tests.support.app import Response, VaultClient, add_user, make_app, owner_files
+from tests.support.app import Response, VaultClient, add_user, blob_directory, make_app, owner_files, stored_names
 from tests.support.daemon import (
     REPOSITORY,
     SyncDaemon,
@@ -105,10 +112,14 @@ class StorageFullTests(SyncTestCase):
 
     def setUp(self) -> None:
         self.mount = mount_tmpfs(self, "2m")
+        # The metadata database (vault.db) is created here, on the same small
+        # filesystem, before any test fills it.
         self.storage = SecureFileStorage(self.mount, generate_keyring())
+        self.addCleanup(self.storage.metadata.close)
 
     def owner_entries(self, owner: str = "owner") -> list[str]:
-        return sorted(p.name for p in self.storage.owner_directory(owner).iterdir())
+        """Files in the owner's blob directory and their index rows."""
+        return stored_names(self.storage, owner)
 
     def test_store_over_capacity(self) -> None:
         """Storing 3 MiB on a 2 MiB filesystem raises StorageFull, leaves no
@@ -134,27 +145,73 @@ class StorageFullTests(SyncTestCase):
 
     def test_every_free_space_boundary(self) -> None:
         """With 0, 1, 2, ... free pages, a 30 kB store either commits whole
-        (listed, byte-exact) or raises StorageFull leaving no file at all —
-        including when the body fits and only the metadata does not."""
-        self.storage.owner_directory("owner", create=True)
+        (listed, byte-exact) or raises StorageFull leaving no file and no row
+        at all — including when the body fits and only the index row (the
+        growth of SQLite's write-ahead log) does not."""
+        blob_directory(self.storage, "owner").mkdir(mode=0o700, parents=True)
         data = os.urandom(30_000)
         outcomes: list[str] = []
-        for pages in range(14):
+        metadata_full = []
+        for pages in range(20):
             filler = fill(self.mount, pages)
+            info = None
             try:
                 info = self.storage.store("owner", "edge.bin", data)
-            except StorageFull:
+            except StorageFull as error:
                 outcomes.append("full")
+                if isinstance(error.__cause__, MetadataFull):
+                    metadata_full.append(pages)
                 self.assertEqual(self.owner_entries(), [], f"{pages} free pages")
                 self.assertEqual(self.storage.list("owner"), [])
             else:
                 outcomes.append("stored")
                 self.assertEqual(self.storage.read_all("owner", info.id)[1], data, f"{pages} free pages")
-                self.storage.delete("owner", info.id)
+            # Space first: removing the row is itself a write to the database.
             filler.unlink()
+            if info is not None:
+                self.storage.delete("owner", info.id)
         self.assertIn("full", outcomes)
         self.assertIn("stored", outcomes)
         self.assertEqual(outcomes, sorted(outcomes), "fits only from some free space on")
+        self.assertTrue(metadata_full, f"no case where only the row did not fit: {outcomes}")
+
+    def test_metadata_full(self) -> None:
+        """With the blobs on a roomy disk and the metadata database on a full
+        one, a store writes its body, cannot commit its row, raises
+        StorageFull (from MetadataFull) and removes the body; once there is
+        space again, a store works."""
+        roomy = self.make_dir()
+        metadata = SqliteMetadataStore(self.mount / "elsewhere.db")
+        self.addCleanup(metadata.close)
+        storage = SecureFileStorage(roomy, generate_keyring(), metadata=metadata)
+        kept = storage.store("owner", "kept.bin", b"kept")
+        filler = fill(self.mount, 0)
+        with self.assertRaises(StorageFull) as caught:
+            storage.store("owner", "big.bin", os.urandom(300_000))
+        self.assertIsInstance(caught.exception.__cause__, MetadataFull)
+        self.assertEqual(stored_names(storage, "owner"), sorted([f"{kept.id}.body", f"{kept.id}.meta"]))
+        self.assertEqual(storage.list("owner"), [kept])
+        self.assertEqual(storage.read_all("owner", kept.id)[1], b"kept")
+        filler.unlink()
+        data = os.urandom(10_000)
+        info = storage.store("owner", "small.bin", data)
+        self.assertEqual(storage.read_all("owner", info.id)[1], data)
+        self.assertEqual([i.id for i in storage.list("owner")], [info.id, kept.id])
+
+    def test_delete_on_full_disk(self) -> None:
+        """A delete that cannot be recorded (no room for the database's log)
+        raises StorageFull and leaves the archive whole, row and body; once
+        there is space, the delete goes through."""
+        data = os.urandom(10_000)
+        info = self.storage.store("owner", "keep.bin", data)
+        filler = fill(self.mount, 0)
+        self.assertRaises(StorageFull, self.storage.delete, "owner", info.id)
+        self.assertEqual(self.owner_entries(), sorted([f"{info.id}.body", f"{info.id}.meta"]))
+        self.assertEqual(self.storage.read_all("owner", info.id)[1], data)
+        filler.unlink()
+        self.storage.delete("owner", info.id)
+        self.assertEqual(self.owner_entries(), [])
+        self.assertEqual(self.storage.list("owner"), [])
 
 
 
@@ -162,7 +219,7 @@ class PipelineDiskFullTests(SyncTestCase):
     """Uploads through the full request pipeline onto a full filesystem."""
 
     def setUp(self) -> None:
-        mount = mount_tmpfs(self, "2m")
+        self.mount = mount = mount_tmpfs(self, "2m")
         self.app, self.clock = make_app(_OnDirectory(mount))
         self.alice_id = add_user(self.app, "alice", PASSWORD)
         self.client = VaultClient(self.app, self.clock, self)
@@ -205,6 +262,22 @@ class PipelineDiskFullTests(SyncTestCase):
         )  # fmt: skip
         self.assert_507(response)
         self.assert_nothing_kept()
+        self.small_upload_works()
+
+    def test_row_does_not_fit(self) -> None:
+        """A small raw upload whose body fits in the last free page but whose
+        index row does not (SQLite's log cannot grow) is answered 507
+        insufficient_storage; its body is removed; once there is space, the
+        same upload is stored."""
+        blob_directory(self.app.storage, self.alice_id).mkdir(mode=0o700, parents=True)
+        filler = fill(self.mount, 1)
+        response = self.client.request(
+            b"POST", b"/upload-file", body=b"small", headers=[OCTETS, (b"X-Filename", b"small")],
+            session=self.session,
+        )  # fmt: skip
+        self.assert_507(response)
+        self.assert_nothing_kept()
+        filler.unlink()
         self.small_upload_works()
 
     def test_json_upload_disk_full(self) -> None:
@@ -323,7 +396,12 @@ CHILD_SCRIPT = textwrap.dedent(
     except Exception as error:
         outcome["raised"] = type(error).__name__
         outcome["errno"] = getattr(error, "errno", None) or getattr(error.__cause__, "errno", None)
-    outcome["left"] = sorted(p.name for p in storage.owner_directory("owner").iterdir())
+    # What the vault keeps for the owner: files in their blob directory and
+    # their index rows (as tests.support.app.stored_names counts them).
+    blob_directory = storage.blobs.root / "owner"
+    files = [p.name for p in blob_directory.iterdir()] if blob_directory.is_dir() else []
+    rows = [r.archive_id + ".meta" for r in storage.metadata.list_archives("owner")]
+    outcome["left"] = sorted(files + rows)
     data = os.urandom(1000)
     info = storage.store("owner", "small.bin", data)
     outcome["small_ok"] = storage.read_all("owner", info.id)[1] == data
@@ -350,8 +428,8 @@ class FileSizeLimitTests(SyncTestCase):
         return outcome
 
     def test_efbig_leaves_nothing(self) -> None:
-        """A store that hits EFBIG fails, leaves no file in the owner's
-        directory, and a later small store works."""
+        """A store that hits EFBIG fails, leaves no file in the owner's blob
+        directory and no index row, and a later small store works."""
         outcome = self.run_child()
         self.assertIsNotNone(outcome["raised"])
         self.assertEqual(outcome["left"], [])

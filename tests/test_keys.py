@@ -476,10 +476,15 @@ class PassphraseSourceTests(SyncTestCase):
         self.assertEqual(result.stdout, "None\nerror: no passphrase was read from standard input\n", result.stderr)
 
 
-def meta_key_id(root: Path, archive_id: str) -> str:
-    """The master key id recorded in an archive's C{.meta} file."""
-    document = json.loads((root / "archives" / OWNER / f"{archive_id}.meta").read_bytes())
-    return str(document["key_id"])
+def meta_key_id(storage: SecureFileStorage, archive_id: str) -> str:
+    """The master key id recorded in an archive's index row: in its document
+    (which says which key wraps the data key) and, the same, in its
+    C{key_id} column."""
+    record = storage.metadata.get_archive(OWNER, archive_id)
+    assert record is not None
+    key_id = str(json.loads(record.document)["key_id"])
+    assert record.key_id == key_id, (record.key_id, key_id)
+    return key_id
 
 
 class StorageFollowsKeyFileTests(SyncTestCase):
@@ -492,19 +497,28 @@ class StorageFollowsKeyFileTests(SyncTestCase):
         root = self.make_dir()
         daemon_file = make_file()
         storage = SecureFileStorage(root, daemon_file.load(), keyring_file=daemon_file)
+        self.addCleanup(storage.metadata.close)
         old_id = storage.keyring.current_id
         content = os.urandom(50_000)
         before = storage.store(OWNER, "before.bin", content)
-        self.assertEqual(meta_key_id(root, before.id), old_id)
+        self.assertEqual(meta_key_id(storage, before.id), old_id)
 
-        report = rotate_master_key(root, make_file())
+        # The rotation opens its own stores on the same data directory, as
+        # securevault-admin does beside a running daemon.
+        def storage_for(keyring: Keyring) -> SecureFileStorage:
+            rotating = SecureFileStorage(root, keyring)
+            self.addCleanup(rotating.metadata.close)
+            return rotating
+
+        report = rotate_master_key(storage_for, make_file())
         self.assertNotEqual(report.new_key_id, old_id)
         self.assertEqual(report.retired_key_ids, (old_id,))
 
         self.assertEqual(storage.read_all(OWNER, before.id)[1], content)
         after = storage.store(OWNER, "after.bin", b"after rotation")
-        self.assertEqual(meta_key_id(root, after.id), report.new_key_id)
-        self.assertEqual(meta_key_id(root, before.id), report.new_key_id)
+        self.assertEqual(meta_key_id(storage, after.id), report.new_key_id)
+        self.assertEqual(meta_key_id(storage, before.id), report.new_key_id)
+        self.assertEqual([info.id for info in storage.list(OWNER)], [after.id, before.id])
         self.assertEqual(storage.keyring.current_id, report.new_key_id)
         self.assertEqual(set(storage.keyring.keys), {report.new_key_id})
 

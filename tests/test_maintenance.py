@@ -6,6 +6,7 @@ C{securevault-admin}."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -21,8 +22,10 @@ from pathlib import Path
 from securevault import admin
 from securevault.fsutil import TEMP_SUFFIX
 from securevault.keys import Keyring, ensure_keyring, load_keyring
-from securevault.maintenance import export_archive, rotate_master_key, verify_archives
-from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
+from securevault.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
+from securevault.metadata import SqliteMetadataStore
+from securevault.storage import METADATA_FILE, ArchiveNotFound, IntegrityError, SecureFileStorage
+from tests.support.app import archive_document, set_archive_document
 from securevault.users import UserStore
 from tests.support.testcase import SyncTestCase
 
@@ -31,34 +34,74 @@ OWNER_A = "a" * 32
 OWNER_B = "b" * 32
 ARCHIVES_PER_ROTATION = 5
 
-# Runs rotate_master_key(argv[1], argv[2]) in a fresh interpreter that kills
-# itself with SIGKILL at the argv[3]-th os.replace, "before" or "after" the
-# rename (argv[4]).  Every atomic write (fsutil.write_atomically, used for the
-# keyring and each .meta) ends in one os.replace, so "before" is a kill in the
-# middle of a write (temp file complete, not yet renamed) and "after" a kill
-# between two steps.  The patch lives in the child only: fault injection, not
-# a mock of the code under test.
+# Every durable step of an uninterrupted rotation, in order: the keyring file
+# gains the new key; the metadata store's schema check (a no-op write when
+# the schema is there); the rotation is recorded in the store; one row per
+# archive is rewrapped; the keyring keeps only the new key; the record of the
+# rotation is cleared.
+ROTATION_STEPS = ("keyring", "sql", "state", *("row",) * ARCHIVES_PER_ROTATION, "keyring", "state")
+
+# Runs rotate_master_key on the data directory argv[1] and key file argv[2]
+# in a fresh interpreter that kills itself with SIGKILL at the argv[3]-th
+# durable step, "before" or "after" it is durable (argv[4]).  A keyring write
+# (fsutil.write_atomically) ends in one os.replace: "before" is a kill with
+# the temp file complete, not yet renamed.  A metadata store write is one
+# SQLite transaction: "before" is a kill after its statements ran, before
+# COMMIT.  "after" is a kill between two steps.  The child prints the steps
+# it went through, labelled as in ROTATION_STEPS.  The patches live in the
+# child only: fault injection around the real code, not a mock of it.
 ROTATE_CHILD = """
 import json, os, signal, sys
+from contextlib import contextmanager
 from pathlib import Path
 from securevault.maintenance import rotate_master_key
+from securevault.metadata import SqlMetadataStore, SqliteMetadataStore
+from securevault.storage import SecureFileStorage
 
 target, when = int(sys.argv[3]), sys.argv[4]
+steps = []
+label = ["sql"]
+
+def step(kind, phase):
+    if phase == "before":
+        steps.append(kind)
+    if len(steps) == target and when == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 real_replace = os.replace
-calls = 0
 
 def replace(src, dst):
-    global calls
-    calls += 1
-    if calls == target and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
+    step("keyring", "before")
     real_replace(src, dst)
-    if calls == target and when == "after":
-        os.kill(os.getpid(), signal.SIGKILL)
+    step("keyring", "after")
+
+real_transaction = SqliteMetadataStore._transaction
+
+@contextmanager
+def transaction(self, connection, write):
+    with real_transaction(self, connection, write) as cursor:
+        yield cursor
+        if write:
+            step(label[0], "before")
+    if write:
+        step(label[0], "after")
+
+def labelled(kind, method):
+    def call(*args, **kwargs):
+        label[0] = kind
+        try:
+            return method(*args, **kwargs)
+        finally:
+            label[0] = "sql"
+    return call
 
 os.replace = replace
-report = rotate_master_key(Path(sys.argv[1]), Path(sys.argv[2]))
-print(json.dumps({"replaces": calls, "new_key_id": report.new_key_id}))
+SqliteMetadataStore._transaction = transaction
+SqlMetadataStore.replace_archive_key = labelled("row", SqlMetadataStore.replace_archive_key)
+SqlMetadataStore.set_state = labelled("state", SqlMetadataStore.set_state)
+data_dir = Path(sys.argv[1])
+report = rotate_master_key(lambda keyring: SecureFileStorage(data_dir, keyring), Path(sys.argv[2]))
+print(json.dumps({"steps": steps, "new_key_id": report.new_key_id}))
 """
 
 
@@ -75,6 +118,29 @@ class Vault:
     def storage(self, keyring: Keyring | None = None) -> SecureFileStorage:
         """A storage over the data dir with C{keyring}, else the key file as it is on disk."""
         return SecureFileStorage(self.data_dir, keyring or load_keyring(self.master_key))
+
+    def row_key_ids(self) -> dict[tuple[str, str], str]:
+        """Each archive's master key id, from its index row (the document's
+        C{key_id}, checked equal to the row's C{key_id} column)."""
+        storage = self.storage()
+        try:
+            found = {}
+            for owner_id in storage.owners():
+                for record in storage.metadata.list_archives(owner_id):
+                    key_id = str(json.loads(record.document)["key_id"])
+                    assert record.key_id == key_id, (record, key_id)
+                    found[(owner_id, record.archive_id)] = key_id
+            return found
+        finally:
+            storage.metadata.close()
+
+    def rotation_state(self) -> str | None:
+        """The key a rotation in progress is recorded as rewrapping to."""
+        storage = self.storage()
+        try:
+            return storage.metadata.get_state(ROTATION_STATE)
+        finally:
+            storage.metadata.close()
 
     def body(self, archive_id: str) -> Path:
         owner_id = next(owner for owner, aid in self.originals if aid == archive_id)
@@ -144,11 +210,13 @@ class RotateTests(MaintenanceTestCase):
 
     def test_rotate(self) -> None:
         """After a rotation the key file holds exactly one, new key (mode
-        0600); every archive reads back with that key alone; no .body file
-        changed; the old key id is reported retired."""
+        0600); every archive reads back with that key alone; every index row
+        names it; no .body file changed; the old key id is reported retired
+        and no rotation is recorded as in progress."""
         bodies = self.vault.bodies()
         old = load_keyring(self.vault.master_key)
-        report = rotate_master_key(self.vault.data_dir, self.vault.master_key)
+        self.assertEqual(set(self.vault.row_key_ids().values()), {self.vault.original_key_id})
+        report = rotate_master_key(self.vault.storage, self.vault.master_key)
         keyring = load_keyring(self.vault.master_key)
         self.assertEqual(list(keyring.keys), [report.new_key_id])
         self.assertEqual(keyring.current_id, report.new_key_id)
@@ -160,22 +228,24 @@ class RotateTests(MaintenanceTestCase):
         only_new = Keyring(keyring.current_id, {keyring.current_id: keyring.current_key})
         self.assert_reads_back(self.vault, only_new)
         self.assertEqual(self.vault.bodies(), bodies)
-        for meta in self.vault.data_dir.glob("archives/*/*.meta"):
-            self.assertEqual(json.loads(meta.read_bytes())["key_id"], report.new_key_id)
+        rows = self.vault.row_key_ids()
+        self.assertEqual(sorted(rows), sorted(self.vault.originals))
+        self.assertEqual(set(rows.values()), {report.new_key_id})
+        self.assertIsNone(self.vault.rotation_state())
         self.assertEqual(self.vault.temp_files(), [])
 
     def test_old_key_no_longer_reads(self) -> None:
         """The retired key alone can no longer unwrap any data key."""
         old = load_keyring(self.vault.master_key)
-        rotate_master_key(self.vault.data_dir, self.vault.master_key)
+        rotate_master_key(self.vault.storage, self.vault.master_key)
         storage = self.vault.storage(old)
         for owner_id, archive_id in self.vault.originals:
             self.assertRaises(IntegrityError, storage.read_all, owner_id, archive_id)
 
     def test_rotate_twice(self) -> None:
         """A second rotation retires the first rotation's key and reads back too."""
-        first = rotate_master_key(self.vault.data_dir, self.vault.master_key)
-        second = rotate_master_key(self.vault.data_dir, self.vault.master_key)
+        first = rotate_master_key(self.vault.storage, self.vault.master_key)
+        second = rotate_master_key(self.vault.storage, self.vault.master_key)
         self.assertEqual(second.retired_key_ids, (first.new_key_id,))
         self.assertEqual(list(load_keyring(self.vault.master_key).keys), [second.new_key_id])
         self.assert_reads_back(self.vault)
@@ -183,7 +253,7 @@ class RotateTests(MaintenanceTestCase):
     def test_empty_vault(self) -> None:
         """A vault with no archives rotates to one new key."""
         vault = make_vault(self.make_dir() / "empty", {})
-        report = rotate_master_key(vault.data_dir, vault.master_key)
+        report = rotate_master_key(vault.storage, vault.master_key)
         self.assertEqual((report.rewrapped, report.archives), (0, 0))
         self.assertEqual(list(load_keyring(vault.master_key).keys), [report.new_key_id])
 
@@ -222,42 +292,55 @@ class InterruptedRotateTests(MaintenanceTestCase):
             timeout=120,
         )
 
-    def test_atomic_write_count(self) -> None:
-        """An uninterrupted rotation makes exactly one atomic write for the
-        keyring, one per archive, and one final keyring write: the kill
-        points below cover every step."""
+    def test_durable_step_count(self) -> None:
+        """An uninterrupted rotation goes through exactly the durable steps of
+        ROTATION_STEPS (one keyring write, one row per archive, one final
+        keyring write, and the store's bookkeeping): the kill points below
+        cover every step."""
         vault = make_vault(self.make_dir() / "vault-data", sample_contents())
         child = self.rotate_in_child(vault, 0, "never")
         self.assertEqual(child.returncode, 0, child.stderr)
-        self.assertEqual(json.loads(child.stdout)["replaces"], ARCHIVES_PER_ROTATION + 2)
+        self.assertEqual(tuple(json.loads(child.stdout)["steps"]), ROTATION_STEPS)
         self.assert_reads_back(vault)
-        self.assertEqual(list(load_keyring(vault.master_key).keys), [json.loads(child.stdout)["new_key_id"]])
+        new_key_id = json.loads(child.stdout)["new_key_id"]
+        self.assertEqual(list(load_keyring(vault.master_key).keys), [new_key_id])
+        self.assertEqual(set(vault.row_key_ids().values()), {new_key_id})
+        self.assertIsNone(vault.rotation_state())
 
     def test_killed_at_every_step(self) -> None:
-        """For each atomic write of a rotation, a kill just before its rename
-        (temp file complete: a kill mid-write) and just after it: every
-        archive still reads with the key file on disk; the leftover temp file
-        breaks nothing; a rerun completes, leaves one key that is not the
-        original, rewrites no body, and everything reads back byte-exact;
-        recover() then clears the archive temp files."""
+        """For each durable step of a rotation, a kill just before it is
+        durable (a keyring temp file complete but not renamed; a row's UPDATE
+        run but not committed) and just after it: every archive still reads
+        with the key file on disk; exactly the rows committed before the kill
+        are rewrapped, each row whole (column and document agree); the
+        leftover temp file breaks nothing; a rerun completes, leaves one key
+        that is not the original, rewrites no body, every row names the new
+        key and no rotation is left recorded, and everything reads back
+        byte-exact; recover() then clears the archive temp files."""
         contents = sample_contents()
-        for target in range(1, ARCHIVES_PER_ROTATION + 3):
+        final_keyring_write = len(ROTATION_STEPS) - ROTATION_STEPS[::-1].index("keyring")
+        for target, kind in enumerate(ROTATION_STEPS, start=1):
             for when in ("before", "after"):
-                label = f"kill {when} rename {target}"
+                label = f"kill {when} step {target} ({kind})"
                 vault = make_vault(self.make_dir() / "vault-data", contents)
                 bodies = vault.bodies()
                 child = self.rotate_in_child(vault, target, when)
                 self.assertEqual(child.returncode, -signal.SIGKILL, f"{label}: {child.stderr}")
-                self.assertEqual(len(vault.temp_files()), 1 if when == "before" else 0, label)
+                self.assertEqual(len(vault.temp_files()), 1 if (kind, when) == ("keyring", "before") else 0, label)
                 self.assert_reads_back(vault)
+                rows_done = ROTATION_STEPS[:target].count("row") - (1 if (kind, when) == ("row", "before") else 0)
+                rewrapped = [key for key in vault.row_key_ids().values() if key != vault.original_key_id]
+                self.assertEqual(len(rewrapped), rows_done, label)
 
-                report = rotate_master_key(vault.data_dir, vault.master_key)
+                report = rotate_master_key(vault.storage, vault.master_key)
                 keyring = load_keyring(vault.master_key)
                 self.assertEqual(list(keyring.keys), [report.new_key_id], label)
                 self.assertNotEqual(report.new_key_id, vault.original_key_id, label)
-                if target < ARCHIVES_PER_ROTATION + 2 or when == "before":
+                if target < final_keyring_write or (target == final_keyring_write and when == "before"):
                     # The child did not finish: the rerun retires the original key.
                     self.assertIn(vault.original_key_id, report.retired_key_ids, label)
+                self.assertEqual(set(vault.row_key_ids().values()), {report.new_key_id}, label)
+                self.assertIsNone(vault.rotation_state(), label)
                 self.assert_reads_back(vault, keyring)
                 self.assertEqual(vault.bodies(), bodies, label)
                 self.assertEqual(verify_archives(vault.storage()), (5, []), label)
@@ -275,7 +358,7 @@ class InterruptedRotateTests(MaintenanceTestCase):
         old_key = base64.b64encode(load_keyring(vault.master_key).current_key)
         child = self.rotate_in_child(vault, 1, "before")
         self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr)
-        rotate_master_key(vault.data_dir, vault.master_key)
+        rotate_master_key(vault.storage, vault.master_key)
         vault.storage().recover()
         holders = [p for p in vault.data_dir.rglob("*") if p.is_file() and old_key in p.read_bytes()]
         self.assertEqual(holders, [])
@@ -321,29 +404,34 @@ class VerifyTests(MaintenanceTestCase):
 
     def test_other_tampering(self) -> None:
         """A missing body, a body swapped in from another archive, an archive
-        moved into another owner's directory, a replaced wrapped key and
-        garbage metadata are each reported as a failure of that archive."""
+        moved to another owner, a replaced wrapped key and a garbage row
+        document are each reported as a failure of that archive."""
         victims = [*self.a_ids, *self.b_ids]
+        storage = self.vault.storage()
         archives = self.vault.data_dir / "archives"
         # missing body
         self.vault.body(victims[0]).unlink()
         # body of another archive of the same owner
         self.vault.body(victims[1]).write_bytes(self.vault.body(victims[2]).read_bytes())
         # replaced wrapped key: the wrapped key of another archive
-        meta = archives / OWNER_B / f"{victims[3]}.meta"
-        donor = json.loads((archives / OWNER_B / f"{victims[4]}.meta").read_bytes())
-        document = json.loads(meta.read_bytes())
+        donor = json.loads(archive_document(storage, OWNER_B, victims[4]))
+        document = json.loads(archive_document(storage, OWNER_B, victims[3]))
         document["wrapped_key"] = donor["wrapped_key"]
-        meta.write_text(json.dumps(document))
+        set_archive_document(storage, OWNER_B, victims[3], json.dumps(document))
         # garbage metadata
-        (archives / OWNER_B / f"{victims[4]}.meta").write_bytes(b"\x00not json")
+        set_archive_document(storage, OWNER_B, victims[4], "\x00not json")
         checked, failures = verify_archives(self.vault.storage())
+        self.assertEqual(checked, 5)
         expected = [victims[0], victims[1], victims[3], victims[4]]
         self.assertEqual(sorted(f.archive_id for f in failures), sorted(expected))
-        # an archive moved to another owner: its context no longer authenticates
-        for suffix in (".meta", ".body"):
-            name = f"{victims[2]}{suffix}"
-            (archives / OWNER_A / name).rename(archives / OWNER_B / name)
+        # an archive moved to another owner (row and body): its context no
+        # longer authenticates
+        record = storage.metadata.get_archive(OWNER_A, victims[2])
+        assert record is not None
+        storage.metadata.delete_archive(OWNER_A, victims[2])
+        storage.metadata.put_archive(dataclasses.replace(record, owner_id=OWNER_B))
+        name = f"{victims[2]}.body"
+        (archives / OWNER_A / name).rename(archives / OWNER_B / name)
         checked, failures = verify_archives(self.vault.storage(), [OWNER_B])
         self.assertIn((OWNER_B, victims[2]), [(f.owner_id, f.archive_id) for f in failures])
 
@@ -365,7 +453,9 @@ class VerifyTests(MaintenanceTestCase):
         user in each failure, and exits 1 only when one of them fails."""
         data_dir = self.make_dir() / "users-vault"
         data_dir.mkdir()
-        users = UserStore(data_dir / "users.json", scrypt_n=2**10)
+        metadata = SqliteMetadataStore(data_dir / METADATA_FILE)  # where securevault-admin looks
+        self.addCleanup(metadata.close)
+        users = UserStore(metadata, scrypt_n=2**10)
         alice = users.add("alice", "a long enough password")
         bob = users.add("bob", "another long password")
         vault = make_vault(data_dir, sample_contents(alice, bob))
@@ -388,7 +478,7 @@ class VerifyTests(MaintenanceTestCase):
         self.assertIn("carol", err)
 
     def test_admin_removed_user(self) -> None:
-        """A failing archive of an owner not in the users file is still named."""
+        """A failing archive of an owner not in the user store is still named."""
         self.truncate(self.a_ids[0])
         status, out, err = self.run_admin(self.vault.data_dir, "verify")
         self.assertEqual(status, 1)

@@ -78,6 +78,37 @@ class OrphanContract:
             storage.store("owner1", "file.bin", b"data" * 1000)
         self.assertEqual(list(storage.blobs.list()), [])  # type: ignore[attr-defined]
 
+    def test_lost_commit_answer_keeps_the_blob(self) -> None:
+        """The row committed but its answer was lost (a network database):
+        the upload fails, yet the blob stays with its row, readable."""
+        storage = self.storage()
+        put = storage.metadata.put_archive
+
+        def committed_then_lost(record: object) -> None:
+            put(record)  # type: ignore[arg-type]
+            raise MetadataError("the metadata store failed: connection lost")
+
+        self.patch(storage.metadata, "put_archive", committed_then_lost)  # type: ignore[attr-defined]
+        with self.assertRaises(StorageError):  # type: ignore[attr-defined]
+            storage.store("owner1", "file.bin", b"data" * 1000)
+        [info] = storage.list("owner1")
+        self.assertEqual(storage.read_all("owner1", info.id)[1], b"data" * 1000)  # type: ignore[attr-defined]
+        self.assertEqual(storage.orphans(grace_seconds=None), [])  # type: ignore[attr-defined]
+
+    def test_unknown_outcome_leaves_the_blob_to_the_sweep(self) -> None:
+        """When even the check fails, the blob stays (an orphan the sweep
+        removes later) rather than risk a row without a blob."""
+        storage = self.storage()
+
+        def down(*_: object) -> None:
+            raise MetadataError("the metadata store failed: down")
+
+        self.patch(storage.metadata, "put_archive", down)  # type: ignore[attr-defined]
+        self.patch(storage.metadata, "get_archive", down)  # type: ignore[attr-defined]
+        with self.assertRaises(StorageError):  # type: ignore[attr-defined]
+            storage.store("owner1", "file.bin", b"data" * 1000)
+        self.assertEqual(len(list(storage.blobs.list())), 1)  # type: ignore[attr-defined]
+
     def test_delete_removes_row_then_blob(self) -> None:
         storage = self.storage()
         info = storage.store("owner1", "gone.txt", b"bytes")

@@ -10,12 +10,15 @@ code as the snippet there, which L{FormatDocumentTests} also runs).
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import gc
 import hashlib
 import io
 import json
 import os
 import re
+import sqlite3
 import unicodedata
 import zipfile
 import zlib
@@ -41,6 +44,7 @@ from securevault.storage import (
     StorageError,
     check_filename,
 )
+from tests.support.app import archive_document, blob_directory, set_archive_document, stored_names
 from tests.support.testcase import SyncTestCase
 
 MIB = 1 << 20
@@ -64,20 +68,29 @@ def context(purpose: bytes, owner_id: str, archive_id: str) -> bytes:
     return b"securevault/v1/%s\x00%s\x00%s" % (purpose, owner_id.encode(), archive_id.encode())
 
 
+def read_document(data_dir: Path, owner_id: str, archive_id: str) -> Any:
+    database_uri = (data_dir / "vault.db").resolve().as_uri() + "?mode=ro"
+    with contextlib.closing(sqlite3.connect(database_uri, uri=True)) as database:
+        query = "SELECT document FROM sv_archives WHERE owner_id = ? AND archive_id = ?"
+        row = database.execute(query, (owner_id, archive_id)).fetchone()
+    if row is None:
+        raise LookupError(f"no archive {archive_id} of {owner_id} in the index")
+    return json.loads(row[0])
+
+
 def recover_archive(
     data_dir: Path, key_file: Path, owner_id: str, archive_id: str
 ) -> tuple[dict[str, Any], str, bytes]:
-    folder = data_dir / "archives" / owner_id
-    meta = json.loads((folder / f"{archive_id}.meta").read_bytes())
-    master_key = base64.b64decode(json.loads(key_file.read_bytes())["keys"][meta["key_id"]])
-    wrapped = base64.b64decode(meta["wrapped_key"])
+    document = read_document(data_dir, owner_id, archive_id)
+    master_key = base64.b64decode(json.loads(key_file.read_bytes())["keys"][document["key_id"]])
+    wrapped = base64.b64decode(document["wrapped_key"])
     data_key = AESGCM(master_key).decrypt(wrapped[:12], wrapped[12:], context(b"data-key", owner_id, archive_id))
-    sealed = base64.b64decode(meta["metadata"])
+    sealed = base64.b64decode(document["metadata"])
     metadata_key = AESGCM(derive(data_key, b"metadata-key"))
     metadata_context = context(b"metadata", owner_id, archive_id)
     metadata = json.loads(metadata_key.decrypt(sealed[:12], sealed[12:], metadata_context))
     body = Cobblestone256Decryptor(derive(data_key, b"body-key"), context(b"body", owner_id, archive_id))
-    ciphertext = (folder / f"{archive_id}.body").read_bytes()
+    ciphertext = (data_dir / "archives" / owner_id / f"{archive_id}.body").read_bytes()
     zip_bytes = body.update(ciphertext) + body.finalize()
     with zipfile.ZipFile(io.BytesIO(zip_bytes)) as archive:
         (member,) = archive.infolist()
@@ -86,13 +99,12 @@ def recover_archive(
 
 def decrypt_zip(data_dir: Path, keyring: Keyring, owner_id: str, archive_id: str) -> bytes:
     """The decrypted ZIP stream of an archive, per FORMAT.md, for layout checks."""
-    folder = data_dir / "archives" / owner_id
-    meta = json.loads((folder / f"{archive_id}.meta").read_bytes())
-    wrapped = base64.b64decode(meta["wrapped_key"])
-    master_key = keyring.keys[meta["key_id"]]
+    document = read_document(data_dir, owner_id, archive_id)
+    wrapped = base64.b64decode(document["wrapped_key"])
+    master_key = keyring.keys[document["key_id"]]
     data_key = AESGCM(master_key).decrypt(wrapped[:12], wrapped[12:], context(b"data-key", owner_id, archive_id))
     body = Cobblestone256Decryptor(derive(data_key, b"body-key"), context(b"body", owner_id, archive_id))
-    return body.update((folder / f"{archive_id}.body").read_bytes()) + body.finalize()
+    return body.update((data_dir / "archives" / owner_id / f"{archive_id}.body").read_bytes()) + body.finalize()
 
 
 # -- helpers -------------------------------------------------------------------
@@ -129,19 +141,25 @@ class _StorageMixin(SyncTestCase):
         self.data_dir = self.make_dir()
         self.keyring = generate_keyring()
         self.storage = SecureFileStorage(self.data_dir, self.keyring, clock_ns=fixed_clock())
+        self.addCleanup(self.storage.metadata.close)
 
     def owner_dir(self, owner_id: str = OWNER) -> Path:
-        return self.data_dir / "archives" / owner_id
+        """The owner's directory in the local blob store."""
+        return blob_directory(self.storage, owner_id)
 
     def body_path(self, archive_id: str, owner_id: str = OWNER) -> Path:
         return self.owner_dir(owner_id) / f"{archive_id}.body"
 
-    def meta_path(self, archive_id: str, owner_id: str = OWNER) -> Path:
-        return self.owner_dir(owner_id) / f"{archive_id}.meta"
+    def document(self, archive_id: str, owner_id: str = OWNER) -> str:
+        """The archive's index row document (what the .meta file used to hold)."""
+        return archive_document(self.storage, owner_id, archive_id)
+
+    def set_document(self, archive_id: str, document: str, owner_id: str = OWNER) -> None:
+        set_archive_document(self.storage, owner_id, archive_id, document)
 
     def owner_files(self, owner_id: str = OWNER) -> list[str]:
-        directory = self.owner_dir(owner_id)
-        return sorted(os.listdir(directory)) if directory.exists() else []
+        """Files in the owner's blob directory, plus C{<id>.meta} per index row."""
+        return stored_names(self.storage, owner_id)
 
     def round_trip(self, data: bytes, filename: str = "file.bin") -> ArchiveInfo:
         """Store C{data}, check every way of reading it back, return its info."""
@@ -334,17 +352,30 @@ class FormatTests(_StorageMixin):
         self.check_zip(b"", "📄")
 
     def test_meta_document(self) -> None:
-        """The .meta file holds exactly the documented fields, files are private."""
+        """The archive's index row holds exactly the documented fields in its
+        document (ASCII JSON), its plain columns agree with the sealed
+        metadata, and every file in the data directory is private."""
         info = self.storage.store(OWNER, "x.txt", b"x")
-        meta = json.loads(self.meta_path(info.id).read_bytes())
+        record = self.storage.metadata.get_archive(OWNER, info.id)
+        assert record is not None
+        self.assertTrue(record.document.isascii())
+        meta = json.loads(record.document)
         self.assertEqual(set(meta), {"format", "version", "key_id", "wrapped_key", "metadata"})
         self.assertEqual((meta["format"], meta["version"]), ("securevault-archive", 1))
         self.assertEqual(meta["key_id"], self.keyring.current_id)
         self.assertEqual(len(base64.b64decode(meta["wrapped_key"])), 12 + 32 + 16)
+        self.assertEqual(
+            (record.owner_id, record.archive_id, record.created_ns, record.stored_bytes, record.key_id),
+            (OWNER, info.id, info.created_ns, info.stored_bytes, meta["key_id"]),
+        )
+        self.assertEqual(read_document(self.data_dir, OWNER, info.id), meta)
         self.assertEqual(self.owner_files(), sorted([f"{info.id}.body", f"{info.id}.meta"]))
         self.assertEqual(self.owner_dir().stat().st_mode & 0o777, 0o700)
-        for path in (self.body_path(info.id), self.meta_path(info.id)):
-            self.assertEqual(path.stat().st_mode & 0o077, 0)
+        files = [path for path in self.data_dir.rglob("*") if path.is_file()]
+        self.assertIn(self.data_dir / "vault.db", files)
+        self.assertIn(self.body_path(info.id), files)
+        for path in files:
+            self.assertEqual(path.stat().st_mode & 0o077, 0, path)
 
     def test_nothing_names_the_file(self) -> None:
         """No byte on disk and no path reveals a file's name or content."""
@@ -372,23 +403,30 @@ class FormatDocumentTests(_StorageMixin):
         return str(blocks[0])
 
     def test_snippet_recovers(self) -> None:
-        """The snippet in FORMAT.md, run as is, recovers an archive's name and bytes."""
+        """The snippet in FORMAT.md, run as is, recovers an archive's name and
+        bytes: while the vault has the database open (the row still in
+        SQLite's write-ahead log, as after a crash) and after it closed it;
+        an archive not in the index is a LookupError."""
         data = os.urandom(40_000) + b"tail" * 10_000
         info = self.storage.store(OWNER, "résumé 履歴書.pdf", data)
         key_file = self.data_dir / "master.key"
         key_file.write_bytes(self.keyring.to_json())
         namespace: dict[str, Any] = {}
         exec(compile(self.snippet(), str(FORMAT_DOCUMENT), "exec"), namespace)
-        metadata, member_name, content = namespace["recover_archive"](self.data_dir, key_file, OWNER, info.id)
-        self.assertEqual(member_name, "résumé 履歴書.pdf")
-        self.assertEqual(metadata["sha256"], info.sha256)
-        self.assertTrue(content == data)
+        for state in ("open", "closed"):
+            if state == "closed":
+                self.storage.metadata.close()
+            metadata, member_name, content = namespace["recover_archive"](self.data_dir, key_file, OWNER, info.id)
+            self.assertEqual(member_name, "résumé 履歴書.pdf", state)
+            self.assertEqual(metadata["sha256"], info.sha256, state)
+            self.assertTrue(content == data, state)
+        self.assertRaises(LookupError, namespace["recover_archive"], self.data_dir, key_file, OTHER_OWNER, info.id)
 
     def test_snippet_is_the_tests_decoder(self) -> None:
         """The snippet's function bodies are the ones this test module uses (no drift)."""
         snippet = self.snippet()
         source = Path(__file__).read_text(encoding="utf-8")
-        for name in ("derive", "context", "recover_archive"):
+        for name in ("derive", "context", "read_document", "recover_archive"):
             self.assertEqual(function_body(snippet, name), function_body(source, name), name)
 
 
@@ -404,7 +442,7 @@ class TamperingTests(_StorageMixin):
         self.data = os.urandom(100 * 1024)
         self.info = self.storage.store(OWNER, "victim.bin", self.data)
         self.body = self.body_path(self.info.id).read_bytes()
-        self.meta = self.meta_path(self.info.id).read_bytes()
+        self.meta = self.document(self.info.id)
 
     def assert_fails_closed(self, storage: SecureFileStorage | None = None, owner_id: str = OWNER,
                             archive_id: str | None = None, original: bytes | None = None) -> None:
@@ -491,23 +529,28 @@ class TamperingTests(_StorageMixin):
         self.assert_fails_closed()
 
     def test_archive_moved_to_other_owner(self) -> None:
-        """An archive (.meta and .body) copied into another owner's directory
-        does not open there: it is bound to its owner."""
+        """An archive (index row and body) copied to another owner does not
+        open there: it is bound to its owner."""
         self.storage.store(OTHER_OWNER, "mine.bin", b"bob's")
-        for path in (self.body_path(self.info.id), self.meta_path(self.info.id)):
-            (self.owner_dir(OTHER_OWNER) / path.name).write_bytes(path.read_bytes())
+        record = self.storage.metadata.get_archive(OWNER, self.info.id)
+        assert record is not None
+        self.storage.metadata.put_archive(dataclasses.replace(record, owner_id=OTHER_OWNER))
+        (self.owner_dir(OTHER_OWNER) / f"{self.info.id}.body").write_bytes(self.body)
         self.assert_fails_closed(owner_id=OTHER_OWNER)
         self.assertEqual([i.filename for i in self.storage.list(OTHER_OWNER)], ["mine.bin"])
+        self.assertEqual(self.storage.read_all(OWNER, self.info.id)[1], self.data)
 
     def replace_meta_field(self, field: str, value: Any) -> None:
+        """Rewrite one field of the archive's row document, as someone with
+        write access to the metadata store could."""
         document = json.loads(self.meta)
         document[field] = value
-        self.meta_path(self.info.id).write_bytes(json.dumps(document).encode())
+        self.set_document(self.info.id, json.dumps(document))
 
     def test_wrapped_key_replaced(self) -> None:
-        """A .meta whose wrapped key is another archive's, or random, is detected."""
+        """A document whose wrapped key is another archive's, or random, is detected."""
         other = self.storage.store(OWNER, "other.bin", b"other")
-        other_meta = json.loads(self.meta_path(other.id).read_bytes())
+        other_meta = json.loads(self.document(other.id))
         wrapped = base64.b64decode(json.loads(self.meta)["wrapped_key"])
         for value in [other_meta["wrapped_key"], base64.b64encode(os.urandom(60)).decode(),
                       base64.b64encode(wrapped[:-1]).decode(), "", "not base64!"]:
@@ -525,21 +568,45 @@ class TamperingTests(_StorageMixin):
             self.assert_fails_closed()
 
     def test_metadata_from_other_archive(self) -> None:
-        """Another archive's sealed metadata in this .meta is detected."""
+        """Another archive's sealed metadata in this document is detected."""
         other = self.storage.store(OWNER, "other.bin", b"other")
-        self.replace_meta_field("metadata", json.loads(self.meta_path(other.id).read_bytes())["metadata"])
+        self.replace_meta_field("metadata", json.loads(self.document(other.id))["metadata"])
         self.assert_fails_closed()
 
+    def test_document_from_other_archive(self) -> None:
+        """Another archive's whole (authentic) document in this row is detected."""
+        other = self.storage.store(OWNER, "other.bin", b"other")
+        self.set_document(self.info.id, self.document(other.id))
+        self.assert_fails_closed()
+        self.assertRaises(IntegrityError, self.storage.info, OWNER, self.info.id)
+        self.assertEqual([info.id for info in self.storage.list(OWNER)], [other.id])
+
     def test_meta_garbage(self) -> None:
-        """A .meta that is not the documented JSON is an integrity error."""
-        wrong_version = self.meta.replace(b'"version": 1', b'"version": 2')
+        """A row document that is not the documented JSON is an integrity error."""
+        wrong_version = self.meta.replace('"version": 1', '"version": 2')
         self.assertNotEqual(wrong_version, self.meta)
-        for raw in [b"", b"{", b"[]", b"null", b'"x"', self.meta[:-1], wrong_version]:
-            self.meta_path(self.info.id).write_bytes(raw)
+        for raw in ["", "{", "[]", "null", '"x"', "\x00not json", self.meta[:-1], wrong_version]:
+            self.set_document(self.info.id, raw)
+            self.assert_fails_closed()
+            self.assertEqual(self.storage.list(OWNER), [])
+
+    def test_document_not_text(self) -> None:
+        """A document column holding a BLOB or a number instead of text (SQLite
+        does not enforce column types) is an integrity error too."""
+        for value in [b"\xff\xfe", b"\x00", 7, 1.5]:
+            database = sqlite3.connect(self.data_dir / "vault.db")
+            try:
+                with database:
+                    database.execute(
+                        "UPDATE sv_archives SET document = ? WHERE owner_id = ? AND archive_id = ?",
+                        (value, OWNER, self.info.id),
+                    )
+            finally:
+                database.close()
             self.assert_fails_closed()
 
     def test_meta_without_body(self) -> None:
-        """A committed .meta whose .body is gone is an integrity error."""
+        """A committed index row whose body is gone is an integrity error."""
         self.body_path(self.info.id).unlink()
         self.assert_fails_closed()
 
@@ -552,8 +619,10 @@ class TamperingTests(_StorageMixin):
         self.assertEqual(fresh.list(OWNER), [])
 
     def test_list_skips_bad_metadata(self) -> None:
-        """list() leaves out an archive whose metadata fails, and keeps the others."""
+        """list() leaves out an archive whose metadata fails, and keeps the
+        others, even when it listed the archive before it was tampered with."""
         good = self.storage.store(OWNER, "good.bin", b"good")
+        self.assertEqual([info.id for info in self.storage.list(OWNER)], [good.id, self.info.id])
         self.replace_meta_field("wrapped_key", base64.b64encode(os.urandom(60)).decode())
         self.assertEqual([info.id for info in self.storage.list(OWNER)], [good.id])
         self.assertEqual(self.storage.find_newest(OWNER, "good.bin"), good)
@@ -661,27 +730,52 @@ class AtomicityTests(_StorageMixin):
         self.assertEqual(self.storage.read_all(OWNER, info.id)[1], b"once")
 
     def test_recover(self) -> None:
-        """recover() removes temp files and orphan bodies, and keeps committed archives."""
+        """recover() removes blob temp files and blobs without an index row,
+        and keeps committed archives (body and row) untouched."""
         self.assertEqual(self.storage.recover(), 0)
         kept = self.storage.store(OWNER, "kept.txt", b"kept" * 1000)
         kept_other = self.storage.store(OTHER_OWNER, "kept.txt", b"other")
         orphan = self.storage.store(OWNER, "orphan.txt", b"orphan")
-        self.meta_path(orphan.id).unlink()  # a crash between body rename and meta rename
+        # A crash between the blob's rename and the row's commit (or during a
+        # delete, after the row went): a body the index does not name.
+        self.storage.metadata.delete_archive(OWNER, orphan.id)
+        orphan_other = self.storage.store(OTHER_OWNER, "orphan.txt", b"orphan")
+        self.storage.metadata.delete_archive(OTHER_OWNER, orphan_other.id)
         crashed = self.storage.writer(OWNER, "crashed.bin")  # a crash mid-upload
         crashed.write(os.urandom(100 * 1024))
-        meta_temp = self.owner_dir() / f".{kept.id}.meta.123.abcd1234.tmp"
-        meta_temp.write_bytes(b"{}")
         other_temp = self.owner_dir(OTHER_OWNER) / f".{'f' * 32}.body.tmp"
         other_temp.write_bytes(b"junk")
-        self.assertEqual(len([n for n in self.owner_files() if n.endswith(".tmp")]), 2)
+        self.assertEqual(len([n for n in self.owner_files() if n.endswith(".tmp")]), 1)
+        self.assertIn(f"{orphan.id}.body", self.owner_files())
+        self.assertEqual(self.storage.orphans(None), [(OWNER, orphan.id), (OTHER_OWNER, orphan_other.id)])
 
         self.assertEqual(self.storage.recover(), 4)
 
         self.assertEqual(self.owner_files(), sorted([f"{kept.id}.body", f"{kept.id}.meta"]))
         self.assertEqual(self.owner_files(OTHER_OWNER), sorted([f"{kept_other.id}.body", f"{kept_other.id}.meta"]))
+        self.assertEqual(self.storage.list(OWNER), [kept])
         self.assertEqual(self.storage.read_all(OWNER, kept.id)[1], b"kept" * 1000)
         self.assertEqual(self.storage.read_all(OTHER_OWNER, kept_other.id)[1], b"other")
         self.assertEqual(self.storage.recover(), 0)
+        crashed.abort()
+
+    def test_orphan_grace(self) -> None:
+        """With a grace period, the orphan sweep leaves a fresh blob without a
+        row alone (another node may be about to commit its row) and removes
+        it once it is older; a committed archive is never an orphan."""
+        old = self.storage.store(OWNER, "old.txt", b"old")
+        orphan = self.storage.store(OWNER, "orphan.txt", b"orphan")
+        self.storage.metadata.delete_archive(OWNER, orphan.id)
+        self.assertEqual(self.storage.orphans(3600), [])
+        self.assertEqual(self.storage.sweep_orphans(3600), 0)
+        self.assertIn(f"{orphan.id}.body", self.owner_files())
+        two_hours_ago = self.body_path(orphan.id).stat().st_mtime - 7200
+        for archive_id in (old.id, orphan.id):
+            os.utime(self.body_path(archive_id), (two_hours_ago, two_hours_ago))
+        self.assertEqual(self.storage.orphans(3600), [(OWNER, orphan.id)])
+        self.assertEqual(self.storage.sweep_orphans(3600), 1)
+        self.assertEqual(self.owner_files(), sorted([f"{old.id}.body", f"{old.id}.meta"]))
+        self.assertEqual(self.storage.read_all(OWNER, old.id)[1], b"old")
 
     def test_recover_empty(self) -> None:
         """recover() on a data directory without archives does nothing."""
@@ -727,12 +821,13 @@ class OperationTests(_StorageMixin):
     """delete, list, find_newest, usage and rewrap do what the API needs."""
 
     def test_delete(self) -> None:
-        """delete removes both files; the archive is then not found, others stay."""
+        """delete removes the body and the index row; the archive is then not
+        found, others stay."""
         gone = self.storage.store(OWNER, "gone.txt", b"gone")
         stays = self.storage.store(OWNER, "stays.txt", b"stays")
         self.storage.delete(OWNER, gone.id)
         self.assertFalse(self.body_path(gone.id).exists())
-        self.assertFalse(self.meta_path(gone.id).exists())
+        self.assertIsNone(self.storage.metadata.get_archive(OWNER, gone.id))
         self.assertRaises(ArchiveNotFound, self.storage.info, OWNER, gone.id)
         self.assertRaises(ArchiveNotFound, self.storage.delete, OWNER, gone.id)
         self.assertEqual(self.storage.list(OWNER), [stays])
@@ -797,7 +892,10 @@ class OperationTests(_StorageMixin):
         during = SecureFileStorage(self.data_dir, rotating)
         self.assertTrue(during.rewrap(OWNER, info.id, rotating))
         self.assertFalse(during.rewrap(OWNER, info.id, rotating))
-        self.assertEqual(json.loads(self.meta_path(info.id).read_bytes())["key_id"], new_id)
+        self.assertEqual(json.loads(self.document(info.id))["key_id"], new_id)
+        record = self.storage.metadata.get_archive(OWNER, info.id)
+        assert record is not None
+        self.assertEqual(record.key_id, new_id)
         self.assertEqual(self.body_path(info.id).read_bytes(), body_before)
         after = SecureFileStorage(self.data_dir, Keyring(new_id, {new_id: new_key}))
         read_info, content = after.read_all(OWNER, info.id)
@@ -831,12 +929,17 @@ class CheckFilenameTests(SyncTestCase):
         self.assertTrue(issubclass(InvalidFilename, StorageError))
 
     def test_writer_checks(self) -> None:
-        """writer() and store() refuse a bad filename before creating any file."""
+        """writer() and store() refuse a bad filename before creating any file
+        (beyond the metadata database the storage opened) or row."""
         data_dir = self.make_dir()
         storage = SecureFileStorage(data_dir, generate_keyring())
+        self.addCleanup(storage.metadata.close)
+        before = sorted(data_dir.rglob("*"))
         self.assertRaises(InvalidFilename, storage.writer, OWNER, "a/b")
         self.assertRaises(InvalidFilename, storage.store, OWNER, "..", b"x")
-        self.assertEqual(list(data_dir.rglob("*")), [])
+        self.assertEqual(sorted(data_dir.rglob("*")), before)
+        self.assertFalse((data_dir / "archives").exists())
+        self.assertEqual(storage.metadata.list_archives(OWNER), [])
 
     @given(
         st.one_of(
@@ -855,62 +958,85 @@ class CheckFilenameTests(SyncTestCase):
             self.assertTrue(allowed_filename(name), repr(name))
 
 
-class ListingCacheTests(SyncTestCase):
-    """The daemon's in-memory listings follow its own uploads and deletes."""
+class ListingTests(SyncTestCase):
+    """Listings come from the archive index each time: they follow uploads and
+    deletes by any node on the same stores, and the cache of decrypted
+    metadata (per row document) never hides a change to a row."""
 
-    def test_cache_follows_store_and_delete(self) -> None:
-        """Once listed, an owner's listing is served from memory, and a store
-        or a delete through the same storage updates it, newest first."""
-        clock = iter(range(1_800_000_000 * 10**9, 1_900_000_000 * 10**9, 10**9))
-        storage = SecureFileStorage(
-            self.make_dir(), generate_keyring(), clock_ns=lambda: next(clock), cache_listings=True
-        )
-        self.assertIsNone(storage.cached_list(OWNER))
-        first = storage.store(OWNER, "first.txt", b"1")
-        self.assertIsNone(storage.cached_list(OWNER), "nothing is cached before the first listing")
-        self.assertEqual([i.id for i in storage.list(OWNER)], [first.id])
-        second = storage.store(OWNER, "second.txt", b"2")
-        cached = storage.cached_list(OWNER)
-        assert cached is not None
-        self.assertEqual([i.id for i in cached], [second.id, first.id])
-        storage.delete(OWNER, first.id)
-        self.assertEqual([i.id for i in storage.list(OWNER)], [second.id])
-        self.assertEqual(storage.cached_list("someone-else"), None)
+    def node(self, data_dir: Path, keyring: Keyring, start_ns: int) -> SecureFileStorage:
+        """One node's storage on the shared data directory."""
+        storage = SecureFileStorage(data_dir, keyring, clock_ns=fixed_clock(start_ns))
+        self.addCleanup(storage.metadata.close)
+        return storage
 
-    def test_no_cache_by_default(self) -> None:
-        """Without cache_listings every listing reads the disk."""
-        storage = SecureFileStorage(self.make_dir(), generate_keyring())
-        storage.store(OWNER, "a", b"a")
-        storage.list(OWNER)
-        self.assertIsNone(storage.cached_list(OWNER))
+    def test_two_nodes(self) -> None:
+        """Two storages on one data directory (two nodes): each one's listing,
+        read after it has listed before, shows the other's uploads and
+        deletes at once, newest first."""
+        data_dir, keyring = self.make_dir(), generate_keyring()
+        one = self.node(data_dir, keyring, 1_800_000_000 * 10**9)
+        two = self.node(data_dir, keyring, 1_800_000_100 * 10**9)
+        self.assertEqual((one.list(OWNER), two.list(OWNER)), ([], []))
+        first = one.store(OWNER, "first.txt", b"1")
+        self.assertEqual(two.list(OWNER), [first])
+        self.assertEqual(two.find_newest(OWNER, "first.txt"), first)
+        second = two.store(OWNER, "second.txt", b"2")
+        self.assertEqual(one.list(OWNER), [second, first])
+        self.assertEqual(two.list(OWNER), [second, first])
+        self.assertEqual(one.usage(OWNER), first.stored_bytes + second.stored_bytes)
+        one.delete(OWNER, second.id)
+        self.assertEqual(two.list(OWNER), [first])
+        self.assertRaises(ArchiveNotFound, two.info, OWNER, second.id)
+        self.assertRaises(ArchiveNotFound, two.find_newest, OWNER, "second.txt")
+        two.delete(OWNER, first.id)
+        self.assertEqual(one.list(OWNER), [])
+        self.assertRaises(ArchiveNotFound, one.read_all, OWNER, first.id)
+        self.assertEqual(one.usage(OWNER), 0)
+        self.assertEqual(one.list(OTHER_OWNER), [])
 
-    def test_upload_during_first_listing(self) -> None:
-        """An archive committed while an owner's first listing is being read
-        from disk is in the cached listing afterwards (the stale read is not
-        cached)."""
-        storage = _SlowScanStorage(self.make_dir(), generate_keyring(), cache_listings=True)
-        storage.store(OWNER, "old.txt", b"old")
-        storage.during_scan = lambda: storage.store(OWNER, "new.txt", b"new")
-        listed = storage.list(OWNER)
-        storage.during_scan = None
-        self.assertEqual(sorted(i.filename for i in listed), ["new.txt", "old.txt"])
-        cached = storage.cached_list(OWNER)
-        assert cached is not None
-        self.assertEqual(sorted(i.filename for i in cached), ["new.txt", "old.txt"])
+    def test_tampered_after_listing(self) -> None:
+        """A row document tampered with after the storage listed (and so
+        decrypted) it is left out of the next listing, not served from
+        memory; restored to the original, it is listed again."""
+        data_dir, keyring = self.make_dir(), generate_keyring()
+        storage = self.node(data_dir, keyring, 1_800_000_000 * 10**9)
+        victim = storage.store(OWNER, "victim.txt", b"victim")
+        other = storage.store(OWNER, "other.txt", b"other")
+        self.assertEqual(storage.list(OWNER), [other, victim])
+        original = archive_document(storage, OWNER, victim.id)
+        document = json.loads(original)
+        sealed = bytearray(base64.b64decode(document["metadata"]))
+        sealed[-1] ^= 0x01
+        document["metadata"] = base64.b64encode(bytes(sealed)).decode("ascii")
+        # Tampering from outside this storage: another connection to the store.
+        attacker = self.node(data_dir, generate_keyring(), 0)
+        tampered_documents = [json.dumps(document), archive_document(storage, OWNER, other.id), "{}"]
+        for tampered in tampered_documents:
+            set_archive_document(attacker, OWNER, victim.id, tampered)
+            self.assertEqual(storage.list(OWNER), [other], tampered)
+            self.assertRaises(ArchiveNotFound, storage.find_newest, OWNER, "victim.txt")
+            self.assertRaises(IntegrityError, storage.info, OWNER, victim.id)
+        set_archive_document(attacker, OWNER, victim.id, original)
+        self.assertEqual(storage.list(OWNER), [other, victim])
 
-
-class _SlowScanStorage(SecureFileStorage):
-    """A storage whose directory scan lets something happen in the middle
-    (an upload committing on another thread, here run inline)."""
-
-    during_scan: Callable[[], object] | None = None
-
-    def archive_ids(self, owner_id: str) -> list[str]:
-        ids = super().archive_ids(owner_id)
-        hook, self.during_scan = self.during_scan, None
-        if hook is not None:
-            hook()
-        return ids
+    def test_rotation_by_another_node(self) -> None:
+        """A node that listed archives before another node rewrapped them
+        lists them again only if its keyring opens the new documents: the
+        cached metadata of the old documents is not reused."""
+        data_dir = self.make_dir()
+        old_keyring = generate_keyring()
+        new_id = new_key_id()
+        rotating = Keyring(new_id, {**old_keyring.keys, new_id: os.urandom(32)})
+        stale = self.node(data_dir, old_keyring, 1_800_000_000 * 10**9)
+        following = self.node(data_dir, rotating, 1_800_000_100 * 10**9)
+        stored = [stale.store(OWNER, f"f{n}.txt", b"%d" % n) for n in range(3)]
+        listed = list(reversed(stored))
+        self.assertEqual((stale.list(OWNER), following.list(OWNER)), (listed, listed))
+        rotator = self.node(data_dir, rotating, 0)
+        for info in stored:
+            self.assertTrue(rotator.rewrap(OWNER, info.id, rotating))
+        self.assertEqual(following.list(OWNER), listed)
+        self.assertEqual(stale.list(OWNER), [])
 
 
 class CompressionLevelTests(SyncTestCase):
