@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -108,6 +108,8 @@ class VaultApp:
             setattr(request, "vault_user", session.username)
             return session
 
+        if self.sessions.mirrored:  # one node: in memory, no trip to the pool
+            return maybeDeferred(found, self.sessions.lookup_local(session_id, identity.fingerprint))
         return self.run_blocking(self.sessions.lookup, session_id, identity.fingerprint).addCallback(found)
 
     def with_session(self, request: Request, work: Callable[[Session], R]) -> "Deferred[R]":
@@ -121,6 +123,8 @@ class VaultApp:
         session_id = session_id_from_headers(request)
         if not session_id:
             return fail(self.refused(request))
+        if self.sessions.mirrored:
+            return self.authenticate(request).addCallback(lambda session: self.run_blocking(work, session))
         lookup = self.sessions.lookup
 
         def in_pool() -> tuple[Session, R]:

@@ -109,9 +109,16 @@ class Stores:
         removed at once, without a grace period)."""
         return isinstance(self.metadata, SqliteMetadataStore) and isinstance(self.blobs, LocalBlobStore)
 
-    def storage(self, keyring: Keyring, *, keyring_file: KeyringFile | None = None) -> SecureFileStorage:
+    def storage(
+        self, keyring: Keyring, *, keyring_file: KeyringFile | None = None, cache_listings: bool = False
+    ) -> SecureFileStorage:
         return SecureFileStorage(
-            self.data_dir, keyring, metadata=self.metadata, blobs=self.blobs, keyring_file=keyring_file
+            self.data_dir,
+            keyring,
+            metadata=self.metadata,
+            blobs=self.blobs,
+            keyring_file=keyring_file,
+            cache_listings=cache_listings,
         )
 
     def describe(self) -> str:

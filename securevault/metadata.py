@@ -101,6 +101,9 @@ class MetadataStore(Protocol):
     def count_sessions(self) -> int:
         ...
 
+    def list_sessions(self) -> list[SessionRecord]:
+        """Every stored session (a single node mirrors them in memory)."""
+
     # login throttling
     def add_login_failures(self, subjects: Sequence[str], at: float) -> None:
         ...
@@ -373,6 +376,9 @@ class SqlMetadataStore:
 
     def count_sessions(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM sv_sessions")[0][0])
+
+    def list_sessions(self) -> list[SessionRecord]:
+        return [SessionRecord(*row) for row in self._query(f"SELECT {_SESSION_COLUMNS} FROM sv_sessions")]
 
     # -- login throttling ---------------------------------------------------
 

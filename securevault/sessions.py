@@ -9,8 +9,10 @@ pool, with an injected clock.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,19 +51,50 @@ class SessionStore:
     """Sessions by id, bound to the certificate they were created with.
 
     Idle and absolute expiry are checked at each lookup and by L{sweep}.
+
+    With C{mirror=True} (one node: SQLite and local blobs) the store is also
+    kept in memory, so that L{lookup_local} answers on the reactor thread
+    without a trip to the pool: this process is then the only one that
+    creates, uses or ends sessions.  The admin command may still delete a
+    removed user's sessions from the store; L{sweep} (every minute) drops
+    those from memory too.  Several nodes never mirror: every lookup reads
+    the shared store, so a logout on one node holds on all at once.
     """
 
     def __init__(
-        self, store: MetadataStore, clock: Callable[[], float], *, idle_seconds: float, ttl_seconds: float
+        self,
+        store: MetadataStore,
+        clock: Callable[[], float],
+        *,
+        idle_seconds: float,
+        ttl_seconds: float,
+        mirror: bool = False,
     ) -> None:
         self._store = store
         self._clock = clock
         self._idle = idle_seconds
         self._ttl = ttl_seconds
         self._touch_interval = min(TOUCH_INTERVAL_SECONDS, idle_seconds / 20)
+        self._mirror: dict[str, SessionRecord] | None = {} if mirror else None
+        self._touched: set[str] = set()  # mirrored sessions used since the last write-back
+        self._fresh: set[str] = set()  # mirrored sessions created since the sweep began
+        self._lock = threading.Lock()
+
+    @property
+    def mirrored(self) -> bool:
+        return self._mirror is not None
 
     def count(self) -> int:
         return self._store.count_sessions()
+
+    def load(self) -> int:
+        """Fill the mirror from the store (at start); returns how many."""
+        if self._mirror is None:
+            return 0
+        records = self._store.list_sessions()
+        with self._lock:
+            self._mirror = {record.digest: record for record in records}
+        return len(records)
 
     def create(self, username: str, user_id: str, fingerprint: str, certificate_not_after: float) -> Session:
         now = self._clock()
@@ -74,30 +107,28 @@ class SessionStore:
             last_used=now,
             expires_at=min(now + self._ttl, certificate_not_after),
         )
-        self._store.put_session(
-            SessionRecord(
-                session_digest(session.session_id),
-                username,
-                user_id,
-                fingerprint,
-                session.created_at,
-                session.last_used,
-                session.expires_at,
-            )
+        record = SessionRecord(
+            session_digest(session.session_id),
+            username,
+            user_id,
+            fingerprint,
+            session.created_at,
+            session.last_used,
+            session.expires_at,
         )
+        self._store.put_session(record)
+        with self._lock:
+            if self._mirror is not None:
+                self._mirror[record.digest] = record
+                self._fresh.add(record.digest)
         return session
 
     def expiry(self, session: Session) -> float:
         """When the session ends if not used again."""
         return min(session.last_used + self._idle, session.expires_at)
 
-    def lookup(self, session_id: str, fingerprint: str) -> Session | None:
-        """The live session with that id for that certificate, else None.
-
-        A hit refreshes the idle timer.
-        """
-        digest = session_digest(session_id)
-        record = self._store.get_session(digest)
+    def _check(self, session_id: str, digest: str, record: SessionRecord | None, fingerprint: str) -> Session | None:
+        """The session if C{record} is live and bound to C{fingerprint}."""
         if record is None or not hmac.compare_digest(record.digest, digest):
             return None
         session = Session(
@@ -109,11 +140,44 @@ class SessionStore:
             record.last_used,
             record.expires_at,
         )
-        now = self._clock()
-        if now >= self.expiry(session):
-            self._store.delete_session(digest)
+        if self._clock() >= self.expiry(session) or not hmac.compare_digest(record.fingerprint, fingerprint):
             return None
-        if not hmac.compare_digest(record.fingerprint, fingerprint):
+        return session
+
+    def lookup_local(self, session_id: str, fingerprint: str) -> Session | None:
+        """L{lookup} from the mirror: no I/O, safe on the reactor thread.
+        Only for a mirrored store."""
+        assert self._mirror is not None, "lookup_local needs mirror=True"
+        digest = session_digest(session_id)
+        now = self._clock()
+        with self._lock:
+            record = self._mirror.get(digest)
+            session = self._check(session_id, digest, record, fingerprint)
+            if session is None:
+                if record is not None and now >= min(record.last_used + self._idle, record.expires_at):
+                    del self._mirror[digest]  # the store forgets it at the next sweep
+                return None
+            assert record is not None
+            if now > session.last_used:
+                self._mirror[digest] = dataclasses.replace(record, last_used=now)
+                self._touched.add(digest)
+            session.last_used = now
+            return session
+
+    def lookup(self, session_id: str, fingerprint: str) -> Session | None:
+        """The live session with that id for that certificate, else None.
+
+        A hit refreshes the idle timer.
+        """
+        if self._mirror is not None:
+            return self.lookup_local(session_id, fingerprint)
+        digest = session_digest(session_id)
+        record = self._store.get_session(digest)
+        session = self._check(session_id, digest, record, fingerprint)
+        now = self._clock()
+        if session is None:
+            if record is not None and now >= min(record.last_used + self._idle, record.expires_at):
+                self._store.delete_session(digest)
             return None
         if now - session.last_used >= self._touch_interval:
             self._store.touch_session(digest, now)
@@ -121,11 +185,32 @@ class SessionStore:
         return session
 
     def end(self, session_id: str) -> None:
-        self._store.delete_session(session_digest(session_id))
+        digest = session_digest(session_id)
+        with self._lock:
+            if self._mirror is not None:
+                self._mirror.pop(digest, None)
+                self._touched.discard(digest)
+        self._store.delete_session(digest)
 
     def sweep(self) -> int:
-        """Forget expired sessions; returns how many."""
-        return self._store.delete_expired_sessions(self._clock(), self._idle)
+        """Forget expired sessions; returns how many.  A mirror writes its
+        idle timers back and drops what the store no longer has (a user
+        removed by the admin command)."""
+        started = self._clock()
+        if self._mirror is not None:
+            with self._lock:
+                touched = [(d, self._mirror[d].last_used) for d in self._touched if d in self._mirror]
+                self._touched = set()
+                self._fresh = set()
+            for digest, last_used in touched:
+                self._store.touch_session(digest, last_used)
+        removed = self._store.delete_expired_sessions(started, self._idle)
+        if self._mirror is not None:
+            present = {record.digest for record in self._store.list_sessions()}
+            with self._lock:
+                for digest in [d for d in self._mirror if d not in present and d not in self._fresh]:
+                    del self._mirror[digest]
+        return removed
 
 
 # A throttle subject longer than this, or one the store cannot keep as text

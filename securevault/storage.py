@@ -103,6 +103,7 @@ class SecureFileStorage:
         blobs: BlobStore | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         keyring_file: KeyringFile | None = None,
+        cache_listings: bool = False,
     ) -> None:
         if metadata is None or blobs is None:
             if root is None:
@@ -118,6 +119,14 @@ class SecureFileStorage:
         # every other node's uploads and deletes at once.
         self._infos: dict[tuple[str, str], tuple[str, ArchiveInfo]] = {}
         self._infos_lock = threading.Lock()
+        # With cache_listings (one node: this process is the only writer of
+        # the archive index), each owner's whole listing is kept in memory
+        # once read, updated by this process's uploads and deletes, so GET
+        # /get-files needs no pool and no I/O.  A version counter, bumped by
+        # every change, keeps a listing read while an upload commits from
+        # being cached without it.
+        self._listings: dict[str, builtins.list[ArchiveInfo]] | None = {} if cache_listings else None
+        self._listing_versions: dict[str, int] = {}
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
@@ -228,6 +237,27 @@ class SecureFileStorage:
     def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None:
         """Commit the archive's index row: from here on it exists."""
         self._index_call(self.metadata.put_archive, self.seal_document(owner_id, info, data_key))
+        self._update_listing(owner_id, add=info)
+
+    def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
+        with self._infos_lock:
+            self._listing_versions[owner_id] = self._listing_versions.get(owner_id, 0) + 1
+            if self._listings is None or (listing := self._listings.get(owner_id)) is None:
+                return
+            listing = [info for info in listing if info.id != remove]
+            if add is not None and all(info.id != add.id for info in listing):
+                listing.append(add)
+                listing.sort(key=lambda info: (-info.created_ns, info.id))
+            self._listings[owner_id] = listing
+
+    def cached_list(self, owner_id: str) -> "builtins.list[ArchiveInfo] | None":
+        """The owner's listing if it is in memory (no I/O: safe on the reactor
+        thread), else None.  Only with cache_listings."""
+        if self._listings is None:
+            return None
+        with self._infos_lock:
+            listing = self._listings.get(owner_id)
+            return None if listing is None else builtins.list(listing)
 
     def unseal(self, record: ArchiveRecord) -> tuple[ArchiveInfo, bytes]:
         """Decrypt an index row's document; returns the metadata and data key."""
@@ -313,6 +343,22 @@ class SecureFileStorage:
     def list(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
         """The owner's archives, newest first.  An archive whose metadata fails
         authentication is left out here (and reported by verify)."""
+        while True:
+            cached = self.cached_list(owner_id)
+            if cached is not None:
+                return cached
+            with self._infos_lock:
+                version = self._listing_versions.get(owner_id, 0)
+            infos = self._read_listing(owner_id)
+            if self._listings is None:
+                return infos
+            with self._infos_lock:
+                if self._listing_versions.get(owner_id, 0) == version:
+                    self._listings.setdefault(owner_id, builtins.list(infos))
+                    return infos
+            # An upload or delete landed while we read: read again.
+
+    def _read_listing(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
         infos = []
         for record in self._index_call(self.metadata.list_archives, owner_id):
             key = (owner_id, record.archive_id)
@@ -440,6 +486,7 @@ class SecureFileStorage:
             raise ArchiveNotFound(archive_id)
         with self._infos_lock:
             self._infos.pop((owner_id, archive_id), None)
+        self._update_listing(owner_id, remove=archive_id)
         try:
             self.blobs.delete(owner_id, archive_id)
         except (OSError, BlobStoreError):

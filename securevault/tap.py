@@ -207,7 +207,9 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         log.info("Created master key {path}", path=str(config.master_key))
     keyring = key_file.load()
     stores = open_stores(config.data_dir, config.metadata_url, config.blobs_url)
-    storage = stores.storage(keyring, keyring_file=key_file)
+    # One node is the only writer of its index and sessions: it keeps them
+    # in memory too, and small requests need no trip to the pool.
+    storage = stores.storage(keyring, keyring_file=key_file, cache_listings=stores.single_node)
     users = UserStore(stores.metadata)
     # No client is connected yet: migrating and recovering here blocks no
     # one, and both must finish before an upload could start.
@@ -233,13 +235,19 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
     if removed:
         log.info("Removed {count} leftover temporary files", count=removed)
     log.info("Stores: {stores}", stores=stores.describe())
+    sessions = SessionStore(
+        stores.metadata,
+        clock.seconds,
+        idle_seconds=config.session_idle,
+        ttl_seconds=config.session_ttl,
+        mirror=stores.single_node,
+    )
+    sessions.load()
     return VaultApp(
         config=config,
         storage=storage,
         users=users,
-        sessions=SessionStore(
-            stores.metadata, clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl
-        ),
+        sessions=sessions,
         throttle=LoginThrottle(stores.metadata, clock.seconds),
         run_blocking=run_blocking,
         clock=clock.seconds,

@@ -295,14 +295,24 @@ class VaultRequest(server.Request):
             metrics.observe_request(
                 path.decode("utf-8", "replace"), self.code, self._body_bytes, self.sentLength, duration
             )
+        method = (self.method or b"-").decode("ascii", "replace")
+        shown_path = path.decode("utf-8", "replace")[:200]
+        status = self.code if not self._disconnected or self.finished else "aborted"
+        user = self.vault_user or "-"
+        duration_ms = round(duration * 1000, 1)
+        # The text is built here, once: the log observer then formats one
+        # field instead of six (a fifth of the reactor's time per small
+        # request went to formatting this line).  The fields stay for
+        # structured observers.
         access_log.info(
-            "{method} {path} {status} user={user} bytes={bytes} {duration_ms}ms",
-            method=(self.method or b"-").decode("ascii", "replace"),
-            path=path.decode("utf-8", "replace")[:200],
-            status=self.code if not self._disconnected or self.finished else "aborted",
-            user=self.vault_user or "-",
+            "{access_line}",
+            access_line=f"{method} {shown_path} {status} user={user} bytes={self.sentLength} {duration_ms}ms",
+            method=method,
+            path=shown_path,
+            status=status,
+            user=user,
             bytes=self.sentLength,
-            duration_ms=round(duration * 1000, 1),
+            duration_ms=duration_ms,
             event_kind="access",
         )
 

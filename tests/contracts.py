@@ -93,6 +93,14 @@ class MetadataStoreContract:
         self.assertIsNone(store.get_session("d1"))  # type: ignore[attr-defined]
         self.assertEqual(store.count_sessions(), 0)  # type: ignore[attr-defined]
 
+    def test_list_sessions(self) -> None:
+        store = self._store()
+        self.assertEqual(store.list_sessions(), [])  # type: ignore[attr-defined]
+        store.put_session(_session("d1", "u1"))
+        store.put_session(_session("d2", "u2", last_used=200.0))
+        listed = sorted(store.list_sessions(), key=lambda record: record.digest)
+        self.assertEqual(listed, [_session("d1", "u1"), _session("d2", "u2", last_used=200.0)])  # type: ignore[attr-defined]
+
     def test_expired_sessions_swept(self) -> None:
         store = self._store()
         store.put_session(_session("idle", last_used=100.0, expires_at=10_000.0))

@@ -8,7 +8,7 @@ import uuid
 
 from twisted.internet.task import Clock
 
-from securevault.metadata import SqliteMetadataStore
+from securevault.metadata import SessionRecord, SqliteMetadataStore
 from securevault.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore, session_digest
 from tests.support.testcase import SyncTestCase
 
@@ -304,3 +304,79 @@ class LoginThrottleTests(SyncTestCase):
         self.assertEqual(other.retry_after("user:alice"), 0)
         other.record_failure("user:alice")
         self.assertGreater(self.throttle.retry_after("user:alice"), 0)
+
+
+class MirroredSessionTests(SyncTestCase):
+    """One node keeps its sessions in memory too: lookups need no I/O, and
+    the store stays the record (restarts, the admin command)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.metadata = metadata_store(self)
+        self.store = self.make()
+
+    def make(self) -> SessionStore:
+        return SessionStore(self.metadata, self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL, mirror=True)
+
+    def test_lookup_without_the_store(self) -> None:
+        session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.patch(self.metadata, "get_session", lambda digest: self.fail("the store was asked"))
+        found = self.store.lookup_local(session.session_id, CERT_A)
+        assert found is not None
+        self.assertEqual(found.username, "alice")
+        self.assertIsNone(self.store.lookup_local(session.session_id, CERT_B))
+        self.assertIsNone(self.store.lookup_local(str(uuid.uuid4()), CERT_A))
+
+    def test_restart_keeps_sessions(self) -> None:
+        session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        restarted = self.make()
+        self.assertIsNone(restarted.lookup_local(session.session_id, CERT_A))  # not loaded yet
+        self.assertEqual(restarted.load(), 1)
+        self.assertIsNotNone(restarted.lookup_local(session.session_id, CERT_A))
+
+    def test_idle_timer_written_back_at_sweep(self) -> None:
+        session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.clock.advance(IDLE - 10)
+        self.assertIsNotNone(self.store.lookup_local(session.session_id, CERT_A))
+        self.store.sweep()
+        self.clock.advance(IDLE - 10)  # alive only if the use was written back
+        restarted = self.make()
+        restarted.load()
+        self.assertIsNotNone(restarted.lookup_local(session.session_id, CERT_A))
+
+    def test_expiry_and_end(self) -> None:
+        first = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        second = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.store.end(first.session_id)
+        self.assertIsNone(self.store.lookup_local(first.session_id, CERT_A))
+        self.assertIsNone(self.metadata.get_session(session_digest(first.session_id)))
+        self.clock.advance(IDLE)
+        self.assertIsNone(self.store.lookup_local(second.session_id, CERT_A))
+        self.assertEqual(self.store.sweep(), 1)
+        self.assertEqual(self.store.count(), 0)
+
+    def test_removed_user_ends_at_sweep(self) -> None:
+        """The admin command removes a user in the store; the mirror drops
+        their sessions at the next sweep, and keeps sessions created while
+        the sweep ran."""
+        from securevault.metadata import UserRecord
+
+        self.metadata.add_user(UserRecord("bob", "id-bob", "h", "t"))
+        bob = self.store.create("bob", "id-bob", CERT_A, FAR_FUTURE)
+        alice = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        SqliteMetadataStore(self.metadata.path).remove_user("bob")  # another process
+        self.assertIsNotNone(self.store.lookup_local(bob.session_id, CERT_A))
+        list_sessions = self.metadata.list_sessions
+        late: list[str] = []
+
+        def listed_then_login() -> list[SessionRecord]:
+            records = list_sessions()
+            late.append(self.store.create("carol", "id-carol", CERT_A, FAR_FUTURE).session_id)
+            return records
+
+        self.patch(self.metadata, "list_sessions", listed_then_login)
+        self.store.sweep()
+        self.assertIsNone(self.store.lookup_local(bob.session_id, CERT_A))
+        self.assertIsNotNone(self.store.lookup_local(alice.session_id, CERT_A))
+        self.assertIsNotNone(self.store.lookup_local(late[0], CERT_A))

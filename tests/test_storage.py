@@ -1039,6 +1039,50 @@ class ListingTests(SyncTestCase):
         self.assertEqual(stale.list(OWNER), [])
 
 
+class ListingCacheTests(SyncTestCase):
+    """One node (cache_listings) keeps each owner's listing in memory once
+    read, following its own uploads and deletes."""
+
+    def make(self) -> SecureFileStorage:
+        storage = SecureFileStorage(self.make_dir(), generate_keyring(), clock_ns=fixed_clock(), cache_listings=True)
+        self.addCleanup(storage.metadata.close)
+        return storage
+
+    def test_no_cache_by_default(self) -> None:
+        storage = SecureFileStorage(self.make_dir(), generate_keyring())
+        self.addCleanup(storage.metadata.close)
+        storage.list("alice")
+        self.assertIsNone(storage.cached_list("alice"))
+
+    def test_cache_follows_store_and_delete(self) -> None:
+        storage = self.make()
+        self.assertIsNone(storage.cached_list("alice"))
+        first = storage.store("alice", "a.txt", b"a")
+        self.assertEqual([i.id for i in storage.list("alice")], [first.id])
+        self.patch(storage.metadata, "list_archives", lambda owner: self.fail("the store was asked"))
+        second = storage.store("alice", "b.txt", b"b")
+        self.assertEqual([i.id for i in storage.cached_list("alice") or []], [second.id, first.id])
+        storage.delete("alice", first.id)
+        self.assertEqual([i.id for i in storage.list("alice")], [second.id])
+
+    def test_upload_during_first_listing(self) -> None:
+        """An upload that commits while the first listing is read is not
+        lost from the cache: the listing is read again."""
+        storage = self.make()
+        read = storage.metadata.list_archives
+        landed: list[str] = []
+
+        def slow_read(owner: str) -> Any:
+            rows = read(owner)
+            if not landed:
+                landed.append(storage.store("alice", "late.txt", b"late").id)
+            return rows
+
+        self.patch(storage.metadata, "list_archives", slow_read)
+        self.assertEqual([i.id for i in storage.list("alice")], landed)
+        self.assertEqual([i.id for i in storage.cached_list("alice") or []], landed)
+
+
 class CompressionLevelTests(SyncTestCase):
     """Compressible uploads are deflated at level 1, the fast level."""
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from securevault.jsonapi import JsonEndpoint, Reply
+from securevault.sessions import Session
 from securevault.storage import ArchiveInfo
 
 
@@ -18,8 +20,18 @@ class GetFilesResource(JsonEndpoint):
         def listed(infos: list[ArchiveInfo]) -> Reply:
             return Reply(200, {"files": [info.public() for info in infos]})
 
-        storage = self.app.storage
-        work = self.app.with_session(request, lambda session: storage.list(session.user_id))
+        app = self.app
+        storage = app.storage
+        if app.sessions.mirrored:  # one node: session and listing may be in memory
+
+            def from_memory(session: Session) -> "Reply | Deferred[Reply]":
+                cached = storage.cached_list(session.user_id)
+                if cached is not None:
+                    return listed(cached)
+                return app.run_blocking(storage.list, session.user_id).addCallback(listed)
+
+            return self.authenticated(request, from_memory)
+        work = app.with_session(request, lambda session: storage.list(session.user_id))
         return self.respond_later(request, work.addCallback(listed))
 
     render_HEAD = render_GET
