@@ -74,6 +74,11 @@ class QuotaExceeded(StorageError):
     """The owner's quota would be exceeded; nothing was kept."""
 
 
+class StoreUnavailable(StorageError):
+    """The metadata or blob store cannot be reached (an outage, not a fault
+    of the request); the message names the store, never a secret."""
+
+
 class StorageFull(StorageError):
     """The disk (or the filesystem's quota) is full; nothing was kept."""
 

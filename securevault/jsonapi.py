@@ -21,7 +21,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
-from securevault.storage import InvalidFilename, QuotaExceeded, StorageFull
+from securevault.blobs import BlobStoreError
+from securevault.metadata import MetadataError, MetadataFull
+from securevault.storage import InvalidFilename, QuotaExceeded, StorageFull, StoreUnavailable
 
 if TYPE_CHECKING:
     from securevault.app import VaultApp
@@ -124,10 +126,31 @@ def integrity_failure(request: Request, archive_id: str) -> None:
     )
 
 
+STORE_RETRY_SECONDS = 5
+
+
+def unavailable(error: BaseException) -> ApiError | None:
+    """503 for a store outage (the database or object store unreachable),
+    507 for a full one; None for anything else."""
+    if isinstance(error, (MetadataFull, StorageFull)):
+        return ApiError(507, "insufficient_storage", "No space left for the vault's data.")
+    if isinstance(error, (StoreUnavailable, MetadataError, BlobStoreError)):
+        log.warn("A store is unavailable: {error}", error=str(error), event_kind="store_unavailable")
+        return ApiError(
+            503,
+            "unavailable",
+            "The vault's storage cannot be reached; try again shortly.",
+            {b"Retry-After": str(STORE_RETRY_SECONDS).encode("ascii")},
+        )
+    return None
+
+
 def fail(request: Request, reason: Failure | BaseException) -> None:
-    """The one error mapping: L{ApiError} to its status, anything else to a
-    logged 500."""
+    """The one error mapping: L{ApiError} to its status, a store outage to
+    503, anything else to a logged 500."""
     error = reason.value if isinstance(reason, Failure) else reason
+    if not isinstance(error, ApiError):
+        error = unavailable(error) or error
     if isinstance(error, ApiError):
         write_json(request, error.status, error_body(error), error.headers)
     else:
@@ -141,6 +164,9 @@ def storage_error(failure: Failure) -> ApiError | Exception:
         return error
     if isinstance(error, (QuotaExceeded, StorageFull)):
         return ApiError(507, "insufficient_storage", str(error))
+    outage = unavailable(error)
+    if outage is not None:
+        return outage
     if isinstance(error, InvalidFilename):
         return ApiError(400, "invalid_filename", str(error))
     return cast(Exception, error)

@@ -50,6 +50,7 @@ from securevault.archive import (  # re-exported: the storage API's vocabulary
     QuotaExceeded,
     StorageError,
     StorageFull,
+    StoreUnavailable,
     check_filename,
     context_bytes,
     derive_key,
@@ -74,6 +75,7 @@ __all__ = [
     "SecureFileStorage",
     "StorageError",
     "StorageFull",
+    "StoreUnavailable",
     "check_filename",
     "is_archive_id",
     "rfc3339",
@@ -202,7 +204,7 @@ class SecureFileStorage:
         except MetadataFull as error:
             raise StorageFull("No space left for the vault's metadata.") from error
         except MetadataError as error:
-            raise StorageError(str(error)) from error
+            raise StoreUnavailable(str(error)) from error
 
     def seal_document(self, owner_id: str, info: ArchiveInfo, data_key: bytes, keyring: Keyring | None = None) -> ArchiveRecord:
         """The index row for an archive: data key wrapped, metadata sealed."""
@@ -327,7 +329,7 @@ class SecureFileStorage:
         except OSError as error:
             raise translate_os_error(error) from error
         except BlobStoreError as error:
-            raise StorageError(str(error)) from error
+            raise StoreUnavailable(str(error)) from error
 
     def store(self, owner_id: str, filename: str, data: bytes, *, max_bytes: int | None = None) -> ArchiveInfo:
         """Store a whole file held in memory (the JSON upload form)."""
@@ -394,14 +396,14 @@ class SecureFileStorage:
         except BlobNotFound as error:
             raise IntegrityError(f"archive {archive_id} has no body") from error
         except BlobStoreError as error:
-            raise StorageError(str(error)) from error
+            raise StoreUnavailable(str(error)) from error
 
     def _blocks(self, body: BlobReader, archive_id: str) -> Iterator[bytes]:
         try:
             while block := body.read(IO_BLOCK_BYTES):
                 yield block
         except BlobStoreError as error:
-            raise StorageError(str(error)) from error
+            raise StoreUnavailable(str(error)) from error
 
     def open(self, owner_id: str, archive_id: str) -> ArchiveReader:
         """A reader for the archive's original bytes; see L{ArchiveReader}."""

@@ -169,6 +169,23 @@ class TwoNodeTests(TwoNodes):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         self.assertIn("1 archives verified, 0 failed", result.stdout)
 
+    def test_object_store_failure_is_a_503(self) -> None:
+        """The bucket gone (as in an outage): uploads get the contract's JSON
+        error with Retry-After, not a traceback, and the node keeps serving."""
+        a, _ = self.ports
+        session = login(self.context, a)
+        self.s3.delete_bucket(Bucket=self.bucket)
+        self.addCleanup(self.s3.create_bucket, Bucket=self.bucket)  # for make_bucket's own cleanup
+        body = json.dumps({"filename": "x.txt", "content": "aGVsbG8="}).encode()
+        response = call(
+            self.context, a, "POST", "/upload-file", body=body,
+            headers=[("Content-Type", "application/json")], session=session,
+        )  # fmt: skip
+        self.assertEqual(response.status, 503, response.body)
+        self.assertEqual(response.json()["error"], "unavailable")
+        self.assertEqual(list_files(self.context, a, session), [])
+        self.assertIn("A store is unavailable: S3", self.nodes[0].output())
+
     def test_user_removed_on_one_node_is_gone_on_both(self) -> None:
         a, b = self.ports
         session = login(self.context, a)

@@ -1,0 +1,74 @@
+"""A store outage (the database or the object store unreachable) is a 503
+with Retry-After, in the contract's JSON error form; the vault serves again
+as soon as the store is back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from securevault.blobs import BlobStoreError
+from securevault.metadata import MetadataError
+
+from tests.support.app import VaultClient, add_user, default_client, make_app
+from tests.support.testcase import SyncTestCase
+
+PASSWORD = "correct horse battery"
+
+
+class OutageTests(SyncTestCase):
+    def setUp(self) -> None:
+        self.app, self.clock = make_app(self)
+        add_user(self.app, "alice", PASSWORD)
+        self.client = VaultClient(self.app, self.clock, self)
+        self.session = self.client.session("alice", PASSWORD, default_client(0))
+        self.stored = self.client.post_json(
+            b"/upload-file", {"filename": "a.txt", "content": "aGVsbG8="}, session=self.session
+        ).json()
+
+    def down(self, target: Any, *names: str, error: Exception | None = None) -> None:
+        def raise_(*_: object, **__: object) -> None:
+            raise error or MetadataError("the metadata store failed: OperationalError: connection refused")
+
+        for name in names:
+            self.patch(target, name, raise_)
+
+    def assert_unavailable(self, response: Any) -> None:
+        self.assertEqual(response.status, 503, response.body)
+        self.assertEqual(response.json()["error"], "unavailable")
+        self.assertEqual(response.header("Retry-After"), "5")
+        self.assertNotIn(b"Traceback", response.body)
+        self.assertNotIn(b"OperationalError", response.body)
+
+    def test_listing_and_download_while_the_database_is_down(self) -> None:
+        metadata = self.app.storage.metadata
+        self.down(metadata, "list_archives", "get_archive")
+        self.assert_unavailable(self.client.get(b"/get-files", session=self.session))
+        self.assert_unavailable(
+            self.client.get(b"/download-file?id=" + self.stored["id"].encode(), session=self.session)
+        )
+
+    def test_login_while_the_database_is_down(self) -> None:
+        self.down(self.app.storage.metadata, "get_user", "recent_login_failures")
+        self.assert_unavailable(self.client.login("alice", PASSWORD))
+
+    def test_upload_while_the_blob_store_is_down(self) -> None:
+        self.down(self.app.storage.blobs, "writer", error=BlobStoreError("S3 CreateMultipartUpload failed: boom"))
+        response = self.client.post_json(
+            b"/upload-file", {"filename": "b.txt", "content": "aGVsbG8="}, session=self.session
+        )
+        self.assert_unavailable(response)
+        raw = self.client.request(
+            b"POST", b"/upload-file", body=b"x" * 1000, session=self.session,
+            headers=[(b"Content-Type", b"application/octet-stream"), (b"X-Filename", b"c.bin")],
+        )  # fmt: skip
+        self.assert_unavailable(raw)
+
+    def test_back_when_the_store_is(self) -> None:
+        metadata = self.app.storage.metadata
+        original = metadata.list_archives
+        self.down(metadata, "list_archives")
+        self.assert_unavailable(self.client.get(b"/get-files", session=self.session))
+        self.patch(metadata, "list_archives", original)
+        response = self.client.get(b"/get-files", session=self.session)
+        self.assertEqual(response.status, 200)
+        self.assertEqual([f["id"] for f in response.json()["files"]], [self.stored["id"]])
