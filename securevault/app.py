@@ -95,12 +95,9 @@ class VaultApp:
         401 invalid_session.  The lookup runs in the pool: sessions live in
         the metadata store, shared by every node."""
         try:
-            identity = self.identity(request)
+            identity, session_id = self._credentials(request)
         except ApiError as error:
             return fail(error)
-        session_id = session_id_from_headers(request)
-        if not session_id:
-            return fail(self.refused(request))
 
         def found(session: Session | None) -> Session:
             if session is None:
@@ -117,12 +114,9 @@ class VaultApp:
         caller's session: one trip to the pool, not two, for the requests
         that need nothing else first.  401 invalid_session without one."""
         try:
-            identity = self.identity(request)
+            identity, session_id = self._credentials(request)
         except ApiError as error:
             return fail(error)
-        session_id = session_id_from_headers(request)
-        if not session_id:
-            return fail(self.refused(request))
         if self.sessions.mirrored:
             return self.authenticate(request).addCallback(lambda session: self.run_blocking(work, session))
         lookup = self.sessions.lookup
@@ -142,6 +136,15 @@ class VaultApp:
             raise self.refused(request)
 
         return self.run_blocking(in_pool).addCallbacks(done, refused)
+
+    def _credentials(self, request: Request) -> tuple[ClientIdentity, str]:
+        """The certificate and the session id the request presents; raises
+        the 403 or 401 to answer when either is missing."""
+        identity = self.identity(request)
+        session_id = session_id_from_headers(request)
+        if not session_id:
+            raise self.refused(request)
+        return identity, session_id
 
     def refused(self, request: Request) -> ApiError:
         """Log and audit a refused session; the 401 to answer with."""

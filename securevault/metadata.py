@@ -227,12 +227,19 @@ class SqlMetadataStore:
 
     def _create_schema(self) -> None:
         with self._write() as run:
-            for statement in SCHEMA:
-                run(statement)
-            run(
-                "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                ("schema", SCHEMA_VERSION),
-            )
+            self._run_schema(run)
+        self._check_schema_version()
+
+    def _run_schema(self, run: Any) -> None:
+        """The tables, and the schema version when the store is new."""
+        for statement in SCHEMA:
+            run(statement)
+        run(
+            "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            ("schema", SCHEMA_VERSION),
+        )
+
+    def _check_schema_version(self) -> None:
         version = self.get_state("schema")
         if version != SCHEMA_VERSION:
             raise MetadataError(f"the metadata store has schema version {version}, this vault needs {SCHEMA_VERSION}")

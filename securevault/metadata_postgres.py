@@ -22,7 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from securevault.metadata import SCHEMA, SCHEMA_VERSION, MetadataError, SqlMetadataStore
+from securevault.metadata import MetadataError, SqlMetadataStore
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -181,12 +181,5 @@ class PostgresMetadataStore(SqlMetadataStore):
         if not exists or self.get_state("schema") is None:
             with self._write() as run:
                 run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
-                for statement in SCHEMA:
-                    run(statement)
-                run(
-                    "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                    ("schema", SCHEMA_VERSION),
-                )
-        version = self.get_state("schema")
-        if version != SCHEMA_VERSION:
-            raise MetadataError(f"the metadata store has schema version {version}, this vault needs {SCHEMA_VERSION}")
+                self._run_schema(run)
+        self._check_schema_version()
