@@ -22,7 +22,10 @@ from securevault.keys import KeyFileError, Keyring, KeyringFile
 from securevault.passphrase import PassphraseError, passphrase_source
 from securevault.maintenance import export_archive, rotate_master_key, verify_archives
 from securevault.backends import BLOBS_ENV, METADATA_ENV, BackendError, Stores, blobs_setting, metadata_setting, open_stores
+from securevault.blobs import BlobStoreError
+from securevault.metadata import MetadataError
 from securevault.migration import migrate, migrate_users
+from securevault.transfer import TransferError, copy_vault
 from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage, StorageError
 from securevault.pki import PkiError, init_dev_pki, issue_client_cert
 from securevault.users import (
@@ -156,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
     )
     export.set_defaults(handler=_export)
+
+    copy = commands.add_parser(
+        "copy",
+        help="copy every user and archive into other stores (e.g. from one machine to PostgreSQL and S3); "
+        "safe to rerun",
+    )
+    copy.add_argument("--to-metadata", metavar="URL", help="target metadata store (default: the same as the source)")
+    copy.add_argument("--to-blobs", metavar="URL", help="target blob store (default: the same as the source)")
+    copy.set_defaults(handler=_copy)
 
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
@@ -404,6 +416,34 @@ def _export(args: argparse.Namespace, out: TextIO) -> None:
     print(f"wrote {target} ({size} bytes)", file=out)
 
 
+def _copy(args: argparse.Namespace, out: TextIO) -> None:
+    if not args.to_metadata and not args.to_blobs:
+        raise AdminError("Give --to-metadata, --to-blobs or both.")
+    source = _stores(args)
+    _user_store(args)  # a first-release vault moves into its own store first
+    legacy = list((_existing_data_dir(args) / "archives").glob("*/*.meta"))
+    if legacy:
+        raise AdminError("This vault still has archives in .meta files: start the daemon on it once first.")
+    target = open_stores(
+        _existing_data_dir(args),
+        args.to_metadata or metadata_setting(args.metadata),
+        args.to_blobs or blobs_setting(args.blobs),
+    )
+    try:
+        report = copy_vault(source, target, _progress)
+    finally:
+        target.close()
+    print(
+        f"copied {report.users} users ({report.users_present} already there) and {report.archives} archives, "
+        f"{report.bytes} bytes ({report.archives_present} already there) to {target.describe()}",
+        file=out,
+    )
+    for archive_id in report.missing_bodies:
+        print(f"NOT COPIED {archive_id}: its body is missing in the source (see verify)", file=out)
+    if report.missing_bodies:
+        raise CheckFailed()
+
+
 def _audit_verify(args: argparse.Namespace, out: TextIO) -> None:
     path = _audit_path(args)
     if not path.exists():
@@ -431,7 +471,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args, sys.stdout)
     except CheckFailed:
         return 1
-    except (AdminError, PkiError, UserError, KeyFileError, PassphraseError, BackendError, StorageError) as error:
+    except (
+        AdminError,
+        PkiError,
+        UserError,
+        KeyFileError,
+        PassphraseError,
+        BackendError,
+        StorageError,
+        TransferError,
+        MetadataError,
+        BlobStoreError,
+    ) as error:
         return _fail(str(error))
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""

@@ -20,9 +20,7 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote
 
-from psycopg.conninfo import conninfo_to_dict
 from twisted.trial.unittest import SkipTest
 
 from tests.support.daemon import (
@@ -38,21 +36,10 @@ from tests.support.daemon import (
     send_until_answered,
     twistd_argv,
 )
-from tests.support.postgres import postgres_dsn
+from tests.support.postgres import postgres_url
 from tests.support.s3 import make_bucket, moto_endpoint, s3_environment
 from tests.support.testcase import SyncTestCase
 from tests.support.tlsclient import PASSWORD
-
-
-def postgres_url(testcase: SyncTestCase) -> str:
-    """The test schema's DSN as a postgresql:// URL (what --metadata takes)."""
-    parameters = conninfo_to_dict(postgres_dsn(testcase))
-    user = quote(str(parameters.get("user", "")), safe="")
-    host = parameters.get("host", "127.0.0.1")
-    port = parameters.get("port", 5432)
-    dbname = quote(str(parameters.get("dbname", "postgres")), safe="")
-    options = quote(str(parameters.get("options", "")), safe="")
-    return f"postgresql://{user}@{host}:{port}/{dbname}?options={options}"
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
@@ -56,3 +57,14 @@ def postgres_dsn(testcase: SynchronousTestCase) -> str:
     testcase.addCleanup(_drop, dsn, schema)
     options = conninfo_to_dict(dsn).get("options") or ""
     return make_conninfo(dsn, options=f"{options} -c search_path={schema}".strip())
+
+
+def postgres_url(testcase: SynchronousTestCase) -> str:
+    """The test schema's DSN as a postgresql:// URL (what --metadata takes)."""
+    parameters = conninfo_to_dict(postgres_dsn(testcase))
+    user = quote(str(parameters.get("user", "")), safe="")
+    host = parameters.get("host", "127.0.0.1")
+    port = parameters.get("port", 5432)
+    dbname = quote(str(parameters.get("dbname", "postgres")), safe="")
+    options = quote(str(parameters.get("options", "")), safe="")
+    return f"postgresql://{user}@{host}:{port}/{dbname}?options={options}"
