@@ -11,6 +11,7 @@ code, run in the worker pool; PostgreSQL is in L{securevault.metadata_postgres}.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import threading
@@ -192,6 +193,12 @@ SCHEMA = (
         value TEXT NOT NULL)""",
 )
 
+def _row(record: UserRecord | SessionRecord | ArchiveRecord) -> tuple[Any, ...]:
+    """A record's values in its table's column order (the field order)."""
+    return tuple(getattr(record, field.name) for field in dataclasses.fields(record))
+
+
+# The columns of each table, in the order of its record's fields.
 _USER_COLUMNS = "name, user_id, password_hash, created_at"
 _SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at"
 _ARCHIVE_COLUMNS = "owner_id, archive_id, created_ns, stored_bytes, key_id, document"
@@ -323,8 +330,7 @@ class SqlMetadataStore:
     def add_user(self, record: UserRecord) -> None:
         try:
             self._execute(
-                f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)",
-                (record.name, record.user_id, record.password_hash, record.created_at),
+                f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)", _row(record)
             )
         except self.integrity_errors as error:
             raise DuplicateUser(record.name) from error
@@ -352,16 +358,7 @@ class SqlMetadataStore:
 
     def put_session(self, record: SessionRecord) -> None:
         self._execute(
-            f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.digest,
-                record.username,
-                record.user_id,
-                record.fingerprint,
-                record.created_at,
-                record.last_used,
-                record.expires_at,
-            ),
+            f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _row(record)
         )
 
     def get_session(self, digest: str) -> SessionRecord | None:
@@ -408,15 +405,7 @@ class SqlMetadataStore:
 
     def put_archive(self, record: ArchiveRecord) -> None:
         self._execute(
-            f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                record.owner_id,
-                record.archive_id,
-                record.created_ns,
-                record.stored_bytes,
-                record.key_id,
-                record.document,
-            ),
+            f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(record)
         )
 
     def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
