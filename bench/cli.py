@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     header = machine_header(nginx)
+    if args.metadata or args.blobs:
+        header.append(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, "
+                      f"blobs {args.blobs or 'directory (embedded)'}")
     for line in header:
         print(line)
-    if args.metadata or args.blobs:
-        print(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, blobs {args.blobs or 'directory (embedded)'}")
     print(f"settings:     --size-mib {args.size_mib} --text-mib {args.text_mib} --runs {args.runs} "
           f"figures {','.join(args.groups)}; load figures {args.duration:g} s x {args.workers} client processes")
     print(flush=True)
@@ -115,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in header:
         print(line)
-    if args.metadata or args.blobs:
-        print(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, blobs {args.blobs or 'directory (embedded)'}")
     print(f"settings:     --size-mib {args.size_mib} --runs {args.runs}; medians of {args.runs} interleaved "
           f"run(s); {elapsed / 60:.1f} min")
     print()
