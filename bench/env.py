@@ -304,7 +304,7 @@ class Workspace:
         return self.certs / "client.key"
 
     def admin(self, *args: str, stdin: str | None = None) -> None:
-        cmd = [sys.executable, "-m", "securevault.admin", "--data-dir", str(self.data), *self.store_args, *args]
+        cmd = [sys.executable, "-m", "securevault.admin.cli", "--data-dir", str(self.data), *self.store_args, *args]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         out = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, cwd=self.root)
         if out.returncode != 0:
@@ -315,7 +315,7 @@ class Workspace:
         self.admin("user", "add", USERNAME, "--password-stdin", stdin=PASSWORD + "\n")
         for name in ("client.crt", "client.key", "server.crt", "server.key", "ca.crt"):
             if not (self.certs / name).exists():
-                raise RuntimeError(f"securevault.admin init did not create {self.certs / name}")
+                raise RuntimeError(f"securevault.admin.cli init did not create {self.certs / name}")
         write_random(self.big, self.size)
         write_random(self.small, self.small_size)
         write_text(self.text, self.text_size)

@@ -28,7 +28,7 @@ IMPLIES = {"memory": ["upload", "download", "json-download"], "parallel-upload":
 
 def _server_compression_level() -> int:
     """The level the server deflates with (read-only use of the package)."""
-    for module in ("securevault.archive", "securevault.storage"):
+    for module in ("securevault.core.archive", "securevault.storage"):
         try:
             return int(getattr(__import__(module, fromlist=["COMPRESSION_LEVEL"]), "COMPRESSION_LEVEL"))
         except (ImportError, AttributeError):

@@ -6,10 +6,10 @@ in its worker pool.  The format is described in docs/FORMAT.md.
 
 An archive is two things, kept behind two narrow interfaces:
 
-  - its body in the blob store (L{securevault.blobs}): the ZIP archive,
+  - its body in the blob store (L{securevault.stores.blobs}): the ZIP archive,
     encrypted as one Cobblestone-256 stream (AES-256-GCM in 16 KiB chunks,
     key-committing) under a key derived from the archive's random data key;
-  - its row in the metadata store's archive index (L{securevault.metadata}):
+  - its row in the metadata store's archive index (L{securevault.stores.metadata}):
     a JSON document with the data key wrapped by the master key and the
     metadata (filename, size, sha256, ...) sealed under the data key.
 
@@ -34,7 +34,7 @@ from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from securevault.archive import (  # re-exported: the storage API's vocabulary
+from securevault.core.archive import (
     CHUNK_PLAINTEXT_BYTES,
     FORMAT_VERSION,
     IO_BLOCK_BYTES,
@@ -46,40 +46,19 @@ from securevault.archive import (  # re-exported: the storage API's vocabulary
     ArchiveReader,
     ArchiveWriter,
     IntegrityError,
-    InvalidFilename,
-    QuotaExceeded,
-    StorageError,
     StorageFull,
     StoreUnavailable,
-    check_filename,
     context_bytes,
     derive_key,
     is_archive_id,
-    rfc3339,
     translate_os_error,
 )
-from securevault.blobs import BODY_SUFFIX, BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
-from securevault.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
-from securevault.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
-from securevault.passphrase import PassphraseError
+from securevault.stores.blobs import BODY_SUFFIX, BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
+from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
+from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
+from securevault.core.passphrase import PassphraseError
 
-__all__ = [
-    "ArchiveInfo",
-    "ArchiveNotFound",
-    "ArchiveReader",
-    "ArchiveWriter",
-    "BODY_SUFFIX",
-    "IntegrityError",
-    "InvalidFilename",
-    "QuotaExceeded",
-    "SecureFileStorage",
-    "StorageError",
-    "StorageFull",
-    "StoreUnavailable",
-    "check_filename",
-    "is_archive_id",
-    "rfc3339",
-]
+__all__ = ["SecureFileStorage"]
 
 
 T = TypeVar("T")

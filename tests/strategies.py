@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostile -*-
+# -*- test-case-name: tests.server.test_hostile -*-
 """Hypothesis strategies for hostile clients: raw HTTP/1.1 requests, broken
 framing, header values with control bytes, bodies of the wrong type for each
 endpoint, invalid base64, and filenames that break API.md's rules.

@@ -27,9 +27,10 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
-from securevault.keys import generate_keyring
-from securevault.metadata import MetadataFull, SqliteMetadataStore
-from securevault.storage import SecureFileStorage, StorageFull
+from securevault.core.keys import generate_keyring
+from securevault.stores.metadata import MetadataFull, SqliteMetadataStore
+from securevault.core.archive import StorageFull
+from securevault.storage import SecureFileStorage
 from tests.support.app import Response, VaultClient, add_user, blob_directory, make_app, owner_files, stored_names
 from tests.support.daemon import (
     REPOSITORY,
@@ -384,7 +385,7 @@ CHILD_SCRIPT = textwrap.dedent(
     """
     import json, os, resource, sys
     from pathlib import Path
-    from securevault.keys import generate_keyring
+    from securevault.core.keys import generate_keyring
     from securevault.storage import SecureFileStorage
     limit = int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import time
 
-from securevault.blobs import BlobStore, LocalBlobStore
-from securevault.keys import generate_keyring
-from securevault.metadata import MetadataError, MetadataStore, SqliteMetadataStore
-from securevault.storage import SecureFileStorage, StorageError
+from securevault.stores.blobs import BlobStore, LocalBlobStore
+from securevault.core.keys import generate_keyring
+from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
+from securevault.core.archive import StorageError
+from securevault.storage import SecureFileStorage
 
 from tests.support.postgres import postgres_dsn
 from tests.support.s3 import make_bucket
@@ -134,8 +135,8 @@ class EmbeddedOrphanTests(OrphanContract, SyncTestCase):
 
 class ScaleOutOrphanTests(OrphanContract, SyncTestCase):
     def make_stores(self) -> tuple[MetadataStore, BlobStore]:
-        from securevault.blobs_s3 import S3BlobStore
-        from securevault.metadata_postgres import PostgresMetadataStore
+        from securevault.stores.blobs_s3 import S3BlobStore
+        from securevault.stores.metadata_postgres import PostgresMetadataStore
 
         dsn = postgres_dsn(self)
         bucket, client = make_bucket(self)

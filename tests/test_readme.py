@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 from tests.support.testcase import AsyncTestCase
 from tests.support.daemon import TWISTD, child_environment, run_admin
-from tests.test_twistd import Daemon
+from tests.server.test_twistd import Daemon
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 README_PASSWORD = "correct horse battery"

@@ -16,12 +16,12 @@ from typing import Any, Generator
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from securevault.keys import SEALED_FORMAT
-from securevault.pki import load_cert
+from securevault.core.keys import SEALED_FORMAT
+from securevault.admin.pki import load_cert
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import PASSWORD, Credential, VaultClient, client_for
 from tests.support.daemon import run_admin, twistd_argv
-from tests.test_twistd import Daemon, reactor
+from tests.server.test_twistd import Daemon, reactor
 
 PASSPHRASE = "a long passphrase"
 _TEMPLATE: list[Path] = []

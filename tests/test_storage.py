@@ -33,17 +33,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
-from securevault.keys import Keyring, generate_keyring, new_key_id
-from securevault.storage import (
-    ArchiveInfo,
-    ArchiveNotFound,
-    IntegrityError,
-    InvalidFilename,
-    QuotaExceeded,
-    SecureFileStorage,
-    StorageError,
-    check_filename,
-)
+from securevault.core.keys import Keyring, generate_keyring, new_key_id
+from securevault.core.archive import ArchiveInfo, ArchiveNotFound, IntegrityError, InvalidFilename, QuotaExceeded, StorageError, check_filename
+from securevault.storage import SecureFileStorage
 from tests.support.app import archive_document, blob_directory, set_archive_document, stored_names
 from tests.support.testcase import SyncTestCase
 

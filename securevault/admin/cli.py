@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.admin.test_admin -*-
 """C{securevault-admin}: the operator's command line.
 
 It works on the files the daemon reads (certificates, master key, users
@@ -17,18 +17,19 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
-from securevault.audit import AuditLog, verify_chain
-from securevault.keys import KeyFileError, Keyring, KeyringFile
-from securevault.passphrase import PassphraseError, passphrase_source
-from securevault.maintenance import export_archive, rotate_master_key, verify_archives
-from securevault.backends import BLOBS_ENV, METADATA_ENV, BackendError, Stores, blobs_setting, metadata_setting, open_stores
-from securevault.blobs import BlobStoreError
-from securevault.metadata import MetadataError
-from securevault.migration import migrate, migrate_users
-from securevault.transfer import TransferError, copy_vault
-from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage, StorageError
-from securevault.pki import PkiError, init_dev_pki, issue_client_cert
-from securevault.users import (
+from securevault.core.audit import AuditLog, verify_chain
+from securevault.core.keys import KeyFileError, Keyring, KeyringFile
+from securevault.core.passphrase import PassphraseError, passphrase_source
+from securevault.admin.maintenance import export_archive, rotate_master_key, verify_archives
+from securevault.stores.backends import BLOBS_ENV, METADATA_ENV, BackendError, Stores, blobs_setting, metadata_setting, open_stores
+from securevault.stores.blobs import BlobStoreError
+from securevault.stores.metadata import MetadataError
+from securevault.admin.migration import migrate, migrate_users
+from securevault.admin.transfer import TransferError, copy_vault
+from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError
+from securevault.storage import SecureFileStorage
+from securevault.admin.pki import PkiError, init_dev_pki, issue_client_cert
+from securevault.core.users import (
     UnknownUser,
     UserError,
     UserExists,

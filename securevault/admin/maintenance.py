@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_maintenance -*-
+# -*- test-case-name: tests.admin.test_maintenance -*-
 """Operator jobs over the whole vault: key rotation, verification, export.
 
 Plain blocking code used by C{securevault-admin}.  Each job reports progress
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from securevault.fsutil import fsync_directory, remove_stale_temps, temp_name
-from securevault.keys import Keyring, KeyringFile, generate_keyring, new_key_id
-from securevault.storage import ArchiveNotFound, IntegrityError, SecureFileStorage
+from securevault.core.fsutil import fsync_directory, remove_stale_temps, temp_name
+from securevault.core.keys import Keyring, KeyringFile, generate_keyring, new_key_id
+from securevault.core.archive import ArchiveNotFound, IntegrityError
+from securevault.storage import SecureFileStorage
 
 Progress = Callable[[str], None]
 # The key a rotation in progress rewraps to (metadata store state).

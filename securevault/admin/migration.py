@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_migration -*-
+# -*- test-case-name: tests.admin.test_migration -*-
 """The one-time move from the first release's files to the metadata store.
 
 Before the stores, a vault kept its users in C{users.json} and each
@@ -16,12 +16,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from securevault.archive import META_SUFFIX, is_archive_id
-from securevault.blobs import BODY_SUFFIX, LocalBlobStore
-from securevault.fsutil import fsync_directory
-from securevault.metadata import ArchiveRecord, MetadataError
-from securevault.storage import IntegrityError, SecureFileStorage
-from securevault.users import UserStore, read_legacy_users
+from securevault.core.archive import META_SUFFIX, is_archive_id
+from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
+from securevault.core.fsutil import fsync_directory
+from securevault.stores.metadata import ArchiveRecord, MetadataError
+from securevault.core.archive import IntegrityError
+from securevault.storage import SecureFileStorage
+from securevault.core.users import UserStore, read_legacy_users
 
 LEGACY_USERS_FILE = "users.json"
 MIGRATED_SUFFIX = ".migrated"

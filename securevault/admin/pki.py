@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pki -*-
+# -*- test-case-name: tests.admin.test_pki -*-
 """A development PKI: one CA, a server certificate and client certificates.
 
 The daemon requires mutual TLS, so nobody can try it without certificates;
@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from securevault.fsutil import fsync_directory, write_all, write_atomically
+from securevault.core.fsutil import fsync_directory, write_all, write_atomically
 
 PrivateKey = CertificateIssuerPrivateKeyTypes
 """Any key that can sign a certificate (the ones we generate are EC P-256)."""

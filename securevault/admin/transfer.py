@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_transfer -*-
+# -*- test-case-name: tests.admin.test_transfer -*-
 """Copy a whole vault from one pair of stores to another: how a vault
 outgrows one machine (SQLite and a directory) for PostgreSQL and S3.
 
@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from securevault.archive import IO_BLOCK_BYTES
-from securevault.backends import Stores
-from securevault.blobs import BlobNotFound
-from securevault.maintenance import ROTATION_STATE
-from securevault.metadata import DuplicateUser
+from securevault.core.archive import IO_BLOCK_BYTES
+from securevault.stores.backends import Stores
+from securevault.stores.blobs import BlobNotFound
+from securevault.admin.maintenance import ROTATION_STATE
+from securevault.stores.metadata import DuplicateUser
 
 Progress = Callable[[str], None]
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_client -*-
 """C{securevault-client}: move files in and out of a securevault from a shell.
 
 Built on L{securevault.client}.  Commands::
@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 
-from securevault.client import (
+from securevault.client.library import (
     EXIT_ERROR,
     EXIT_USAGE,
     AuthenticationError,

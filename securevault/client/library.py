@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_client -*-
 """A small synchronous client for a securevault, on the standard library only.
 
 It speaks the HTTP contract of C{shared/API.md} over mutual TLS, on one
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 from urllib.parse import quote, urlencode, urlsplit
 
-from securevault.client_support import (
+from securevault.client.support import (
     BLOCK_BYTES,
     DEFAULT_TIMEOUT_SECONDS,
     EXIT_AUTH,

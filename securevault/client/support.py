@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_client -*-
 """What the client library is made of besides L{securevault.client.VaultClient}:
 its errors and exit codes, the file and session records, TLS settings, and
 the verify-then-rename step that puts a download in place."""

@@ -21,7 +21,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any, Iterator, cast
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Protocol, cast
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
@@ -29,8 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 if TYPE_CHECKING:
-    from securevault.blobs import BlobReader, BlobWriter
-    from securevault.storage import SecureFileStorage
+    from securevault.stores.blobs import BlobReader, BlobStore, BlobWriter
 
 FORMAT_VERSION = 1
 META_FORMAT = "securevault-archive"
@@ -163,9 +162,20 @@ def translate_os_error(error: OSError) -> Exception:
     return error
 
 
-# Shared by all uploads; a hash job is short and never waits on anything.
-_hashers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="securevault-sha256")
 PARALLEL_HASH_BYTES = 256 * 1024
+
+
+class ArchiveIndex(Protocol):
+    """What a writer needs from the store it publishes into (in practice
+    L{securevault.storage.SecureFileStorage}): where bodies go, the clock,
+    and the index row that is the commit point."""
+
+    blobs: "BlobStore"
+    clock_ns: Callable[[], int]
+
+    def write_meta(self, owner_id: str, info: "ArchiveInfo", data_key: bytes) -> None: ...
+
+    def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None: ...
 
 
 class _EncryptingSink:
@@ -228,7 +238,7 @@ class ArchiveWriter:
 
     def __init__(
         self,
-        storage: "SecureFileStorage",
+        storage: ArchiveIndex,
         owner_id: str,
         filename: str,
         *,
@@ -252,6 +262,7 @@ class ArchiveWriter:
         self._data_offset = 0
         self._method = "stored"
         self._done = False
+        self._hash_thread: ThreadPoolExecutor | None = None
         self._blob = storage.blobs.writer(owner_id, self.archive_id)
         encryptor = Cobblestone256Encryptor(
             derive_key(self._data_key, b"body-key"), context_bytes(b"body", owner_id, self.archive_id)
@@ -274,7 +285,7 @@ class ArchiveWriter:
                 # a helper thread while this one compresses it (~8 % of a
                 # text upload's time).  Waited for before returning, so the
                 # digest still sees the blocks in order.
-                hashing = _hashers.submit(self._sha256.update, data)
+                hashing = self._hasher().submit(self._sha256.update, data)
                 try:
                     self._member.write(data)
                 finally:
@@ -293,6 +304,19 @@ class ArchiveWriter:
         except BaseException:
             self.abort()
             raise
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        """This upload's helper thread for SHA-256, started on first use
+        (only deflated uploads of large blocks need it) and stopped with the
+        writer: no thread outlives its upload or starts at import."""
+        if self._hash_thread is None:
+            self._hash_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securevault-sha256")
+        return self._hash_thread
+
+    def _stop_hasher(self) -> None:
+        if self._hash_thread is not None:
+            self._hash_thread.shutdown(wait=True)
+            self._hash_thread = None
 
     def _start_member(self) -> None:
         """Choose deflate or stored from the sample, then start the ZIP entry."""
@@ -361,6 +385,7 @@ class ArchiveWriter:
                 self._storage.discard_unindexed_blob(self._owner_id, self.archive_id)
                 raise
             self._done = True
+            self._stop_hasher()
             return info
         except OSError as error:
             self.abort()
@@ -372,6 +397,7 @@ class ArchiveWriter:
     def abort(self) -> None:
         """Forget the upload and remove its temp file.  Safe to call twice."""
         self._done = True
+        self._stop_hasher()
         self._sink.closed = True  # from here on, zipfile's writes go nowhere
         member, archive = self._member, self._zip
         self._member = self._zip = None

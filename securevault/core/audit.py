@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_audit -*-
+# -*- test-case-name: tests.core.test_audit -*-
 """The audit log: security events as hash-chained JSON lines.
 
 Each record carries C{prev}, the SHA-256 of the previous line as written, so
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from securevault.fsutil import temp_name
+from securevault.core.fsutil import temp_name
 
 GENESIS = "0" * 64
 TAIL_BYTES = 64 * 1024

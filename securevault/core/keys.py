@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_keys -*-
+# -*- test-case-name: tests.core.test_keys -*-
 """The master keyring: the key that wraps every archive's data key.
 
 The file named by C{--master-key} is JSON holding one or more 256-bit keys by
@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from securevault.fsutil import write_atomically
+from securevault.core.fsutil import write_atomically
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_keys -*-
+# -*- test-case-name: tests.core.test_keys -*-
 """Where a sealed master key's passphrase comes from: a prompt, standard
 input, an inherited file descriptor, or a file."""
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_sessions -*-
+# -*- test-case-name: tests.core.test_sessions -*-
 """Sessions and login throttling, kept in the metadata store.
 
 Every node of a vault shares them through the store: a session created on
@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from securevault.metadata import MetadataStore, SessionRecord
+from securevault.stores.metadata import MetadataStore, SessionRecord
 
 FAILURES_BEFORE_THROTTLE = 5
 THROTTLE_WINDOW_SECONDS = 5 * 60

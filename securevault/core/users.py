@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_users -*-
+# -*- test-case-name: tests.core.test_users -*-
 """User accounts: names, stable random ids and scrypt password hashes.
 
 Plain blocking Python with no Twisted imports: scrypt is deliberately slow
@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from securevault.metadata import DuplicateUser, MetadataError, MetadataStore, UserRecord
+from securevault.stores.metadata import DuplicateUser, MetadataError, MetadataStore, UserRecord
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """POST /delete-file: removes one of the caller's archives."""
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.jsonapi import JsonEndpoint, Reply, not_found, parse_json_object, string_field
-from securevault.sessions import Session
-from securevault.storage import ArchiveNotFound
+from securevault.server.endpoint import JsonEndpoint
+
+from securevault.server.errors import not_found
+
+from securevault.server.jsonapi import Reply, parse_json_object, string_field
+from securevault.core.sessions import Session
+from securevault.core.archive import ArchiveNotFound
 
 log = Logger(namespace="securevault.security")
 

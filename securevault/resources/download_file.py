@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """GET /download-file: an archive's original bytes, as JSON or a raw stream.
 
 Both forms stream from the pool through a push producer.  The raw form reads
@@ -20,24 +20,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.jsonapi import (
-    JSON_CONTENT_TYPE,
-    JsonEndpoint,
-    bad_request,
-    encode_json,
-    fail,
-    integrity_failure,
-    not_found,
-)
-from securevault.storage import (
-    ArchiveInfo,
-    ArchiveNotFound,
-    ArchiveReader,
-    IntegrityError,
-    SecureFileStorage,
-)
-from securevault.sessions import Session
-from securevault.streaming import Base64Encoder, DownloadProducer, base64_length
+from securevault.server.endpoint import JsonEndpoint
+
+from securevault.server.errors import bad_request, not_found
+
+from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, fail, integrity_failure
+from securevault.core.archive import ArchiveInfo, ArchiveNotFound, ArchiveReader, IntegrityError
+from securevault.storage import SecureFileStorage
+from securevault.core.sessions import Session
+from securevault.server.streaming import Base64Encoder, DownloadProducer, base64_length
 
 log = Logger(namespace="securevault.security")
 

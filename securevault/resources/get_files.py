@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """GET /get-files: the caller's archives, newest first."""
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
-from securevault.jsonapi import JsonEndpoint, Reply
-from securevault.sessions import Session
-from securevault.storage import ArchiveInfo
+from securevault.server.endpoint import JsonEndpoint
+
+from securevault.server.jsonapi import Reply
+from securevault.core.sessions import Session
+from securevault.core.archive import ArchiveInfo
 
 
 class GetFilesResource(JsonEndpoint):

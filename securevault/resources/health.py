@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """GET /health: liveness, no session needed (mutual TLS still is)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from typing import Any
 from twisted.web.server import NOT_DONE_YET, Request
 
 from securevault import __version__
-from securevault.jsonapi import JsonEndpoint, write_json
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.jsonapi import write_json
 
 
 class HealthResource(JsonEndpoint):

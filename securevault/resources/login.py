@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """POST /login: username and password, over a verified client certificate."""
 
 from __future__ import annotations
@@ -8,10 +8,14 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from securevault.jsonapi import ApiError, JsonEndpoint, Reply, parse_json_object, string_field
-from securevault.sessions import Session
-from securevault.storage import rfc3339
-from securevault.tls import ClientIdentity
+from securevault.server.endpoint import JsonEndpoint
+
+from securevault.server.errors import ApiError
+
+from securevault.server.jsonapi import Reply, parse_json_object, string_field
+from securevault.core.sessions import Session
+from securevault.core.archive import rfc3339
+from securevault.server.tls import ClientIdentity
 
 log = Logger(namespace="securevault.security")
 

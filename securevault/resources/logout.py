@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """POST /logout: ends the caller's session, on every node."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
-from securevault.jsonapi import JsonEndpoint, Reply
-from securevault.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+
+from securevault.server.jsonapi import Reply
+from securevault.core.sessions import Session
 
 
 class LogoutResource(JsonEndpoint):

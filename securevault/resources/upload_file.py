@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """POST /upload-file: one file becomes one encrypted archive.
 
 The raw form (application/octet-stream) was already streaming into the pool
@@ -17,15 +17,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.app import SessionRefused
-from securevault.jsonapi import ApiError, JsonEndpoint, Reply, bad_request, decode_json_object, storage_error
-from securevault.sessions import Session
-from securevault.storage import (
-    ArchiveInfo,
-    InvalidFilename,
-    SecureFileStorage,
-    check_filename,
-)
+from securevault.server.app import SessionRefused
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.errors import ApiError, bad_request, storage_error
+from securevault.server.jsonapi import Reply, decode_json_object
+from securevault.core.sessions import Session
+from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
+from securevault.storage import SecureFileStorage
 
 log = Logger(namespace="securevault.security")
 

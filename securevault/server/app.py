@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """VaultApp: the collaborators every endpoint shares, and authentication."""
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from twisted.web.server import Request
 
 from typing import TYPE_CHECKING
 
-from securevault.audit import AuditLog
-from securevault.config import VaultConfig
-from securevault.metrics import VaultMetrics
-from securevault.jsonapi import ApiError, invalid_session
-from securevault.sessions import LoginThrottle, Session, SessionStore
+from securevault.core.audit import AuditLog
+from securevault.server.config import VaultConfig
+from securevault.server.metrics import VaultMetrics
+from securevault.server.errors import ApiError, invalid_session
+from securevault.core.sessions import LoginThrottle, Session, SessionStore
 from securevault.storage import SecureFileStorage
-from securevault.tls import ClientIdentity, client_identity
-from securevault.users import UserStore
-from securevault.workers import RunBlocking
+from securevault.server.tls import ClientIdentity, client_identity
+from securevault.core.users import UserStore
+from securevault.server.workers import RunBlocking
 
 if TYPE_CHECKING:
-    from securevault.backends import Stores
+    from securevault.stores.backends import Stores
 
 log = Logger(namespace="securevault.security")
 R = TypeVar("R")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_plugin -*-
+# -*- test-case-name: tests.server.test_plugin -*-
 """VaultConfig: the daemon's settings, frozen and typed, built from Options."""
 
 from __future__ import annotations

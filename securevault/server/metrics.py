@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.server.test_metrics -*-
 """Prometheus metrics (securevault_*), served on 127.0.0.1 by --metrics-port."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """Bodies that flow between a connection and the worker pool.
 
 L{UploadStream} takes a raw upload body as it arrives and feeds it, in order
@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from securevault.storage import ArchiveInfo, ArchiveReader, ArchiveWriter
-from securevault.workers import RunBlocking
+from securevault.core.archive import ArchiveInfo, ArchiveReader, ArchiveWriter
+from securevault.server.workers import RunBlocking
 
 BLOCK_BYTES = 1 << 20
 HIGH_WATER_BYTES = 4 << 20

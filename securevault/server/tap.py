@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_plugin -*-
+# -*- test-case-name: tests.server.test_plugin -*-
 """Options and makeService: the composition root of the daemon.
 
 This is the only module that imports the global reactor.
@@ -21,9 +21,9 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from securevault import __version__
-from securevault.app import VaultApp
-from securevault.audit import AuditLog
-from securevault.backends import (
+from securevault.server.app import VaultApp
+from securevault.core.audit import AuditLog
+from securevault.stores.backends import (
     BackendError,
     blobs_setting,
     check_blobs_url,
@@ -31,7 +31,7 @@ from securevault.backends import (
     metadata_setting,
     open_stores,
 )
-from securevault.config import (
+from securevault.server.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     DEFAULT_MAX_JSON_BODY_BYTES,
@@ -43,17 +43,17 @@ from securevault.config import (
     parse_port,
     port_from_environment,
 )
-from securevault.fsutil import remove_stale_temps
-from securevault.keys import KeyFileError, KeyringFile
-from securevault.metadata import MetadataError
-from securevault.passphrase import PassphraseError, passphrase_source
-from securevault.metrics import VaultMetrics
-from securevault.migration import migrate
-from securevault.sessions import LoginThrottle, SessionStore
-from securevault.tls import TLSConfigError, load_ca_certificates, server_tls_options
-from securevault.users import UserError, UserStore
-from securevault.web import VaultSite
-from securevault.workers import ThreadPoolService
+from securevault.core.fsutil import remove_stale_temps
+from securevault.core.keys import KeyFileError, KeyringFile
+from securevault.stores.metadata import MetadataError
+from securevault.core.passphrase import PassphraseError, passphrase_source
+from securevault.server.metrics import VaultMetrics
+from securevault.admin.migration import migrate
+from securevault.core.sessions import LoginThrottle, SessionStore
+from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
+from securevault.core.users import UserError, UserStore
+from securevault.server.web import VaultSite
+from securevault.server.workers import ThreadPoolService
 
 log = Logger(namespace="securevault")
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_surface,tests.test_tls_e2e -*-
+# -*- test-case-name: tests.server.test_tls_surface,tests.server.test_tls_e2e -*-
 """Mutual TLS: the server's CertificateOptions and the client's identity."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources,tests.test_hostile -*-
+# -*- test-case-name: tests.server.test_resources,tests.server.test_hostile -*-
 """Site-wide HTTP policy: VaultSite, VaultRequest and the root resource.
 
 VaultRequest replaces twisted.web's body handling: it checks limits as bytes
@@ -22,19 +22,11 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.app import SessionRefused, VaultApp, session_id_from_headers
-from securevault.jsonapi import (
-    JSON_CONTENT_TYPE,
-    ApiError,
-    encode_json,
-    error_body,
-    fail,
-    internal_error,
-    not_found,
-    storage_error,
-)
-from securevault.storage import ArchiveInfo, InvalidFilename, check_filename
-from securevault.streaming import UploadStream
+from securevault.server.app import SessionRefused, VaultApp, session_id_from_headers
+from securevault.server.errors import ApiError, not_found, storage_error
+from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
+from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
+from securevault.server.streaming import UploadStream
 
 # Bodies of requests other than uploads are small JSON objects.
 SMALL_BODY_BYTES = 64 * 1024

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.server.test_workers -*-
 """The worker pool that runs every blocking call, and how code reaches it."""
 
 from __future__ import annotations

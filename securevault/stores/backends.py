@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_backends -*-
+# -*- test-case-name: tests.stores.test_backends -*-
 """Which stores a vault uses, from two settings: C{--metadata} and C{--blobs}.
 
 Unset, both are the embedded defaults in the data directory (SQLite and a
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-from securevault.blobs import BlobStore, LocalBlobStore
-from securevault.keys import Keyring, KeyringFile
-from securevault.metadata import MetadataError, MetadataStore, SqliteMetadataStore
+from securevault.stores.blobs import BlobStore, LocalBlobStore
+from securevault.core.keys import Keyring, KeyringFile
+from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 from securevault.storage import METADATA_FILE, SecureFileStorage
 
 METADATA_ENV = "SECUREVAULT_METADATA"
@@ -69,7 +69,7 @@ def open_metadata(data_dir: Path, url: str | None) -> MetadataStore:
         if url.startswith("sqlite:"):
             return SqliteMetadataStore(Path(urlsplit(url).path))
         try:
-            from securevault.metadata_postgres import PostgresMetadataStore
+            from securevault.stores.metadata_postgres import PostgresMetadataStore
         except ImportError as error:
             raise BackendError(
                 "the PostgreSQL metadata store needs psycopg: pip install 'securevault[postgresql]'"
@@ -86,7 +86,7 @@ def open_blobs(data_dir: Path, url: str | None) -> BlobStore:
     if url.startswith("file:"):
         return LocalBlobStore(Path(urlsplit(url).path))
     try:
-        from securevault.blobs_s3 import S3BlobStore
+        from securevault.stores.blobs_s3 import S3BlobStore
     except ImportError as error:
         raise BackendError("the S3 blob store needs boto3: pip install 'securevault[s3]'") from error
     try:

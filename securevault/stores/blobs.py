@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_blobs -*-
+# -*- test-case-name: tests.stores.test_blobs -*-
 """Where archive bytes live: the narrow blob store interface, and the local
 directory that is the embedded default.
 
@@ -6,7 +6,7 @@ A blob is one archive's encrypted body, named by its owner and archive id.
 The store knows nothing of ZIP, keys or users: it puts a stream atomically,
 gets it back as a stream, deletes it and lists what it holds (for verify and
 the orphan sweep).  Plain blocking code, run in the worker pool; the S3
-backend is in L{securevault.blobs_s3}.
+backend is in L{securevault.stores.blobs_s3}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from securevault.fsutil import TEMP_SUFFIX, fsync_directory, write_all
+from securevault.core.fsutil import TEMP_SUFFIX, fsync_directory, write_all
 
 BODY_SUFFIX = ".body"
 # Ask the kernel to start writeback every so often, so that the fsync at

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_blobs_s3 -*-
+# -*- test-case-name: tests.stores.test_blobs_s3 -*-
 """Archive bodies in an S3 bucket (AWS S3, MinIO, Ceph RGW, ...).
 
 Keys are C{<prefix>/<owner id>/<archive id>.body}.  A writer buffers one
@@ -33,7 +33,7 @@ import boto3.session
 import botocore.config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from securevault.blobs import (
+from securevault.stores.blobs import (
     BODY_SUFFIX,
     BlobEntry,
     BlobNotFound,

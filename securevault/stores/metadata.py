@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metadata -*-
+# -*- test-case-name: tests.stores.test_metadata -*-
 """Everything small and transactional: the narrow metadata store interface,
 the SQL that implements it, and SQLite, the embedded default.
 
@@ -6,7 +6,7 @@ The store holds users and their password hashes, sessions (by a digest of
 their id, never the id), login-failure counters, the archive index with each
 archive's sealed metadata document, and small named state (schema version,
 key rotation).  It knows nothing of HTTP or cryptography.  Plain blocking
-code, run in the worker pool; PostgreSQL is in L{securevault.metadata_postgres}.
+code, run in the worker pool; PostgreSQL is in L{securevault.stores.metadata_postgres}.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-# -*- test-case-name: tests.test_metadata_postgres -*-
+# -*- test-case-name: tests.stores.test_metadata_postgres -*-
 """PostgreSQL for the metadata store, so that several vault nodes can share
 users, sessions and the archive index (C{--metadata postgresql://...}).
 
-The SQL is L{securevault.metadata.SqlMetadataStore}'s, shared with SQLite;
+The SQL is L{securevault.stores.metadata.SqlMetadataStore}'s, shared with SQLite;
 this module says how to connect (psycopg 3, a connection per worker thread,
 autocommit outside explicit transactions), keeps two nodes starting at once
 from racing on the schema, and survives a connection that died while idle (a
@@ -22,7 +22,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from securevault.metadata import MetadataError, SqlMetadataStore
+from securevault.stores.metadata import MetadataError, SqlMetadataStore
 
 Connection = psycopg.Connection[TupleRow]
 

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_admin -*-
-"""Tests for L{securevault.admin}: the C{securevault-admin} command line."""
+# -*- test-case-name: tests.admin.test_admin -*-
+"""Tests for L{securevault.admin.cli}: the C{securevault-admin} command line."""
 
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ from typing import Iterator
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from securevault.admin import AdminError, main, read_new_password
-from securevault.blobs import LocalBlobStore
-from securevault.keys import load_keyring
-from securevault.metadata import SqliteMetadataStore
+from securevault.admin.cli import AdminError, main, read_new_password
+from securevault.stores.blobs import LocalBlobStore
+from securevault.core.keys import load_keyring
+from securevault.stores.metadata import SqliteMetadataStore
 from securevault.storage import SecureFileStorage
-from securevault.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_password
+from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_password
 from tests.support.testcase import SyncTestCase
 
-REPOSITORY = Path(__file__).parents[1]
+REPOSITORY = Path(__file__).parents[2]
 PASSWORD = "a long enough password"
 
 
@@ -361,7 +361,7 @@ class ReadPasswordTests(SyncTestCase):
 
 
 class EntryPointTests(SyncTestCase):
-    """C{python -m securevault.admin} works as the installed script does."""
+    """C{python -m securevault.admin.cli} works as the installed script does."""
 
     def test_subprocess(self) -> None:
         """init in a fresh cwd uses ./certs and ./vault-data; a user added from
@@ -371,7 +371,7 @@ class EntryPointTests(SyncTestCase):
 
         def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                [sys.executable, "-m", "securevault.admin", *argv],
+                [sys.executable, "-m", "securevault.admin.cli", *argv],
                 cwd=cwd,
                 env=env,
                 input=stdin,

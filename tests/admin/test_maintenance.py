@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_maintenance -*-
-"""Tests for L{securevault.maintenance}: master key rotation (including a
+# -*- test-case-name: tests.admin.test_maintenance -*-
+"""Tests for L{securevault.admin.maintenance}: master key rotation (including a
 kill at every step), archive verification and export, directly and through
 C{securevault-admin}."""
 
@@ -19,17 +19,18 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from securevault import admin
-from securevault.fsutil import TEMP_SUFFIX
-from securevault.keys import Keyring, ensure_keyring, load_keyring
-from securevault.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
-from securevault.metadata import SqliteMetadataStore
-from securevault.storage import METADATA_FILE, ArchiveNotFound, IntegrityError, SecureFileStorage
+from securevault.admin import cli as admin
+from securevault.core.fsutil import TEMP_SUFFIX
+from securevault.core.keys import Keyring, ensure_keyring, load_keyring
+from securevault.admin.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
+from securevault.stores.metadata import SqliteMetadataStore
+from securevault.core.archive import ArchiveNotFound, IntegrityError
+from securevault.storage import METADATA_FILE, SecureFileStorage
 from tests.support.app import archive_document, set_archive_document
-from securevault.users import UserStore
+from securevault.core.users import UserStore
 from tests.support.testcase import SyncTestCase
 
-REPOSITORY = Path(__file__).parents[1]
+REPOSITORY = Path(__file__).parents[2]
 OWNER_A = "a" * 32
 OWNER_B = "b" * 32
 ARCHIVES_PER_ROTATION = 5
@@ -54,8 +55,8 @@ ROTATE_CHILD = """
 import json, os, signal, sys
 from contextlib import contextmanager
 from pathlib import Path
-from securevault.maintenance import rotate_master_key
-from securevault.metadata import SqlMetadataStore, SqliteMetadataStore
+from securevault.admin.maintenance import rotate_master_key
+from securevault.stores.metadata import SqlMetadataStore, SqliteMetadataStore
 from securevault.storage import SecureFileStorage
 
 target, when = int(sys.argv[3]), sys.argv[4]

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_pki -*-
-"""Tests for L{securevault.pki}: the development CA and its certificates."""
+# -*- test-case-name: tests.admin.test_pki -*-
+"""Tests for L{securevault.admin.pki}: the development CA and its certificates."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from securevault.pki import (
+from securevault.admin.pki import (
     PkiError,
     init_dev_pki,
     issue_client_cert,

@@ -1,8 +1,8 @@
-# -*- test-case-name: tests.test_client -*-
+# -*- test-case-name: tests.client.test_client -*-
 """Tests for L{securevault.client} and C{securevault-client}.
 
 The CLI is driven through its entry point (C{python -m
-securevault.client_cli}) and the library directly, both against one real
+securevault.client.cli}) and the library directly, both against one real
 C{twistd -n securevault} per test class over real mutual TLS.  Pure helpers
 (verification, settings precedence, error mapping) are tested in-process.
 """
@@ -27,7 +27,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import IO, ClassVar
 
-from securevault.client import (
+from securevault.client.library import (
     AuthenticationError,
     ConnectionFailed,
     IntegrityError,
@@ -39,7 +39,7 @@ from securevault.client import (
     error_from_response,
     install_verified,
 )
-from securevault.client_cli import (
+from securevault.client.cli import (
     Settings,
     UsageError,
     human_size,
@@ -50,7 +50,7 @@ from securevault.client_cli import (
 )
 from tests.support.testcase import SyncTestCase
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery"
 WAIT_SECONDS = 30.0
 LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
@@ -123,7 +123,7 @@ class RunningVault:
 
     def _admin(self, env: dict[str, str], cwd: Path, *argv: str, stdin: str | None = None) -> None:
         result = subprocess.run(
-            [sys.executable, "-m", "securevault.admin", "--data-dir", str(self.data_dir), *argv],
+            [sys.executable, "-m", "securevault.admin.cli", "--data-dir", str(self.data_dir), *argv],
             cwd=cwd, env=env, input=stdin, capture_output=True, text=True,
             timeout=WAIT_SECONDS, check=False,
         )
@@ -238,7 +238,7 @@ class CommandLineTests(DaemonTestCase):
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run C{securevault-client ARGV} in the test's work directory."""
         return subprocess.run(
-            [sys.executable, "-m", "securevault.client_cli", *argv],
+            [sys.executable, "-m", "securevault.client.cli", *argv],
             cwd=self.work,
             env=self.env if env is None else env,
             input=stdin if stdin is not None else "",

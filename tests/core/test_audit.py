@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_audit -*-
-"""Tests for L{securevault.audit}: the hash-chained JSON-lines audit log and
+# -*- test-case-name: tests.core.test_audit -*-
+"""Tests for L{securevault.core.audit}: the hash-chained JSON-lines audit log and
 C{securevault-admin audit verify}."""
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from securevault import admin
-from securevault.audit import GENESIS, AuditLog, ChainBreak, line_hash, verify_chain
+from securevault.admin import cli as admin
+from securevault.core.audit import GENESIS, AuditLog, ChainBreak, line_hash, verify_chain
 from tests.support.testcase import SyncTestCase
 
-REPOSITORY = Path(__file__).parents[1]
+REPOSITORY = Path(__file__).parents[2]
 TIME_PATTERN = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
 # Appends N records from a separate interpreter: argv = path, tag, count.
 APPEND_CHILD = """
 import sys
 from pathlib import Path
-from securevault.audit import AuditLog
+from securevault.core.audit import AuditLog
 log = AuditLog(Path(sys.argv[1]))
 for n in range(int(sys.argv[3])):
     log.append("probe", writer=sys.argv[2], n=n)

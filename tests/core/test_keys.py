@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_keys -*-
-"""Tests for L{securevault.keys} (the master keyring, plain and sealed by a
-passphrase) and L{securevault.passphrase} (where that passphrase comes from),
+# -*- test-case-name: tests.core.test_keys -*-
+"""Tests for L{securevault.core.keys} (the master keyring, plain and sealed by a
+passphrase) and L{securevault.core.passphrase} (where that passphrase comes from),
 and for a storage that follows a keyring file rotated by someone else."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from securevault.keys import (
+from securevault.core.keys import (
     KEY_BYTES,
     KEYRING_FORMAT,
     SEALED_FORMAT,
@@ -26,12 +26,12 @@ from securevault.keys import (
     generate_keyring,
     load_keyring,
 )
-from securevault.maintenance import rotate_master_key
-from securevault.passphrase import PassphraseError, passphrase_source
+from securevault.admin.maintenance import rotate_master_key
+from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.storage import SecureFileStorage
 from tests.support.testcase import SyncTestCase
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 PASSPHRASE = "a long passphrase"
 OWNER = "a" * 32
 CONTEXT = b"data-key|owner|archive"
@@ -463,7 +463,7 @@ class PassphraseSourceTests(SyncTestCase):
         L{PassphraseError}, and no spec at all gives no source (no prompt
         without a terminal)."""
         code = (
-            "from securevault.passphrase import passphrase_source, PassphraseError\n"
+            "from securevault.core.passphrase import passphrase_source, PassphraseError\n"
             "print(passphrase_source(None))\n"
             "try:\n"
             "    print(repr(passphrase_source('stdin')()))\n"

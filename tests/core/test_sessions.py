@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_sessions -*-
-"""Tests for L{securevault.sessions}: SessionStore and LoginThrottle on a
+# -*- test-case-name: tests.core.test_sessions -*-
+"""Tests for L{securevault.core.sessions}: SessionStore and LoginThrottle on a
 fake clock."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import uuid
 
 from twisted.internet.task import Clock
 
-from securevault.metadata import SessionRecord, SqliteMetadataStore
-from securevault.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore, session_digest
+from securevault.stores.metadata import SessionRecord, SqliteMetadataStore
+from securevault.core.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore, session_digest
 from tests.support.testcase import SyncTestCase
 
 
@@ -360,7 +360,7 @@ class MirroredSessionTests(SyncTestCase):
         """The admin command removes a user in the store; the mirror drops
         their sessions at the next sweep, and keeps sessions created while
         the sweep ran."""
-        from securevault.metadata import UserRecord
+        from securevault.stores.metadata import UserRecord
 
         self.metadata.add_user(UserRecord("bob", "id-bob", "h", "t"))
         bob = self.store.create("bob", "id-bob", CERT_A, FAR_FUTURE)

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_users -*-
-"""Tests for L{securevault.users}: accounts and password hashes, kept in the
+# -*- test-case-name: tests.core.test_users -*-
+"""Tests for L{securevault.core.users}: accounts and password hashes, kept in the
 metadata store, and the legacy C{users.json} reader for the migration."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import stat
 from pathlib import Path
 from typing import Any, NoReturn
 
-from securevault import users
-from securevault.metadata import MetadataError, SessionRecord, SqliteMetadataStore, UserRecord
-from securevault.users import (
+from securevault.core import users
+from securevault.stores.metadata import MetadataError, SessionRecord, SqliteMetadataStore, UserRecord
+from securevault.core.users import (
     InvalidPassword,
     InvalidUsername,
     UnknownUser,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hostile -*-
+# -*- test-case-name: tests.server.test_hostile -*-
 """Hostile input never costs availability.
 
 Hypothesis writes hostile requests — random methods, paths, versions and
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from twisted.logger import capturedLogs, formatEvent
 
-from securevault.audit import AuditLog
+from securevault.core.audit import AuditLog
 from tests.strategies import (
     REAL_USERNAME,
     HostileRequest,

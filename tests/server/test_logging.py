@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logging -*-
+# -*- test-case-name: tests.server.test_logging -*-
 """What the vault logs: no secrets in any event, one access event per request.
 
 Every log event is captured over a whole client workflow and serialized the

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_metrics -*-
-"""Tests for L{securevault.metrics}: the C{securevault_*} Prometheus series,
+# -*- test-case-name: tests.server.test_metrics -*-
+"""Tests for L{securevault.server.metrics}: the C{securevault_*} Prometheus series,
 directly and as served by a real daemon started with C{--metrics-port}."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
-from securevault.metrics import VaultMetrics
-from securevault.pki import load_cert
+from securevault.server.metrics import VaultMetrics
+from securevault.admin.pki import load_cert
 from tests.support.testcase import AsyncTestCase, SyncTestCase
 from tests.support.tlsclient import Credential, client_for, read_json
 from tests.support.daemon import make_vault, twistd_argv
-from tests.test_twistd import Daemon, reactor
+from tests.server.test_twistd import Daemon, reactor
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

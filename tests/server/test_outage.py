@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from securevault.blobs import BlobStoreError
-from securevault.metadata import MetadataError
+from securevault.stores.blobs import BlobStoreError
+from securevault.stores.metadata import MetadataError
 
 from tests.support.app import VaultClient, add_user, default_client, make_app
 from tests.support.testcase import SyncTestCase

@@ -1,4 +1,4 @@
-"""Tests for the twistd plugin and for C{securevault.tap.Options} parsing."""
+"""Tests for the twistd plugin and for C{securevault.server.tap.Options} parsing."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from securevault import tap
-from securevault.config import (
+from securevault.server import tap
+from securevault.server.config import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     DEFAULT_MAX_JSON_BODY_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
@@ -24,7 +24,7 @@ from tests.support.testcase import SyncTestCase
 
 
 class PluginTests(SyncTestCase):
-    """The plugin in twisted/plugins/ is found and resolves to securevault.tap."""
+    """The plugin in twisted/plugins/ is found and resolves to securevault.server.tap."""
 
     def test_plugin_is_discovered(self) -> None:
         """getPlugins(IServiceMaker) yields exactly one maker with tapname

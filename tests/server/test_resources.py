@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """The HTTP contract of shared/API.md, endpoint by endpoint, status by status.
 
 Almost every test goes through the full pipeline (L{VaultClient}): raw HTTP
@@ -23,11 +23,12 @@ from twisted.logger import capturedLogs
 from twisted.web.server import NOT_DONE_YET
 
 from securevault import __version__
-from securevault.app import VaultApp
+from securevault.server.app import VaultApp
 from securevault.resources.health import HealthResource
 from securevault.resources.logout import LogoutResource
-from securevault.storage import ArchiveInfo, SecureFileStorage, rfc3339
-from securevault.workers import run_inline
+from securevault.core.archive import ArchiveInfo, rfc3339
+from securevault.storage import SecureFileStorage
+from securevault.server.workers import run_inline
 from tests.support.app import (
     ClientCert,
     ManualRunner,

@@ -1,6 +1,6 @@
 """End-to-end tests: the real daemon service over real mutual TLS on 127.0.0.1.
 
-Each test builds the service with C{securevault.tap.Options} and
+Each test builds the service with C{securevault.server.tap.Options} and
 C{makeService}, exactly as twistd does, listens on port 0, talks to it with
 treq through L{tests.support.tlsclient}, and stops it (listener, then the
 worker pool) in cleanup.
@@ -23,9 +23,9 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 
 from securevault import __version__
-from securevault.metadata import SqliteMetadataStore
-from securevault.tap import Options, TLSListenerService, makeService
-from securevault.users import UserStore
+from securevault.stores.metadata import SqliteMetadataStore
+from securevault.server.tap import Options, TLSListenerService, makeService
+from securevault.core.users import UserStore
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import (
     PASSWORD,

@@ -1,7 +1,7 @@
 """The TLS surface of the real daemon, probed with raw handshakes.
 
 The daemon service is started in-process on 127.0.0.1 exactly as
-L{tests.test_tls_e2e} does (L{VaultServerTestCase}).  Clients here are not
+L{tests.server.test_tls_e2e} does (L{VaultServerTestCase}).  Clients here are not
 HTTP clients but raw pyOpenSSL connections over memory BIOs, driven over a
 blocking socket in a thread (C{deferToThread}), and, where a client library
 would refuse to send what we want to test, hand-built TLS records: an SSLv3
@@ -49,10 +49,10 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from securevault import pki
-from securevault.tls import server_tls_options
+from securevault.admin import pki
+from securevault.server.tls import server_tls_options
 from tests.support.tlsclient import Credential, read_json
-from tests.test_tls_e2e import VaultServerTestCase
+from tests.server.test_tls_e2e import VaultServerTestCase
 
 IO_TIMEOUT = 5.0
 """Seconds a blocking client waits for the server before giving up (a

@@ -21,7 +21,7 @@ from typing import IO, Any, Generator
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from securevault.pki import load_cert
+from securevault.admin.pki import load_cert
 from tests.support.daemon import (
     LISTENING,
     TWISTD,

@@ -11,8 +11,8 @@ import os
 import threading
 import time
 
-from securevault.blobs import BlobNotFound, BlobStore
-from securevault.metadata import (
+from securevault.stores.blobs import BlobNotFound, BlobStore
+from securevault.stores.metadata import (
     ArchiveRecord,
     DuplicateUser,
     MetadataStore,

@@ -6,7 +6,7 @@ import builtins
 import subprocess
 from typing import Any
 
-from securevault.backends import (
+from securevault.stores.backends import (
     BackendError,
     blobs_setting,
     check_blobs_url,
@@ -14,8 +14,8 @@ from securevault.backends import (
     metadata_setting,
     open_stores,
 )
-from securevault.blobs import LocalBlobStore
-from securevault.metadata import SqliteMetadataStore
+from securevault.stores.blobs import LocalBlobStore
+from securevault.stores.metadata import SqliteMetadataStore
 
 from tests.support.daemon import child_environment, make_vault, twistd_argv
 from tests.support.testcase import SyncTestCase
@@ -69,7 +69,7 @@ class OpenTests(SyncTestCase):
         real_import = builtins.__import__
 
         def no_drivers(name: str, *args: Any, **kwargs: Any) -> Any:
-            if name in ("securevault.metadata_postgres", "securevault.blobs_s3"):
+            if name in ("securevault.stores.metadata_postgres", "securevault.stores.blobs_s3"):
                 raise ImportError(name)
             return real_import(name, *args, **kwargs)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import stat
 
-from securevault.blobs import BlobStore, LocalBlobStore
+from securevault.stores.blobs import BlobStore, LocalBlobStore
 
-from tests.contracts import BlobStoreContract
+from tests.stores.contracts import BlobStoreContract
 from tests.support.testcase import SyncTestCase
 
 

@@ -8,14 +8,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from securevault.blobs import BlobNotFound, BlobStore, BlobStoreError
+from securevault.stores.blobs import BlobNotFound, BlobStore, BlobStoreError
 
 try:
-    from securevault.blobs_s3 import MAX_PARTS, PART_BYTES, S3BlobStore
+    from securevault.stores.blobs_s3 import MAX_PARTS, PART_BYTES, S3BlobStore
 except ImportError:  # no boto3: every test below skips (or fails in CI) first
     pass
 
-from tests.contracts import BlobStoreContract
+from tests.stores.contracts import BlobStoreContract
 from tests.support.s3 import make_bucket, make_client, moto_endpoint, require_boto3, s3_environment
 from tests.support.testcase import SyncTestCase
 

@@ -6,9 +6,9 @@ import os
 import stat
 from pathlib import Path
 
-from securevault.metadata import MetadataError, MetadataStore, SqliteMetadataStore
+from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 
-from tests.contracts import MetadataStoreContract
+from tests.stores.contracts import MetadataStoreContract
 from tests.support.testcase import SyncTestCase
 
 

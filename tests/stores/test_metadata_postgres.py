@@ -14,10 +14,10 @@ import traceback
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from securevault.metadata import MetadataError, MetadataStore, UserRecord
-from securevault.metadata_postgres import PostgresMetadataStore
+from securevault.stores.metadata import MetadataError, MetadataStore, UserRecord
+from securevault.stores.metadata_postgres import PostgresMetadataStore
 
-from tests.contracts import MetadataStoreContract
+from tests.stores.contracts import MetadataStoreContract
 from tests.support.postgres import postgres_dsn
 from tests.support.testcase import SyncTestCase
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.server.test_resources -*-
 """A real VaultApp on a fake clock, fake TLS transports, and a pipeline client.
 
 L{make_app} builds the same collaborators as the daemon (real storage, real
@@ -33,16 +33,17 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from securevault.app import VaultApp
-from securevault.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, VaultConfig
-from securevault.keys import generate_keyring
-from securevault.pki import PrivateKey, make_ca, make_client_cert
-from securevault.sessions import LoginThrottle, SessionStore
-from securevault.blobs import LocalBlobStore
-from securevault.storage import BODY_SUFFIX, SecureFileStorage
-from securevault.users import UserStore
-from securevault.web import VaultSite
-from securevault.workers import run_inline
+from securevault.server.app import VaultApp
+from securevault.server.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, VaultConfig
+from securevault.core.keys import generate_keyring
+from securevault.admin.pki import PrivateKey, make_ca, make_client_cert
+from securevault.core.sessions import LoginThrottle, SessionStore
+from securevault.stores.blobs import LocalBlobStore
+from securevault.stores.blobs import BODY_SUFFIX
+from securevault.storage import SecureFileStorage
+from securevault.core.users import UserStore
+from securevault.server.web import VaultSite
+from securevault.server.workers import run_inline
 
 TEST_SCRYPT_N = 2**10
 P = ParamSpec("P")

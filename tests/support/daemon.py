@@ -2,7 +2,7 @@
 """A real daemon for synchronous tests, and a plain C{ssl} HTTP client.
 
 L{SyncDaemon} runs C{twistd -n securevault} in a subprocess (as
-L{tests.test_twistd.Daemon} does, but without the reactor: the listening
+L{tests.server.test_twistd.Daemon} does, but without the reactor: the listening
 port is reported through a L{threading.Event}), so a test can kill it with
 SIGKILL, start it again on the same data directory, and talk to it with
 blocking sockets from several threads.  L{VaultFixture} is one data
@@ -51,7 +51,7 @@ def child_environment() -> dict[str, str]:
 def run_admin(*argv: str, stdin: str | None = None, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run C{securevault-admin ARGV} as a subprocess, bounded in time."""
     return subprocess.run(
-        [sys.executable, "-m", "securevault.admin", *argv],
+        [sys.executable, "-m", "securevault.admin.cli", *argv],
         cwd=cwd,
         env=child_environment(),
         input=stdin,

@@ -12,7 +12,7 @@ MinIO::
 
     SECUREVAULT_TEST_S3_ENDPOINT=http://127.0.0.1:9000 \\
     AWS_ACCESS_KEY_ID=minioadmin AWS_SECRET_ACCESS_KEY=minioadmin \\
-    python -m twisted.trial tests.test_blobs_s3
+    python -m twisted.trial tests.stores.test_blobs_s3
 
 (C{AWS_DEFAULT_REGION} defaults to us-east-1.)  The credentials must be
 allowed to create and delete buckets: the tests make C{sv-test-...} ones.

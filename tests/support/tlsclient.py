@@ -1,6 +1,6 @@
 """Certificates and mutual-TLS HTTPS clients for the real-socket tests.
 
-L{TestPKI} builds, with L{securevault.pki}, every certificate the end-to-end
+L{TestPKI} builds, with L{securevault.admin.pki}, every certificate the end-to-end
 tests need: the vault's CA, a server certificate for C{localhost} and
 C{127.0.0.1}, two good client certificates, and four that the server must
 refuse (expired, from another CA, self-signed, and from an "impostor" CA that
@@ -40,7 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
-from securevault import pki
+from securevault.admin import pki
 
 CA_NAME = "securevault test CA"
 PASSWORD = "correct horse battery staple"

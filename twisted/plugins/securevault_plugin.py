@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 securevault = ServiceMaker(
     "securevault",
-    "securevault.tap",
+    "securevault.server.tap",
     "An encrypted file vault served over mutual TLS.",
     "securevault",
 )

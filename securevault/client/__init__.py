@@ -1,0 +1,66 @@
+"""The securevault client: C{securevault-client} (L{securevault.client.cli})
+and the Python library it is built on (L{securevault.client.library}), on the
+standard library only.
+
+    from securevault.client import VaultClient
+"""
+
+from securevault.client.library import (
+    AuthenticationError,
+    BLOCK_BYTES,
+    ConnectionFailed,
+    DEFAULT_TIMEOUT_SECONDS,
+    EXIT_AUTH,
+    EXIT_CONNECTION,
+    EXIT_ERROR,
+    EXIT_INTEGRITY,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_STORAGE,
+    EXIT_THROTTLED,
+    EXIT_USAGE,
+    FileInfo,
+    IntegrityError,
+    NotFoundError,
+    Progress,
+    Session,
+    StorageLimitError,
+    TooManyAttempts,
+    VaultClient,
+    VaultError,
+    error_from_response,
+    file_sha256,
+    install_verified,
+    make_tls_context,
+    parse_etag,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "BLOCK_BYTES",
+    "ConnectionFailed",
+    "DEFAULT_TIMEOUT_SECONDS",
+    "EXIT_AUTH",
+    "EXIT_CONNECTION",
+    "EXIT_ERROR",
+    "EXIT_INTEGRITY",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_STORAGE",
+    "EXIT_THROTTLED",
+    "EXIT_USAGE",
+    "FileInfo",
+    "IntegrityError",
+    "NotFoundError",
+    "Progress",
+    "Session",
+    "StorageLimitError",
+    "TooManyAttempts",
+    "VaultClient",
+    "VaultError",
+    "error_from_response",
+    "file_sha256",
+    "install_verified",
+    "make_tls_context",
+    "parse_etag",
+]

@@ -1,0 +1,79 @@
+# -*- test-case-name: tests.server.test_resources -*-
+"""The contract's error vocabulary: L{ApiError}, and the one mapping from the
+vault's own exceptions (store outages, full stores, quota, bad filenames) to
+the contract's status and code."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from securevault.core.archive import InvalidFilename, QuotaExceeded, StorageFull, StoreUnavailable
+from securevault.stores.blobs import BlobStoreError
+from securevault.stores.metadata import MetadataError, MetadataFull
+
+log = Logger(namespace="securevault.web")
+
+
+class ApiError(Exception):
+    """A client fault with the contract's status and error code."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "bad_request", message)
+
+
+def not_found(message: str = "No such resource.") -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def invalid_session() -> ApiError:
+    return ApiError(
+        401,
+        "invalid_session",
+        "The session is missing, unknown, expired or bound to another certificate.",
+        {b"WWW-Authenticate": b"Bearer"},
+    )
+
+
+STORE_RETRY_SECONDS = 5
+
+
+def unavailable(error: BaseException) -> ApiError | None:
+    """503 for a store outage (the database or object store unreachable),
+    507 for a full one; None for anything else."""
+    if isinstance(error, (MetadataFull, StorageFull)):
+        return ApiError(507, "insufficient_storage", "No space left for the vault's data.")
+    if isinstance(error, (StoreUnavailable, MetadataError, BlobStoreError)):
+        log.warn("A store is unavailable: {error}", error=str(error), event_kind="store_unavailable")
+        return ApiError(
+            503,
+            "unavailable",
+            "The vault's storage cannot be reached; try again shortly.",
+            {b"Retry-After": str(STORE_RETRY_SECONDS).encode("ascii")},
+        )
+    return None
+
+
+def storage_error(failure: Failure) -> ApiError | Exception:
+    """The contract's error for a failed store; other failures pass through."""
+    error = failure.value
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, (QuotaExceeded, StorageFull)):
+        return ApiError(507, "insufficient_storage", str(error))
+    outage = unavailable(error)
+    if outage is not None:
+        return outage
+    if isinstance(error, InvalidFilename):
+        return ApiError(400, "invalid_filename", str(error))
+    return cast(Exception, error)
