@@ -10,31 +10,56 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.env import MiB, NGINX_HINT, Nginx, Securevault, Workspace, find_nginx, install_nginx, machine_header, nginx_has_dav
+from bench.env import (
+    NGINX_HINT,
+    MiB,
+    Nginx,
+    Securevault,
+    Workspace,
+    find_nginx,
+    install_nginx,
+    machine_header,
+    nginx_has_dav,
+)
 from bench.figures import GROUPS, IMPLIES, Bench
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=(
-        "Benchmark securevault against nginx (mutual TLS, WebDAV PUT) on loopback; see bench/README.md."))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=("Benchmark securevault against nginx (mutual TLS, WebDAV PUT) on loopback; see bench/README.md."),
+    )
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the large random file (default 1024)")
-    parser.add_argument("--text-mib", type=int, default=None,
-                        help="size of the compressible text file (default: min(size, 256))")
+    parser.add_argument(
+        "--text-mib", type=int, default=None, help="size of the compressible text file (default: min(size, 256))"
+    )
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs; medians are reported (default 3)")
     parser.add_argument("--quick", action="store_true", help="64 MiB, 1 run, 3 s load figures")
-    parser.add_argument("--only", action="append", default=[], metavar="FIGURE",
-                        help=f"run only these figures (repeatable or comma-separated): {', '.join(GROUPS)}")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="FIGURE",
+        help=f"run only these figures (repeatable or comma-separated): {', '.join(GROUPS)}",
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per request-rate figure (default 5)")
     parser.add_argument("--workers", type=int, default=4, help="client processes for request-rate figures (default 4)")
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--metadata", default=None,
-                        help="run securevault on this metadata store (e.g. postgresql://...; default: embedded SQLite)")
-    parser.add_argument("--blobs", default=None,
-                        help="run securevault on this blob store (e.g. s3://bucket/prefix, endpoint from "
-                             "AWS_ENDPOINT_URL; default: embedded directory)")
-    parser.add_argument("--install-nginx", action="store_true",
-                        help="when nginx is absent, apt-get update && apt-get install -y nginx")
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        help="run securevault on this metadata store (e.g. postgresql://...; default: embedded SQLite)",
+    )
+    parser.add_argument(
+        "--blobs",
+        default=None,
+        help="run securevault on this blob store (e.g. s3://bucket/prefix, endpoint from "
+        "AWS_ENDPOINT_URL; default: embedded directory)",
+    )
+    parser.add_argument(
+        "--install-nginx", action="store_true", help="when nginx is absent, apt-get update && apt-get install -y nginx"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mib, args.runs = 64, 1
@@ -72,31 +97,38 @@ def main(argv: list[str] | None = None) -> int:
 
     header = machine_header(nginx)
     if args.metadata or args.blobs:
-        header.append(f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, "
-                      f"blobs {args.blobs or 'directory (embedded)'}")
+        header.append(
+            f"stores:       metadata {args.metadata or 'sqlite (embedded)'}, "
+            f"blobs {args.blobs or 'directory (embedded)'}"
+        )
     for line in header:
         print(line)
-    print(f"settings:     --size-mib {args.size_mib} --text-mib {args.text_mib} --runs {args.runs} "
-          f"figures {','.join(args.groups)}; load figures {args.duration:g} s x {args.workers} client processes")
+    print(
+        f"settings:     --size-mib {args.size_mib} --text-mib {args.text_mib} --runs {args.runs} "
+        f"figures {','.join(args.groups)}; load figures {args.duration:g} s x {args.workers} client processes"
+    )
     print(flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="svbench-", dir=args.workdir))
-    store_args = [*(["--metadata", args.metadata] if args.metadata else []),
-                  *(["--blobs", args.blobs] if args.blobs else [])]
+    store_args = [
+        *(["--metadata", args.metadata] if args.metadata else []),
+        *(["--blobs", args.blobs] if args.blobs else []),
+    ]
     ws = Workspace(root, args.size_mib * MiB, args.text_mib * MiB, store_args=store_args)
     sv = Securevault(ws)
     ng = Nginx(ws, nginx)
     started = time.monotonic()
     bench = None
     try:
-        print(f"preparing {root}: PKI, user, {args.size_mib} MiB random, 100 MiB random, {args.text_mib} MiB text",
-              flush=True)
+        print(
+            f"preparing {root}: PKI, user, {args.size_mib} MiB random, 100 MiB random, {args.text_mib} MiB text",
+            flush=True,
+        )
         ws.prepare()
         sv.start()
         ng.start()
         print(f"securevault pid {sv.pids[0]} on :{sv.port}; nginx pids {ng.pids} on :{ng.port}", flush=True)
-        bench = Bench(ws, sv, ng, duration=args.duration, workers=args.workers,
-                      log=lambda s: print(s, flush=True))
+        bench = Bench(ws, sv, ng, duration=args.duration, workers=args.workers, log=lambda s: print(s, flush=True))
         bench.setup()
         bench.run(args.groups, args.runs)
     except KeyboardInterrupt:
@@ -116,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in header:
         print(line)
-    print(f"settings:     --size-mib {args.size_mib} --runs {args.runs}; medians of {args.runs} interleaved "
-          f"run(s); {elapsed / 60:.1f} min")
+    print(
+        f"settings:     --size-mib {args.size_mib} --runs {args.runs}; medians of {args.runs} interleaved "
+        f"run(s); {elapsed / 60:.1f} min"
+    )
     print()
     for line in bench.table():
         print(line)

@@ -38,9 +38,25 @@ class ClientError(RuntimeError):
 
 def curl_command(ws: Workspace, url: str, args: list[str], output: str, max_time: float) -> list[str]:
     return [
-        "curl", "-sS", "--http1.1", "--cacert", str(ws.ca), "--cert", str(ws.client_cert),
-        "--key", str(ws.client_key), "--max-time", str(int(max_time)), "-H", "Expect:",
-        "-o", output, "-w", CURL_FORMAT, *args, url,
+        "curl",
+        "-sS",
+        "--http1.1",
+        "--cacert",
+        str(ws.ca),
+        "--cert",
+        str(ws.client_cert),
+        "--key",
+        str(ws.client_key),
+        "--max-time",
+        str(int(max_time)),
+        "-H",
+        "Expect:",
+        "-o",
+        output,
+        "-w",
+        CURL_FORMAT,
+        *args,
+        url,
     ]
 
 
@@ -65,7 +81,9 @@ def curl(ws: Workspace, url: str, args: list[str], keep_body: bool = False, max_
     return parse_curl(out.stdout, out.stderr, body_path)
 
 
-def curl_parallel(ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: float = 900) -> tuple[float, list[CurlResult]]:
+def curl_parallel(
+    ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: float = 900
+) -> tuple[float, list[CurlResult]]:
     """Start all curls together; wall-clock seconds until the last one ends."""
     procs = []
     bodies = []
@@ -73,11 +91,17 @@ def curl_parallel(ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: fl
     for i, (url, args) in enumerate(jobs):
         body = ws.root / f"curl-par-{i}"
         bodies.append(body)
-        procs.append(subprocess.Popen(curl_command(ws, url, args, str(body), max_time),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                curl_command(ws, url, args, str(body), max_time),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=max_time + 30) for p in procs]
     wall = time.perf_counter() - start
-    return wall, [parse_curl(o, e, b) for (o, e), b in zip(outs, bodies)]
+    return wall, [parse_curl(o, e, b) for (o, e), b in zip(outs, bodies, strict=False)]
 
 
 # ---------------------------------------------------------------- Python HTTPS

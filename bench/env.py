@@ -200,7 +200,7 @@ class PeakRss:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._hwm_before = _read_status(self.pids[0]).get("VmHWM", 0) if len(self.pids) == 1 else 0
         self._sample()
         self._thread.start()
@@ -335,16 +335,31 @@ class Securevault:
         cmd = [
             # twisted.scripts.twistd has no __main__ guard, so "-m" would
             # import it and exit; call its run() as the twistd script does.
-            sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
-            "-n", "--pidfile=", "securevault",
-            "--port", str(self.port), "--interface", "127.0.0.1",
-            "--cert", str(ws.certs / "server.crt"), "--key", str(ws.certs / "server.key"),
-            "--ca-cert", str(ws.ca), "--data-dir", str(ws.data), *ws.store_args,
+            sys.executable,
+            "-c",
+            "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()",
+            "-n",
+            "--pidfile=",
+            "securevault",
+            "--port",
+            str(self.port),
+            "--interface",
+            "127.0.0.1",
+            "--cert",
+            str(ws.certs / "server.crt"),
+            "--key",
+            str(ws.certs / "server.key"),
+            "--ca-cert",
+            str(ws.ca),
+            "--data-dir",
+            str(ws.data),
+            *ws.store_args,
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ws.root, env=env,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ws.root, env=env, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -13,18 +13,26 @@ import time
 import traceback
 import zipfile
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench.clients import Api, ClientError, LoadSpec, curl, curl_parallel, run_load, ssl_context
-from bench.env import MiB, PASSWORD, USERNAME, Nginx, PeakRss, Securevault, Workspace, rss_mib
+from bench.env import PASSWORD, USERNAME, MiB, Nginx, PeakRss, Securevault, Workspace, rss_mib
 
 SV, NG = "securevault", "nginx"
 GROUPS = [
-    "memory", "upload", "parallel-upload", "download", "json-download",
-    "text-upload", "small-requests", "handshakes", "login",
+    "memory",
+    "upload",
+    "parallel-upload",
+    "download",
+    "json-download",
+    "text-upload",
+    "small-requests",
+    "handshakes",
+    "login",
 ]
 IMPLIES = {"memory": ["upload", "download", "json-download"], "parallel-upload": []}
+
 
 def _server_compression_level() -> int:
     """The level the server deflates with (read-only use of the package)."""
@@ -48,18 +56,18 @@ def scrypt_cost(repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1,
-                       maxmem=64 * MiB, dklen=32)
+        hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1, maxmem=64 * MiB, dklen=32)
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def scrypt_parallel_rate(threads: int, per_thread: int = 4) -> float:
     """Hashes per second with C{threads} threads (hashlib.scrypt releases the GIL)."""
+
     def work() -> None:
         for _ in range(per_thread):
-            hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1,
-                           maxmem=64 * MiB, dklen=32)
+            hashlib.scrypt(b"bench-password", salt=os.urandom(16), n=2**15, r=8, p=1, maxmem=64 * MiB, dklen=32)
+
     pool = [threading.Thread(target=work) for _ in range(threads)]
     start = time.perf_counter()
     for thread in pool:
@@ -78,8 +86,16 @@ def zipfile_speed(data: bytes) -> float:
 
 
 class Bench:
-    def __init__(self, ws: Workspace, sv: Securevault, ng: Nginx, *, duration: float, workers: int,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        sv: Securevault,
+        ng: Nginx,
+        *,
+        duration: float,
+        workers: int,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.ws, self.sv, self.ng = ws, sv, ng
         self.duration = duration
         self.workers = workers
@@ -111,7 +127,8 @@ class Bench:
         self.notes.append(
             f"scrypt(n=2**15, r=8, p=1) in the bench process: {self.scrypt_seconds * 1000:.0f} ms each; "
             f"{self.scrypt_rate:.1f}/s with {self.cores} threads (bound cores/cost = "
-            f"{self.cores / self.scrypt_seconds:.1f}/s)")
+            f"{self.cores / self.scrypt_seconds:.1f}/s)"
+        )
 
     @property
     def session(self) -> str:
@@ -122,8 +139,18 @@ class Bench:
         return f"https://127.0.0.1:{server.port}{path}"
 
     def _sv_upload_args(self, path: Any, name: str) -> list[str]:
-        return ["-X", "POST", "-T", str(path), "-H", "Content-Type: application/octet-stream",
-                "-H", f"X-Filename: {name}", "-H", f"Authorization: Bearer {self.session}"]
+        return [
+            "-X",
+            "POST",
+            "-T",
+            str(path),
+            "-H",
+            "Content-Type: application/octet-stream",
+            "-H",
+            f"X-Filename: {name}",
+            "-H",
+            f"Authorization: Bearer {self.session}",
+        ]
 
     def _sv_upload(self, path: Any, name: str, delete: bool = True):  # type: ignore[no-untyped-def]
         result = curl(self.ws, self.url(self.sv, "/upload-file"), self._sv_upload_args(path, name), keep_body=True)
@@ -237,8 +264,12 @@ class Bench:
             raise ClientError(f"downloaded {result.downloaded} bytes, expected at least {floor}")
         # File bytes per second: what the user gets, whatever the encoding.
         speed = mbs(self.ws.size, result.seconds)
-        self.record("json_download", server, speed,
-                    f"{speed:.1f} MB/s of file ({result.downloaded / 1e6:.0f} MB on the wire, {result.seconds:.2f} s)")
+        self.record(
+            "json_download",
+            server,
+            speed,
+            f"{speed:.1f} MB/s of file ({result.downloaded / 1e6:.0f} MB on the wire, {result.seconds:.2f} s)",
+        )
         self.record("rss_json_download", server, peak.mib, f"peak RSS {peak.mib:.1f} MiB")
 
     def g_text_upload(self, server: str) -> None:
@@ -251,22 +282,47 @@ class Bench:
             if self._text is None:
                 self._text = ws.text.read_bytes()
             speed = zipfile_speed(self._text)
-            self.record("text", server, speed, f"{speed:.1f} MB/s (zipfile deflate level {COMPRESSION_LEVEL}, in-process)")
+            self.record(
+                "text", server, speed, f"{speed:.1f} MB/s (zipfile deflate level {COMPRESSION_LEVEL}, in-process)"
+            )
 
-    def _spec(self, server: str, mode: str, method: str, path: str, headers: dict[str, str],
-              body: bytes | None = None, max_count: int = 1_000_000) -> LoadSpec:
+    def _spec(
+        self,
+        server: str,
+        mode: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None = None,
+        max_count: int = 1_000_000,
+    ) -> LoadSpec:
         ws = self.ws
-        return LoadSpec(str(ws.ca), str(ws.client_cert), str(ws.client_key), self._proc(server).port, mode,
-                        method, path, headers, body, self.duration, max_count)
+        return LoadSpec(
+            str(ws.ca),
+            str(ws.client_cert),
+            str(ws.client_key),
+            self._proc(server).port,
+            mode,
+            method,
+            path,
+            headers,
+            body,
+            self.duration,
+            max_count,
+        )
 
     def _load(self, key: str, server: str, spec: LoadSpec, unit: str, during: Any = None) -> Any:
         result = run_load(spec, self.workers, self._proc(server).pids, during)
         if result.count == 0:
             raise ClientError(f"no request succeeded ({result.errors} failed: {result.first_error})")
         extra = f", {result.errors} failed: {result.first_error}" if result.errors else ""
-        self.record(key, server, result.rate,
-                    f"{result.rate:.0f} {unit} ({result.count} in {result.seconds:.1f} s; "
-                    f"server {result.server_cpu:.2f} cores, client {result.client_cpu:.2f} cores{extra})")
+        self.record(
+            key,
+            server,
+            result.rate,
+            f"{result.rate:.0f} {unit} ({result.count} in {result.seconds:.1f} s; "
+            f"server {result.server_cpu:.2f} cores, client {result.client_cpu:.2f} cores{extra})",
+        )
         self.values[key + "_server_cpu"][server].append(result.server_cpu)
         self.values[key + "_client_cpu"][server].append(result.client_cpu)
         return result
@@ -286,8 +342,9 @@ class Bench:
         if server == NG:
             return  # the reference is the hash cost, measured in setup
         body = json.dumps({"username": USERNAME, "password": PASSWORD}).encode()
-        spec = self._spec(server, "keepalive", "POST", "/login", {"Content-Type": "application/json"},
-                          body, max_count=60)
+        spec = self._spec(
+            server, "keepalive", "POST", "/login", {"Content-Type": "application/json"}, body, max_count=60
+        )
         latencies: list[float] = []
 
         def probe(done: threading.Event) -> None:
@@ -306,9 +363,13 @@ class Bench:
         self._load("login", server, spec, "logins/s", during=probe)
         if latencies:
             worst = max(latencies) * 1000
-            self.record("login_probe_ms", server, worst,
-                        f"/health during logins: max {worst:.1f} ms, median "
-                        f"{statistics.median(latencies) * 1000:.1f} ms ({len(latencies)} probes)")
+            self.record(
+                "login_probe_ms",
+                server,
+                worst,
+                f"/health during logins: max {worst:.1f} ms, median "
+                f"{statistics.median(latencies) * 1000:.1f} ms ({len(latencies)} probes)",
+            )
 
     # ------------------------------------------------------------ table
 
@@ -320,24 +381,44 @@ class Bench:
         size = f"{self.ws.size // MiB} MiB"
         text = f"{self.ws.text_size // MiB} MiB"
         m = self.median
-        rows: list[tuple[str, float | None, float | None, str, str, Callable[[float | None, float | None], bool | None]]] = []
+        rows: list[
+            tuple[str, float | None, float | None, str, str, Callable[[float | None, float | None], bool | None]]
+        ] = []
 
         def ratio_row(label: str, key: str, target: float, fmt: str = "{:.1f}") -> None:
-            rows.append((label, m(key, SV), m(key, NG), fmt, f">= {target:.2f}",
-                         lambda s, n: None if s is None or not n else s / n >= target))
+            rows.append(
+                (
+                    label,
+                    m(key, SV),
+                    m(key, NG),
+                    fmt,
+                    f">= {target:.2f}",
+                    lambda s, n: None if s is None or not n else s / n >= target,
+                )
+            )
 
-        def absolute_row(label: str, key: str, target_text: str, check: Callable[[float], bool] | None,
-                         fmt: str = "{:.1f}", nginx: float | None = None, sv: float | None = None) -> None:
+        def absolute_row(
+            label: str,
+            key: str,
+            target_text: str,
+            check: Callable[[float], bool] | None,
+            fmt: str = "{:.1f}",
+            nginx: float | None = None,
+            sv: float | None = None,
+        ) -> None:
             s = m(key, SV) if sv is None else sv
             n = m(key, NG) if nginx is None else nginx
-            rows.append((label, s, n, fmt, target_text,
-                         (lambda s_, n_: None if s_ is None or check is None else check(s_))))
+            rows.append(
+                (label, s, n, fmt, target_text, (lambda s_, n_: None if s_ is None or check is None else check(s_)))
+            )
 
         ratio_row(f"upload raw {size} random, MB/s", "upload", 0.50)
         ratio_row("download raw, MB/s", "download", 0.85)
         ratio_row("download base64 JSON, file MB/s", "json_download", 0.30)
         ratio_row(f"upload text {text}, MB/s [nginx col: zipfile L{COMPRESSION_LEVEL}]", "text", 0.90)
-        rows.append(("2 uploads at once, total MB/s", m("parallel", SV), m("parallel", NG), "{:.1f}", "", lambda s, n: None))
+        rows.append(
+            ("2 uploads at once, total MB/s", m("parallel", SV), m("parallel", NG), "{:.1f}", "", lambda s, n: None)
+        )
         absolute_row("2 uploads at once / one, x", "parallel_scale", "sv >= 1.5", lambda s: s >= 1.5, "{:.2f}")
         absolute_row(f"peak RSS, upload {size}, MiB", "rss_upload", "sv <= 100", lambda s: s <= 100)
         absolute_row(f"peak RSS, raw download {size}, MiB", "rss_download", "sv <= 100", lambda s: s <= 100)
@@ -347,20 +428,42 @@ class Bench:
         for server in (SV, NG):
             big, small = m("rss_upload", server), m("rss_upload_small", server)
             deltas[server] = None if big is None or small is None else big - small
-        rows.append((f"peak RSS delta {size} - 100 MiB upload", deltas[SV], deltas[NG], "{:+.1f}", "sv < 10",
-                     lambda s, n: None if s is None else s < 10))
+        rows.append(
+            (
+                f"peak RSS delta {size} - 100 MiB upload",
+                deltas[SV],
+                deltas[NG],
+                "{:+.1f}",
+                "sv < 10",
+                lambda s, n: None if s is None else s < 10,
+            )
+        )
         ratio_row(f"small JSON req/s ({self.workers} keep-alive conns)", "small", 0.20, "{:.0f}")
         ratio_row("new mTLS conn/s (+1 GET each)", "handshake", 0.60, "{:.0f}")
         bound = self.cores / self.scrypt_seconds if self.scrypt_seconds else None
         login = m("login", SV)
         if login is not None:
-            rows.append((f"logins/s [nginx col: {self.cores} cores / scrypt {self.scrypt_seconds * 1000:.0f} ms]",
-                         login, bound, "{:.1f}", ">= 0.75",
-                         lambda s, n: None if s is None or not n else s / n >= 0.75))
+            rows.append(
+                (
+                    f"logins/s [nginx col: {self.cores} cores / scrypt {self.scrypt_seconds * 1000:.0f} ms]",
+                    login,
+                    bound,
+                    "{:.1f}",
+                    ">= 0.75",
+                    lambda s, n: None if s is None or not n else s / n >= 0.75,
+                )
+            )
         probe = m("login_probe_ms", SV)
-        rows.append(("max /health ms during logins (reactor free?)", probe, None, "{:.1f}",
-                     f"< {self.scrypt_seconds * 1000 / 2:.0f} ms",
-                     lambda s, n: None if s is None else s < self.scrypt_seconds * 1000 / 2))
+        rows.append(
+            (
+                "max /health ms during logins (reactor free?)",
+                probe,
+                None,
+                "{:.1f}",
+                f"< {self.scrypt_seconds * 1000 / 2:.0f} ms",
+                lambda s, n: None if s is None else s < self.scrypt_seconds * 1000 / 2,
+            )
+        )
 
         out = []
         header = ("figure", "securevault", "nginx", "ratio", "target", "ok")
@@ -368,12 +471,27 @@ class Bench:
         for label, s, n, fmt, target, check in rows:
             if s is None and n is None:
                 continue
-            ratio = f"{s / n:.2f}" if s is not None and n and "at once / one" not in label and "RSS" not in label else "-"
+            ratio = (
+                f"{s / n:.2f}" if s is not None and n and "at once / one" not in label and "RSS" not in label else "-"
+            )
             ok = check(s, n)
-            body.append((label, fmt.format(s) if s is not None else "-", fmt.format(n) if n is not None else "-",
-                         ratio, target or "-", "-" if ok is None else ("yes" if ok else "NO")))
+            body.append(
+                (
+                    label,
+                    fmt.format(s) if s is not None else "-",
+                    fmt.format(n) if n is not None else "-",
+                    ratio,
+                    target or "-",
+                    "-" if ok is None else ("yes" if ok else "NO"),
+                )
+            )
         widths = [max(len(r[i]) for r in [header, *body]) for i in range(6)]
-        line = lambda r: "| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) + " |"
+
+        def line(r):
+            return (
+                "| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)) + " |"
+            )
+
         out.append(line(header))
         out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         out.extend(line(r) for r in body)

@@ -33,9 +33,9 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import quote
 
 from bench.clients import ssl_context
@@ -104,8 +104,9 @@ class Client:
     def __post_init__(self) -> None:
         self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=60)
 
-    def call(self, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    def call(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         all_headers = dict(headers or {})
         if self.session:
             all_headers["Authorization"] = f"Bearer {self.session}"
@@ -114,8 +115,12 @@ class Client:
         return response.status, response.read()
 
     def login(self) -> None:
-        status, body = self.call("POST", "/login", json.dumps({"username": self.username, "password": PASSWORD}).encode(),
-                                 {"Content-Type": "application/json"})
+        status, body = self.call(
+            "POST",
+            "/login",
+            json.dumps({"username": self.username, "password": PASSWORD}).encode(),
+            {"Content-Type": "application/json"},
+        )
         if status != 200:
             raise RuntimeError(f"login of {self.username} failed: {status} {body[:200]!r}")
         self.session = json.loads(body)["session_id"]
@@ -130,12 +135,20 @@ class Client:
     def op_upload(self, stats: Stats) -> None:
         content = self.rng.randbytes(self.rng.randint(1 * KiB, 64 * KiB))
         name = f"load-{self.rng.getrandbits(32):08x}.bin"
-        status, body = self.call("POST", "/upload-file", content, {
-            "Content-Type": "application/octet-stream", "X-Filename": quote(name, safe="")})
+        status, body = self.call(
+            "POST",
+            "/upload-file",
+            content,
+            {"Content-Type": "application/octet-stream", "X-Filename": quote(name, safe="")},
+        )
         if status != 201:
             raise RequestFailed(f"{status} {body[:200]!r}")
         answer = json.loads(body)
-        if (answer["filename"], answer["size"], answer["sha256"]) != (name, len(content), hashlib.sha256(content).hexdigest()):
+        if (answer["filename"], answer["size"], answer["sha256"]) != (
+            name,
+            len(content),
+            hashlib.sha256(content).hexdigest(),
+        ):
             raise RequestFailed(f"upload answer does not describe the bytes sent: {answer}", mismatch=True)
         self.held[answer["id"]] = content
         with stats.lock:
@@ -149,22 +162,30 @@ class Client:
         missing = set(self.held) - listed
         resurrected = listed.intersection(self.deleted)
         if missing or resurrected:
-            raise RequestFailed(f"listing lacks {sorted(missing)[:3]} or shows deleted {sorted(resurrected)[:3]}", mismatch=True)
+            raise RequestFailed(
+                f"listing lacks {sorted(missing)[:3]} or shows deleted {sorted(resurrected)[:3]}", mismatch=True
+            )
 
     def op_download(self, stats: Stats) -> None:
         archive_id = self.rng.choice(list(self.held))
-        status, body = self.call("GET", f"/download-file?id={archive_id}", headers={"Accept": "application/octet-stream"})
+        status, body = self.call(
+            "GET", f"/download-file?id={archive_id}", headers={"Accept": "application/octet-stream"}
+        )
         if status != 200:
             raise RequestFailed(f"{status} {body[:200]!r}")
         if body != self.held[archive_id]:
-            raise RequestFailed(f"archive {archive_id}: {len(body)} bytes differ from the {len(self.held[archive_id])} uploaded", mismatch=True)
+            raise RequestFailed(
+                f"archive {archive_id}: {len(body)} bytes differ from the {len(self.held[archive_id])} uploaded",
+                mismatch=True,
+            )
         with stats.lock:
             stats.bytes_down += len(body)
 
     def op_delete(self, stats: Stats) -> None:
         archive_id = next(iter(self.held))  # the oldest
-        status, body = self.call("POST", "/delete-file", json.dumps({"id": archive_id}).encode(),
-                                 {"Content-Type": "application/json"})
+        status, body = self.call(
+            "POST", "/delete-file", json.dumps({"id": archive_id}).encode(), {"Content-Type": "application/json"}
+        )
         if status != 204:
             raise RequestFailed(f"{status} {body[:200]!r}")
         del self.held[archive_id]
@@ -220,13 +241,16 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
 
 
-def report(stats: Stats, elapsed: float, clients: int, rss_start: int, rss_peak: int, rss_end: int,
-           timeline: Sequence[int]) -> list[str]:
+def report(
+    stats: Stats, elapsed: float, clients: int, rss_start: int, rss_peak: int, rss_end: int, timeline: Sequence[int]
+) -> list[str]:
     lines = [f"{'kind':<10}{'requests':>10}{'errors':>8}{'p50 ms':>10}{'p99 ms':>10}"]
     for kind in KINDS:
         done = stats.latencies.get(kind, [])
-        lines.append(f"{kind:<10}{len(done) + stats.errors.get(kind, 0):>10}{stats.errors.get(kind, 0):>8}"
-                     f"{percentile(done, 0.50) * 1000:>10.1f}{percentile(done, 0.99) * 1000:>10.1f}")
+        lines.append(
+            f"{kind:<10}{len(done) + stats.errors.get(kind, 0):>10}{stats.errors.get(kind, 0):>8}"
+            f"{percentile(done, 0.50) * 1000:>10.1f}{percentile(done, 0.99) * 1000:>10.1f}"
+        )
     total_errors = sum(stats.errors.values())
     lines += [
         f"{'total':<10}{stats.requests:>10}{total_errors:>8}",
@@ -241,15 +265,20 @@ def report(stats: Stats, elapsed: float, clients: int, rss_start: int, rss_peak:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.load", description=(
-        "Concurrent clients doing mixed small uploads, lists, downloads and deletes against one "
-        "securevault daemon on loopback; exits 1 on any error. See bench/README.md."))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load",
+        description=(
+            "Concurrent clients doing mixed small uploads, lists, downloads and deletes against one "
+            "securevault daemon on loopback; exits 1 on any error. See bench/README.md."
+        ),
+    )
     parser.add_argument("--clients", type=int, default=200, help="concurrent client threads (default 200)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="stop after this many requests")
     parser.add_argument("--users", type=int, default=1, help="users, clients assigned round-robin (default 1)")
-    parser.add_argument("--keep-files", type=int, default=5,
-                        help="a client deletes its oldest archive when it holds more (default 5)")
+    parser.add_argument(
+        "--keep-files", type=int, default=5, help="a client deletes its oldest archive when it holds more (default 5)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the request mix and sizes")
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (log, data)")
@@ -271,8 +300,10 @@ def run(args: argparse.Namespace, root: Path) -> int:
     try:
         context = ssl_context(str(ws.ca), str(ws.client_cert), str(ws.client_key))
         rng = random.Random(args.seed)
-        clients = [Client(server.port, context, users[i % len(users)], random.Random(rng.getrandbits(64)), args.keep_files)
-                   for i in range(args.clients)]
+        clients = [
+            Client(server.port, context, users[i % len(users)], random.Random(rng.getrandbits(64)), args.keep_files)
+            for i in range(args.clients)
+        ]
         print(f"daemon pid {server.pids[0]} on 127.0.0.1:{server.port}; logging in {len(clients)} clients", flush=True)
         for client in clients:
             client.login()

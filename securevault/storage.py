@@ -27,8 +27,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.exceptions import InvalidTag
@@ -53,10 +54,10 @@ from securevault.core.archive import (
     is_archive_id,
     translate_os_error,
 )
-from securevault.stores.blobs import BODY_SUFFIX, BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
-from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
 from securevault.core.passphrase import PassphraseError
+from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
+from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
 
 __all__ = ["SecureFileStorage"]
 
@@ -142,7 +143,7 @@ class SecureFileStorage:
         single node, before any upload; returns how many were removed."""
         return self.blobs.remove_incomplete() + self.sweep_orphans(grace_seconds=None)
 
-    def orphans(self, grace_seconds: float | None) -> "builtins.list[tuple[str, str]]":
+    def orphans(self, grace_seconds: float | None) -> builtins.list[tuple[str, str]]:
         """Blobs with no index row, older than C{grace_seconds} (None: all).
 
         Another node may have just committed a blob whose row is a moment
@@ -176,7 +177,7 @@ class SecureFileStorage:
 
     # -- metadata -------------------------------------------------------
 
-    def _index_call(self, function: Callable[..., "T"], *args: object) -> "T":
+    def _index_call(self, function: Callable[..., T], *args: object) -> T:
         """A metadata store call, its failures in the storage vocabulary."""
         try:
             return function(*args)
@@ -185,7 +186,9 @@ class SecureFileStorage:
         except MetadataError as error:
             raise StoreUnavailable(str(error)) from error
 
-    def seal_document(self, owner_id: str, info: ArchiveInfo, data_key: bytes, keyring: Keyring | None = None) -> ArchiveRecord:
+    def seal_document(
+        self, owner_id: str, info: ArchiveInfo, data_key: bytes, keyring: Keyring | None = None
+    ) -> ArchiveRecord:
         """The index row for an archive: data key wrapped, metadata sealed."""
         key_id, wrapped = (keyring or self.keyring).wrap(data_key, context_bytes(b"data-key", owner_id, info.id))
         nonce = os.urandom(NONCE_BYTES)
@@ -231,7 +234,7 @@ class SecureFileStorage:
                 listing.sort(key=lambda info: (-info.created_ns, info.id))
             self._listings[owner_id] = listing
 
-    def cached_list(self, owner_id: str) -> "builtins.list[ArchiveInfo] | None":
+    def cached_list(self, owner_id: str) -> builtins.list[ArchiveInfo] | None:
         """The owner's listing if it is in memory (no I/O: safe on the reactor
         thread), else None.  Only with cache_listings."""
         if self._listings is None:
@@ -318,10 +321,10 @@ class SecureFileStorage:
             writer.write(view[start : start + IO_BLOCK_BYTES])  # type: ignore[arg-type]
         return writer.commit()
 
-    def archive_ids(self, owner_id: str) -> "builtins.list[str]":
+    def archive_ids(self, owner_id: str) -> builtins.list[str]:
         return [record.archive_id for record in self._index_call(self.metadata.list_archives, owner_id)]
 
-    def list(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
+    def list(self, owner_id: str) -> builtins.list[ArchiveInfo]:
         """The owner's archives, newest first.  An archive whose metadata fails
         authentication is left out here (and reported by verify)."""
         while True:
@@ -339,7 +342,7 @@ class SecureFileStorage:
                     return infos
             # An upload or delete landed while we read: read again.
 
-    def _read_listing(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
+    def _read_listing(self, owner_id: str) -> builtins.list[ArchiveInfo]:
         infos = []
         for record in self._index_call(self.metadata.list_archives, owner_id):
             key = (owner_id, record.archive_id)
@@ -477,5 +480,5 @@ class SecureFileStorage:
         """Bytes the owner's archives take in the blob store (for --quota)."""
         return self._index_call(self.metadata.usage, owner_id)
 
-    def owners(self) -> "builtins.list[str]":
+    def owners(self) -> builtins.list[str]:
         return self._index_call(self.metadata.owners)

@@ -44,8 +44,13 @@ HEADER_VALUES = [
     b"a\r\n b", b"\x1b[31m",
 ]  # fmt: skip
 CONTENT_TYPES = [
-    b"application/json", b"application/json; charset=utf-8", b"application/json; charset=utf-16",
-    b"text/plain", b"multipart/form-data; boundary=x", b"application/x-www-form-urlencoded", b"",
+    b"application/json",
+    b"application/json; charset=utf-8",
+    b"application/json; charset=utf-16",
+    b"text/plain",
+    b"multipart/form-data; boundary=x",
+    b"application/x-www-form-urlencoded",
+    b"",
 ]
 LINE_ENDS = [b"\r\n", b"\n", b"\r"]
 QUERY_NAMES = [b"id", b"filename", b"session_id", b"session", b"x", b""]
@@ -97,9 +102,7 @@ encoded_filenames: st.SearchStrategy[bytes] = st.one_of(
 
 # -- JSON bodies ------------------------------------------------------------
 
-json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
-)
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
 json_values: st.SearchStrategy[Any] = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
@@ -111,9 +114,7 @@ REAL_USERNAME = "target"
 
 # Strings that may hold lone surrogates: JSON can carry "\ud800", and st.text()
 # leaves category Cs out by default.
-surrogate_text: st.SearchStrategy[str] = st.text(
-    st.characters(categories=["Cs", "Ll", "Nd", "Zs"]), max_size=20
-)
+surrogate_text: st.SearchStrategy[str] = st.text(st.characters(categories=["Cs", "Ll", "Nd", "Zs"]), max_size=20)
 INVALID_JSON = [
     b"", b"{", b"}", b"[", b"null", b"nan", b"NaN", b"Infinity", b"{'a': 1}", b'{"a":}', b"\xff\xfe{}",
     b"\x00", b'{"username": "a", "password": "b"', b"[" * 500, b'"\\ud800"',
@@ -157,7 +158,10 @@ def json_bodies(draw: st.DrawFn, endpoint: bytes) -> bytes:
 # -- whole requests ---------------------------------------------------------
 
 query_strings: st.SearchStrategy[bytes] = st.lists(
-    st.tuples(st.one_of(st.sampled_from(QUERY_NAMES), st.binary(max_size=6)), st.one_of(encoded_filenames, st.binary(max_size=20))),
+    st.tuples(
+        st.one_of(st.sampled_from(QUERY_NAMES), st.binary(max_size=6)),
+        st.one_of(encoded_filenames, st.binary(max_size=20)),
+    ),
     max_size=3,
 ).map(lambda pairs: b"&".join(name + b"=" + value for name, value in pairs))
 
@@ -192,7 +196,9 @@ def framed_bodies(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
     if framing == "chunked":
         return [b"Transfer-Encoding: chunked"], b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
     if framing == "bad-chunked":
-        size = draw(st.sampled_from([b"zz", b"-1", b"ffffffffffffffffffff", b"", b"1;" + b"x" * 100, b"%x" % (len(body) + 7)]))
+        size = draw(
+            st.sampled_from([b"zz", b"-1", b"ffffffffffffffffffff", b"", b"1;" + b"x" * 100, b"%x" % (len(body) + 7)])
+        )
         return [b"Transfer-Encoding: chunked"], size + b"\r\n" + body + b"\r\n"
     return [], body
 
@@ -281,4 +287,3 @@ def endpoint_requests(draw: st.DrawFn) -> HostileRequest:
         headers.append((b"Content-Type", draw(st.sampled_from(CONTENT_TYPES))))
         body = draw(json_bodies(endpoint))
     return HostileRequest(method, target, tuple(headers), body, with_session)
-

@@ -187,13 +187,15 @@ class CrashTests(SyncTestCase):
         for upload in uploads:
             ledger.sent[upload.sha256] = len(upload.data)
         threads = [
-            threading.Thread(target=upload.run, args=(self.context, port, session), daemon=True)
-            for upload in uploads
+            threading.Thread(target=upload.run, args=(self.context, port, session), daemon=True) for upload in uploads
         ]
         for thread in threads:
             thread.start()
         total = sum(len(upload.data) for upload in uploads)
-        all_done = lambda: all(upload.done for upload in uploads)
+
+        def all_done() -> bool:
+            return all(upload.done for upload in uploads)
+
         with progress:
             if mode == "bytes":
                 threshold = rng.randint(1, total - 1)

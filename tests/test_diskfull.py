@@ -27,10 +27,10 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
-from securevault.core.keys import generate_keyring
-from securevault.stores.metadata import MetadataFull, SqliteMetadataStore
 from securevault.core.archive import StorageFull
+from securevault.core.keys import generate_keyring
 from securevault.storage import SecureFileStorage
+from securevault.stores.metadata import MetadataFull, SqliteMetadataStore
 from tests.support.app import Response, VaultClient, add_user, blob_directory, make_app, owner_files, stored_names
 from tests.support.daemon import (
     REPOSITORY,
@@ -215,7 +215,6 @@ class StorageFullTests(SyncTestCase):
         self.assertEqual(self.storage.list("owner"), [])
 
 
-
 class PipelineDiskFullTests(SyncTestCase):
     """Uploads through the full request pipeline onto a full filesystem."""
 
@@ -376,9 +375,7 @@ class DaemonDiskFullTests(SyncTestCase):
         self.assert_507(self.raw_upload(port, 3 * MiB))
 
 
-
 FILE_SIZE_LIMIT_BYTES = 1 * MiB
-
 
 
 CHILD_SCRIPT = textwrap.dedent(
@@ -439,5 +436,3 @@ class FileSizeLimitTests(SyncTestCase):
     def test_efbig_is_storage_full(self) -> None:
         """A store that hits EFBIG raises StorageFull (so the API says 507)."""
         self.assertEqual(self.run_child()["raised"], "StorageFull")
-
-

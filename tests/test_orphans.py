@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import time
 
-from securevault.stores.blobs import BlobStore, LocalBlobStore
-from securevault.core.keys import generate_keyring
-from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 from securevault.core.archive import StorageError
+from securevault.core.keys import generate_keyring
 from securevault.storage import SecureFileStorage
-
+from securevault.stores.blobs import BlobStore, LocalBlobStore
+from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 from tests.support.postgres import postgres_dsn
 from tests.support.s3 import make_bucket
 from tests.support.testcase import SyncTestCase

@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from tests.support.testcase import AsyncTestCase
-from tests.support.daemon import TWISTD, child_environment, run_admin
 from tests.server.test_twistd import Daemon
+from tests.support.daemon import TWISTD, child_environment, run_admin
+from tests.support.testcase import AsyncTestCase
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 README_PASSWORD = "correct horse battery"

@@ -88,6 +88,7 @@ class TwoNodes(SyncTestCase):
         self.addCleanup(node.stop)
         return node
 
+
 class TwoNodeTests(TwoNodes):
     def test_shared_sessions_archives_and_throttling(self) -> None:
         a, b = self.ports
@@ -190,7 +191,6 @@ class TwoNodeTests(TwoNodes):
         restarted = self.start_node("a")
         port = restarted.wait_listening()
         self.assertEqual(list_files(self.context, port, session), [])
-
 
 
 HAPROXY_CONFIG = REPOSITORY / "contrib" / "haproxy.cfg"

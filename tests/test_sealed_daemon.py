@@ -11,17 +11,18 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Generator
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from securevault.core.keys import SEALED_FORMAT
 from securevault.admin.pki import load_cert
+from securevault.core.keys import SEALED_FORMAT
+from tests.server.test_twistd import Daemon, reactor
+from tests.support.daemon import run_admin, twistd_argv
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import PASSWORD, Credential, VaultClient, client_for
-from tests.support.daemon import run_admin, twistd_argv
-from tests.server.test_twistd import Daemon, reactor
 
 PASSPHRASE = "a long passphrase"
 _TEMPLATE: list[Path] = []
@@ -96,7 +97,6 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertEqual(document["format"], SEALED_FORMAT)
         self.assertNotIn("keys", document)
 
-
     def test_init_sealed(self) -> None:
         """C{securevault-admin init --sealed --passphrase-stdin} writes a 0600
         sealed master key that no plain reader can use."""
@@ -112,7 +112,6 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertNotIn("Traceback", result.stderr)
         self.assertIn("--passphrase-stdin", result.stderr)
-
 
     def test_init_sealed_short_passphrase(self) -> None:
         """A passphrase under 8 characters is refused with one line and no key
@@ -194,7 +193,6 @@ class SealedDaemonTests(AsyncTestCase):
     def test_serves_with_passphrase_stdin(self) -> None:
         """C{--master-key-passphrase stdin} with the passphrase on standard
         input unseals the key."""
-
 
     @inlineCallbacks
     def test_rotate_while_running(self) -> Generator[Deferred[Any], Any, None]:

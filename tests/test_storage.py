@@ -22,9 +22,10 @@ import sqlite3
 import unicodedata
 import zipfile
 import zlib
+from collections.abc import Callable
 from itertools import count
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.hazmat.primitives import hashes
@@ -33,8 +34,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
+from securevault.core.archive import (
+    ArchiveInfo,
+    ArchiveNotFound,
+    IntegrityError,
+    InvalidFilename,
+    QuotaExceeded,
+    StorageError,
+    check_filename,
+)
 from securevault.core.keys import Keyring, generate_keyring, new_key_id
-from securevault.core.archive import ArchiveInfo, ArchiveNotFound, IntegrityError, InvalidFilename, QuotaExceeded, StorageError, check_filename
 from securevault.storage import SecureFileStorage
 from tests.support.app import archive_document, blob_directory, set_archive_document, stored_names
 from tests.support.testcase import SyncTestCase
@@ -285,7 +294,6 @@ class ReadSizeTests(_StorageMixin):
         self.assertLessEqual(max(sizes), 16 * 1024)
 
 
-
 # -- the format is the documented one -------------------------------------------
 
 
@@ -436,8 +444,13 @@ class TamperingTests(_StorageMixin):
         self.body = self.body_path(self.info.id).read_bytes()
         self.meta = self.document(self.info.id)
 
-    def assert_fails_closed(self, storage: SecureFileStorage | None = None, owner_id: str = OWNER,
-                            archive_id: str | None = None, original: bytes | None = None) -> None:
+    def assert_fails_closed(
+        self,
+        storage: SecureFileStorage | None = None,
+        owner_id: str = OWNER,
+        archive_id: str | None = None,
+        original: bytes | None = None,
+    ) -> None:
         """read_all and verify raise IntegrityError; a chunked reader only ever
         returns a prefix of the original before raising."""
         storage = storage or self.storage
@@ -466,8 +479,19 @@ class TamperingTests(_StorageMixin):
     def test_bit_flips(self) -> None:
         """Flipping one bit in the header, a chunk, a tag or the last byte is detected."""
         size = len(self.body)
-        positions = [0, 1, 31, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 16384 + 3,
-                     HEADER_BYTES + CHUNK_BYTES, size // 2, size - 17, size - 16, size - 1]
+        positions = [
+            0,
+            1,
+            31,
+            HEADER_BYTES - 1,
+            HEADER_BYTES,
+            HEADER_BYTES + 16384 + 3,
+            HEADER_BYTES + CHUNK_BYTES,
+            size // 2,
+            size - 17,
+            size - 16,
+            size - 1,
+        ]
         for position in positions:
             for bit in (0x01, 0x80):
                 tampered = bytearray(self.body)
@@ -477,9 +501,17 @@ class TamperingTests(_StorageMixin):
 
     def test_truncation(self) -> None:
         """A body cut short anywhere, chunk boundaries included, is detected."""
-        cuts = [len(self.body) - 1, len(self.body) - 16, HEADER_BYTES + 3 * CHUNK_BYTES,
-                HEADER_BYTES + CHUNK_BYTES, HEADER_BYTES + CHUNK_BYTES - 1, HEADER_BYTES + 1,
-                HEADER_BYTES, 10, 0]
+        cuts = [
+            len(self.body) - 1,
+            len(self.body) - 16,
+            HEADER_BYTES + 3 * CHUNK_BYTES,
+            HEADER_BYTES + CHUNK_BYTES,
+            HEADER_BYTES + CHUNK_BYTES - 1,
+            HEADER_BYTES + 1,
+            HEADER_BYTES,
+            10,
+            0,
+        ]
         for cut in cuts:
             self.write_body(self.body[:cut])
             self.assert_fails_closed()
@@ -501,7 +533,7 @@ class TamperingTests(_StorageMixin):
     def test_chunk_duplicated(self) -> None:
         """Replaying a chunk in place of another is detected."""
         first = HEADER_BYTES + CHUNK_BYTES
-        self.write_body(self.body[:first] + self.body[HEADER_BYTES:first] + self.body[first + CHUNK_BYTES:])
+        self.write_body(self.body[:first] + self.body[HEADER_BYTES:first] + self.body[first + CHUNK_BYTES :])
         self.assert_fails_closed()
 
     def test_bodies_swapped(self) -> None:
@@ -544,8 +576,13 @@ class TamperingTests(_StorageMixin):
         other = self.storage.store(OWNER, "other.bin", b"other")
         other_meta = json.loads(self.document(other.id))
         wrapped = base64.b64decode(json.loads(self.meta)["wrapped_key"])
-        for value in [other_meta["wrapped_key"], base64.b64encode(os.urandom(60)).decode(),
-                      base64.b64encode(wrapped[:-1]).decode(), "", "not base64!"]:
+        for value in [
+            other_meta["wrapped_key"],
+            base64.b64encode(os.urandom(60)).decode(),
+            base64.b64encode(wrapped[:-1]).decode(),
+            "",
+            "not base64!",
+        ]:
             self.replace_meta_field("wrapped_key", value)
             self.assert_fails_closed()
             self.assertRaises(IntegrityError, self.storage.info, OWNER, self.info.id)
@@ -631,10 +668,25 @@ class NotFoundTests(_StorageMixin):
         """Unknown, malformed and other owners' ids raise ArchiveNotFound everywhere."""
         mine = self.storage.store(OWNER, "mine.txt", b"mine")
         theirs = self.storage.store(OTHER_OWNER, "theirs.txt", b"theirs")
-        ids = ["0" * 32, "../x", "", mine.id.upper(), mine.id + "0", mine.id[:-1], "../" + mine.id,
-               f"{mine.id}.meta", theirs.id, f"../{OTHER_OWNER}/{theirs.id}", "\x00"]
+        ids = [
+            "0" * 32,
+            "../x",
+            "",
+            mine.id.upper(),
+            mine.id + "0",
+            mine.id[:-1],
+            "../" + mine.id,
+            f"{mine.id}.meta",
+            theirs.id,
+            f"../{OTHER_OWNER}/{theirs.id}",
+            "\x00",
+        ]
         operations: list[Callable[[str, str], object]] = [
-            self.storage.info, self.storage.open, self.storage.read_all, self.storage.verify, self.storage.delete,
+            self.storage.info,
+            self.storage.open,
+            self.storage.read_all,
+            self.storage.verify,
+            self.storage.delete,
         ]
         for archive_id in ids:
             for operation in operations:
@@ -698,7 +750,6 @@ class AtomicityTests(_StorageMixin):
         writer.write(b"hello")
         info = writer.commit()
         self.assertEqual(self.storage.read_all(OWNER, info.id)[1], b"hello")
-
 
     def test_uncommitted_is_invisible(self) -> None:
         """An uncommitted writer's data is not listed, not counted, not found."""
@@ -793,11 +844,8 @@ class AtomicityTests(_StorageMixin):
         only its last chunk and ZIP trailer cross the limit."""
         self.assertRaises(QuotaExceeded, self.storage.store, OWNER, "small.bin", os.urandom(1000), max_bytes=100)
         self.assertEqual(self.owner_files(), [])
-        self.assertRaises(
-            QuotaExceeded, self.storage.store, OWNER, "edge.bin", os.urandom(69_800), max_bytes=70_000
-        )
+        self.assertRaises(QuotaExceeded, self.storage.store, OWNER, "edge.bin", os.urandom(69_800), max_bytes=70_000)
         self.assertEqual(self.owner_files(), [])
-
 
     def test_quota_within(self) -> None:
         """An upload whose archive fits in max_bytes is stored and within it."""
@@ -871,7 +919,6 @@ class OperationTests(_StorageMixin):
         rotating = Keyring("newkey00", {**self.keyring.keys, "newkey00": os.urandom(32)})
         self.assertRaises(ArchiveNotFound, self.storage.rewrap, OWNER, "0" * 32, rotating)
 
-
     def test_rewrap(self) -> None:
         """rewrap moves an archive to a new master key without touching its body;
         then only the new key opens it."""
@@ -905,14 +952,41 @@ class CheckFilenameTests(SyncTestCase):
 
     def test_rejects(self) -> None:
         """Empty, dot names, separators, control characters and >255 bytes are refused."""
-        for name in ["", ".", "..", "a/b", "/", "a\\b", "a\x00b", "\x1f", "\x7f", "\x85", "\x9f", "x\n",
-                     "\t", "é" * 128, "a" * 256, "\ud800"]:
+        for name in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/",
+            "a\\b",
+            "a\x00b",
+            "\x1f",
+            "\x7f",
+            "\x85",
+            "\x9f",
+            "x\n",
+            "\t",
+            "é" * 128,
+            "a" * 256,
+            "\ud800",
+        ]:
             self.assertRaises(InvalidFilename, check_filename, name)
 
     def test_accepts(self) -> None:
         """255-byte names, leading dots, spaces and non-ASCII are allowed."""
-        for name in ["a" * 255, "é" * 127 + "a", ".bashrc", " x ", "...", ". ", "résumé 履歴書.pdf",
-                     "😀", "\u00a0", "\u200b", "a:b*?<>|\""]:
+        for name in [
+            "a" * 255,
+            "é" * 127 + "a",
+            ".bashrc",
+            " x ",
+            "...",
+            ". ",
+            "résumé 履歴書.pdf",
+            "😀",
+            "\u00a0",
+            "\u200b",
+            'a:b*?<>|"',
+        ]:
             check_filename(name)
 
     def test_invalid_filename_is_value_error(self) -> None:

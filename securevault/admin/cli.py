@@ -14,21 +14,18 @@ import getpass
 import hmac
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import TextIO
 
+from securevault.admin.maintenance import export_archive, rotate_master_key, verify_archives
+from securevault.admin.migration import migrate, migrate_users
+from securevault.admin.pki import PkiError, init_dev_pki, issue_client_cert
+from securevault.admin.transfer import TransferError, copy_vault
+from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError
 from securevault.core.audit import AuditLog, verify_chain
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
-from securevault.admin.maintenance import export_archive, rotate_master_key, verify_archives
-from securevault.stores.backends import BLOBS_ENV, METADATA_ENV, BackendError, Stores, blobs_setting, metadata_setting, open_stores
-from securevault.stores.blobs import BlobStoreError
-from securevault.stores.metadata import MetadataError
-from securevault.admin.migration import migrate, migrate_users
-from securevault.admin.transfer import TransferError, copy_vault
-from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError
-from securevault.storage import SecureFileStorage
-from securevault.admin.pki import PkiError, init_dev_pki, issue_client_cert
 from securevault.core.users import (
     UnknownUser,
     UserError,
@@ -37,6 +34,18 @@ from securevault.core.users import (
     validate_password,
     validate_username,
 )
+from securevault.storage import SecureFileStorage
+from securevault.stores.backends import (
+    BLOBS_ENV,
+    METADATA_ENV,
+    BackendError,
+    Stores,
+    blobs_setting,
+    metadata_setting,
+    open_stores,
+)
+from securevault.stores.blobs import BlobStoreError
+from securevault.stores.metadata import MetadataError
 
 PROG = "securevault-admin"
 DEFAULT_DATA_DIR = "vault-data"
@@ -69,13 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"metadata store: sqlite (default), sqlite:///PATH or postgresql://... (default: ${METADATA_ENV})",
     )
     parser.add_argument(
-        "--blobs", help=f"blob store: file:///DIR or s3://BUCKET/PREFIX (default: ${BLOBS_ENV}, else <data-dir>/archives)"
+        "--blobs",
+        help=f"blob store: file:///DIR or s3://BUCKET/PREFIX (default: ${BLOBS_ENV}, else <data-dir>/archives)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    init = commands.add_parser(
-        "init", help="create a development PKI and the master key, each only if absent"
-    )
+    init = commands.add_parser("init", help="create a development PKI and the master key, each only if absent")
     init.add_argument(
         "--certs-dir",
         default=DEFAULT_CERTS_DIR,
@@ -213,10 +221,7 @@ def read_new_password(
 def _existing_data_dir(args: argparse.Namespace) -> Path:
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
-        raise AdminError(
-            f"The data directory {data_dir} does not exist; run '{PROG} init' first "
-            "or pass --data-dir."
-        )
+        raise AdminError(f"The data directory {data_dir} does not exist; run '{PROG} init' first or pass --data-dir.")
     return data_dir
 
 
@@ -224,9 +229,7 @@ def _stores(args: argparse.Namespace) -> Stores:
     """The vault's stores, opened once per command (closed by L{main})."""
     stores: Stores | None = getattr(args, "opened_stores", None)
     if stores is None:
-        stores = open_stores(
-            _existing_data_dir(args), metadata_setting(args.metadata), blobs_setting(args.blobs)
-        )
+        stores = open_stores(_existing_data_dir(args), metadata_setting(args.metadata), blobs_setting(args.blobs))
         args.opened_stores = stores
     return stores
 
@@ -248,9 +251,7 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
     if not master_key.exists():
         passphrase = None
         if args.sealed:
-            passphrase = read_new_password(
-                "the master key", from_stdin=args.passphrase_stdin, stdin=sys.stdin
-            )
+            passphrase = read_new_password("the master key", from_stdin=args.passphrase_stdin, stdin=sys.stdin)
             if len(passphrase) < 8:
                 raise AdminError("The passphrase must be at least 8 characters long.")
         KeyringFile(master_key).create(passphrase)
@@ -271,8 +272,7 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
         daemon += f" --data-dir {data_dir} --master-key {master_key}"
     if args.certs_dir != DEFAULT_CERTS_DIR:
         daemon += (
-            f" --cert {certs_dir / 'server.crt'} --key {certs_dir / 'server.key'}"
-            f" --ca-cert {certs_dir / 'ca.crt'}"
+            f" --cert {certs_dir / 'server.crt'} --key {certs_dir / 'server.key'} --ca-cert {certs_dir / 'ca.crt'}"
         )
     print("Next steps:", file=out)
     print(f"  {admin} user add NAME", file=out)
@@ -291,9 +291,7 @@ def _user_add(args: argparse.Namespace, out: TextIO) -> None:
     name = validate_username(args.name)
     if store.user_id(name) is not None:
         raise UserExists(f"The user {name!r} already exists.")
-    password = validate_password(
-        read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin)
-    )
+    password = validate_password(read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin))
     store.add(name, password)
     print(f"added user {name}", file=out)
 
@@ -303,9 +301,7 @@ def _user_passwd(args: argparse.Namespace, out: TextIO) -> None:
     name = validate_username(args.name)
     if store.user_id(name) is None:
         raise UnknownUser(f"There is no user {name!r}.")
-    password = validate_password(
-        read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin)
-    )
+    password = validate_password(read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin))
     store.set_password(name, password)
     print(f"changed the password of user {name}", file=out)
 
@@ -395,7 +391,9 @@ def _verify(args: argparse.Namespace, out: TextIO) -> None:
             if args.repair:
                 storage.blobs.delete(owner_id, archive_id)
             action = "removed" if args.repair else "found"
-            print(f"ORPHAN {archive_id} of {names.get(owner_id, owner_id)}: blob without an index row, {action}", file=out)
+            print(
+                f"ORPHAN {archive_id} of {names.get(owner_id, owner_id)}: blob without an index row, {action}", file=out
+            )
         if orphans and not args.repair:
             print(f"{len(orphans)} orphaned blobs; remove them with --repair", file=out)
         elif orphans:

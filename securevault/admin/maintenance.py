@@ -8,13 +8,13 @@ through a callback and is safe to interrupt and run again.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import fsync_directory, remove_stale_temps, temp_name
 from securevault.core.keys import Keyring, KeyringFile, generate_keyring, new_key_id
-from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.storage import SecureFileStorage
 
 Progress = Callable[[str], None]

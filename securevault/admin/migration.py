@@ -16,13 +16,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from securevault.core.archive import META_SUFFIX, is_archive_id
-from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
+from securevault.core.archive import META_SUFFIX, IntegrityError, is_archive_id
 from securevault.core.fsutil import fsync_directory
-from securevault.stores.metadata import ArchiveRecord, MetadataError
-from securevault.core.archive import IntegrityError
-from securevault.storage import SecureFileStorage
 from securevault.core.users import UserStore, read_legacy_users
+from securevault.storage import SecureFileStorage
+from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
+from securevault.stores.metadata import ArchiveRecord, MetadataError
 
 LEGACY_USERS_FILE = "users.json"
 MIGRATED_SUFFIX = ".migrated"

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import datetime, timedelta, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -68,7 +68,7 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
 def _validity(
     not_before: datetime | None, not_after: datetime | None, lifetime: timedelta
 ) -> tuple[datetime, datetime]:
-    start = not_before if not_before is not None else datetime.now(timezone.utc) - BACKDATE
+    start = not_before if not_before is not None else datetime.now(UTC) - BACKDATE
     end = not_after if not_after is not None else start + BACKDATE + lifetime
     if end <= start:
         raise PkiError("A certificate's not_after must be later than its not_before.")
@@ -293,18 +293,14 @@ def load_key(path: Path) -> PrivateKey:
 
 
 def _public_der(key: PrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _load_ca(certs_dir: Path) -> tuple[x509.Certificate, PrivateKey]:
     """The CA from C{certs_dir}, checked to be a matching certificate and key."""
     cert_path, key_path = certs_dir / "ca.crt", certs_dir / "ca.key"
     if not cert_path.exists():
-        raise PkiError(
-            f"There is no CA certificate at {cert_path}; run 'securevault-admin init' first."
-        )
+        raise PkiError(f"There is no CA certificate at {cert_path}; run 'securevault-admin init' first.")
     if not key_path.exists():
         raise PkiError(
             f"There is no CA key at {key_path}, so no certificate can be signed; "
@@ -346,8 +342,7 @@ def init_dev_pki(certs_dir: Path, client_name: str = "client") -> list[Path]:
         if crt.exists() != key_file.exists():
             present, absent = (crt, key_file) if crt.exists() else (key_file, crt)
             raise PkiError(
-                f"{present} exists but {absent} does not; "
-                "restore it or remove both so they can be created again."
+                f"{present} exists but {absent} does not; restore it or remove both so they can be created again."
             )
     missing = [name for name in leaves if not (certs_dir / f"{name}.crt").exists()]
 
@@ -381,8 +376,7 @@ def validate_client_name(name: str) -> None:
     """Refuse names that are unsafe as file names or that belong to init."""
     if not CLIENT_NAME_PATTERN.fullmatch(name):
         raise PkiError(
-            f"The client name {name!r} is not allowed; use 1 to 64 letters, digits, "
-            "dots, underscores or hyphens."
+            f"The client name {name!r} is not allowed; use 1 to 64 letters, digits, dots, underscores or hyphens."
         )
     if name in RESERVED_NAMES or name in {".", ".."}:
         raise PkiError(f"The client name {name!r} is reserved; choose another name.")

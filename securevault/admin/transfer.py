@@ -13,13 +13,13 @@ by running it again.  Sessions are not copied: users log in again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+from securevault.admin.maintenance import ROTATION_STATE
 from securevault.core.archive import IO_BLOCK_BYTES
 from securevault.stores.backends import Stores
 from securevault.stores.blobs import BlobNotFound
-from securevault.admin.maintenance import ROTATION_STATE
 from securevault.stores.metadata import DuplicateUser
 
 Progress = Callable[[str], None]

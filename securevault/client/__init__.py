@@ -6,9 +6,7 @@ standard library only.
 """
 
 from securevault.client.library import (
-    AuthenticationError,
     BLOCK_BYTES,
-    ConnectionFailed,
     DEFAULT_TIMEOUT_SECONDS,
     EXIT_AUTH,
     EXIT_CONNECTION,
@@ -19,6 +17,8 @@ from securevault.client.library import (
     EXIT_STORAGE,
     EXIT_THROTTLED,
     EXIT_USAGE,
+    AuthenticationError,
+    ConnectionFailed,
     FileInfo,
     IntegrityError,
     NotFoundError,

@@ -51,10 +51,11 @@ import sys
 import tempfile
 import tomllib
 import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, TextIO
 
 from securevault.client.library import (
     EXIT_ERROR,
@@ -154,8 +155,7 @@ def load_config_file(path: Path) -> dict[str, str]:
     for name, value in table.items():
         if name not in DEFAULTS:
             raise UsageError(
-                f"The configuration file {path} has an unknown key {name!r} "
-                f"(known: {', '.join(DEFAULTS)})."
+                f"The configuration file {path} has an unknown key {name!r} (known: {', '.join(DEFAULTS)})."
             )
         if not isinstance(value, str) or not value:
             raise UsageError(f"In the configuration file {path}, {name!r} must be a non-empty string.")
@@ -165,9 +165,7 @@ def load_config_file(path: Path) -> dict[str, str]:
     return settings
 
 
-def resolve_settings(
-    flags: Mapping[str, Any], environ: Mapping[str, str], config: Mapping[str, str]
-) -> Settings:
+def resolve_settings(flags: Mapping[str, Any], environ: Mapping[str, str], config: Mapping[str, str]) -> Settings:
     """Apply the precedence flags > environment > config file > defaults.
 
     Empty environment variables count as unset.
@@ -184,9 +182,7 @@ def resolve_settings(
         key=os.path.expanduser(chosen["key"]),
         ca=os.path.expanduser(chosen["ca"]),
         session_file=(
-            Path(os.path.expanduser(session_file))
-            if session_file
-            else config_dir(environ) / SESSION_FILE_NAME
+            Path(os.path.expanduser(session_file)) if session_file else config_dir(environ) / SESSION_FILE_NAME
         ),
     )
 
@@ -231,9 +227,7 @@ def read_session_file(path: Path) -> dict[str, str] | None:
     except ValueError:
         record = None
     if not (
-        isinstance(record, dict)
-        and isinstance(record.get("url"), str)
-        and isinstance(record.get("session_id"), str)
+        isinstance(record, dict) and isinstance(record.get("url"), str) and isinstance(record.get("session_id"), str)
     ):
         raise AuthenticationError(
             f"The session file {path} is damaged; run '{PROG} login' again.", code="not_logged_in"
@@ -261,8 +255,7 @@ def printable(text: str) -> str:
     """C{text} with control characters escaped, so that a name from the
     server can never move the cursor or forge another line."""
     return "".join(
-        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch
-        for ch in text
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch for ch in text
     )
 
 
@@ -285,9 +278,7 @@ def format_table(files: Sequence[FileInfo]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []
     for row in rows:
-        lines.append(
-            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip()
-        )
+        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip())
     return "\n".join(lines)
 
 
@@ -298,8 +289,7 @@ def safe_output_name(filename: str) -> str:
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
     if base in ("", ".", "..") or any(unicodedata.category(ch) == "Cc" for ch in base):
         raise VaultError(
-            f"The archive's name {printable(filename)!r} cannot be used as a local file name; "
-            "choose one with -o PATH.",
+            f"The archive's name {printable(filename)!r} cannot be used as a local file name; choose one with -o PATH.",
             code="unsafe_filename",
         )
     return base
@@ -468,7 +458,9 @@ def _global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument("--url", default=default, help=f"the vault's URL (default: {DEFAULTS['url']})")
     parser.add_argument("--cert", default=default, help=f"client certificate, PEM (default: {DEFAULTS['cert']})")
     parser.add_argument("--key", default=default, help=f"client private key, PEM (default: {DEFAULTS['key']})")
-    parser.add_argument("--ca", default=default, help=f"CA certificate(s) to verify the vault (default: {DEFAULTS['ca']})")
+    parser.add_argument(
+        "--ca", default=default, help=f"CA certificate(s) to verify the vault (default: {DEFAULTS['ca']})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,15 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, handler: Callable[..., None]) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=summary, description=summary, parents=[after],
-                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            parents=[after],
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.set_defaults(handler=handler)
         return sub
 
     login = command("login", "log in and keep the session in a 0600 file", _login)
     login.add_argument("--username", "-u", metavar="NAME", help="user name (prompted for if absent)")
-    login.add_argument("--password-stdin", action="store_true",
-                       help="read the password from the first line of standard input")
+    login.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of standard input"
+    )
 
     upload = command("upload", "upload files, one archive each", _upload)
     upload.add_argument("paths", nargs="+", metavar="PATH")
@@ -506,8 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     which = download.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", metavar="ID", help="the archive's id")
     which.add_argument("--name", metavar="NAME", help="the newest archive with this filename")
-    download.add_argument("-o", "--output", metavar="PATH",
-                          help="where to save it (default: the archive's filename in the current directory)")
+    download.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="where to save it (default: the archive's filename in the current directory)",
+    )
 
     delete = command("delete", "delete an archive", _delete)
     delete.add_argument("id", metavar="ID")

@@ -42,8 +42,9 @@ import os
 import select
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode, urlsplit
 
 from securevault.client.support import (
@@ -136,9 +137,7 @@ class VaultClient:
         self.session_id = session_id
         self._prefix = parts.path.rstrip("/")
         self._context = make_tls_context(cert, key, ca)
-        self._connection = http.client.HTTPSConnection(
-            parts.hostname, port, context=self._context, timeout=timeout
-        )
+        self._connection = http.client.HTTPSConnection(parts.hostname, port, context=self._context, timeout=timeout)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -186,8 +185,9 @@ class VaultClient:
         """Delete one archive (L{NotFoundError} when there is no such archive)."""
         self._call_json("POST", "/delete-file", {"id": archive_id}, expect=(204,))
 
-    def upload(self, path: str | os.PathLike[str], filename: str | None = None,
-               progress: Progress | None = None) -> FileInfo:
+    def upload(
+        self, path: str | os.PathLike[str], filename: str | None = None, progress: Progress | None = None
+    ) -> FileInfo:
         """Stream the file at C{path} as one archive named C{filename}
         (default: the file's own name); C{progress(n)} is called per block sent.
 
@@ -300,8 +300,9 @@ class VaultClient:
         try:
             encoded = quote(name, safe="")
         except UnicodeEncodeError:
-            raise VaultError(f"The name {name!r} is not valid UTF-8; give another filename.",
-                             code="invalid_filename") from None
+            raise VaultError(
+                f"The name {name!r} is not valid UTF-8; give another filename.", code="invalid_filename"
+            ) from None
         digest = hashlib.sha256()
 
         def body(connection: http.client.HTTPSConnection) -> None:
@@ -338,8 +339,9 @@ class VaultClient:
             )
         return info
 
-    def _call_json(self, method: str, path: str, payload: Any = None, *, auth: bool = True,
-                   expect: tuple[int, ...] = (200,)) -> Any:
+    def _call_json(
+        self, method: str, path: str, payload: Any = None, *, auth: bool = True, expect: tuple[int, ...] = (200,)
+    ) -> Any:
         headers = {"Accept": "application/json"}
         data: bytes | None = None
         if payload is not None:
@@ -392,8 +394,9 @@ class VaultClient:
             early = self._early_response() if in_body else None
             if early is None:
                 connection.close()
-                raise ConnectionFailed(f"Cannot talk to {self.url}: {_reason(error)}.",
-                                       code="connection_failed") from None
+                raise ConnectionFailed(
+                    f"Cannot talk to {self.url}: {_reason(error)}.", code="connection_failed"
+                ) from None
             response = early
         except BaseException:
             connection.close()
@@ -420,8 +423,9 @@ class VaultClient:
             payload = response.read()
         except (OSError, http.client.HTTPException) as error:
             self._connection.close()
-            raise ConnectionFailed(f"Cannot read the answer from {self.url}: {_reason(error)}.",
-                                   code="connection_failed") from None
+            raise ConnectionFailed(
+                f"Cannot read the answer from {self.url}: {_reason(error)}.", code="connection_failed"
+            ) from None
         if response.status not in expect:
             raise _protocol_error(f"HTTP {response.status} where {' or '.join(map(str, expect))} was expected")
         if response.status == 204:
@@ -451,4 +455,3 @@ def _connection_dropped(sock: Any) -> bool:
     except (OSError, ValueError):
         return True
     return bool(readable)
-

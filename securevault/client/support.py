@@ -11,9 +11,10 @@ import http.client
 import json
 import os
 import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 BLOCK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -206,8 +207,9 @@ def _protocol_error(what: str) -> VaultError:
     return VaultError(f"Unexpected answer from the server: {what}.", code="protocol_error")
 
 
-def make_tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str],
-                     ca: str | os.PathLike[str]) -> ssl.SSLContext:
+def make_tls_context(
+    cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]
+) -> ssl.SSLContext:
     """A client context: verifies the server against C{ca} (hostname included),
     presents C{cert}/C{key}, TLS 1.2 at least.
 
@@ -221,14 +223,14 @@ def make_tls_context(cert: str | os.PathLike[str], key: str | os.PathLike[str],
     try:
         context.load_verify_locations(cafile=os.fspath(ca))
     except (ssl.SSLError, OSError) as error:
-        raise VaultError(f"Cannot load the CA certificate {os.fspath(ca)}: {_reason(error)}.",
-                         code="bad_configuration") from None
+        raise VaultError(
+            f"Cannot load the CA certificate {os.fspath(ca)}: {_reason(error)}.", code="bad_configuration"
+        ) from None
     try:
         context.load_cert_chain(os.fspath(cert), os.fspath(key))
     except (ssl.SSLError, OSError) as error:
         raise VaultError(
-            f"Cannot load the client certificate {os.fspath(cert)} with key {os.fspath(key)}: "
-            f"{_reason(error)}.",
+            f"Cannot load the client certificate {os.fspath(cert)} with key {os.fspath(key)}: {_reason(error)}.",
             code="bad_configuration",
         ) from None
     return context
@@ -281,8 +283,7 @@ def install_verified(
     try:
         if actual_sha256 is None:
             actual_sha256 = file_sha256(part)
-        if not hmac.compare_digest(actual_sha256.lower().encode("ascii"),
-                                   expected_sha256.lower().encode("ascii")):
+        if not hmac.compare_digest(actual_sha256.lower().encode("ascii"), expected_sha256.lower().encode("ascii")):
             raise IntegrityError(
                 f"The downloaded bytes have SHA-256 {actual_sha256}, but the server announced "
                 f"{expected_sha256}; nothing was saved.",

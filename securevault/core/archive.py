@@ -18,10 +18,11 @@ import secrets
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Protocol, cast
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
@@ -137,7 +138,7 @@ def is_archive_id(value: str) -> bool:
 
 def rfc3339(timestamp: float) -> str:
     """UTC time as API.md writes it: C{2026-11-24T17:30:00Z}."""
-    return datetime.fromtimestamp(int(timestamp), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(int(timestamp), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def derive_key(data_key: bytes, purpose: bytes) -> bytes:
@@ -155,7 +156,6 @@ def ciphertext_buffer(plaintext_bytes: int) -> bytearray:
     return bytearray(plaintext_bytes + CHUNK_PLAINTEXT_BYTES + chunks * CHUNK_TAG_BYTES + 256)
 
 
-
 def translate_os_error(error: OSError) -> Exception:
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StorageFull("No space left on the vault's disk.")
@@ -170,10 +170,10 @@ class ArchiveIndex(Protocol):
     L{securevault.storage.SecureFileStorage}): where bodies go, the clock,
     and the index row that is the commit point."""
 
-    blobs: "BlobStore"
+    blobs: BlobStore
     clock_ns: Callable[[], int]
 
-    def write_meta(self, owner_id: str, info: "ArchiveInfo", data_key: bytes) -> None: ...
+    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None: ...
 
     def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None: ...
 
@@ -185,7 +185,7 @@ class _EncryptingSink:
     instead of seeking back to patch headers.
     """
 
-    def __init__(self, blob: "BlobWriter", encryptor: Cobblestone256Encryptor) -> None:
+    def __init__(self, blob: BlobWriter, encryptor: Cobblestone256Encryptor) -> None:
         self._blob = blob
         self._encryptor = encryptor
         # One buffer for the life of the upload, grown to the largest write
@@ -419,7 +419,7 @@ class ArchiveReader:
     L{IntegrityError}.
     """
 
-    def __init__(self, blob: "BlobReader", info: ArchiveInfo, body_key: bytes, context: bytes) -> None:
+    def __init__(self, blob: BlobReader, info: ArchiveInfo, body_key: bytes, context: bytes) -> None:
         self.info = info
         self._blob: BlobReader | None = blob
         self._decryptor = Cobblestone256Decryptor(body_key, context)

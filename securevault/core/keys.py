@@ -14,9 +14,10 @@ import binascii
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -76,15 +77,12 @@ class Keyring:
         return json.dumps(document, indent=2).encode("utf-8") + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Keyring":
+    def from_json(cls, data: bytes) -> Keyring:
         try:
             document = json.loads(data)
             if document.get("format") != KEYRING_FORMAT or document.get("version") != 1:
                 raise KeyFileError("not a securevault master key file")
-            keys = {
-                str(kid): base64.b64decode(value, validate=True)
-                for kid, value in document["keys"].items()
-            }
+            keys = {str(kid): base64.b64decode(value, validate=True) for kid, value in document["keys"].items()}
             current = str(document["current"])
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as error:
             raise KeyFileError(f"malformed master key file: {error}") from error
@@ -124,7 +122,7 @@ class Seal:
     @classmethod
     def derive(
         cls, passphrase: str, salt: bytes | None = None, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
-    ) -> "Seal":
+    ) -> Seal:
         if not passphrase:
             raise KeyFileError("the master key passphrase is empty")
         if not (2 <= n <= 2**20 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
@@ -203,9 +201,7 @@ class KeyringFile:
         try:
             return self.path.read_bytes()
         except FileNotFoundError as error:
-            raise KeyFileError(
-                f"master key file {self.path} does not exist; run 'securevault-admin init'"
-            ) from error
+            raise KeyFileError(f"master key file {self.path} does not exist; run 'securevault-admin init'") from error
         except OSError as error:
             raise KeyFileError(f"cannot read master key file {self.path}: {error.strerror}") from error
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 SOURCES_HELP = "prompt, stdin, fd:N or file:PATH"
 

@@ -14,8 +14,8 @@ import hashlib
 import hmac
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from securevault.stores.metadata import MetadataStore, SessionRecord
 

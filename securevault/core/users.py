@@ -16,9 +16,10 @@ import hmac
 import json
 import os
 import re
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from securevault.stores.metadata import DuplicateUser, MetadataError, MetadataStore, UserRecord
 
@@ -80,8 +81,7 @@ def validate_username(name: object) -> str:
     """
     if not isinstance(name, str) or not USERNAME_PATTERN.fullmatch(name):
         raise InvalidUsername(
-            f"The username {name!r} is not allowed; use 1 to 64 letters, digits, "
-            "dots, underscores, hyphens or '@'."
+            f"The username {name!r} is not allowed; use 1 to 64 letters, digits, dots, underscores, hyphens or '@'."
         )
     return name
 
@@ -91,9 +91,7 @@ def validate_password(password: object) -> str:
     if not isinstance(password, str):
         raise InvalidPassword("The password must be text.")
     if not PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS:
-        raise InvalidPassword(
-            f"The password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters long."
-        )
+        raise InvalidPassword(f"The password must be {PASSWORD_MIN_CHARS} to {PASSWORD_MAX_CHARS} characters long.")
     if "\0" in password:
         raise InvalidPassword("The password must not contain a NUL character.")
     return password
@@ -150,7 +148,7 @@ def check_password(password: str, encoded: str) -> bool:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class UserStore:

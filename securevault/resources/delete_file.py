@@ -10,13 +10,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.server.endpoint import JsonEndpoint
-
-from securevault.server.errors import not_found
-
-from securevault.server.jsonapi import Reply, parse_json_object, string_field
-from securevault.core.sessions import Session
 from securevault.core.archive import ArchiveNotFound
+from securevault.core.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.errors import not_found
+from securevault.server.jsonapi import Reply, parse_json_object, string_field
 
 log = Logger(namespace="securevault.security")
 
@@ -27,7 +25,7 @@ class DeleteFileResource(JsonEndpoint):
     def render_POST(self, request: Request) -> Any:
         return self.authenticated(request, lambda session: self._delete(request, session))
 
-    def _delete(self, request: Request, session: Session) -> "Deferred[Reply]":
+    def _delete(self, request: Request, session: Session) -> Deferred[Reply]:
         archive_id = string_field(parse_json_object(request), "id")
 
         def deleted(_: None) -> Reply:

@@ -20,15 +20,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.server.endpoint import JsonEndpoint
-
-from securevault.server.errors import bad_request, not_found
-
-from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, fail, integrity_failure
 from securevault.core.archive import ArchiveInfo, ArchiveNotFound, ArchiveReader, IntegrityError
-from securevault.storage import SecureFileStorage
 from securevault.core.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.errors import bad_request, not_found
+from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, fail, integrity_failure
 from securevault.server.streaming import Base64Encoder, DownloadProducer, base64_length
+from securevault.storage import SecureFileStorage
 
 log = Logger(namespace="securevault.security")
 
@@ -46,8 +44,9 @@ class Opened:
     whole: bytes | None = None
 
 
-def open_download(storage: SecureFileStorage, owner_id: str, archive_id: str | None,
-                  filename: str | None, raw: bool) -> Opened:
+def open_download(
+    storage: SecureFileStorage, owner_id: str, archive_id: str | None, filename: str | None, raw: bool
+) -> Opened:
     """Find and open the archive; runs in the pool."""
     if archive_id is None:
         assert filename is not None
@@ -99,7 +98,7 @@ class DownloadFileResource(JsonEndpoint):
         sessions: list[Session] = []
         archive_ids: list[str | None] = []
 
-        def open_it(session: Session) -> "Deferred[Opened]":
+        def open_it(session: Session) -> Deferred[Opened]:
             sessions.append(session)
             archive_id = single_arg(request, b"id")
             filename = single_arg(request, b"filename")

@@ -8,11 +8,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
-from securevault.server.endpoint import JsonEndpoint
-
-from securevault.server.jsonapi import Reply
-from securevault.core.sessions import Session
 from securevault.core.archive import ArchiveInfo
+from securevault.core.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.jsonapi import Reply
 
 
 class GetFilesResource(JsonEndpoint):
@@ -26,7 +25,7 @@ class GetFilesResource(JsonEndpoint):
         storage = app.storage
         if app.sessions.mirrored:  # one node: session and listing may be in memory
 
-            def from_memory(session: Session) -> "Reply | Deferred[Reply]":
+            def from_memory(session: Session) -> Reply | Deferred[Reply]:
                 cached = storage.cached_list(session.user_id)
                 if cached is not None:
                     return listed(cached)

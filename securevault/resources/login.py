@@ -8,13 +8,11 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from securevault.server.endpoint import JsonEndpoint
-
-from securevault.server.errors import ApiError
-
-from securevault.server.jsonapi import Reply, parse_json_object, string_field
-from securevault.core.sessions import Session
 from securevault.core.archive import rfc3339
+from securevault.core.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.errors import ApiError
+from securevault.server.jsonapi import Reply, parse_json_object, string_field
 from securevault.server.tls import ClientIdentity
 
 log = Logger(namespace="securevault.security")

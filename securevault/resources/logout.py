@@ -8,17 +8,16 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
-from securevault.server.endpoint import JsonEndpoint
-
-from securevault.server.jsonapi import Reply
 from securevault.core.sessions import Session
+from securevault.server.endpoint import JsonEndpoint
+from securevault.server.jsonapi import Reply
 
 
 class LogoutResource(JsonEndpoint):
     allowedMethods = (b"POST",)
 
     def render_POST(self, request: Request) -> Any:
-        def end(session: Session) -> "Deferred[Reply]":
+        def end(session: Session) -> Deferred[Reply]:
             def ended(_: None) -> Reply:
                 self.app.record("logout", request, user=session.username)
                 return Reply(204)

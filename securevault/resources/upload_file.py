@@ -17,12 +17,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
+from securevault.core.sessions import Session
 from securevault.server.app import SessionRefused
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object
-from securevault.core.sessions import Session
-from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
 from securevault.storage import SecureFileStorage
 
 log = Logger(namespace="securevault.security")
@@ -45,9 +45,7 @@ def parse_json_upload(raw: bytes) -> tuple[str, bytes]:
     return filename, data
 
 
-def store_json_upload(
-    storage: SecureFileStorage, owner_id: str, raw: bytes, quota: int | None
-) -> ArchiveInfo:
+def store_json_upload(storage: SecureFileStorage, owner_id: str, raw: bytes, quota: int | None) -> ArchiveInfo:
     """Parse and store a JSON upload; runs in the pool."""
     filename, data = parse_json_upload(raw)
     remaining = None if quota is None else max(0, quota - storage.usage(owner_id))
@@ -64,7 +62,7 @@ class UploadFileResource(JsonEndpoint):
             work = upload.finish()
         else:
 
-            def store(session: Session) -> "Deferred[ArchiveInfo]":
+            def store(session: Session) -> Deferred[ArchiveInfo]:
                 kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
                 if kind != b"application/json":
                     raise ApiError(

@@ -3,25 +3,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from typing import TYPE_CHECKING
-
 from securevault.core.audit import AuditLog
-from securevault.server.config import VaultConfig
-from securevault.server.metrics import VaultMetrics
-from securevault.server.errors import ApiError, invalid_session
 from securevault.core.sessions import LoginThrottle, Session, SessionStore
-from securevault.storage import SecureFileStorage
-from securevault.server.tls import ClientIdentity, client_identity
 from securevault.core.users import UserStore
+from securevault.server.config import VaultConfig
+from securevault.server.errors import ApiError, invalid_session
+from securevault.server.metrics import VaultMetrics
+from securevault.server.tls import ClientIdentity, client_identity
 from securevault.server.workers import RunBlocking
+from securevault.storage import SecureFileStorage
 
 if TYPE_CHECKING:
     from securevault.stores.backends import Stores
@@ -52,7 +51,7 @@ class VaultApp:
     clock: Callable[[], float]
     audit: AuditLog | None = None
     metrics: VaultMetrics | None = None
-    stores: "Stores | None" = None
+    stores: Stores | None = None
     # Live sessions, as last counted by the sweep or a metrics scrape (both
     # in a pool thread: the reactor thread never asks the store).
     session_count: int = 0
@@ -90,7 +89,7 @@ class VaultApp:
             setattr(request, "client_identity", identity)
         return identity
 
-    def authenticate(self, request: Request) -> "Deferred[Session]":
+    def authenticate(self, request: Request) -> Deferred[Session]:
         """The caller's session, from the headers only; else a failure with
         401 invalid_session.  The lookup runs in the pool: sessions live in
         the metadata store, shared by every node."""
@@ -109,7 +108,7 @@ class VaultApp:
             return maybeDeferred(found, self.sessions.lookup_local(session_id, identity.fingerprint))
         return self.run_blocking(self.sessions.lookup, session_id, identity.fingerprint).addCallback(found)
 
-    def with_session(self, request: Request, work: Callable[[Session], R]) -> "Deferred[R]":
+    def with_session(self, request: Request, work: Callable[[Session], R]) -> Deferred[R]:
         """C{work(session)} in the pool, in the same pool call that finds the
         caller's session: one trip to the pool, not two, for the requests
         that need nothing else first.  401 invalid_session without one."""

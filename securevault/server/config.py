@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_PORT = 5000
 DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
@@ -71,7 +72,7 @@ class VaultConfig:
     blobs_url: str | None = None  # None: <data-dir>/archives
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "VaultConfig":
+    def from_options(cls, options: Mapping[str, Any]) -> VaultConfig:
         data_dir = Path(options["data-dir"])
         master_key = options.get("master-key")
         audit_log = options.get("audit-log")

@@ -4,7 +4,8 @@ mapping, replies that arrive later and clients that leave meanwhile)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure

@@ -125,5 +125,3 @@ def string_field(body: dict[str, Any], name: str) -> str:
     if not isinstance(value, str):
         raise bad_request(f"The field {name!r} is missing or not a string.")
     return value
-
-

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ENDPOINTS = frozenset(
-    ["/login", "/logout", "/upload-file", "/get-files", "/download-file", "/delete-file", "/health"]
-)
+ENDPOINTS = frozenset(["/login", "/logout", "/upload-file", "/get-files", "/download-file", "/delete-file", "/health"])
 # Audit events that are also counted.
 EVENT_COUNTERS = {
     "login_failed": "failed_logins",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import base64
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -79,7 +80,7 @@ class UploadStream:
             self._pause()
         self._pump()
 
-    def finish(self) -> "Deferred[ArchiveInfo]":
+    def finish(self) -> Deferred[ArchiveInfo]:
         """The whole body arrived: commit once every byte is written."""
         self._ending = True
         self._result = Deferred(lambda _: self.abort())
@@ -213,7 +214,7 @@ class DownloadProducer:
         self._pumping = False
         self._done: Deferred[None] = Deferred()
 
-    def start(self) -> "Deferred[None]":
+    def start(self) -> Deferred[None]:
         """Begin streaming; fires when the response is finished or aborted."""
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addErrback(lambda _: self.stopProducing())

@@ -21,16 +21,14 @@ from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
 from securevault import __version__
-from securevault.server.app import VaultApp
+from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
-from securevault.stores.backends import (
-    BackendError,
-    blobs_setting,
-    check_blobs_url,
-    check_metadata_url,
-    metadata_setting,
-    open_stores,
-)
+from securevault.core.fsutil import remove_stale_temps
+from securevault.core.keys import KeyFileError, KeyringFile
+from securevault.core.passphrase import PassphraseError, passphrase_source
+from securevault.core.sessions import LoginThrottle, SessionStore
+from securevault.core.users import UserError, UserStore
+from securevault.server.app import VaultApp
 from securevault.server.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -43,17 +41,19 @@ from securevault.server.config import (
     parse_port,
     port_from_environment,
 )
-from securevault.core.fsutil import remove_stale_temps
-from securevault.core.keys import KeyFileError, KeyringFile
-from securevault.stores.metadata import MetadataError
-from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.server.metrics import VaultMetrics
-from securevault.admin.migration import migrate
-from securevault.core.sessions import LoginThrottle, SessionStore
 from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
-from securevault.core.users import UserError, UserStore
 from securevault.server.web import VaultSite
 from securevault.server.workers import ThreadPoolService
+from securevault.stores.backends import (
+    BackendError,
+    blobs_setting,
+    check_blobs_url,
+    check_metadata_url,
+    metadata_setting,
+    open_stores,
+)
+from securevault.stores.metadata import MetadataError
 
 log = Logger(namespace="securevault")
 
@@ -110,7 +110,13 @@ class Options(usage.Options):
         ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "Seconds a session lives in all.", _positive_float],
         ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload in bytes.", _positive_int],
         ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body in bytes.", _positive_int],
-        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT_SECONDS, "Seconds before a silent client is dropped.", _positive_float],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT_SECONDS,
+            "Seconds before a silent client is dropped.",
+            _positive_float,
+        ],
         ["quota", None, None, "Bytes of archives per user [default: none].", _positive_int],
         ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off]."],
         ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],

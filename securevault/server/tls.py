@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,9 +22,7 @@ from twisted.internet.ssl import (
 )
 
 # Forward-secret AEAD suites only (TLS 1.3 suites are all AEAD).
-AEAD_ONLY = AcceptableCiphers.fromOpenSSLCipherString(
-    "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
-)
+AEAD_ONLY = AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1")
 
 
 class TLSConfigError(Exception):
@@ -65,9 +63,7 @@ def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
     options = CertificateOptions(
         certificate=cast(Any, certificate),
         privateKey=cast(Any, private_key),
-        trustRoot=trustRootFromCertificates(
-            [Certificate.loadPEM(a.public_bytes(Encoding.PEM)) for a in authorities]
-        ),
+        trustRoot=trustRootFromCertificates([Certificate.loadPEM(a.public_bytes(Encoding.PEM)) for a in authorities]),
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=AEAD_ONLY,
     )
@@ -117,7 +113,7 @@ class ClientIdentity:
     not_after: datetime
 
     @classmethod
-    def from_certificate(cls, certificate: x509.Certificate) -> "ClientIdentity":
+    def from_certificate(cls, certificate: x509.Certificate) -> ClientIdentity:
         names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         try:
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -134,7 +130,7 @@ class ClientIdentity:
 
     @property
     def not_after_timestamp(self) -> float:
-        return self.not_after.astimezone(timezone.utc).timestamp()
+        return self.not_after.astimezone(UTC).timestamp()
 
 
 def client_identity(transport: Any) -> ClientIdentity | None:

@@ -22,10 +22,10 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.server import NOT_DONE_YET, Request
 
+from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
 from securevault.server.app import SessionRefused, VaultApp, session_id_from_headers
 from securevault.server.errors import ApiError, not_found, storage_error
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
-from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
 from securevault.server.streaming import UploadStream
 
 # Bodies of requests other than uploads are small JSON objects.
@@ -229,7 +229,9 @@ class VaultRequest(server.Request):
             body = encode_json(error_body(error))
         else:
             request_id = uuid.uuid4().hex
-            access_log.failure("Internal error while taking an upload (request {request_id})", error, request_id=request_id)
+            access_log.failure(
+                "Internal error while taking an upload (request {request_id})", error, request_id=request_id
+            )
             error = ApiError(500, "internal_error", "The server failed to answer this request.")
             body = encode_json({**error_body(error), "request_id": request_id})
         self.code = error.status
@@ -437,4 +439,3 @@ class VaultSite(server.Site):
 
     def log(self, request: Any) -> None:
         """Access events come from VaultRequest, without query strings."""
-

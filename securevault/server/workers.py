@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable
+from typing import ParamSpec, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -17,8 +18,7 @@ class RunBlocking(Protocol):
     """Runs a blocking callable off the reactor thread; its result comes back
     through the Deferred only."""
 
-    def __call__(self, function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
-        ...
+    def __call__(self, function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]: ...
 
 
 def run_inline(function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:

@@ -10,15 +10,15 @@ drivers of those are optional extras, imported only when asked for.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import urlsplit
 
-from securevault.stores.blobs import BlobStore, LocalBlobStore
 from securevault.core.keys import Keyring, KeyringFile
-from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 from securevault.storage import METADATA_FILE, SecureFileStorage
+from securevault.stores.blobs import BlobStore, LocalBlobStore
+from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
 
 METADATA_ENV = "SECUREVAULT_METADATA"
 BLOBS_ENV = "SECUREVAULT_BLOBS"
@@ -44,7 +44,9 @@ def check_metadata_url(url: str | None) -> None:
         return
     scheme = urlsplit(url).scheme
     if scheme not in ("sqlite", "postgresql", "postgres"):
-        raise BackendError(f"--metadata must be sqlite, sqlite:///PATH or postgresql://..., not a {scheme or 'bare'!r} URL")
+        raise BackendError(
+            f"--metadata must be sqlite, sqlite:///PATH or postgresql://..., not a {scheme or 'bare'!r} URL"
+        )
     if scheme == "sqlite" and not urlsplit(url).path:
         raise BackendError("--metadata sqlite:///PATH needs a path")
 

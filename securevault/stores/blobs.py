@@ -15,9 +15,10 @@ import ctypes
 import ctypes.util
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 from securevault.core.fsutil import TEMP_SUFFIX, fsync_directory, write_all
 
@@ -65,15 +66,13 @@ class BlobReader(Protocol):
     def read(self, size: int) -> bytes:
         """Up to C{size} next bytes; b"" at the end."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 class BlobStore(Protocol):
     """Archive bodies by (owner id, archive id); safe to call from any thread."""
 
-    def writer(self, owner_id: str, archive_id: str) -> BlobWriter:
-        ...
+    def writer(self, owner_id: str, archive_id: str) -> BlobWriter: ...
 
     def reader(self, owner_id: str, archive_id: str) -> BlobReader:
         """Raises L{BlobNotFound} when there is no such blob."""

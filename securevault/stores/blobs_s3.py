@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, Iterator, NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import boto3.session
@@ -277,7 +278,9 @@ class S3BlobStore:
         if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
             raise ValueError("The s3:// URL must have no query or fragment: only s3://bucket/prefix.")
         if ":" in parts.netloc:
-            raise ValueError("The s3:// URL must name a bucket, not a host and port: set AWS_ENDPOINT_URL for the endpoint.")
+            raise ValueError(
+                "The s3:// URL must name a bucket, not a host and port: set AWS_ENDPOINT_URL for the endpoint."
+            )
         if not parts.netloc:
             raise ValueError("The s3:// URL names no bucket: use s3://bucket or s3://bucket/prefix.")
         return cls(parts.netloc, unquote(parts.path), client=client)
@@ -309,9 +312,7 @@ class S3BlobStore:
     # errors
 
     def _failure(self, operation: str, error: Exception) -> NoReturn:
-        raise BlobStoreError(
-            f"S3 {operation} failed on bucket {self.bucket!r}: {_error_code(error)}"
-        ) from error
+        raise BlobStoreError(f"S3 {operation} failed on bucket {self.bucket!r}: {_error_code(error)}") from error
 
     def _call(self, operation: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:

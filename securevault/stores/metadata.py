@@ -15,10 +15,11 @@ import dataclasses
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 SCHEMA_VERSION = "1"
 
@@ -71,8 +72,7 @@ class MetadataStore(Protocol):
     def add_user(self, record: UserRecord) -> None:
         """Raises L{DuplicateUser} when the name is taken."""
 
-    def get_user(self, name: str) -> UserRecord | None:
-        ...
+    def get_user(self, name: str) -> UserRecord | None: ...
 
     def set_password_hash(self, name: str, password_hash: str) -> bool:
         """False when there is no such user."""
@@ -84,60 +84,45 @@ class MetadataStore(Protocol):
         """Sorted by name."""
 
     # sessions
-    def put_session(self, record: SessionRecord) -> None:
-        ...
+    def put_session(self, record: SessionRecord) -> None: ...
 
-    def get_session(self, digest: str) -> SessionRecord | None:
-        ...
+    def get_session(self, digest: str) -> SessionRecord | None: ...
 
-    def touch_session(self, digest: str, last_used: float) -> None:
-        ...
+    def touch_session(self, digest: str, last_used: float) -> None: ...
 
-    def delete_session(self, digest: str) -> None:
-        ...
+    def delete_session(self, digest: str) -> None: ...
 
-    def delete_expired_sessions(self, now: float, idle_seconds: float) -> int:
-        ...
+    def delete_expired_sessions(self, now: float, idle_seconds: float) -> int: ...
 
-    def count_sessions(self) -> int:
-        ...
+    def count_sessions(self) -> int: ...
 
     def list_sessions(self) -> list[SessionRecord]:
         """Every stored session (a single node mirrors them in memory)."""
 
     # login throttling
-    def add_login_failures(self, subjects: Sequence[str], at: float) -> None:
-        ...
+    def add_login_failures(self, subjects: Sequence[str], at: float) -> None: ...
 
     def recent_login_failures(self, subject: str, since: float, limit: int) -> list[float]:
         """Failure times after C{since}, newest first, at most C{limit}."""
 
-    def forget_login_failures(self, before: float) -> int:
-        ...
+    def forget_login_failures(self, before: float) -> int: ...
 
     # the archive index
-    def put_archive(self, record: ArchiveRecord) -> None:
-        ...
+    def put_archive(self, record: ArchiveRecord) -> None: ...
 
-    def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
-        ...
+    def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None: ...
 
     def list_archives(self, owner_id: str) -> list[ArchiveRecord]:
         """Newest first."""
 
-    def delete_archive(self, owner_id: str, archive_id: str) -> bool:
-        ...
+    def delete_archive(self, owner_id: str, archive_id: str) -> bool: ...
 
-    def replace_archive_key(
-        self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str
-    ) -> bool:
+    def replace_archive_key(self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str) -> bool:
         """Swap the document if its key is still C{old_key_id} (rotation)."""
 
-    def find_archive_owner(self, archive_id: str) -> str | None:
-        ...
+    def find_archive_owner(self, archive_id: str) -> str | None: ...
 
-    def owners(self) -> list[str]:
-        ...
+    def owners(self) -> list[str]: ...
 
     def usage(self, owner_id: str) -> int:
         """Stored bytes of the owner's archives (for --quota)."""
@@ -146,17 +131,14 @@ class MetadataStore(Protocol):
         """(owner id, archive id) of every archive, for the orphan sweep."""
 
     # named state
-    def get_state(self, name: str) -> str | None:
-        ...
+    def get_state(self, name: str) -> str | None: ...
 
-    def set_state(self, name: str, value: str | None) -> None:
-        ...
+    def set_state(self, name: str, value: str | None) -> None: ...
 
     def describe(self) -> str:
         """Where the store is, for the start-up line (no credentials)."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...
 
 
 SCHEMA = (
@@ -192,6 +174,7 @@ SCHEMA = (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
 )
+
 
 def _row(record: UserRecord | SessionRecord | ArchiveRecord) -> tuple[Any, ...]:
     """A record's values in its table's column order (the field order)."""
@@ -329,9 +312,7 @@ class SqlMetadataStore:
 
     def add_user(self, record: UserRecord) -> None:
         try:
-            self._execute(
-                f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)", _row(record)
-            )
+            self._execute(f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)", _row(record))
         except self.integrity_errors as error:
             raise DuplicateUser(record.name) from error
 
@@ -357,9 +338,7 @@ class SqlMetadataStore:
     # -- sessions -----------------------------------------------------------
 
     def put_session(self, record: SessionRecord) -> None:
-        self._execute(
-            f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _row(record)
-        )
+        self._execute(f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _row(record))
 
     def get_session(self, digest: str) -> SessionRecord | None:
         rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM sv_sessions WHERE digest = ?", (digest,))
@@ -404,9 +383,7 @@ class SqlMetadataStore:
     # -- the archive index ----------------------------------------------------
 
     def put_archive(self, record: ArchiveRecord) -> None:
-        self._execute(
-            f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(record)
-        )
+        self._execute(f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(record))
 
     def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
         rows = self._query(
@@ -424,13 +401,10 @@ class SqlMetadataStore:
 
     def delete_archive(self, owner_id: str, archive_id: str) -> bool:
         return (
-            self._execute("DELETE FROM sv_archives WHERE owner_id = ? AND archive_id = ?", (owner_id, archive_id))
-            > 0
+            self._execute("DELETE FROM sv_archives WHERE owner_id = ? AND archive_id = ?", (owner_id, archive_id)) > 0
         )
 
-    def replace_archive_key(
-        self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str
-    ) -> bool:
+    def replace_archive_key(self, owner_id: str, archive_id: str, old_key_id: str, key_id: str, document: str) -> bool:
         changed = self._execute(
             "UPDATE sv_archives SET key_id = ?, document = ? WHERE owner_id = ? AND archive_id = ? AND key_id = ?",
             (key_id, document, owner_id, archive_id, old_key_id),

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import psycopg

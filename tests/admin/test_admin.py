@@ -10,19 +10,19 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Iterator
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from securevault.admin.cli import AdminError, main, read_new_password
-from securevault.stores.blobs import LocalBlobStore
 from securevault.core.keys import load_keyring
-from securevault.stores.metadata import SqliteMetadataStore
-from securevault.storage import SecureFileStorage
 from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_password
+from securevault.storage import SecureFileStorage
+from securevault.stores.blobs import LocalBlobStore
+from securevault.stores.metadata import SqliteMetadataStore
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[2]
@@ -183,7 +183,11 @@ class UserCommandTests(AdminTestCase):
             "format": USERS_FORMAT,
             "version": USERS_VERSION,
             "users": {
-                "bob": {"id": "b" * 32, "password": hash_password(PASSWORD, n=2**10), "created_at": "2025-01-01T00:00:00Z"},
+                "bob": {
+                    "id": "b" * 32,
+                    "password": hash_password(PASSWORD, n=2**10),
+                    "created_at": "2025-01-01T00:00:00Z",
+                },
                 "alice": {"id": "a" * 32, "password": hash_password("alice password", n=2**10), "created_at": ""},
             },
         }
@@ -248,9 +252,7 @@ class VerifyRepairTests(AdminTestCase):
         self.init()
         self.assertEqual(self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)[0], 0)
         self.alice_id = self.store_user_id("alice")
-        storage = SecureFileStorage(
-            self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=self.metadata()
-        )
+        storage = SecureFileStorage(self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=self.metadata())
         blobs = storage.blobs
         assert isinstance(blobs, LocalBlobStore)
         self.blobs = blobs

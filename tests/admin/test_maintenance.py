@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from securevault.admin import cli as admin
+from securevault.admin.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
+from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import TEMP_SUFFIX
 from securevault.core.keys import Keyring, ensure_keyring, load_keyring
-from securevault.admin.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
-from securevault.stores.metadata import SqliteMetadataStore
-from securevault.core.archive import ArchiveNotFound, IntegrityError
-from securevault.storage import METADATA_FILE, SecureFileStorage
-from tests.support.app import archive_document, set_archive_document
 from securevault.core.users import UserStore
+from securevault.storage import METADATA_FILE, SecureFileStorage
+from securevault.stores.metadata import SqliteMetadataStore
+from tests.support.app import archive_document, set_archive_document
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[2]
@@ -285,8 +285,7 @@ class InterruptedRotateTests(MaintenanceTestCase):
     def rotate_in_child(self, vault: Vault, target: int, when: str) -> subprocess.CompletedProcess[str]:
         """Run the rotation in a child killed at the TARGET-th rename, WHEN = before/after it."""
         return subprocess.run(
-            [sys.executable, "-c", ROTATE_CHILD, str(vault.data_dir), str(vault.master_key)]
-            + [str(target), when],
+            [sys.executable, "-c", ROTATE_CHILD, str(vault.data_dir), str(vault.master_key)] + [str(target), when],
             env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
             capture_output=True,
             text=True,
@@ -346,9 +345,7 @@ class InterruptedRotateTests(MaintenanceTestCase):
                 self.assertEqual(vault.bodies(), bodies, label)
                 self.assertEqual(verify_archives(vault.storage()), (5, []), label)
                 vault.storage().recover()
-                self.assertEqual(
-                    [p for p in vault.temp_files() if p.parent != vault.master_key.parent], [], label
-                )
+                self.assertEqual([p for p in vault.temp_files() if p.parent != vault.master_key.parent], [], label)
                 self.assert_reads_back(vault, keyring)
 
     def test_killed_mid_keyring_write_leaves_no_old_key(self) -> None:
@@ -363,7 +360,6 @@ class InterruptedRotateTests(MaintenanceTestCase):
         vault.storage().recover()
         holders = [p for p in vault.data_dir.rglob("*") if p.is_file() and old_key in p.read_bytes()]
         self.assertEqual(holders, [])
-
 
 
 class VerifyTests(MaintenanceTestCase):
@@ -503,7 +499,7 @@ class ExportTests(MaintenanceTestCase):
         """Each archive exports as a standard ZIP whose single member has the
         original name and bytes; the returned size is the file's."""
         storage = self.vault.storage()
-        for index, ((owner_id, archive_id), (name, data)) in enumerate(self.vault.originals.items()):
+        for index, ((_owner_id, archive_id), (name, data)) in enumerate(self.vault.originals.items()):
             out = self.out_dir / f"{index}.zip"
             size = export_archive(storage, archive_id, out)
             self.assertEqual(size, out.stat().st_size)

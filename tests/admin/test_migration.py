@@ -9,12 +9,11 @@ import os
 import ssl
 from pathlib import Path
 
-from securevault.core.keys import Keyring, KeyringFile
-from securevault.stores.metadata import ArchiveRecord
 from securevault.admin.migration import migrate
-from securevault.storage import SecureFileStorage
+from securevault.core.keys import Keyring, KeyringFile
 from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore
-
+from securevault.storage import SecureFileStorage
+from securevault.stores.metadata import ArchiveRecord
 from tests.support.daemon import SyncDaemon, call, download_sha256, list_files, login, make_vault, twistd_argv
 from tests.support.testcase import SyncTestCase
 from tests.support.tlsclient import PASSWORD

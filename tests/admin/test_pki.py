@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class MakeCertTests(SyncTestCase):
     def test_default_validity(self) -> None:
         """By default the CA starts a few minutes ago and lasts about ten years,
         and a leaf lasts 825 days."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.assertLess(self.ca_cert.not_valid_before_utc, now)
         self.assertGreater(self.ca_cert.not_valid_before_utc, now - timedelta(minutes=10))
         self.assertGreater(self.ca_cert.not_valid_after_utc, now + timedelta(days=3649))
@@ -78,14 +78,14 @@ class MakeCertTests(SyncTestCase):
 
     def test_explicit_validity(self) -> None:
         """Explicit dates are used as given, which lets tests build expired certificates."""
-        start = datetime(2020, 1, 1, tzinfo=timezone.utc)
-        end = datetime(2020, 2, 1, tzinfo=timezone.utc)
+        start = datetime(2020, 1, 1, tzinfo=UTC)
+        end = datetime(2020, 2, 1, tzinfo=UTC)
         cert, _ = make_client_cert(self.ca_cert, self.ca_key, "old", not_before=start, not_after=end)
         self.assertEqual((cert.not_valid_before_utc, cert.not_valid_after_utc), (start, end))
 
     def test_inverted_validity_refused(self) -> None:
         """A not_after before not_before is an error, not a useless certificate."""
-        start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+        start = datetime(2020, 1, 1, tzinfo=UTC)
         self.assertRaises(PkiError, make_ca, "CA", not_before=start, not_after=start)
 
     def test_reuse_ca_key(self) -> None:
@@ -105,9 +105,7 @@ class MakeCertTests(SyncTestCase):
         self.assertEqual(_usages(cert), [ExtendedKeyUsageOID.SERVER_AUTH])
         self.assertEqual(_dns_names(cert), ["vault.test", "localhost"])
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        self.assertEqual(
-            sans.get_values_for_type(x509.IPAddress), [ip_address("127.0.0.1"), ip_address("::1")]
-        )
+        self.assertEqual(sans.get_values_for_type(x509.IPAddress), [ip_address("127.0.0.1"), ip_address("::1")])
         cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
         self.assertEqual(cn, "vault.test")
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
@@ -132,7 +130,7 @@ class MakeCertTests(SyncTestCase):
         """A certificate from another CA fails the signature check against ours."""
         other_cert, other_key = make_ca("Other CA")
         cert, _ = make_client_cert(other_cert, other_key, "mallory")
-        self.assertRaises(Exception, _assert_signed_by, cert, self.ca_cert)
+        self.assertRaises(Exception, _assert_signed_by, cert, self.ca_cert)  # noqa: B017 (any failure will do)
 
 
 class WriteTests(SyncTestCase):
@@ -152,9 +150,7 @@ class WriteTests(SyncTestCase):
             loaded.public_key().public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
-            key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
+            key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
         )
         self.assertIn(b"BEGIN PRIVATE KEY", (directory / "ca.key").read_bytes())
 

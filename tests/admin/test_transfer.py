@@ -8,13 +8,12 @@ import os
 import ssl
 from pathlib import Path
 
-from securevault.stores.backends import Stores, open_stores
-from securevault.core.keys import KeyringFile
 from securevault.admin.maintenance import ROTATION_STATE
-from securevault.storage import SecureFileStorage
 from securevault.admin.transfer import TransferError, copy_vault
+from securevault.core.keys import KeyringFile
 from securevault.core.users import UserStore
-
+from securevault.storage import SecureFileStorage
+from securevault.stores.backends import Stores, open_stores
 from tests.support.daemon import SyncDaemon, download_sha256, list_files, login, make_vault, run_admin, twistd_argv
 from tests.support.postgres import postgres_url
 from tests.support.s3 import make_bucket, moto_endpoint, s3_environment

@@ -27,6 +27,15 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import IO, ClassVar
 
+from securevault.client.cli import (
+    Settings,
+    UsageError,
+    human_size,
+    load_config_file,
+    main,
+    resolve_settings,
+    safe_output_name,
+)
 from securevault.client.library import (
     AuthenticationError,
     ConnectionFailed,
@@ -38,15 +47,6 @@ from securevault.client.library import (
     VaultError,
     error_from_response,
     install_verified,
-)
-from securevault.client.cli import (
-    Settings,
-    UsageError,
-    human_size,
-    load_config_file,
-    main,
-    resolve_settings,
-    safe_output_name,
 )
 from tests.support.testcase import SyncTestCase
 
@@ -64,9 +64,7 @@ def base_environment() -> dict[str, str]:
     """os.environ without anything that would steer the client or daemon,
     and with the repository on PYTHONPATH."""
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SECUREVAULT_") and k not in ("PORT", "XDG_CONFIG_HOME")
+        k: v for k, v in os.environ.items() if not k.startswith("SECUREVAULT_") and k not in ("PORT", "XDG_CONFIG_HOME")
     }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPOSITORY), env.get("PYTHONPATH")) if p)
     return env
@@ -99,12 +97,22 @@ class RunningVault:
         self.port: int | None = None
         self.process = subprocess.Popen(
             [
-                *TWISTD, "-n", "--pidfile=", "securevault",
-                "--port", "0", "--interface", "127.0.0.1",
-                "--cert", str(self.certs_dir / "server.crt"),
-                "--key", str(self.certs_dir / "server.key"),
-                "--ca-cert", str(self.certs_dir / "ca.crt"),
-                "--data-dir", str(self.data_dir),
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                "securevault",
+                "--port",
+                "0",
+                "--interface",
+                "127.0.0.1",
+                "--cert",
+                str(self.certs_dir / "server.crt"),
+                "--key",
+                str(self.certs_dir / "server.key"),
+                "--ca-cert",
+                str(self.certs_dir / "ca.crt"),
+                "--data-dir",
+                str(self.data_dir),
             ],
             cwd=base,
             env=env,
@@ -124,8 +132,13 @@ class RunningVault:
     def _admin(self, env: dict[str, str], cwd: Path, *argv: str, stdin: str | None = None) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "securevault.admin.cli", "--data-dir", str(self.data_dir), *argv],
-            cwd=cwd, env=env, input=stdin, capture_output=True, text=True,
-            timeout=WAIT_SECONDS, check=False,
+            cwd=cwd,
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+            check=False,
         )
         if result.returncode != 0:
             raise AssertionError(f"securevault-admin {argv} failed: {result.stderr}")
@@ -234,8 +247,9 @@ class CommandLineTests(DaemonTestCase):
             XDG_CONFIG_HOME=str(self.home / "xdg"),
         )
 
-    def cli(self, *argv: str, stdin: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *argv: str, stdin: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run C{securevault-client ARGV} in the test's work directory."""
         return subprocess.run(
             [sys.executable, "-m", "securevault.client.cli", *argv],
@@ -340,8 +354,13 @@ class CommandLineTests(DaemonTestCase):
     def test_unreachable(self) -> None:
         """A URL where nothing listens exits 7 with one error line."""
         result = self.cli(
-            "--url", f"https://127.0.0.1:{free_port()}",
-            "login", "--username", "alice", "--password-stdin", stdin=PASSWORD + "\n",
+            "--url",
+            f"https://127.0.0.1:{free_port()}",
+            "login",
+            "--username",
+            "alice",
+            "--password-stdin",
+            stdin=PASSWORD + "\n",
         )
         self.assert_fails(result, 7)
 
@@ -352,11 +371,13 @@ class CommandLineTests(DaemonTestCase):
         config = self.home / "xdg" / "securevault" / "client.toml"
         config.parent.mkdir(parents=True)
         config.write_text(
-            f'url = "{self.vault.url}"\n'
-            f'cert = "{files["cert"]}"\nkey = "{files["key"]}"\nca = "{files["ca"]}"\n'
+            f'url = "{self.vault.url}"\ncert = "{files["cert"]}"\nkey = "{files["key"]}"\nca = "{files["ca"]}"\n'
         )
-        env = {k: v for k, v in self.env.items() if k not in
-               ("SECUREVAULT_URL", "SECUREVAULT_CERT", "SECUREVAULT_KEY", "SECUREVAULT_CA")}
+        env = {
+            k: v
+            for k, v in self.env.items()
+            if k not in ("SECUREVAULT_URL", "SECUREVAULT_CERT", "SECUREVAULT_KEY", "SECUREVAULT_CA")
+        }
         login = ("login", "--username", "alice", "--password-stdin")
         from_config = self.cli(*login, stdin=PASSWORD + "\n", env=env)
         self.assertEqual(from_config.returncode, 0, from_config.stderr)
@@ -488,8 +509,10 @@ class HelperTests(SyncTestCase):
         beats the defaults; empty variables count as unset."""
         flags = {"url": "https://flag", "cert": None, "key": None, "ca": None}
         environ = {
-            "SECUREVAULT_URL": "https://env", "SECUREVAULT_CERT": "env.crt",
-            "SECUREVAULT_KEY": "", "SECUREVAULT_SESSION_FILE": "/s/session.json",
+            "SECUREVAULT_URL": "https://env",
+            "SECUREVAULT_CERT": "env.crt",
+            "SECUREVAULT_KEY": "",
+            "SECUREVAULT_SESSION_FILE": "/s/session.json",
         }
         config = {"url": "https://config", "cert": "config.crt", "key": "config.key"}
         self.assertEqual(

@@ -74,7 +74,7 @@ class AppendTests(AuditLogTestCase):
         lines = _lines(self.path)
         records = [json.loads(line) for line in lines]
         self.assertEqual(records[0]["prev"], GENESIS)
-        for before, record in zip(lines, records[1:]):
+        for before, record in zip(lines, records[1:], strict=False):
             self.assertEqual(record["prev"], line_hash(before))
         self.assertEqual([r["n"] for r in records], list(range(5)))
 
@@ -156,7 +156,6 @@ class AppendTests(AuditLogTestCase):
         self.log.append("probe", blob="x" * (100 * 1024))
         self.log.append("probe", n=6)
         self.assertEqual(verify_chain(self.path), (7, []))
-
 
 
 class ChainBreakTests(AuditLogTestCase):
@@ -241,7 +240,6 @@ class ChainBreakTests(AuditLogTestCase):
         lines = _lines(self.path)
         _write_lines(self.path, lines[:-1])
         self.assertNotEqual(_break_lines(self.path), [])
-
 
     def test_empty_log(self) -> None:
         """An empty log has no records and no breaks."""

@@ -11,9 +11,11 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from securevault.admin.maintenance import rotate_master_key
 from securevault.core.keys import (
     KEY_BYTES,
     KEYRING_FORMAT,
@@ -26,7 +28,6 @@ from securevault.core.keys import (
     generate_keyring,
     load_keyring,
 )
-from securevault.admin.maintenance import rotate_master_key
 from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.storage import SecureFileStorage
 from tests.support.testcase import SyncTestCase
@@ -353,7 +354,6 @@ class SealedKeyringTests(SyncTestCase):
             self.path.write_text(json.dumps({**document, "kdf": {**document["kdf"], **changes}}))
             with self.assertRaises(KeyFileError, msg=name):
                 KeyringFile(self.path, lambda: PASSPHRASE).load()
-
 
 
 def run_python(code: str, stdin: str | None) -> subprocess.CompletedProcess[str]:

@@ -8,8 +8,14 @@ import uuid
 
 from twisted.internet.task import Clock
 
+from securevault.core.sessions import (
+    FAILURES_BEFORE_THROTTLE,
+    THROTTLE_WINDOW_SECONDS,
+    LoginThrottle,
+    SessionStore,
+    session_digest,
+)
 from securevault.stores.metadata import SessionRecord, SqliteMetadataStore
-from securevault.core.sessions import FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS, LoginThrottle, SessionStore, session_digest
 from tests.support.testcase import SyncTestCase
 
 
@@ -17,6 +23,7 @@ def metadata_store(testcase: SyncTestCase) -> SqliteMetadataStore:
     store = SqliteMetadataStore(testcase.make_dir() / "vault.db")
     testcase.addCleanup(store.close)
     return store
+
 
 IDLE = 30 * 60.0
 TTL = 12 * 60 * 60.0

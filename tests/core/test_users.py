@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from securevault.core import users
-from securevault.stores.metadata import MetadataError, SessionRecord, SqliteMetadataStore, UserRecord
 from securevault.core.users import (
     InvalidPassword,
     InvalidUsername,
@@ -23,6 +22,7 @@ from securevault.core.users import (
     hash_password,
     read_legacy_users,
 )
+from securevault.stores.metadata import MetadataError, SessionRecord, SqliteMetadataStore, UserRecord
 from tests.support.testcase import SyncTestCase
 
 FAST_N = 2**10

@@ -139,7 +139,6 @@ class _HostileTestCase(SyncTestCase):
         self.assertEqual((response.status, response.json()["status"]), (200, "ok"))
 
 
-
 class HostileRequestTests(_HostileTestCase):
     """Generated hostile requests against the full pipeline."""
 
@@ -221,7 +220,6 @@ class HostileRequestTests(_HostileTestCase):
         [response] = self.exchange(encode_request(method, target, headers, body))
         self.assertEqual((response.status, response.json()["error"]), (401, "invalid_session"), response.body)
 
-
     def test_deeply_nested_json(self) -> None:
         """JSON nested deeper than the parser's recursion limit is 400
         bad_request on every JSON endpoint, like any other invalid JSON."""
@@ -231,7 +229,6 @@ class HostileRequestTests(_HostileTestCase):
                 request = HostileRequest(b"POST", target, ((b"Content-Type", b"application/json"),), body, True)
                 [response] = self.exchange(request.encode(session))
                 self.assertEqual((response.status, response.json()["error"]), (400, "bad_request"), target)
-
 
 
 class HostileLogTests(_HostileTestCase):
@@ -268,7 +265,6 @@ class HostileLogTests(_HostileTestCase):
             self.assertNotIn("\n", text)
             text.encode("utf-8")
 
-
     def test_audit_records_hostile_username(self) -> None:
         """A failed login whose username holds a lone surrogate is still in
         the audit log (an attacker must not hide failed logins from it)."""
@@ -276,9 +272,10 @@ class HostileLogTests(_HostileTestCase):
         self.app.audit = AuditLog(audit_path)
         self.cert = make_client("audit-evader")
         self.assertEqual(self.failed_login(b"\\ud800admin").status, 401)
-        records = [json.loads(line) for line in audit_path.read_text("utf-8").splitlines()] if audit_path.exists() else []
+        records = (
+            [json.loads(line) for line in audit_path.read_text("utf-8").splitlines()] if audit_path.exists() else []
+        )
         self.assertIn("login_failed", [record["event"] for record in records])
-
 
 
 class HostileConnectionTests(_HostileTestCase):
@@ -288,7 +285,10 @@ class HostileConnectionTests(_HostileTestCase):
         """A header block over 16 KiB — one huge header, or many small ones —
         is answered with the JSON 431 header_too_large and the connection
         closed, before the block ends; the site serves others afterwards."""
-        for headers in (b"X-Big: " + b"a" * (17 * 1024) + b"\r\n", b"".join(b"X-%d: %s\r\n" % (i, b"b" * 60) for i in range(300))):
+        for headers in (
+            b"X-Big: " + b"a" * (17 * 1024) + b"\r\n",
+            b"".join(b"X-%d: %s\r\n" % (i, b"b" * 60) for i in range(300)),
+        ):
             connection = self.client.connect()
             connection.send(b"GET /health HTTP/1.1\r\nHost: vault.test\r\n" + headers)
             self.assertTrue(connection.closed_by_server)
@@ -301,8 +301,11 @@ class HostileConnectionTests(_HostileTestCase):
     def test_malformed_framing_is_json_400(self) -> None:
         """A request line or header twisted.web cannot parse is answered with
         the contract's JSON 400 bad_request, and the connection closed."""
-        for raw in (b"NOT A REQUEST\r\n\r\n", b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
-                    b"POST /login HTTP/1.1\r\nContent-Length: abc\r\n\r\n"):
+        for raw in (
+            b"NOT A REQUEST\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n",
+            b"POST /login HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+        ):
             connection = self.client.connect()
             connection.send(raw)
             self.assertTrue(connection.closed_by_server)
@@ -390,7 +393,9 @@ class HostileConnectionTests(_HostileTestCase):
         413 as soon as it does, and the connection is closed."""
         connection = self.client.connect()
         connection.send(
-            encode_request(b"POST", b"/login", [(b"Content-Type", b"application/json"), (b"Transfer-Encoding", b"chunked")])
+            encode_request(
+                b"POST", b"/login", [(b"Content-Type", b"application/json"), (b"Transfer-Encoding", b"chunked")]
+            )
         )
         piece = b"x" * 16384
         for _ in range(5):
@@ -402,4 +407,3 @@ class HostileConnectionTests(_HostileTestCase):
         self.assertTrue(connection.closed_by_server)
         connection.close()
         self.assert_healthy()
-

@@ -12,7 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote
 
 from twisted.logger import LogEvent, capturedLogs, eventAsJSON, formatEvent
@@ -54,29 +55,46 @@ class LoggingTests(SyncTestCase):
         json_type = [(b"Content-Type", b"application/json")]
         self.request(b"GET", b"/health", 200, "-")
         session = self.request(b"POST", b"/login", 200, "alice", body=login, headers=json_type).json()["session_id"]
-        upload = json.dumps(
-            {"filename": self.filename, "content": base64.b64encode(self.content).decode()}
-        ).encode()
+        upload = json.dumps({"filename": self.filename, "content": base64.b64encode(self.content).decode()}).encode()
         archive_id = self.request(
             b"POST", b"/upload-file", 201, "alice", body=upload, headers=json_type, session=session
         ).json()["id"]
         self.request(
-            b"POST", b"/upload-file?filename=" + quote(self.filename).encode(), 201, "alice",
-            body=self.content, headers=[OCTETS], session=session,
+            b"POST",
+            b"/upload-file?filename=" + quote(self.filename).encode(),
+            201,
+            "alice",
+            body=self.content,
+            headers=[OCTETS],
+            session=session,
         )
         self.request(
-            b"POST", b"/upload-file", 201, "alice", body=self.content,
-            headers=[OCTETS, (b"X-Filename", quote(self.filename).encode())], session=session,
+            b"POST",
+            b"/upload-file",
+            201,
+            "alice",
+            body=self.content,
+            headers=[OCTETS, (b"X-Filename", quote(self.filename).encode())],
+            session=session,
         )
         self.request(b"GET", b"/get-files", 200, "alice", session=session)
         self.request(b"GET", b"/download-file?id=" + archive_id.encode(), 200, "alice", session=session)
         self.request(
-            b"GET", b"/download-file?filename=" + quote(self.filename).encode(), 200, "alice",
-            session=session, headers=[(b"Accept", b"application/octet-stream")],
+            b"GET",
+            b"/download-file?filename=" + quote(self.filename).encode(),
+            200,
+            "alice",
+            session=session,
+            headers=[(b"Accept", b"application/octet-stream")],
         )
         self.request(
-            b"POST", b"/delete-file", 204, "alice", body=json.dumps({"id": archive_id}).encode(),
-            headers=json_type, session=session,
+            b"POST",
+            b"/delete-file",
+            204,
+            "alice",
+            body=json.dumps({"id": archive_id}).encode(),
+            headers=json_type,
+            session=session,
         )
         self.request(b"GET", b"/download-file?id=" + archive_id.encode(), 404, "alice", session=session)
         wrong = json.dumps({"username": "alice", "password": PASSWORD + "x"}).encode()
@@ -84,8 +102,12 @@ class LoggingTests(SyncTestCase):
         self.request(b"GET", b"/get-files?session_id=" + session.encode(), 401, "-")
         # A raw upload refused before its body (no session): logged too.
         self.request(
-            b"POST", b"/upload-file?filename=" + quote(self.filename).encode(), 401, "-",
-            headers=[OCTETS, (b"Cookie", b"session_id=" + session.encode())], body=self.content,
+            b"POST",
+            b"/upload-file?filename=" + quote(self.filename).encode(),
+            401,
+            "-",
+            headers=[OCTETS, (b"Cookie", b"session_id=" + session.encode())],
+            body=self.content,
         )
         self.request(b"POST", b"/logout", 204, "alice", session=session)
         second = self.client.session("alice", PASSWORD)
@@ -127,7 +149,7 @@ class LoggingTests(SyncTestCase):
             self.workflow()
         access = [event for event in events if event.get("event_kind") == "access"]
         self.assertEqual(len(access), len(self.expected))
-        for event, (method, path, status, user, response) in zip(access, self.expected):
+        for event, (method, path, status, user, response) in zip(access, self.expected, strict=False):
             self.assertEqual(event["log_namespace"], "securevault.access")
             self.assertEqual(
                 (event["method"], event["path"], event["status"], event["user"]), (method, path, status, user)

@@ -9,7 +9,8 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,12 +18,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
-from securevault.server.metrics import VaultMetrics
 from securevault.admin.pki import load_cert
+from securevault.server.metrics import VaultMetrics
+from tests.server.test_twistd import Daemon, reactor
+from tests.support.daemon import make_vault, twistd_argv
 from tests.support.testcase import AsyncTestCase, SyncTestCase
 from tests.support.tlsclient import Credential, client_for, read_json
-from tests.support.daemon import make_vault, twistd_argv
-from tests.server.test_twistd import Daemon, reactor
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -71,9 +72,7 @@ class VaultMetricsTests(SyncTestCase):
         self.assertEqual(value(found, bucket, endpoint="/upload-file", le="0.25"), 1.0)
         self.assertEqual(value(found, bucket, endpoint="/upload-file", le="+Inf"), 2.0)
         self.assertEqual(value(found, "securevault_request_duration_seconds_count", endpoint="/upload-file"), 2.0)
-        self.assertAlmostEqual(
-            value(found, "securevault_request_duration_seconds_sum", endpoint="/upload-file"), 0.31
-        )
+        self.assertAlmostEqual(value(found, "securevault_request_duration_seconds_sum", endpoint="/upload-file"), 0.31)
 
     def test_unknown_paths_are_other(self) -> None:
         """Paths that are not endpoints (probes, typos, trailing slashes,

@@ -8,7 +8,6 @@ from typing import Any
 
 from securevault.stores.blobs import BlobStoreError
 from securevault.stores.metadata import MetadataError
-
 from tests.support.app import VaultClient, add_user, default_client, make_app
 from tests.support.testcase import SyncTestCase
 

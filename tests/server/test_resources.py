@@ -15,7 +15,8 @@ import json
 import os
 import re
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from twisted.internet.defer import maybeDeferred
@@ -23,12 +24,12 @@ from twisted.logger import capturedLogs
 from twisted.web.server import NOT_DONE_YET
 
 from securevault import __version__
-from securevault.server.app import VaultApp
+from securevault.core.archive import ArchiveInfo, rfc3339
 from securevault.resources.health import HealthResource
 from securevault.resources.logout import LogoutResource
-from securevault.core.archive import ArchiveInfo, rfc3339
-from securevault.storage import SecureFileStorage
+from securevault.server.app import VaultApp
 from securevault.server.workers import run_inline
+from securevault.storage import SecureFileStorage
 from tests.support.app import (
     ClientCert,
     ManualRunner,
@@ -88,9 +89,7 @@ class _VaultTestCase(SyncTestCase):
     def bob(self) -> str:
         return self.client.session("bob", BOB_PASSWORD, self.bob_cert)
 
-    def upload_json(
-        self, session: str, filename: str, content: bytes, cert: ClientCert | None = None
-    ) -> Response:
+    def upload_json(self, session: str, filename: str, content: bytes, cert: ClientCert | None = None) -> Response:
         document = {"filename": filename, "content": base64.b64encode(content).decode("ascii")}
         return self.client.post_json(b"/upload-file", document, session=session, cert=cert)
 
@@ -402,11 +401,17 @@ class SessionTests(_VaultTestCase):
             (b"GET", b"/get-files", None, []),
             (b"GET", b"/download-file?id=" + archive_id.encode(), None, []),
             (b"GET", b"/download-file?filename=kept", None, [(b"Accept", b"application/octet-stream")]),
-            (b"POST", b"/delete-file", json.dumps({"id": archive_id}).encode(), [(b"Content-Type", b"application/json")]),
+            (
+                b"POST",
+                b"/delete-file",
+                json.dumps({"id": archive_id}).encode(),
+                [(b"Content-Type", b"application/json")],
+            ),
         ]
 
-    def assert_all_refused(self, headers: list[tuple[bytes, bytes]], *, cert: ClientCert | None = None,
-                           query: bytes = b"") -> None:
+    def assert_all_refused(
+        self, headers: list[tuple[bytes, bytes]], *, cert: ClientCert | None = None, query: bytes = b""
+    ) -> None:
         """Every protected request with these credentials is 401, and alice's
         archives are untouched."""
         session = self.alice()
@@ -461,7 +466,9 @@ class SessionTests(_VaultTestCase):
         response = self.client.get(b"/get-files", headers=[(b"Authorization", b"bearer " + session.encode())])
         self.assertEqual(response.status, 200)
         response = self.client.request(
-            b"POST", b"/upload-file", body=b"x",
+            b"POST",
+            b"/upload-file",
+            body=b"x",
             headers=[OCTETS, (b"X-Filename", b"raw.txt"), (b"X-Session-ID", session.encode())],
         )
         self.assertEqual(response.status, 201)
@@ -538,8 +545,11 @@ class UploadTests(_VaultTestCase):
         session = self.alice()
         body = json.dumps({"filename": "a.txt", "content": "aGk="}).encode()
         response = self.client.request(
-            b"POST", b"/upload-file", body=body,
-            headers=[(b"Content-Type", b"application/json; charset=utf-8")], session=session,
+            b"POST",
+            b"/upload-file",
+            body=body,
+            headers=[(b"Content-Type", b"application/json; charset=utf-8")],
+            session=session,
         )
         self.assert_file_info(response.json(), "a.txt", b"hi")
 
@@ -653,11 +663,18 @@ class UploadTests(_VaultTestCase):
         encoded += [b"a/b", b"a\\b", b"%2e%2e", b"%2E", b"%FF", b"a%C3", b"%ED%A0%80", b"%C0%AE%C0%AE"]
         for value in encoded:
             connection = self.client.connect()
-            connection.send(encode_request(
-                b"POST", b"/upload-file",
-                [OCTETS, (b"X-Filename", value), (b"Authorization", b"Bearer " + session.encode()),
-                 (b"Content-Length", b"100000")],
-            ))
+            connection.send(
+                encode_request(
+                    b"POST",
+                    b"/upload-file",
+                    [
+                        OCTETS,
+                        (b"X-Filename", value),
+                        (b"Authorization", b"Bearer " + session.encode()),
+                        (b"Content-Length", b"100000"),
+                    ],
+                )
+            )
             responses = connection.responses()
             self.assertEqual(len(responses), 1, value)
             self.assert_error(responses[0], 400, "invalid_filename")
@@ -723,8 +740,11 @@ class UploadTests(_VaultTestCase):
         """A multipart/form-data upload is 415 unsupported_media_type in JSON,
         like any other unsupported type."""
         response = self.client.request(
-            b"POST", b"/upload-file", body=b"data",
-            headers=[(b"Content-Type", b"multipart/form-data; boundary=x")], session=self.alice(),
+            b"POST",
+            b"/upload-file",
+            body=b"data",
+            headers=[(b"Content-Type", b"multipart/form-data; boundary=x")],
+            session=self.alice(),
         )
         self.assert_error(response, 415, "unsupported_media_type")
 
@@ -732,9 +752,9 @@ class UploadTests(_VaultTestCase):
         """A raw upload without a session is answered 401 as soon as its
         headers are in, and the connection is closed."""
         connection = self.client.connect()
-        connection.send(encode_request(
-            b"POST", b"/upload-file", [OCTETS, (b"X-Filename", b"x"), (b"Content-Length", b"1000000")]
-        ))
+        connection.send(
+            encode_request(b"POST", b"/upload-file", [OCTETS, (b"X-Filename", b"x"), (b"Content-Length", b"1000000")])
+        )
         responses = connection.responses()
         self.assertEqual(len(responses), 1)
         self.assert_invalid_session(responses[0])
@@ -746,9 +766,14 @@ class UploadStreamingTests(_VaultTestCase):
 
     def raw_head(self, session: str, length: int) -> bytes:
         return encode_request(
-            b"POST", b"/upload-file",
-            [OCTETS, (b"X-Filename", b"stream.bin"), (b"Authorization", b"Bearer " + session.encode()),
-             (b"Content-Length", str(length).encode())],
+            b"POST",
+            b"/upload-file",
+            [
+                OCTETS,
+                (b"X-Filename", b"stream.bin"),
+                (b"Authorization", b"Bearer " + session.encode()),
+                (b"Content-Length", str(length).encode()),
+            ],
         )
 
     def test_back_pressure(self) -> None:
@@ -827,8 +852,12 @@ class ExpectContinueTests(_VaultTestCase):
     app_options = {"max_upload_size": 1000}
 
     def head(self, session: str | None, length: int) -> bytes:
-        headers = [OCTETS, (b"X-Filename", b"c.bin"), (b"Expect", b"100-continue"),
-                   (b"Content-Length", str(length).encode())]
+        headers = [
+            OCTETS,
+            (b"X-Filename", b"c.bin"),
+            (b"Expect", b"100-continue"),
+            (b"Content-Length", str(length).encode()),
+        ]
         if session is not None:
             headers.append((b"Authorization", b"Bearer " + session.encode()))
         return encode_request(b"POST", b"/upload-file", headers)
@@ -909,9 +938,14 @@ class UploadLimitTests(_VaultTestCase):
         session = self.alice().encode()
         connection = self.client.connect()
         head = encode_request(
-            b"POST", b"/upload-file",
-            [OCTETS, (b"X-Filename", b"big"), (b"Authorization", b"Bearer " + session),
-             (b"Transfer-Encoding", b"chunked")],
+            b"POST",
+            b"/upload-file",
+            [
+                OCTETS,
+                (b"X-Filename", b"big"),
+                (b"Authorization", b"Bearer " + session),
+                (b"Transfer-Encoding", b"chunked"),
+            ],
         )
         connection.send(head)
         connection.send(b"%x\r\n%s\r\n" % (1500, b"a" * 1500))
@@ -932,8 +966,12 @@ class UploadLimitTests(_VaultTestCase):
         session = self.alice()
         body = json.dumps({"filename": "x", "content": base64.b64encode(b"z" * 900).decode()}).encode()
         response = self.client.request(
-            b"POST", b"/upload-file", body=body, headers=[(b"Content-Type", b"application/json")],
-            session=session, chunk_size=300,
+            b"POST",
+            b"/upload-file",
+            body=body,
+            headers=[(b"Content-Type", b"application/json")],
+            session=session,
+            chunk_size=300,
         )
         self.assert_error(response, 413, "too_large")
         self.assertEqual(owner_files(self.app, self.alice_id), [])
@@ -1044,7 +1082,7 @@ class DownloadTests(_VaultTestCase):
         Content-Length, Content-Disposition filename*=UTF-8'' and ETag."""
         session = self.alice()
         content = os.urandom(70_000)
-        filename = "résumé \"final\"; v2.pdf"
+        filename = 'résumé "final"; v2.pdf'
         archive_id = self.stored(self.upload_json(session, filename, content))
         response = self.download(session, b"id=" + archive_id.encode(), raw=True)
         self.assertEqual(response.status, 200)
@@ -1076,7 +1114,12 @@ class DownloadTests(_VaultTestCase):
         """Neither or both of id and filename (or one given twice) is 400."""
         session = self.alice()
         archive_id = self.stored(self.upload_json(session, "a", b"a")).encode()
-        for query in [b"", b"other=1", b"id=" + archive_id + b"&filename=a", b"id=" + archive_id + b"&id=" + archive_id]:
+        for query in [
+            b"",
+            b"other=1",
+            b"id=" + archive_id + b"&filename=a",
+            b"id=" + archive_id + b"&id=" + archive_id,
+        ]:
             self.assert_error(self.download(session, query), 400, "bad_request")
             self.assert_error(self.download(session, query, raw=True), 400, "bad_request")
 
@@ -1086,8 +1129,13 @@ class DownloadTests(_VaultTestCase):
         alice, bob = self.alice(), self.bob()
         theirs = self.stored(self.upload_json(bob, "bob.txt", b"secret", cert=self.bob_cert))
         bodies = set()
-        for query in [b"id=" + uuid.uuid4().hex.encode(), b"id=..%2F..%2Fusers.json", b"id=..%2F..%2Fvault.db",
-                      b"id=" + theirs.encode(), b"filename=bob.txt"]:
+        for query in [
+            b"id=" + uuid.uuid4().hex.encode(),
+            b"id=..%2F..%2Fusers.json",
+            b"id=..%2F..%2Fvault.db",
+            b"id=" + theirs.encode(),
+            b"filename=bob.txt",
+        ]:
             for raw in (False, True):
                 response = self.download(alice, query, raw=raw)
                 self.assert_error(response, 404, "not_found")
@@ -1120,10 +1168,13 @@ class DownloadTests(_VaultTestCase):
         archive_id = self.stored(self.upload_raw(session, "big.bin", content))
         corrupt_archive(self.app, self.alice_id, archive_id)
         connection = self.client.connect()
-        connection.send(encode_request(
-            b"GET", b"/download-file?id=" + archive_id.encode(),
-            [(b"Accept", b"application/octet-stream"), (b"Authorization", b"Bearer " + session.encode())],
-        ))
+        connection.send(
+            encode_request(
+                b"GET",
+                b"/download-file?id=" + archive_id.encode(),
+                [(b"Accept", b"application/octet-stream"), (b"Authorization", b"Bearer " + session.encode())],
+            )
+        )
         [response] = connection.responses()
         self.assertEqual(response.status, 200)
         self.assertFalse(response.complete)
@@ -1192,9 +1243,15 @@ class RoutingTests(_VaultTestCase):
         """Extra path segments or a trailing slash are 404: /health/x,
         /login/, /get-files/x, /download-file/."""
         session = self.alice()
-        for method, target in [(b"GET", b"/health/x"), (b"GET", b"/health/"), (b"POST", b"/login/"),
-                               (b"GET", b"/login/"), (b"GET", b"/get-files/x"), (b"GET", b"/download-file/?id=x"),
-                               (b"POST", b"/logout/")]:
+        for method, target in [
+            (b"GET", b"/health/x"),
+            (b"GET", b"/health/"),
+            (b"POST", b"/login/"),
+            (b"GET", b"/login/"),
+            (b"GET", b"/get-files/x"),
+            (b"GET", b"/download-file/?id=x"),
+            (b"POST", b"/logout/"),
+        ]:
             response = self.client.request(method, target, body=b"{}" if method == b"POST" else None, session=session)
             self.assert_error(response, 404, "not_found")
         self.list_files(session)  # /logout/ must not have ended the session
@@ -1234,7 +1291,9 @@ class RoutingTests(_VaultTestCase):
         archive_id = self.stored(self.upload_json(session, "h.txt", b"headers"))
         self.stored(self.upload_raw(session, "raw.txt", b"headers"))
         self.upload_raw(session, "..", b"x")
-        self.client.request(b"POST", b"/upload-file", body=b"x", headers=[(b"Content-Type", b"text/plain")], session=session)
+        self.client.request(
+            b"POST", b"/upload-file", body=b"x", headers=[(b"Content-Type", b"text/plain")], session=session
+        )
         self.client.get(b"/get-files", session=session)
         self.client.get(b"/get-files")
         self.download(session, b"id=" + archive_id.encode())
@@ -1273,7 +1332,7 @@ class RoutingTests(_VaultTestCase):
         class ExplodingStorage(SecureFileStorage):
             """A fake whose listing fails unexpectedly."""
 
-            def list(self, owner_id: str) -> "builtins.list[ArchiveInfo]":
+            def list(self, owner_id: str) -> builtins.list[ArchiveInfo]:
                 raise RuntimeError("disk on fire at /srv/secret/internal/path.py")
 
         app, clock = make_app(self, storage_class=ExplodingStorage)
@@ -1304,8 +1363,10 @@ class HelperTests(SyncTestCase):
             b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\n12345"
         )
         responses = parse_responses(data)
-        self.assertEqual([(r.status, r.body, r.complete) for r in responses],
-                         [(200, b"abcde", True), (204, b"", True), (201, b"12345", False)])
+        self.assertEqual(
+            [(r.status, r.body, r.complete) for r in responses],
+            [(200, b"abcde", True), (204, b"", True), (201, b"12345", False)],
+        )
 
     def test_app_clock(self) -> None:
         """make_app's clock starts at the wall-clock time, so certificate

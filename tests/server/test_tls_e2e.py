@@ -12,7 +12,8 @@ import base64
 import hashlib
 import io
 import os
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 from urllib.parse import quote
 
 from OpenSSL import SSL
@@ -23,9 +24,9 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 
 from securevault import __version__
-from securevault.stores.metadata import SqliteMetadataStore
-from securevault.server.tap import Options, TLSListenerService, makeService
 from securevault.core.users import UserStore
+from securevault.server.tap import Options, TLSListenerService, makeService
+from securevault.stores.metadata import SqliteMetadataStore
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import (
     PASSWORD,
@@ -88,7 +89,7 @@ class VaultServerTestCase(AsyncTestCase):
         )
 
 
-def _bound_port(listener: TLSListenerService) -> "Deferred[int]":
+def _bound_port(listener: TLSListenerService) -> Deferred[int]:
     """The port number the listener bound, without consuming the listener's
     own Deferred (stopService needs the port object it carries)."""
     waiting = listener._waitingForPort
@@ -369,4 +370,3 @@ def _pump_handshake(client: SSL.Connection, server: SSL.Connection) -> None:
         if all(done.values()):
             return
     raise AssertionError("the handshake did not complete")
-

@@ -36,10 +36,11 @@ import hmac
 import os
 import socket
 import struct
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -51,8 +52,8 @@ from twisted.internet.threads import deferToThread
 
 from securevault.admin import pki
 from securevault.server.tls import server_tls_options
-from tests.support.tlsclient import Credential, read_json
 from tests.server.test_tls_e2e import VaultServerTestCase
+from tests.support.tlsclient import Credential, read_json
 
 IO_TIMEOUT = 5.0
 """Seconds a blocking client waits for the server before giving up (a
@@ -123,7 +124,7 @@ class TLSClient:
     received: list[bytes] = field(default_factory=list)
 
     @classmethod
-    def open(cls, port: int, context: SSL.Context) -> "TLSClient":
+    def open(cls, port: int, context: SSL.Context) -> TLSClient:
         conn = SSL.Connection(context, None)
         conn.set_connect_state()
         conn.set_tlsext_host_name(b"localhost")
@@ -326,7 +327,7 @@ class GCMKeys:
     server_salt: bytes
 
     @classmethod
-    def of(cls, conn: SSL.Connection) -> "GCMKeys":
+    def of(cls, conn: SSL.Connection) -> GCMKeys:
         master, client_random, server_random = conn.master_key(), conn.client_random(), conn.server_random()
         assert master is not None and client_random is not None and server_random is not None
         block = _p_sha256(master, b"key expansion", server_random + client_random, 40)
@@ -410,7 +411,9 @@ def renegotiation_trace(port: int, context: SSL.Context) -> RenegotiationTrace:
             if not chunk:
                 break
             answer += chunk
-        plain = b"".join(keys.open_server(kind, body)[1] for kind, _, body in parse_records(answer) if kind == APPLICATION_DATA)
+        plain = b"".join(
+            keys.open_server(kind, body)[1] for kind, _, body in parse_records(answer) if kind == APPLICATION_DATA
+        )
         return RenegotiationTrace(first, error, replies, closed, plain)
     finally:
         client.close()
@@ -423,7 +426,7 @@ def issue_client(ca: Credential, usages: Sequence[x509.ObjectIdentifier] | None)
     """A leaf certificate signed by C{ca} with extended key usage C{usages}
     (None: no extendedKeyUsage extension); files are not written."""
     key = pki.generate_key()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client-a")]))
@@ -448,7 +451,7 @@ class SurfaceTestCase(VaultServerTestCase):
 
     timeout = 20
 
-    def in_thread(self, function: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+    def in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThread(function, *args)
 
     def context(self, credential: Credential | None = None, **kwargs: Any) -> SSL.Context:
@@ -457,7 +460,7 @@ class SurfaceTestCase(VaultServerTestCase):
         return client_context(credential or self.pki.client_a, self.pki.ca.cert_path, **kwargs)
 
     @inlineCallbacks
-    def assert_health(self) -> Generator["Deferred[Any]", Any, None]:
+    def assert_health(self) -> Generator[Deferred[Any], Any, None]:
         """A good client still gets /health on a new connection."""
         good = self.client(self.pki.client_a)
         response = yield good.request("GET", "/health")
@@ -465,7 +468,7 @@ class SurfaceTestCase(VaultServerTestCase):
         self.assertEqual((response.code, body["status"]), (200, "ok"))
 
     @inlineCallbacks
-    def assert_refused(self, context: SSL.Context, *reasons: str) -> Generator["Deferred[Any]", Any, None]:
+    def assert_refused(self, context: SSL.Context, *reasons: str) -> Generator[Deferred[Any], Any, None]:
         """A handshake with C{context} fails with an alert from the server
         whose reason string contains one of C{reasons}; /health still works."""
         outcome = yield self.in_thread(handshake_outcome, self.port_number, context)
@@ -482,7 +485,7 @@ class SurfaceTestCase(VaultServerTestCase):
 class CipherSuiteTests(SurfaceTestCase):
     """Only AEAD suites on TLS 1.2; TLS 1.3 is offered."""
 
-    def test_tls12_cbc_only_refused(self) -> "Deferred[Any]":
+    def test_tls12_cbc_only_refused(self) -> Deferred[Any]:
         """A TLS 1.2 client offering only CBC suites gets a handshake_failure
         alert (the client does offer them: the error is the server's alert)."""
         return self.assert_refused(
@@ -491,7 +494,7 @@ class CipherSuiteTests(SurfaceTestCase):
         )
 
     @inlineCallbacks
-    def test_tls12_gcm(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_tls12_gcm(self) -> Generator[Deferred[Any], Any, None]:
         """TLS 1.2 with ECDHE-ECDSA-AES128-GCM-SHA256 (the certificates are
         EC P-256) completes and serves /health."""
         context = self.context(minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers=GCM_SUITE)
@@ -500,7 +503,7 @@ class CipherSuiteTests(SurfaceTestCase):
         self.assertEqual((outcome.protocol, outcome.cipher), ("TLSv1.2", GCM_SUITE))
 
     @inlineCallbacks
-    def test_tls12_default_offer_ends_on_aead(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_tls12_default_offer_ends_on_aead(self) -> Generator[Deferred[Any], Any, None]:
         """A TLS 1.2 client offering everything (CBC included, at security
         level 0) still gets an ECDHE AEAD suite."""
         context = self.context(minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers="ALL:@SECLEVEL=0")
@@ -510,7 +513,7 @@ class CipherSuiteTests(SurfaceTestCase):
         self.assertRegex(outcome.cipher, r"^ECDHE-ECDSA-(AES(128|256)-GCM-SHA(256|384)|CHACHA20-POLY1305)$")
 
     @inlineCallbacks
-    def test_tls13(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_tls13(self) -> Generator[Deferred[Any], Any, None]:
         """A TLS 1.3 handshake completes with a TLS 1.3 (AEAD) suite."""
         context = self.context(minimum=SSL.TLS1_3_VERSION, maximum=SSL.TLS1_3_VERSION)
         outcome = yield self.in_thread(handshake_outcome, self.port_number, context)
@@ -523,7 +526,7 @@ class ProtocolVersionTests(SurfaceTestCase):
     """SSLv3, TLS 1.0 and TLS 1.1 are refused at the handshake."""
 
     @inlineCallbacks
-    def assert_raw_hello_refused(self, version: int) -> Generator["Deferred[Any]", Any, None]:
+    def assert_raw_hello_refused(self, version: int) -> Generator[Deferred[Any], Any, None]:
         """A hand-built ClientHello of C{version} gets a fatal
         protocol_version alert in the clear and the connection closed."""
         records, closed = yield self.in_thread(raw_exchange, self.port_number, client_hello(version, LEGACY_SUITES))
@@ -531,34 +534,34 @@ class ProtocolVersionTests(SurfaceTestCase):
         self.assertTrue(closed)
         yield self.assert_health()
 
-    def test_sslv3_hello_refused(self) -> "Deferred[Any]":
+    def test_sslv3_hello_refused(self) -> Deferred[Any]:
         """SSLv3 (which this OpenSSL cannot even offer: the ClientHello is
         built by hand) is refused."""
         return self.assert_raw_hello_refused(SSL3)
 
-    def test_tls10_hello_refused(self) -> "Deferred[Any]":
+    def test_tls10_hello_refused(self) -> Deferred[Any]:
         """A hand-built TLS 1.0 ClientHello is refused."""
         return self.assert_raw_hello_refused(TLS10)
 
-    def test_tls11_hello_refused(self) -> "Deferred[Any]":
+    def test_tls11_hello_refused(self) -> Deferred[Any]:
         """A hand-built TLS 1.1 ClientHello is refused."""
         return self.assert_raw_hello_refused(TLS11)
 
-    def test_tls10_client_refused(self) -> "Deferred[Any]":
+    def test_tls10_client_refused(self) -> Deferred[Any]:
         """An OpenSSL client limited to TLS 1.0 (security level 0, good
         certificate) gets the server's protocol_version alert."""
         return self.assert_refused(
             self.context(minimum=SSL.TLS1_VERSION, maximum=SSL.TLS1_VERSION), "alert protocol version"
         )
 
-    def test_tls11_client_refused(self) -> "Deferred[Any]":
+    def test_tls11_client_refused(self) -> Deferred[Any]:
         """An OpenSSL client limited to TLS 1.1 gets the same alert."""
         return self.assert_refused(
             self.context(minimum=SSL.TLS1_1_VERSION, maximum=SSL.TLS1_1_VERSION), "alert protocol version"
         )
 
     @inlineCallbacks
-    def test_raw_tls12_hello_answered(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_raw_tls12_hello_answered(self) -> Generator[Deferred[Any], Any, None]:
         """Control for the hand-built hellos: the same builder at TLS 1.2 with
         an AEAD suite gets a ServerHello, so the refusals above are about the
         version, not a malformed message."""
@@ -586,10 +589,12 @@ class RenegotiationTests(SurfaceTestCase):
     """
 
     @inlineCallbacks
-    def test_openssl_client_renegotiation_fails(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_openssl_client_renegotiation_fails(self) -> Generator[Deferred[Any], Any, None]:
         """C{renegotiate()} + C{do_handshake()} fails with "no renegotiation"
         on the client; /health still works on a new connection."""
-        context = self.context(minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+        context = self.context(
+            minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"
+        )
         trace = yield self.in_thread(renegotiation_trace, self.port_number, context)
         self.assertTrue(trace.first_answer.startswith(b"HTTP/1.1 200 "), trace.first_answer[:100])
         self.assertIsNotNone(trace.client_error)
@@ -597,12 +602,14 @@ class RenegotiationTests(SurfaceTestCase):
         yield self.assert_health()
 
     @inlineCallbacks
-    def test_server_refuses_with_warning_and_keeps_original_session(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_server_refuses_with_warning_and_keeps_original_session(self) -> Generator[Deferred[Any], Any, None]:
         """On the wire: the reply to the renegotiation ClientHello is exactly
         one alert, warning no_renegotiation, and no handshake message; a
         request sent afterwards on the original keys is answered under the
         original session (see the class docstring)."""
-        context = self.context(minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+        context = self.context(
+            minimum=SSL.TLS1_2_VERSION, maximum=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256"
+        )
         trace = yield self.in_thread(renegotiation_trace, self.port_number, context)
         self.assertFalse(trace.closed_by_server)
         self.assertEqual(trace.server_records, [(ALERT, bytes([WARNING, NO_RENEGOTIATION]))])
@@ -625,7 +632,7 @@ class CompressionTests(SurfaceTestCase):
         self.assertEqual(flags & SSL.OP_NO_RENEGOTIATION, SSL.OP_NO_RENEGOTIATION)
 
     @inlineCallbacks
-    def test_server_hello_picks_null_compression(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_server_hello_picks_null_compression(self) -> Generator[Deferred[Any], Any, None]:
         """A TLS 1.2 ClientHello offering DEFLATE first gets a ServerHello
         with the null compression method."""
         hello = client_hello(
@@ -640,7 +647,7 @@ class ClientCATests(SurfaceTestCase):
     """The CertificateRequest names the CA the server accepts."""
 
     @inlineCallbacks
-    def test_client_ca_list_names_the_ca(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_client_ca_list_names_the_ca(self) -> Generator[Deferred[Any], Any, None]:
         """After a TLS 1.2 and a TLS 1.3 handshake the client's list of
         acceptable CAs is exactly the vault CA's subject."""
         ca_subject = self.pki.ca.certificate.subject.public_bytes()
@@ -665,7 +672,7 @@ class ExtendedKeyUsageTests(SurfaceTestCase):
     """
 
     @inlineCallbacks
-    def test_server_auth_only_refused(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_server_auth_only_refused(self) -> Generator[Deferred[Any], Any, None]:
         """A certificate from the vault CA with EKU serverAuth only is refused
         at the handshake on TLS 1.2 and on TLS 1.3."""
         credential = issue_client(self.pki.ca, [ExtendedKeyUsageOID.SERVER_AUTH])
@@ -674,26 +681,25 @@ class ExtendedKeyUsageTests(SurfaceTestCase):
                 self.context(credential, minimum=version, maximum=version), "alert unsupported certificate"
             )
 
-    def test_code_signing_refused(self) -> "Deferred[Any]":
+    def test_code_signing_refused(self) -> Deferred[Any]:
         """EKU codeSigning only: refused."""
         credential = issue_client(self.pki.ca, [ExtendedKeyUsageOID.CODE_SIGNING])
         return self.assert_refused(self.context(credential), "alert unsupported certificate")
 
-    def test_server_certificate_as_client_refused(self) -> "Deferred[Any]":
+    def test_server_certificate_as_client_refused(self) -> Deferred[Any]:
         """The server's own certificate (same CA, serverAuth) cannot be used
         as a client certificate."""
         return self.assert_refused(self.context(self.pki.server), "alert unsupported certificate")
 
     @inlineCallbacks
-    def test_client_auth_control(self) -> Generator["Deferred[Any]", Any, None]:
+    def test_client_auth_control(self) -> Generator[Deferred[Any], Any, None]:
         """Control: the same builder with EKU clientAuth is accepted."""
         credential = issue_client(self.pki.ca, [ExtendedKeyUsageOID.CLIENT_AUTH])
         outcome = yield self.in_thread(handshake_outcome, self.port_number, self.context(credential))
         self.assert_served(outcome)
 
-    def test_no_extended_key_usage_refused(self) -> "Deferred[Any]":
+    def test_no_extended_key_usage_refused(self) -> Deferred[Any]:
         """A certificate from the vault CA without any extendedKeyUsage
         extension should be refused at the handshake."""
         credential = issue_client(self.pki.ca, None)
         return self.assert_refused(self.context(credential), "alert unsupported certificate", "alert")
-

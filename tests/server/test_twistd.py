@@ -15,8 +15,9 @@ import signal
 import socket
 import subprocess
 import threading
+from collections.abc import Generator
 from pathlib import Path
-from typing import IO, Any, Generator
+from typing import IO, Any
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -34,8 +35,6 @@ from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import Credential, client_for, read_json
 
 reactor: Any = global_reactor
-
-
 
 
 class Daemon:
@@ -108,7 +107,6 @@ class Daemon:
         self.process.wait(WAIT_SECONDS)
         self._out_reader.join(WAIT_SECONDS)
         self._err_reader.join(WAIT_SECONDS)
-
 
 
 class TwistdTests(AsyncTestCase):
@@ -210,4 +208,3 @@ class TwistdTests(AsyncTestCase):
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", output)
         self.assertNotIn("Traceback", output)
         yield self.assertFailure(daemon.listening, AssertionError)  # never listened
-

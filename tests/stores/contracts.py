@@ -22,10 +22,12 @@ from securevault.stores.metadata import (
 
 
 def _archive(owner: str, archive_id: str, created_ns: int, stored: int = 100, key_id: str = "k1") -> ArchiveRecord:
-    return ArchiveRecord(owner, archive_id, created_ns, stored, key_id, '{"doc": "%s"}' % archive_id)
+    return ArchiveRecord(owner, archive_id, created_ns, stored, key_id, f'{{"doc": "{archive_id}"}}')
 
 
-def _session(digest: str, user_id: str = "u1", *, last_used: float = 100.0, expires_at: float = 1000.0) -> SessionRecord:
+def _session(
+    digest: str, user_id: str = "u1", *, last_used: float = 100.0, expires_at: float = 1000.0
+) -> SessionRecord:
     return SessionRecord(digest, "alice", user_id, "f" * 64, 100.0, last_used, expires_at)
 
 
@@ -147,7 +149,7 @@ class MetadataStoreContract:
     def test_duplicate_archive_refused(self) -> None:
         store = self._store()
         store.put_archive(_archive("o1", "a" * 32, 1))
-        with self.assertRaises(Exception):  # type: ignore[attr-defined]
+        with self.assertRaises(Exception):  # type: ignore[attr-defined]  # noqa: B017 (each backend its own)
             store.put_archive(_archive("o1", "a" * 32, 2))
         self.assertEqual(store.get_archive("o1", "a" * 32).created_ns, 1)  # type: ignore[attr-defined,union-attr]
 
@@ -353,4 +355,3 @@ class BlobStoreContract:
         self._put(store, "o1", "a" * 32, [b"first" * 1000])
         self._put(store, "o1", "a" * 32, [b"second" * 1000])
         self.assertEqual(self._get(store, "o1", "a" * 32), b"second" * 1000)  # type: ignore[attr-defined]
-

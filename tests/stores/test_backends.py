@@ -16,7 +16,6 @@ from securevault.stores.backends import (
 )
 from securevault.stores.blobs import LocalBlobStore
 from securevault.stores.metadata import SqliteMetadataStore
-
 from tests.support.daemon import child_environment, make_vault, twistd_argv
 from tests.support.testcase import SyncTestCase
 
@@ -94,7 +93,9 @@ class DaemonStartTests(SyncTestCase):
     def test_unreachable_metadata_store_ends_twistd_with_one_line(self) -> None:
         base = self.make_dir()
         certs, data = make_vault(base)
-        argv = twistd_argv(certs, data, "--metadata", "postgresql://vault:secret-pw@127.0.0.1:1/vault?connect_timeout=2")
+        argv = twistd_argv(
+            certs, data, "--metadata", "postgresql://vault:secret-pw@127.0.0.1:1/vault?connect_timeout=2"
+        )
         result = subprocess.run(argv, cwd=base, env=child_environment(), capture_output=True, text=True, timeout=60)
         self.assertNotEqual(result.returncode, 0)
         errors = [line for line in (result.stdout + result.stderr).splitlines() if "securevault: error:" in line]

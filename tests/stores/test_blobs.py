@@ -6,7 +6,6 @@ import os
 import stat
 
 from securevault.stores.blobs import BlobStore, LocalBlobStore
-
 from tests.stores.contracts import BlobStoreContract
 from tests.support.testcase import SyncTestCase
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from securevault.stores.blobs import BlobNotFound, BlobStore, BlobStoreError
 
@@ -44,7 +45,9 @@ class S3Tests(SyncTestCase):
         keys = [item["Key"] for item in self.client.list_objects_v2(Bucket=self.bucket)["Contents"]]
         self.assertEqual(keys, [f"vault/{OWNER}/{ARCHIVE}.body"])
         self.assertEqual(S3BlobStore("b-1", client=self.client).key(OWNER, ARCHIVE), f"{OWNER}/{ARCHIVE}.body")
-        self.assertEqual(S3BlobStore("b-1", "/a/b/", client=self.client).key(OWNER, ARCHIVE), f"a/b/{OWNER}/{ARCHIVE}.body")
+        self.assertEqual(
+            S3BlobStore("b-1", "/a/b/", client=self.client).key(OWNER, ARCHIVE), f"a/b/{OWNER}/{ARCHIVE}.body"
+        )
 
     def test_list_ignores_foreign_keys(self) -> None:
         for key in [
@@ -144,7 +147,11 @@ class S3Tests(SyncTestCase):
         ours = [self._start_upload(self.store.key(OWNER, name * 32))[0] for name in "ab"]
         others = [
             self._start_upload(key)[0]
-            for key in ["elsewhere/o1/" + ARCHIVE + ".body", "vault/o1/not-an-archive.body", "vault2/o1/" + ARCHIVE + ".body"]
+            for key in [
+                "elsewhere/o1/" + ARCHIVE + ".body",
+                "vault/o1/not-an-archive.body",
+                "vault2/o1/" + ARCHIVE + ".body",
+            ]
         ]
         eager = S3BlobStore(self.bucket, "vault", client=self.client, incomplete_grace_seconds=0)
         self.assertEqual(eager.remove_incomplete(), 2)
@@ -352,7 +359,7 @@ class _StartTimes:
                 for page in paginator.paginate(**kwargs):
                     for upload in page.get("Uploads", ()):
                         if upload["UploadId"] in starts:
-                            upload["Initiated"] = datetime.fromtimestamp(starts[upload["UploadId"]], timezone.utc)
+                            upload["Initiated"] = datetime.fromtimestamp(starts[upload["UploadId"]], UTC)
                     yield page
 
         return Paginator()

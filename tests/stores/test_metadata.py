@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 from securevault.stores.metadata import MetadataError, MetadataStore, SqliteMetadataStore
-
 from tests.stores.contracts import MetadataStoreContract
 from tests.support.testcase import SyncTestCase
 

@@ -16,7 +16,6 @@ from psycopg.conninfo import make_conninfo
 
 from securevault.stores.metadata import MetadataError, MetadataStore, UserRecord
 from securevault.stores.metadata_postgres import PostgresMetadataStore
-
 from tests.stores.contracts import MetadataStoreContract
 from tests.support.postgres import postgres_dsn
 from tests.support.testcase import SyncTestCase

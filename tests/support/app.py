@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from io import BytesIO
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterable, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,17 +34,16 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from securevault.admin.pki import PrivateKey, make_ca, make_client_cert
+from securevault.core.keys import generate_keyring
+from securevault.core.sessions import LoginThrottle, SessionStore
+from securevault.core.users import UserStore
 from securevault.server.app import VaultApp
 from securevault.server.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, VaultConfig
-from securevault.core.keys import generate_keyring
-from securevault.admin.pki import PrivateKey, make_ca, make_client_cert
-from securevault.core.sessions import LoginThrottle, SessionStore
-from securevault.stores.blobs import LocalBlobStore
-from securevault.stores.blobs import BODY_SUFFIX
-from securevault.storage import SecureFileStorage
-from securevault.core.users import UserStore
 from securevault.server.web import VaultSite
 from securevault.server.workers import run_inline
+from securevault.storage import SecureFileStorage
+from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
 
 TEST_SCRYPT_N = 2**10
 P = ParamSpec("P")
@@ -53,8 +53,7 @@ R = TypeVar("R")
 class _MakesDirs(Protocol):
     """A test case with SyncTestCase's make_dir()."""
 
-    def make_dir(self) -> Path:
-        ...
+    def make_dir(self) -> Path: ...
 
 
 # -- certificates ---------------------------------------------------------
@@ -95,7 +94,7 @@ def make_client(name: str, *, not_after: datetime | None = None) -> ClientCert:
 
 def make_expiring_client(name: str, seconds: float) -> ClientCert:
     """A client certificate whose notAfter is C{seconds} from now."""
-    return make_client(name, not_after=datetime.now(timezone.utc) + timedelta(seconds=seconds))
+    return make_client(name, not_after=datetime.now(UTC) + timedelta(seconds=seconds))
 
 
 @lru_cache(maxsize=2)

@@ -73,7 +73,7 @@ class _MotoServer:
         environment = dict(os.environ)
         environment.update(MOTO_CREDENTIALS)
         environment.setdefault("AWS_DEFAULT_REGION", DEFAULT_REGION)
-        for attempt in range(3):
+        for _attempt in range(3):
             port = _free_port()
             self.process = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, "-H", "127.0.0.1", "-p", str(port)],

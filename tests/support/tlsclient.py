@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping, cast
+from typing import Any, cast
 
+import treq
+import treq.client
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-import treq
-import treq.client
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -56,7 +57,7 @@ class Credential:
     key_path: Path
 
     @classmethod
-    def from_files(cls, cert_path: Path, key_path: Path) -> "Credential":
+    def from_files(cls, cert_path: Path, key_path: Path) -> Credential:
         """Load a PEM certificate and its unencrypted PEM key."""
         return cls(pki.load_cert(cert_path), pki.load_key(key_path), cert_path, key_path)
 
@@ -73,7 +74,7 @@ def make_self_signed_client() -> tuple[x509.Certificate, pki.PrivateKey]:
     """A client-auth leaf certificate signed by its own key (no CA at all)."""
     key = pki.generate_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "self-signed")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -96,7 +97,7 @@ _Pair = tuple[x509.Certificate, pki.PrivateKey]
 def _generate() -> dict[str, _Pair]:
     """Every certificate of a test PKI, in memory."""
     ca = pki.make_ca(CA_NAME)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     other_ca = pki.make_ca("some other CA")
     # Same subject as the real CA, different key: only the signature tells.
     impostor_ca = pki.make_ca(CA_NAME)
@@ -136,7 +137,7 @@ class TestPKI:
     impostor_client: Credential
 
     @classmethod
-    def for_class(cls, owner: type, directory: Path) -> "TestPKI":
+    def for_class(cls, owner: type, directory: Path) -> TestPKI:
         """The PKI of test class C{owner} (generated once per class), as files
         under C{directory}."""
         generated = _GENERATED.get(owner)
@@ -178,9 +179,7 @@ class ContextCreator:
         return connection
 
 
-def legacy_tls_context(
-    ca_path: Path | None, credential: Credential | None, *, server: bool = False
-) -> SSL.Context:
+def legacy_tls_context(ca_path: Path | None, credential: Credential | None, *, server: bool = False) -> SSL.Context:
     """A context that speaks TLS 1.0–1.1 only, at OpenSSL security level 0,
     so that it really offers TLS 1.1 (level 2 would refuse it locally).
 
@@ -212,9 +211,7 @@ class MutualTLSPolicy:
         hostname: str | None = None,
         creator: IOpenSSLClientConnectionCreator | None = None,
     ) -> None:
-        self._trust = trustRootFromCertificates(
-            [Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM))]
-        )
+        self._trust = trustRootFromCertificates([Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM))])
         # The client pair goes in as cryptography objects: passing it as
         # clientCertificate=PrivateCertificate hands pyOpenSSL its own X509
         # and PKey, which pyOpenSSL 26 deprecates (one warning per handshake).
@@ -241,7 +238,7 @@ class VaultClient:
         self.http = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=self.pool))
         self.session_id: str | None = None
 
-    def close(self) -> "Deferred[object]":
+    def close(self) -> Deferred[object]:
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
 
     def url(self, path: str) -> str:
@@ -264,13 +261,11 @@ class VaultClient:
         headers: Mapping[str, str] | None = None,
         data: Any = None,
         params: Mapping[str, str] | None = None,
-    ) -> "Deferred[Any]":
+    ) -> Deferred[Any]:
         """Fires with the L{IResponse} to C{method} C{path}."""
-        return self.http.request(
-            method, self.url(path), headers=self.headers(headers), data=data, params=params
-        )
+        return self.http.request(method, self.url(path), headers=self.headers(headers), data=data, params=params)
 
-    def post_json(self, path: str, body: object) -> "Deferred[Any]":
+    def post_json(self, path: str, body: object) -> Deferred[Any]:
         return self.request(
             "POST",
             path,
@@ -344,4 +339,3 @@ def client_for(
     if cleanup is not None:
         cleanup(vault.close)
     return vault
-
