@@ -15,16 +15,24 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from securevault.core.archive import ArchiveInfo, ArchiveNotFound, ArchiveReader, IntegrityError
+from securevault.core.archive import (
+    IO_BLOCK_BYTES,
+    READ_BLOCK_BYTES,
+    ArchiveInfo,
+    ArchiveNotFound,
+    ArchiveReader,
+    IntegrityError,
+)
 from securevault.core.sessions import Session
 from securevault.server.endpoint import JsonEndpoint
-from securevault.server.errors import bad_request, not_found
+from securevault.server.errors import ApiError, bad_request, busy, not_found
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, fail, integrity_failure
+from securevault.server.state import request_state
 from securevault.server.streaming import Base64Encoder, DownloadProducer, base64_length
 from securevault.storage import SecureFileStorage
 
@@ -32,6 +40,11 @@ log = Logger(namespace="securevault.security")
 
 # JSON answers up to this size are built whole in the pool.
 SMALL_JSON_BYTES = 1 << 20
+# What one download holds at most, counted against the memory budget: the
+# reader's buffers and two blocks in flight (raw); a JSON answer built whole,
+# with its base64 (JSON).
+RAW_BUFFER_BYTES = 2 * READ_BLOCK_BYTES + IO_BLOCK_BYTES
+JSON_BUFFER_BYTES = 3 * SMALL_JSON_BYTES + RAW_BUFFER_BYTES
 
 
 @dataclass
@@ -94,35 +107,43 @@ class DownloadFileResource(JsonEndpoint):
     def render_GET(self, request: Request) -> Any:
         app = self.app
         raw = wants_raw(request)
+        state = request_state(request)
         lost: list[Failure] = []
-        sessions: list[Session] = []
-        archive_ids: list[str | None] = []
-
-        def open_it(session: Session) -> Deferred[Opened]:
-            sessions.append(session)
+        try:
             archive_id = single_arg(request, b"id")
             filename = single_arg(request, b"filename")
             if (archive_id is None) == (filename is None):
                 raise bad_request("Give exactly one of 'id' and 'filename'.")
-            archive_ids.append(archive_id)
-            return app.run_blocking(open_download, app.storage, session.user_id, archive_id, filename, raw)
+            args_error: ApiError | None = None
+        except ApiError as error:  # answered only to a caller with a session
+            archive_id = filename = None
+            args_error = error
 
-        work = app.authenticate(request).addCallback(open_it)
+        def open_it(session: Session) -> Opened:
+            if args_error is not None:
+                raise args_error
+            return open_download(app.storage, session.user_id, archive_id, filename, raw)
 
-        def left(reason: Failure) -> None:
-            lost.append(reason)
-            work.cancel()
+        reserve = RAW_BUFFER_BYTES if raw else JSON_BUFFER_BYTES
+        if not app.budget.reserve(reserve):
+            fail(request, busy())
+            return NOT_DONE_YET
+        state.reserved_bytes += reserve
+        # Not cancelled when the client leaves: the archive it opens must be
+        # closed by whoever gets it (see opened).
+        work = app.with_session(request, open_it)
+        request.notifyFinish().addErrback(lost.append)
 
-        request.notifyFinish().addErrback(left)
-
-        def opened(result: Opened) -> None:
+        def opened(found: tuple[Session, Opened | None]) -> None:
+            result = found[1]
+            assert result is not None
             if lost:
                 if result.reader is not None:
                     app.run_blocking(result.reader.close)
                 return
             info = result.info
             log.info("Download of archive {archive_id}", archive_id=info.id, event_kind="download")
-            app.record("download", request, user=sessions[0].username, archive_id=info.id, size=info.size)
+            app.record("download", request, user=state.user, archive_id=info.id, size=info.size)
             request.setResponseCode(200)
             if raw:
                 self._start_raw(request, result)
@@ -135,8 +156,7 @@ class DownloadFileResource(JsonEndpoint):
             if reason.check(ArchiveNotFound):
                 fail(request, not_found("No such archive."))
             elif reason.check(IntegrityError):
-                archive_id = archive_ids[0] if archive_ids else None
-                app.record("integrity_error", request, user=sessions[0].username, archive_id=archive_id)
+                self._integrity_error(request, archive_id)
                 integrity_failure(request, archive_id or "(by filename)")
             else:
                 fail(request, reason)
@@ -144,14 +164,30 @@ class DownloadFileResource(JsonEndpoint):
         work.addCallbacks(opened, failed)
         return NOT_DONE_YET
 
+    def _integrity_error(self, request: Request, archive_id: str | None) -> None:
+        """Audited and counted, whether the archive failed before the
+        headers (a JSON 500) or while streaming (an aborted stream)."""
+        self.app.record("integrity_error", request, user=request_state(request).user, archive_id=archive_id)
+
+    def _producer(self, request: Request, result: Opened, **options: Any) -> DownloadProducer:
+        assert result.reader is not None
+        archive_id = result.info.id
+        return DownloadProducer(
+            self.app.run_blocking,
+            result.reader,
+            request,
+            first=result.first,
+            on_integrity_error=lambda: self._integrity_error(request, archive_id),
+            **options,
+        )
+
     def _start_raw(self, request: Request, result: Opened) -> None:
         info = result.info
         request.setHeader(b"content-type", b"application/octet-stream")
         request.setHeader(b"content-length", str(info.size).encode("ascii"))
         request.setHeader(b"content-disposition", content_disposition(info.filename))
         request.setHeader(b"etag", b'"' + info.sha256.encode("ascii") + b'"')
-        assert result.reader is not None
-        DownloadProducer(self.app.run_blocking, result.reader, request, first=result.first).start()
+        self._producer(request, result).start()
 
     def _start_json(self, request: Request, result: Opened) -> None:
         info = result.info
@@ -168,12 +204,4 @@ class DownloadFileResource(JsonEndpoint):
         request.setHeader(b"content-length", str(length).encode("ascii"))
         request.write(prefix)
         encoder = Base64Encoder()
-        assert result.reader is not None
-        DownloadProducer(
-            self.app.run_blocking,
-            result.reader,
-            request,
-            first=result.first,
-            encode=encoder,
-            suffix=lambda: encoder.flush() + b'"}',
-        ).start()
+        self._producer(request, result, encode=encoder, suffix=lambda: encoder.flush() + b'"}').start()

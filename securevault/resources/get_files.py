@@ -18,21 +18,21 @@ class GetFilesResource(JsonEndpoint):
     allowedMethods = (b"GET", b"HEAD")
 
     def render_GET(self, request: Request) -> Any:
+        app = self.app
+        storage = app.storage
+
         def listed(infos: list[ArchiveInfo]) -> Reply:
             return Reply(200, {"files": [info.public() for info in infos]})
 
-        app = self.app
-        storage = app.storage
-        if app.sessions.mirrored:  # one node: session and listing may be in memory
+        def from_memory(session: Session) -> Reply | Deferred[Reply]:
+            """One node keeps listings in memory too: no trip to the pool."""
+            cached = storage.cached_list(session.user_id)
+            if cached is not None:
+                return listed(cached)
+            return app.run_blocking(storage.list, session.user_id).addCallback(listed)
 
-            def from_memory(session: Session) -> Reply | Deferred[Reply]:
-                cached = storage.cached_list(session.user_id)
-                if cached is not None:
-                    return listed(cached)
-                return app.run_blocking(storage.list, session.user_id).addCallback(listed)
-
+        if app.sessions.mirrored:
             return self.authenticated(request, from_memory)
-        work = app.with_session(request, lambda session: storage.list(session.user_id))
-        return self.respond_later(request, work.addCallback(listed))
+        return self.in_session(request, lambda session: storage.list(session.user_id), lambda _, infos: listed(infos))
 
     render_HEAD = render_GET

@@ -13,6 +13,7 @@ from securevault.core.sessions import Session
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError
 from securevault.server.jsonapi import Reply, parse_json_object, string_field
+from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity
 
 log = Logger(namespace="securevault.security")
@@ -85,7 +86,7 @@ class LoginResource(JsonEndpoint):
                 )
                 app.record("login_failed", request, user=username[:64])
                 raise INVALID_CREDENTIALS
-            setattr(request, "vault_user", username)
+            request_state(request).user = username
             log.info("Login by {username}", username=username, event_kind="login")
             app.record("login", request, user=username)
             return Reply(

@@ -1,28 +1,31 @@
 # -*- test-case-name: tests.server.test_resources -*-
 """POST /upload-file: one file becomes one encrypted archive.
 
-The raw form (application/octet-stream) was already streaming into the pool
-while its body arrived (see VaultRequest); the JSON form is parsed and stored
-in the pool, since a 64 MiB JSON body would stall the reactor.
+The raw form (application/octet-stream) streams into the pool while its body
+arrives (L{UploadFileResource.receive_body}); the JSON form is buffered within
+the memory budget, then parsed and stored in the pool, since a 64 MiB JSON
+body would stall the reactor.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.core.archive import ArchiveInfo, InvalidFilename, check_filename
+from securevault.core.archive import ArchiveInfo, ArchiveWriter, InvalidFilename, check_filename
 from securevault.core.sessions import Session
-from securevault.server.app import SessionRefused
 from securevault.server.endpoint import JsonEndpoint
-from securevault.server.errors import ApiError, bad_request, storage_error
+from securevault.server.errors import ApiError, bad_request, busy, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object
+from securevault.server.state import request_state
+from securevault.server.streaming import UPLOAD_BUFFER_BYTES, UploadStream
 from securevault.storage import SecureFileStorage
 
 log = Logger(namespace="securevault.security")
@@ -52,19 +55,105 @@ def store_json_upload(storage: SecureFileStorage, owner_id: str, raw: bytes, quo
     return storage.store(owner_id, filename, data, max_bytes=remaining)
 
 
+def media_type(request: Request) -> bytes:
+    value = request.getHeader(b"content-type") or b""
+    return value.split(b";", 1)[0].strip().lower()
+
+
+def filename_from_raw_upload(request: Request) -> str:
+    """The filename of a raw upload: C{X-Filename} (percent-encoded UTF-8),
+    else the C{filename} query parameter; checked against API.md's rules."""
+    header = request.getHeader(b"x-filename")
+    raw: bytes | None = None
+    if header is not None:
+        raw = unquote_to_bytes(header)
+    else:
+        values = request.args.get(b"filename") if request.args else None
+        if values:
+            raw = values[0]
+    if raw is None:
+        raise ApiError(400, "invalid_filename", "Name the file in the X-Filename header.")
+    try:
+        filename = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_filename", "The filename is not valid UTF-8.") from None
+    try:
+        check_filename(filename)
+    except InvalidFilename as error:
+        raise ApiError(400, "invalid_filename", str(error)) from None
+    return filename
+
+
 class UploadFileResource(JsonEndpoint):
+    """Both forms of upload.  The raw form is taken as it streams in: this
+    resource's L{receive_body} opens the archive writer in the pool once the
+    session is found, and feeds it while the body arrives; C{render_POST}
+    then only waits for the commit."""
+
     allowedMethods = (b"POST",)
+
+    def body_limit(self, request: Request) -> int:
+        if request.method != b"POST":
+            return super().body_limit(request)
+        if media_type(request) == b"application/octet-stream":
+            return self.app.config.max_upload_size
+        return self.app.config.max_json_body
+
+    def receive_body(self, request: Request) -> UploadStream | None:
+        if request.method != b"POST" or media_type(request) != b"application/octet-stream":
+            return None
+        app = self.app
+        state = request_state(request)
+        if not app.budget.reserve(UPLOAD_BUFFER_BYTES):
+            raise busy()
+        state.reserved_bytes += UPLOAD_BUFFER_BYTES
+        try:
+            filename: str | None = filename_from_raw_upload(request)
+            filename_error = None
+        except ApiError as error:  # answered only to a caller with a session
+            filename, filename_error = None, error
+        quota = app.config.quota
+        storage = app.storage
+        owners: list[str] = []
+
+        def open_writer(session: Session) -> ArchiveWriter:
+            if filename_error is not None:
+                raise filename_error
+            assert filename is not None
+            owners.append(session.user_id)
+            remaining = None if quota is None else max(0, quota - storage.usage(session.user_id))
+            return storage.writer(session.user_id, filename, max_bytes=remaining)
+
+        def discard(info: ArchiveInfo) -> None:
+            app.run_blocking(storage.delete, owners[0], info.id).addErrback(lambda _: None)
+
+        def failed(failure: Failure) -> None:
+            """The writer failed while the body was still arriving."""
+            if state.refuse is None:
+                return
+            error = storage_error(failure)
+            state.refuse(error if isinstance(error, ApiError) else failure)
+
+        opening = app.with_session(request, open_writer).addCallback(lambda found: cast(ArchiveWriter, found[1]))
+        return UploadStream(
+            app.run_blocking,
+            opening,
+            pause=state.pause_body,
+            resume=state.resume_body,
+            on_error=failed,
+            discard=discard,
+        )
 
     def render_POST(self, request: Request) -> Any:
         app = self.app
-        upload = getattr(request, "upload", None)
+        state = request_state(request)
+        upload = state.body if isinstance(state.body, UploadStream) else None
         if upload is not None:
             work = upload.finish()
         else:
 
             def store(session: Session) -> Deferred[ArchiveInfo]:
-                kind = (request.getHeader(b"content-type") or b"").split(b";", 1)[0].strip().lower()
-                if kind != b"application/json":
+                if media_type(request) != b"application/json":
                     raise ApiError(
                         415,
                         "unsupported_media_type",
@@ -82,12 +171,11 @@ class UploadFileResource(JsonEndpoint):
                 size=info.size,
                 event_kind="upload",
             )
-            app.record("upload", request, user=getattr(request, "vault_user", None), archive_id=info.id, size=info.size)
+            app.record("upload", request, user=state.user, archive_id=info.id, size=info.size)
             return Reply(201, info.public())
 
-        def failed(failure: Failure) -> None:
-            if upload is not None and failure.check(SessionRefused):
-                app.refused(request)
-            raise storage_error(failure)
+        return self.respond_later(request, work.addCallbacks(stored, lambda failure: _raise(storage_error(failure))))
 
-        return self.respond_later(request, work.addCallbacks(stored, failed))
+
+def _raise(error: BaseException) -> Any:
+    raise error

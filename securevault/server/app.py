@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -15,9 +15,11 @@ from twisted.web.server import Request
 from securevault.core.audit import AuditLog
 from securevault.core.sessions import LoginThrottle, Session, SessionStore
 from securevault.core.users import UserStore
-from securevault.server.config import VaultConfig
+from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
 from securevault.server.errors import ApiError, invalid_session
+from securevault.server.limits import ConnectionLimits, MemoryBudget
 from securevault.server.metrics import VaultMetrics
+from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity, client_identity
 from securevault.server.workers import RunBlocking
 from securevault.storage import SecureFileStorage
@@ -38,6 +40,17 @@ class SessionRefused(ApiError):
         super().__init__(error.status, error.code, error.message, error.headers)
 
 
+class _WorkFailed(Exception):
+    """An endpoint's work failed in the pool after the session was found:
+    the session still reaches the request's state (the access log names the
+    user), then the work's own error goes on."""
+
+    def __init__(self, session: Session, error: Exception) -> None:
+        super().__init__(error)
+        self.session = session
+        self.error = error
+
+
 @dataclass
 class VaultApp:
     """What the resources need; built once by the composition root."""
@@ -55,6 +68,9 @@ class VaultApp:
     # Live sessions, as last counted by the sweep or a metrics scrape (both
     # in a pool thread: the reactor thread never asks the store).
     session_count: int = 0
+    # Bytes held for bodies, across all clients (--memory-budget).
+    budget: MemoryBudget = field(default_factory=lambda: MemoryBudget(DEFAULT_MEMORY_BUDGET_BYTES))
+    connections: ConnectionLimits | None = None
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> None:
         """Append a security event to the audit log, in the pool; no secrets."""
@@ -63,7 +79,7 @@ class VaultApp:
         if self.audit is None:
             return
         if request is not None:
-            identity = getattr(request, "client_identity", None)
+            identity = request_state(request).identity
             if identity is not None:
                 fields.setdefault("fingerprint", identity.fingerprint)
             peer = request.getClientAddress()
@@ -72,69 +88,76 @@ class VaultApp:
             lambda failure: log.failure("Could not write the audit log", failure)
         )
 
+    def refusal(self, reason: str, fingerprint: str | None) -> None:
+        """A client turned away by a limit (busy, too slow): counted, never
+        queued as work per event."""
+        if self.metrics is not None:
+            self.metrics.count_event(reason)
+
     def identity(self, request: Request) -> ClientIdentity:
         """The verified client certificate; mutual TLS guarantees one."""
-        identity = getattr(request, "client_identity", None)
-        if identity is None:
-            # A connection's certificate never changes (no renegotiation):
-            # parse it once per connection, not once per request.
-            channel = getattr(request, "channel", None)
-            identity = getattr(channel, "vault_client_identity", None)
+        state = request_state(request)
+        if state.identity is None:
+            identity = client_identity(request.transport)
             if identity is None:
-                identity = client_identity(request.transport)
-                if identity is None:
-                    raise ApiError(403, "forbidden", "A verified client certificate is required.")
-                if channel is not None:
-                    setattr(channel, "vault_client_identity", identity)
-            setattr(request, "client_identity", identity)
-        return identity
+                raise ApiError(403, "forbidden", "A verified client certificate is required.")
+            state.identity = identity
+        return state.identity
 
     def authenticate(self, request: Request) -> Deferred[Session]:
-        """The caller's session, from the headers only; else a failure with
-        401 invalid_session.  The lookup runs in the pool: sessions live in
-        the metadata store, shared by every node."""
-        try:
-            identity, session_id = self._credentials(request)
-        except ApiError as error:
-            return fail(error)
+        """The caller's session; else a failure with 401 invalid_session."""
+        return self.with_session(request, None).addCallback(lambda found: found[0])
 
-        def found(session: Session | None) -> Session:
-            if session is None:
-                raise self.refused(request)
-            setattr(request, "vault_user", session.username)
-            return session
-
-        if self.sessions.mirrored:  # one node: in memory, no trip to the pool
-            return maybeDeferred(found, self.sessions.lookup_local(session_id, identity.fingerprint))
-        return self.run_blocking(self.sessions.lookup, session_id, identity.fingerprint).addCallback(found)
-
-    def with_session(self, request: Request, work: Callable[[Session], R]) -> Deferred[R]:
-        """C{work(session)} in the pool, in the same pool call that finds the
-        caller's session: one trip to the pool, not two, for the requests
-        that need nothing else first.  401 invalid_session without one."""
-        try:
-            identity, session_id = self._credentials(request)
-        except ApiError as error:
-            return fail(error)
-        if self.sessions.mirrored:
-            return self.authenticate(request).addCallback(lambda session: self.run_blocking(work, session))
+    def with_session(self, request: Request, work: Callable[[Session], R] | None) -> Deferred[tuple[Session, R | None]]:
+        """The one session gate every endpoint but the public ones goes
+        through.  Finds the caller's session from the headers (never the body),
+        then runs C{work(session)} in the pool, in the same pool call as the
+        lookup where the session lives only in the store: one trip, not two.
+        A session found once is kept in the request's state, so a request
+        checked before its body arrived is not looked up again.  401
+        invalid_session, audited, when there is none."""
+        state = request_state(request)
         lookup = self.sessions.lookup
+        known = state.session
+        if known is None:
+            try:
+                identity, session_id = self._credentials(request)
+            except ApiError as error:
+                return fail(error)
+        mirrored = known is not None or self.sessions.mirrored
 
-        def in_pool() -> tuple[Session, R]:
-            session = lookup(session_id, identity.fingerprint)
+        def in_pool() -> tuple[Session, R | None]:
+            session = known if known is not None else lookup(session_id, identity.fingerprint)
             if session is None:
                 raise SessionRefused()
-            return session, work(session)
+            try:
+                return session, (work(session) if work is not None else None)
+            except Exception as error:
+                raise _WorkFailed(session, error) from error
 
-        def done(result: tuple[Session, R]) -> R:
-            setattr(request, "vault_user", result[0].username)
-            return result[1]
+        def found(result: tuple[Session, R | None]) -> tuple[Session, R | None]:
+            state.session = result[0]
+            state.user = result[0].username
+            return result
 
-        def refused(failure: Failure) -> R:
+        def refused(failure: Failure) -> tuple[Session, R | None]:
+            if failure.check(_WorkFailed):
+                # The session was found; the endpoint's own work failed.
+                wrapped = cast(_WorkFailed, failure.value)
+                found((wrapped.session, None))
+                raise wrapped.error
             failure.trap(SessionRefused)
             raise self.refused(request)
 
-        return self.run_blocking(in_pool).addCallbacks(done, refused)
+        if mirrored:  # the session is in memory: look it up here, no trip to the pool for it
+            session = known if known is not None else self.sessions.lookup_local(session_id, identity.fingerprint)
+            if session is None:
+                return fail(self.refused(request))
+            found((session, None))
+            if work is None:
+                return succeed((session, None))
+            return self.run_blocking(work, session).addCallback(lambda result: (session, result))
+        return self.run_blocking(in_pool).addCallbacks(found, refused)
 
     def _credentials(self, request: Request) -> tuple[ClientIdentity, str]:
         """The certificate and the session id the request presents; raises

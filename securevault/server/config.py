@@ -17,6 +17,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 16 << 30
 DEFAULT_MAX_JSON_BODY_BYTES = 64 << 20
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60
 BIND_USER_POLICIES = ("none", "cn", "san")
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_CONNECTIONS_PER_CERT = 64
+DEFAULT_MIN_BODY_RATE = 16384  # bytes per second
+DEFAULT_MEMORY_BUDGET_BYTES = 512 << 20
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,34 @@ def parse_port(raw: str, source: str) -> int:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{source} must be a port number 0-65535, not {raw!r}")
     return port
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(raw: str) -> int:
+    """A positive byte count, with an optional binary unit: C{1048576},
+    C{500M}, C{10G}, C{64KiB}; else L{ConfigError}."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", raw, re.IGNORECASE)
+    if match is None or (match.group(2) == "" and "." in match.group(1)):
+        raise ConfigError(f"not a size: {raw!r} (bytes, or with a unit: 64K, 500M, 10G)")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"not a positive size: {raw!r}")
+    return size
+
+
+def parse_duration(raw: str) -> float:
+    """A positive duration in seconds, with an optional unit: C{90}, C{30s},
+    C{15m}, C{12h}, C{7d}; else L{ConfigError}."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", raw)
+    if match is None:
+        raise ConfigError(f"not a duration: {raw!r} (seconds, or with a unit: 30s, 15m, 12h, 7d)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not seconds > 0:
+        raise ConfigError(f"not a positive duration: {raw!r}")
+    return seconds
 
 
 def default_thread_count() -> int:
@@ -68,6 +100,10 @@ class VaultConfig:
     audit_log: Path | None = None
     bind_user: str = "none"
     master_key_passphrase: str | None = None
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_cert: int = DEFAULT_MAX_CONNECTIONS_PER_CERT
+    min_body_rate: int = DEFAULT_MIN_BODY_RATE
+    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     metadata_url: str | None = None  # None: SQLite in the data directory
     blobs_url: str | None = None  # None: <data-dir>/archives
 
@@ -95,6 +131,10 @@ class VaultConfig:
             audit_log=Path(audit_log) if audit_log else data_dir / "audit.jsonl",
             bind_user=str(options.get("bind-user", "none")),
             master_key_passphrase=options.get("master-key-passphrase"),
+            max_connections=int(options.get("max-connections", DEFAULT_MAX_CONNECTIONS)),
+            max_connections_per_cert=int(options.get("max-connections-per-cert", DEFAULT_MAX_CONNECTIONS_PER_CERT)),
+            min_body_rate=int(options.get("min-body-rate", DEFAULT_MIN_BODY_RATE)),
+            memory_budget=int(options.get("memory-budget", DEFAULT_MEMORY_BUDGET_BYTES)),
             metadata_url=options.get("metadata"),
             blobs_url=options.get("blobs"),
         )

@@ -36,6 +36,17 @@ def not_found(message: str = "No such resource.") -> ApiError:
     return ApiError(404, "not_found", message)
 
 
+def busy(retry_after_seconds: int = 1) -> ApiError:
+    """503 busy: a capacity limit (connections, memory) is reached; the
+    client may try again shortly."""
+    return ApiError(
+        503,
+        "busy",
+        "The vault is at capacity; try again shortly.",
+        {b"Retry-After": str(retry_after_seconds).encode("ascii")},
+    )
+
+
 def invalid_session() -> ApiError:
     return ApiError(
         401,

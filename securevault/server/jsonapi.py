@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from securevault.server.errors import ApiError, bad_request, unavailable
+from securevault.server.state import request_state
 
 JSON_CONTENT_TYPE = b"application/json; charset=utf-8"
 
@@ -64,7 +65,7 @@ def internal_error(request: Request, reason: Failure | BaseException | None) -> 
     request_id = uuid.uuid4().hex
     failure = reason if isinstance(reason, Failure) else Failure(reason) if reason else Failure()
     log.failure("Internal error while serving request {request_id}", failure, request_id=request_id)
-    setattr(request, "request_id", request_id)
+    request_state(request).request_id = request_id
     write_json(
         request,
         500,

@@ -22,12 +22,16 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from securevault.core.archive import ArchiveInfo, ArchiveReader, ArchiveWriter
+from securevault.core.archive import ArchiveInfo, ArchiveReader, ArchiveWriter, IntegrityError
 from securevault.server.workers import RunBlocking
 
 BLOCK_BYTES = 1 << 20
 HIGH_WATER_BYTES = 4 << 20
 LOW_WATER_BYTES = 1 << 20
+# What one upload holds at most, counted against the memory budget: the
+# bytes waiting for the pool up to the high water mark, one more piece, and
+# the block being written.
+UPLOAD_BUFFER_BYTES = HIGH_WATER_BYTES + 2 * BLOCK_BYTES
 
 log = Logger(namespace="securevault.streaming")
 
@@ -43,7 +47,7 @@ class UploadStream:
     def __init__(
         self,
         run_blocking: RunBlocking,
-        open_writer: Callable[[], ArchiveWriter],
+        opening: Deferred[ArchiveWriter],
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_error: Callable[[Failure], None],
@@ -64,7 +68,9 @@ class UploadStream:
         self._failure: Failure | None = None
         self._result: Deferred[ArchiveInfo] | None = None
         self.received_bytes = 0
-        self._run(open_writer).addCallbacks(self._opened, self._failed)
+        # The writer is opened in the pool once the session is found there
+        # (the session gate); bytes that arrive meanwhile wait here.
+        opening.addCallbacks(self._opened, self._failed)
 
     # -- reactor side ---------------------------------------------------
 
@@ -198,8 +204,10 @@ class DownloadProducer:
         first: bytes = b"",
         encode: Callable[[bytes], bytes] | None = None,
         suffix: Callable[[], bytes] | None = None,
+        on_integrity_error: Callable[[], None] | None = None,
     ) -> None:
         self._run = run_blocking
+        self._on_integrity_error = on_integrity_error
         self._reader = reader
         self._request = request
         self._encode = encode
@@ -297,6 +305,8 @@ class DownloadProducer:
                 archive_id=self._reader.info.id,
                 reason=failure.getErrorMessage(),
             )
+            if failure.check(IntegrityError) and self._on_integrity_error is not None:
+                self._on_integrity_error()
             self._request.unregisterProducer()
             transport: Any = self._request.transport
             if transport is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -32,15 +33,22 @@ from securevault.server.app import VaultApp
 from securevault.server.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CERT,
     DEFAULT_MAX_JSON_BODY_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    DEFAULT_MIN_BODY_RATE,
     DEFAULT_SESSION_IDLE_SECONDS,
     DEFAULT_SESSION_TTL_SECONDS,
     ConfigError,
     VaultConfig,
+    parse_duration,
     parse_port,
+    parse_size,
     port_from_environment,
 )
+from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
 from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
@@ -78,6 +86,16 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _setting(name: str, parse: Callable[[str], Any], value: Any) -> Any:
+    """A size or duration option, parsed; a default passes as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse(value)
+    except ConfigError as error:
+        raise ConfigError(f"--{name}: {error}") from None
+
+
 class Options(usage.Options):
     """twistd securevault [options]: every server option of API.md."""
 
@@ -106,18 +124,27 @@ class Options(usage.Options):
         ],
         ["master-key", None, None, "Master key file [default: <data-dir>/master.key]; created when absent."],
         ["threads", None, None, "Worker threads [default: CPU count, at least 2].", _positive_int],
-        ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "Seconds a session lives unused.", _positive_float],
-        ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "Seconds a session lives in all.", _positive_float],
-        ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload in bytes.", _positive_int],
-        ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body in bytes.", _positive_int],
+        ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "How long a session lives unused (90, 30m, 12h)."],
+        ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "How long a session lives in all (12h)."],
+        ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload (bytes, or 500M, 16G)."],
+        ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body (64M)."],
+        ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT_SECONDS, "Silent clients are dropped after this (60, 2m)."],
+        ["quota", None, None, "Stored bytes per user, e.g. 10G [default: none]."],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Connections at once, in all.", _positive_int],
         [
-            "idle-timeout",
+            "max-connections-per-cert",
             None,
-            DEFAULT_IDLE_TIMEOUT_SECONDS,
-            "Seconds before a silent client is dropped.",
-            _positive_float,
+            DEFAULT_MAX_CONNECTIONS_PER_CERT,
+            "Connections at once per client certificate.",
+            _positive_int,
         ],
-        ["quota", None, None, "Bytes of archives per user [default: none].", _positive_int],
+        [
+            "min-body-rate",
+            None,
+            DEFAULT_MIN_BODY_RATE,
+            "Slowest a request body may arrive or a response be read, bytes/s over any --idle-timeout (16K).",
+        ],
+        ["memory-budget", None, DEFAULT_MEMORY_BUDGET_BYTES, "Bytes held for bodies, all clients together (512M)."],
         ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off]."],
         ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],
         ["bind-user", None, "none", "Certificate names that may log in as a user: none, cn or san."],
@@ -132,6 +159,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
+            for name in ("max-upload-size", "max-json-body", "min-body-rate", "memory-budget", "quota"):
+                if self[name] is not None:
+                    self[name] = _setting(name, parse_size, self[name])
+            for name in ("session-idle", "session-ttl", "idle-timeout"):
+                self[name] = _setting(name, parse_duration, self[name])
             if self["port"] is None:  # --port, then $PORT, then 5000
                 self["port"] = port_from_environment(os.environ)
             else:
@@ -249,7 +281,15 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         mirror=stores.single_node,
     )
     sessions.load()
+    max_connections = min(config.max_connections, usable_descriptors())
+    if max_connections < config.max_connections:
+        log.warn(
+            "--max-connections lowered to {count}: the limit on open files allows no more",
+            count=max_connections,
+        )
     return VaultApp(
+        budget=MemoryBudget(config.memory_budget),
+        connections=ConnectionLimits(max_connections, config.max_connections_per_cert),
         config=config,
         storage=storage,
         users=users,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from weakref import WeakKeyDictionary
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -133,8 +134,29 @@ class ClientIdentity:
         return self.not_after.astimezone(UTC).timestamp()
 
 
+# A connection's certificate never changes (renegotiation is refused): it is
+# parsed once per transport, not once per request.
+_identities: WeakKeyDictionary[Any, ClientIdentity] = WeakKeyDictionary()
+
+
 def client_identity(transport: Any) -> ClientIdentity | None:
     """The peer certificate of a TLS transport, or None (no TLS, no cert)."""
+    try:
+        known = _identities.get(transport)
+    except TypeError:  # not weakly referenceable: parse every time
+        known = None
+    if known is not None:
+        return known
+    identity = _parse_identity(transport)
+    if identity is not None:
+        try:
+            _identities[transport] = identity
+        except TypeError:
+            pass
+    return identity
+
+
+def _parse_identity(transport: Any) -> ClientIdentity | None:
     get_peer = getattr(transport, "getPeerCertificate", None)
     if get_peer is None:
         return None

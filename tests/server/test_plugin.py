@@ -74,6 +74,10 @@ class OptionsTests(SyncTestCase):
             "metrics-port": None,
             "audit-log": None,
             "bind-user": "none",
+            "max-connections": 4096,
+            "max-connections-per-cert": 64,
+            "min-body-rate": 16384,
+            "memory-budget": 512 << 20,
         }
         # Options added after this test (e.g. the scale-out store options)
         # must be off by default, so a plain start behaves as API.md says.

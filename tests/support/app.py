@@ -40,6 +40,7 @@ from securevault.core.sessions import LoginThrottle, SessionStore
 from securevault.core.users import UserStore
 from securevault.server.app import VaultApp
 from securevault.server.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, VaultConfig
+from securevault.server.limits import ConnectionLimits, MemoryBudget
 from securevault.server.web import VaultSite
 from securevault.server.workers import run_inline
 from securevault.storage import SecureFileStorage
@@ -115,6 +116,8 @@ def make_app(
     max_upload_size: int = DEFAULT_MAX_UPLOAD_BYTES,
     clock: MemoryReactorClock | None = None,
     storage_class: type[SecureFileStorage] = SecureFileStorage,
+    connections: ConnectionLimits | None = None,
+    **settings: Any,
 ) -> tuple[VaultApp, MemoryReactorClock]:
     """A real VaultApp in a fresh data directory, on a fake clock.
 
@@ -137,6 +140,7 @@ def make_app(
         max_json_body=max_json_body,
         quota=quota,
         bind_user=bind_user,
+        **settings,
     )
     counter = itertools.count()
     fake_clock = clock
@@ -158,6 +162,8 @@ def make_app(
         throttle=LoginThrottle(storage.metadata, clock.seconds),
         run_blocking=run_inline,
         clock=clock.seconds,
+        budget=MemoryBudget(config.memory_budget),
+        connections=connections,
     )
     return app, clock
 
@@ -419,6 +425,8 @@ class Connection:
         self.protocol: Any = site.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
         self._closed = False
+        if client is not None:  # as the TLS layer tells a handshake listener
+            self.protocol.handshakeCompleted()
 
     def send(self, data: bytes) -> None:
         """Bytes from the client, as the network would deliver them."""

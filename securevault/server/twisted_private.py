@@ -1,0 +1,60 @@
+# -*- test-case-name: tests.server.test_pipeline -*-
+"""The private names of Twisted that the vault needs, each wrapped once.
+
+twisted.web offers no public hook between a request's head and its body, no
+way to turn off its form parser, and no way to make a hand-built listener
+fail loudly.  Each function here names the private attribute it reads or sets
+and why; nothing else in the package touches a private Twisted name.  A
+Twisted upgrade that renames one breaks here, in one place, and
+tests.server.test_pipeline notices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.http import HTTPChannel, Request
+
+
+def pending_request_line(channel: HTTPChannel) -> tuple[bytes, bytes]:
+    """The method and request target of the request whose head just ended.
+
+    L{Request.gotLength} runs before L{Request.requestReceived}, the first
+    public moment the method and path are on the request; until then they are
+    HTTPChannel's C{_command} and C{_path} (twisted/twisted#4688 describes this
+    gap).  We need them there to route a body before it arrives."""
+    return getattr(channel, "_command", b""), getattr(channel, "_path", b"")
+
+
+def head_bytes_received(channel: HTTPChannel) -> int:
+    """How many bytes of the current request head arrived (HTTPChannel's
+    C{_receivedHeaderSize}), to tell a head over the limit from other
+    framing errors in C{_respondToBadRequestAndDisconnect} (the one hook
+    every framing error goes through; overridden in L{VaultChannel})."""
+    return int(getattr(channel, "_receivedHeaderSize", 0))
+
+
+def skip_form_parsing(request: Request) -> None:
+    """No endpoint takes form submissions; twisted.web's own parser would
+    answer a malformed multipart body with a bare, non-JSON 400
+    (C{Request._parsePOSTFormSubmission})."""
+    setattr(request, "_parsePOSTFormSubmission", False)
+
+
+def request_disconnected(request: Request) -> bool:
+    """Whether the connection under C{request} was lost (C{_disconnected}:
+    C{Request.notifyFinish} tells it only through a callback)."""
+    return bool(getattr(request, "_disconnected", False))
+
+
+def fail_loudly_on_listen(service: Any) -> None:
+    """A hand-built StreamServerEndpointService only logs a failed bind and
+    runs on deaf; C{_raiseSynchronously} makes it raise, as
+    C{twisted.application.strports.service()} does."""
+    service._raiseSynchronously = True
+
+
+def listening_port(service: Any) -> Any:
+    """The Deferred port of a StreamServerEndpointService being started
+    (C{_waitingForPort}), to log where it listens once it does."""
+    return service._waitingForPort
