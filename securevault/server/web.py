@@ -177,8 +177,8 @@ class VaultRequest(server.Request):
         channel = self.channel
         if isinstance(channel, VaultChannel):
             channel.hold_reading()
-        elif channel is not None and channel.transport is not None:
-            channel.transport.pauseProducing()
+        elif channel is not None:
+            cast(Any, channel.transport).pauseProducing()
 
     def _resume_body(self) -> None:
         if not self.body_paused:
@@ -187,8 +187,8 @@ class VaultRequest(server.Request):
         channel = self.channel
         if isinstance(channel, VaultChannel):
             channel.release_reading()
-        elif channel is not None and channel.transport is not None:
-            channel.transport.resumeProducing()
+        elif channel is not None:
+            cast(Any, channel.transport).resumeProducing()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
