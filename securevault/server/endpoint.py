@@ -48,6 +48,11 @@ class JsonEndpoint(Resource):
         """The largest body this request may carry; 413 past it."""
         return SMALL_BODY_BYTES
 
+    def body_cost(self, request: Request, size: int) -> int:
+        """The memory a buffered body of C{size} bytes costs while this
+        endpoint handles it (counted against --memory-budget)."""
+        return size
+
     def receive_body(self, request: Request) -> BodyReceiver | None:
         """A receiver that takes this request's body as it arrives, or None
         to have it buffered.  Called once the head is complete; may raise an

@@ -8,6 +8,7 @@ L{securevault.server.errors}.
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -102,6 +103,18 @@ def fail(request: Request, reason: Failure | BaseException) -> None:
         write_json(request, error.status, error_body(error), error.headers)
     else:
         internal_error(request, reason)
+
+
+def take_body(request: Request) -> bytes:
+    """The buffered body, handed over: the request keeps no copy of it, so
+    it is freed as soon as whoever took it is done (a 64 MiB JSON upload is
+    not held twice)."""
+    content = request.content
+    if content is None:
+        return b""
+    raw = content.getvalue() if isinstance(content, io.BytesIO) else content.read()
+    request.content = io.BytesIO()
+    return raw
 
 
 def parse_json_object(request: Request) -> dict[str, Any]:

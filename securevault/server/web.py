@@ -135,7 +135,7 @@ class VaultRequest(server.Request):
         if receiver is not None:
             self.state.body = receiver
             return
-        if length and not self._reserve(length):
+        if length and not self._reserve(endpoint.body_cost(self, length) if endpoint is not None else length):
             return
         large = self._body_limit > SMALL_BODY_BYTES and (length is None or length > SMALL_BODY_BYTES)
         if large and endpoint is not None and not endpoint.public:
@@ -202,8 +202,10 @@ class VaultRequest(server.Request):
         if self.state.body is not None:
             self.state.body.feed(data)
             return
-        if self.channelLength() is None and not self._reserve(len(data)):  # chunked: counted as it comes
-            return
+        if self.channelLength() is None:  # chunked: counted as it comes
+            cost = self.endpoint.body_cost(self, len(data)) if self.endpoint is not None else len(data)
+            if not self._reserve(cost):
+                return
         cast(io.BytesIO, self.content).write(data)
 
     def channelLength(self) -> int | None:

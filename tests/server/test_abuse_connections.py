@@ -38,6 +38,9 @@ CEILING_SECONDS = 20.0
 
 
 class _DaemonCase(SyncTestCase):
+    port: int
+    vault: VaultFixture
+
     def start(self, *options: str, open_files: int | None = None) -> tuple[SyncDaemon, int]:
         self.vault = VaultFixture(self.make_dir())
         self.vault.create()
@@ -251,9 +254,9 @@ class ConnectionCapTests(_DaemonCase):
 
 class MemoryBudgetTests(_DaemonCase):
     def test_parallel_json_uploads(self) -> None:
-        """Parallel 6 MiB JSON uploads under --memory-budget 16M: those that
+        """Parallel 6 MiB JSON uploads (each costs three times its body) under --memory-budget 40M: those that
         do not fit are 503 busy, the others stored, and the vault serves on."""
-        _, self.port = self.start("--memory-budget", "16M", "--max-json-body", "8M")
+        _, self.port = self.start("--memory-budget", "40M", "--max-json-body", "8M")
         session = login(self.context, self.port)
         body = json.dumps({"filename": "a.bin", "content": "QUJD" * (6 << 18)}).encode()
 
