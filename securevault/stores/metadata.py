@@ -36,6 +36,12 @@ class DuplicateUser(MetadataError):
     """A user with that name already exists."""
 
 
+class OverQuota(Exception):
+    """An archive row was refused: with it, its owner's archives would take
+    more than the quota.  Nothing was inserted.  Not a L{MetadataError}: the
+    store works, the request does not fit."""
+
+
 @dataclass(frozen=True)
 class UserRecord:
     name: str
@@ -108,7 +114,11 @@ class MetadataStore(Protocol):
     def forget_login_failures(self, before: float) -> int: ...
 
     # the archive index
-    def put_archive(self, record: ArchiveRecord) -> None: ...
+    def put_archive(self, record: ArchiveRecord, quota: int | None = None) -> None:
+        """Insert the row (the commit point of an upload).  With C{quota},
+        only if the owner's stored bytes with this archive stay within it,
+        checked in the insert's transaction and serialised per owner across
+        every node sharing the store; else L{OverQuota}."""
 
     def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None: ...
 
@@ -382,8 +392,27 @@ class SqlMetadataStore:
 
     # -- the archive index ----------------------------------------------------
 
-    def put_archive(self, record: ArchiveRecord) -> None:
-        self._execute(f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", _row(record))
+    def put_archive(self, record: ArchiveRecord, quota: int | None = None) -> None:
+        insert = f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+        if quota is None:
+            self._execute(insert, _row(record))
+            return
+        with self._write() as run:
+            # Usage read and row inserted in one transaction that no other
+            # upload of this owner can interleave with: parallel uploads
+            # never store more than the quota in all.
+            self._lock_owner(run, record.owner_id)
+            used = run(
+                "SELECT COALESCE(SUM(stored_bytes), 0) FROM sv_archives WHERE owner_id = ?", (record.owner_id,)
+            ).fetchone()[0]
+            if int(used) + record.stored_bytes > quota:
+                raise OverQuota(f"{int(used)} + {record.stored_bytes} bytes would exceed the quota of {quota}")
+            run(insert, _row(record))
+
+    def _lock_owner(self, run: Any, owner_id: str) -> None:
+        """Serialise the quota check of C{owner_id}'s uploads for the rest of
+        the transaction.  SQLite needs nothing more: its write transactions
+        (BEGIN IMMEDIATE) already exclude each other, across processes too."""
 
     def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None:
         rows = self._query(

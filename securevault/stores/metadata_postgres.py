@@ -12,6 +12,7 @@ reconnecting once where that is safe.  Nothing here ever names the password.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,10 @@ Connection = psycopg.Connection[TupleRow]
 
 # Serialises schema creation across every node on one database ("svschema").
 SCHEMA_LOCK = 0x7376_7363_6865_6D61
+
+# Advisory lock keys of the per-owner quota check: a 64-bit hash of the
+# owner id under this prefix (see quota_lock_key).
+QUOTA_LOCK_PREFIX = b"securevault/v1/quota\x00"
 
 CONNECT_TIMEOUT = 10  # seconds, when neither the DSN nor PGCONNECT_TIMEOUT sets one
 APPLICATION_NAME = "securevault"  # in pg_stat_activity, unless the DSN names one
@@ -55,6 +60,15 @@ def _describe(parameters: dict[str, Any]) -> str:
     if port:
         where += f":{port}"
     return f"postgresql://{where}/{quote(dbname, safe='')}"
+
+
+def quota_lock_key(owner_id: str) -> int:
+    """The advisory lock key that serialises C{owner_id}'s quota checks: the
+    same on every node (a hash, not Python's salted C{hash}), a signed
+    64-bit integer as C{pg_advisory_xact_lock} takes.  Two owners sharing a
+    key only wait for each other; they never see each other's usage."""
+    digest = hashlib.sha256(QUOTA_LOCK_PREFIX + owner_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class PostgresMetadataStore(SqlMetadataStore):
@@ -170,6 +184,12 @@ class PostgresMetadataStore(SqlMetadataStore):
             if not getattr(self._local, "lost", False):
                 raise
         return super()._query(statement, parameters)
+
+    def _lock_owner(self, run: Any, owner_id: str) -> None:
+        """A transaction-scoped advisory lock per owner: READ COMMITTED alone
+        would let two nodes both read the usage before either inserts.  The
+        statements after it see every row committed before it was granted."""
+        run("SELECT pg_advisory_xact_lock(?)", (quota_lock_key(owner_id),))
 
     # -- the schema -----------------------------------------------------------
 

@@ -16,6 +16,7 @@ from securevault.stores.metadata import (
     ArchiveRecord,
     DuplicateUser,
     MetadataStore,
+    OverQuota,
     SessionRecord,
     UserRecord,
 )
@@ -152,6 +153,57 @@ class MetadataStoreContract:
         with self.assertRaises(Exception):  # type: ignore[attr-defined]  # noqa: B017 (each backend its own)
             store.put_archive(_archive("o1", "a" * 32, 2))
         self.assertEqual(store.get_archive("o1", "a" * 32).created_ns, 1)  # type: ignore[attr-defined,union-attr]
+
+    def test_put_archive_within_quota(self) -> None:
+        """With a quota, a row goes in only while the owner's stored bytes,
+        this archive's included, stay within it; a refused row leaves
+        nothing, and other owners and unlimited puts are not affected."""
+        store = self._store()
+        store.put_archive(_archive("o1", "a" * 32, 1, 600), quota=1000)
+        store.put_archive(_archive("o2", "b" * 32, 2, 900), quota=1000)
+        with self.assertRaises(OverQuota):  # type: ignore[attr-defined]
+            store.put_archive(_archive("o1", "c" * 32, 3, 401), quota=1000)
+        self.assertIsNone(store.get_archive("o1", "c" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(store.usage("o1"), 600)  # type: ignore[attr-defined]
+        store.put_archive(_archive("o1", "d" * 32, 4, 400), quota=1000)  # exactly full
+        self.assertEqual(store.usage("o1"), 1000)  # type: ignore[attr-defined]
+        self.assertRaises(OverQuota, store.put_archive, _archive("o1", "e" * 32, 5, 1), quota=1000)  # type: ignore[attr-defined]
+        self.assertRaises(OverQuota, store.put_archive, _archive("o3", "f" * 32, 6, 1), quota=0)  # type: ignore[attr-defined]
+        store.put_archive(_archive("o1", "e" * 32, 7, 5000))  # no quota: the admin tools' copies
+        self.assertEqual(store.usage("o1"), 6000)  # type: ignore[attr-defined]
+
+    def test_put_archive_quota_is_exact_under_concurrency(self) -> None:
+        """Puts of one owner racing from many threads on two store instances
+        (two nodes) never insert more than the quota in all: of 12 archives
+        of 400 bytes under a quota of 1000, exactly 2 go in."""
+        first = self._store()
+        second = self.reopen_store(first)
+        self.addCleanup(second.close)  # type: ignore[attr-defined]
+        stores = [first, second]
+        barrier = threading.Barrier(12)
+        outcomes: list[str] = []
+        lock = threading.Lock()
+
+        def put(n: int) -> None:
+            try:
+                barrier.wait(10)
+                stores[n % 2].put_archive(_archive("o1", f"{n:032x}", n, 400), quota=1000)
+                outcome = "stored"
+            except OverQuota:
+                outcome = "over"
+            except BaseException as error:
+                outcome = repr(error)
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=put, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(outcomes), ["over"] * 10 + ["stored"] * 2)  # type: ignore[attr-defined]
+        self.assertEqual(first.usage("o1"), 800)  # type: ignore[attr-defined]
+        self.assertEqual(len(second.list_archives("o1")), 2)  # type: ignore[attr-defined]
 
     def test_replace_archive_key_is_conditional(self) -> None:
         store = self._store()

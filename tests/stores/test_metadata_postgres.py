@@ -14,8 +14,8 @@ import traceback
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from securevault.stores.metadata import MetadataError, MetadataStore, UserRecord
-from securevault.stores.metadata_postgres import PostgresMetadataStore
+from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataStore, OverQuota, UserRecord
+from securevault.stores.metadata_postgres import PostgresMetadataStore, quota_lock_key
 from tests.stores.contracts import MetadataStoreContract
 from tests.support.postgres import postgres_dsn
 from tests.support.testcase import SyncTestCase
@@ -173,3 +173,50 @@ class PostgresTests(SyncTestCase):
     def test_application_name(self) -> None:
         store = self._store(postgres_dsn(self))
         self.assertEqual(store._query("SHOW application_name"), [("securevault",)])
+
+    def _waiting_for_advisory_lock(self, dsn: str, application_name: str) -> bool:
+        """Whether a backend of that application waits for an advisory lock."""
+        with psycopg.connect(dsn, autocommit=True, application_name="securevault-tests") as admin:
+            rows = admin.execute(
+                "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                " WHERE locktype = 'advisory' AND NOT granted AND application_name = %s",
+                (application_name,),
+            ).fetchall()
+        return bool(rows[0][0])
+
+    def test_quota_check_waits_for_another_nodes_commit(self) -> None:
+        """A quota-checked put waits while another node holds the owner's
+        quota lock in its own put (here: a row inserted, not yet committed),
+        then counts that node's row: the two never both fit in a quota made
+        for one."""
+        dsn, name = self._named_dsn()
+        store = self._store(dsn)
+        owner = f"o{secrets.token_hex(4)}"
+        outcome: list[BaseException | None] = []
+
+        def put() -> None:
+            try:
+                store.put_archive(ArchiveRecord(owner, "b" * 32, 2, 600, "k", "{}"), quota=1000)
+                outcome.append(None)
+            except BaseException as error:
+                outcome.append(error)
+
+        with psycopg.connect(dsn, application_name="securevault-tests") as other_node:
+            other_node.execute("SELECT pg_advisory_xact_lock(%s)", (quota_lock_key(owner),))
+            other_node.execute(
+                "INSERT INTO sv_archives (owner_id, archive_id, created_ns, stored_bytes, key_id, document)"
+                " VALUES (%s, %s, 1, 600, 'k', '{}')",
+                (owner, "a" * 32),
+            )
+            thread = threading.Thread(target=put)
+            thread.start()
+            deadline = time.monotonic() + 20
+            while thread.is_alive() and not self._waiting_for_advisory_lock(dsn, name):
+                self.assertLess(time.monotonic(), deadline, "the put neither waited nor finished")
+                time.sleep(0.01)
+            other_node.commit()
+        thread.join(20)
+        self.assertEqual(len(outcome), 1)
+        self.assertIsInstance(outcome[0], OverQuota)
+        self.assertEqual(store.usage(owner), 600)
+        self.assertIsNone(store.get_archive(owner, "b" * 32))
