@@ -47,6 +47,7 @@ from securevault.core.archive import (
     ArchiveReader,
     ArchiveWriter,
     IntegrityError,
+    QuotaExceeded,
     StorageFull,
     StoreUnavailable,
     context_bytes,
@@ -57,7 +58,14 @@ from securevault.core.archive import (
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
 from securevault.core.passphrase import PassphraseError
 from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
-from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataFull, MetadataStore, SqliteMetadataStore
+from securevault.stores.metadata import (
+    ArchiveRecord,
+    MetadataError,
+    MetadataFull,
+    MetadataStore,
+    OverQuota,
+    SqliteMetadataStore,
+)
 
 __all__ = ["SecureFileStorage"]
 
@@ -181,6 +189,8 @@ class SecureFileStorage:
         """A metadata store call, its failures in the storage vocabulary."""
         try:
             return function(*args)
+        except OverQuota as error:
+            raise QuotaExceeded("The upload exceeds the storage quota.") from error
         except MetadataFull as error:
             raise StorageFull("No space left for the vault's metadata.") from error
         except MetadataError as error:
@@ -218,9 +228,16 @@ class SecureFileStorage:
         }
         return ArchiveRecord(owner_id, info.id, info.created_ns, info.stored_bytes, key_id, json.dumps(document))
 
-    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None:
-        """Commit the archive's index row: from here on it exists."""
-        self._index_call(self.metadata.put_archive, self.seal_document(owner_id, info, data_key))
+    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
+        """Commit the archive's index row: from here on it exists.  With
+        C{quota}, only if the owner's archives, this one included, stay
+        within it (checked atomically with the insert); else
+        L{QuotaExceeded} and nothing was committed."""
+        record = self.seal_document(owner_id, info, data_key)
+        if quota is None:
+            self._index_call(self.metadata.put_archive, record)
+        else:
+            self._index_call(self.metadata.put_archive, record, quota)
         self._update_listing(owner_id, add=info)
 
     def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
@@ -302,20 +319,34 @@ class SecureFileStorage:
 
     # -- the operations the API needs ----------------------------------
 
-    def writer(self, owner_id: str, filename: str, *, max_bytes: int | None = None) -> ArchiveWriter:
-        """Start a streamed upload; see L{ArchiveWriter}."""
+    def writer(
+        self, owner_id: str, filename: str, *, max_bytes: int | None = None, quota: int | None = None
+    ) -> ArchiveWriter:
+        """Start a streamed upload; see L{ArchiveWriter}.
+
+        C{quota} (the owner's limit in stored bytes) is enforced exactly at
+        the commit, however many uploads run at once on however many nodes;
+        an upload that alone exceeds what is left now is also cut off while
+        it streams.  C{max_bytes} caps this archive's stored bytes only.
+        """
         if not OWNER_ID.match(owner_id):
             raise ValueError("invalid owner id")
+        if quota is not None:
+            remaining = max(0, quota - self.usage(owner_id))
+            max_bytes = remaining if max_bytes is None else min(max_bytes, remaining)
         try:
-            return ArchiveWriter(self, owner_id, filename, max_bytes=max_bytes)
+            return ArchiveWriter(self, owner_id, filename, max_bytes=max_bytes, quota=quota)
         except OSError as error:
             raise translate_os_error(error) from error
         except BlobStoreError as error:
             raise StoreUnavailable(str(error)) from error
 
-    def store(self, owner_id: str, filename: str, data: bytes, *, max_bytes: int | None = None) -> ArchiveInfo:
-        """Store a whole file held in memory (the JSON upload form)."""
-        writer = self.writer(owner_id, filename, max_bytes=max_bytes)
+    def store(
+        self, owner_id: str, filename: str, data: bytes, *, max_bytes: int | None = None, quota: int | None = None
+    ) -> ArchiveInfo:
+        """Store a whole file held in memory (the JSON upload form); C{quota}
+        and C{max_bytes} as for L{writer}."""
+        writer = self.writer(owner_id, filename, max_bytes=max_bytes, quota=quota)
         view = memoryview(data)
         for start in range(0, len(view), IO_BLOCK_BYTES):
             writer.write(view[start : start + IO_BLOCK_BYTES])  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import unicodedata
 import zipfile
 import zlib
@@ -852,6 +853,56 @@ class AtomicityTests(_StorageMixin):
         data = os.urandom(200 * 1024)
         info = self.storage.store(OWNER, "fits.bin", data, max_bytes=len(data) + 4096)
         self.assertLessEqual(info.stored_bytes, len(data) + 4096)
+
+    def test_quota_holds_for_parallel_uploads(self) -> None:
+        """Six 100 kB uploads opened while the quota was still empty, then
+        streamed and committed from parallel threads, store no more than the
+        quota in all: under 250 kB exactly two are kept, the other four raise
+        QuotaExceeded and leave no blob behind."""
+        quota = 250_000
+        writers = [self.storage.writer(OWNER, f"f{n}.bin", quota=quota) for n in range(6)]
+        barrier = threading.Barrier(len(writers))
+        outcomes: list[ArchiveInfo | str] = []
+        lock = threading.Lock()
+
+        def upload(n: int) -> None:
+            try:
+                writers[n].write(os.urandom(100_000))
+                barrier.wait(10)
+                outcome: ArchiveInfo | str = writers[n].commit()
+            except QuotaExceeded:
+                outcome = "over quota"
+            except BaseException as error:
+                outcome = repr(error)
+            with lock:
+                outcomes.append(outcome)
+
+        threads = [threading.Thread(target=upload, args=(n,)) for n in range(len(writers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        kept = [outcome for outcome in outcomes if isinstance(outcome, ArchiveInfo)]
+        self.assertEqual(sorted(o for o in outcomes if isinstance(o, str)), ["over quota"] * 4)
+        self.assertEqual(len(kept), 2)
+        self.assertLessEqual(self.storage.usage(OWNER), quota)
+        self.assertEqual(self.storage.usage(OWNER), sum(info.stored_bytes for info in kept))
+        self.assertEqual(
+            self.owner_files(), sorted(f"{info.id}{suffix}" for info in kept for suffix in (".body", ".meta"))
+        )
+        self.assertEqual(self.storage.orphans(None), [])
+
+    def test_quota_cuts_off_an_upload_that_cannot_fit(self) -> None:
+        """With C{quota}, an upload larger than what is left when it opens is
+        refused while it streams, before its commit, and leaves nothing."""
+        kept = self.storage.store(OWNER, "kept.bin", os.urandom(100_000), quota=150_000)
+        writer = self.storage.writer(OWNER, "big.bin", quota=150_000)
+        data = os.urandom(300_000)
+        with self.assertRaises(QuotaExceeded):
+            for start in range(0, len(data), 10_000):
+                writer.write(data[start : start + 10_000])
+        self.assertRaises(StorageError, writer.commit)
+        self.assertEqual(self.owner_files(), [f"{kept.id}.body", f"{kept.id}.meta"])
 
 
 # -- operations -------------------------------------------------------------------

@@ -173,7 +173,9 @@ class ArchiveIndex(Protocol):
     blobs: BlobStore
     clock_ns: Callable[[], int]
 
-    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes) -> None: ...
+    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
+        """Commit the index row; with C{quota}, only if the owner's archives
+        stay within it (else L{QuotaExceeded}, nothing committed)."""
 
     def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None: ...
 
@@ -234,6 +236,10 @@ class ArchiveWriter:
     Call L{write} any number of times, then L{commit}, or L{abort} at any
     point; never two calls at once.  Nothing is visible until L{commit}
     returns; any failure removes what was written.
+
+    C{max_bytes} cuts the upload off as soon as its stored bytes pass it;
+    C{quota} is the owner's limit, checked by the commit itself, so that
+    uploads running at once cannot each use what is left.
     """
 
     def __init__(
@@ -243,12 +249,14 @@ class ArchiveWriter:
         filename: str,
         *,
         max_bytes: int | None = None,
+        quota: int | None = None,
     ) -> None:
         check_filename(filename)
         self._storage = storage
         self._owner_id = owner_id
         self._filename = filename
         self._max_bytes = max_bytes
+        self._quota = quota
         self.archive_id = secrets.token_hex(16)
         self._created_ns = storage.clock_ns()
         self._data_key = os.urandom(DATA_KEY_BYTES)
@@ -380,7 +388,7 @@ class ArchiveWriter:
                 stored_bytes=self._sink.ciphertext_bytes,
             )
             try:
-                self._storage.write_meta(self._owner_id, info, self._data_key)
+                self._storage.write_meta(self._owner_id, info, self._data_key, quota=self._quota)
             except BaseException:
                 self._storage.discard_unindexed_blob(self._owner_id, self.archive_id)
                 raise

@@ -53,8 +53,7 @@ def parse_json_upload(raw: bytes) -> tuple[str, bytes]:
 def store_json_upload(storage: SecureFileStorage, owner_id: str, raw: bytes, quota: int | None) -> ArchiveInfo:
     """Parse and store a JSON upload; runs in the pool."""
     filename, data = parse_json_upload(raw)
-    remaining = None if quota is None else max(0, quota - storage.usage(owner_id))
-    return storage.store(owner_id, filename, data, max_bytes=remaining)
+    return storage.store(owner_id, filename, data, quota=quota)
 
 
 def media_type(request: Request) -> bytes:
@@ -129,8 +128,7 @@ class UploadFileResource(JsonEndpoint):
                 raise filename_error
             assert filename is not None
             owners.append(session.user_id)
-            remaining = None if quota is None else max(0, quota - storage.usage(session.user_id))
-            return storage.writer(session.user_id, filename, max_bytes=remaining)
+            return storage.writer(session.user_id, filename, quota=quota)
 
         def discard(info: ArchiveInfo) -> None:
             app.run_blocking(storage.delete, owners[0], info.id).addErrback(lambda _: None)
