@@ -71,7 +71,20 @@ class InvalidPassword(UserError):
 
 
 class UserFileError(UserError):
-    """The users file is unreadable or malformed."""
+    """The users' records cannot be used: the base of the two cases below,
+    which a server answers differently, and of a legacy users file that is
+    unreadable or malformed (migration)."""
+
+
+class UserStoreUnavailable(UserFileError):
+    """The metadata store holding the users failed (unreachable, broken, or
+    full): an outage, not a fault of the request or the data; the daemon
+    answers 503 and the same request may work once the store is back."""
+
+
+class MalformedPasswordHash(UserFileError):
+    """A stored password hash is malformed or has unsupported parameters:
+    damaged or hostile data that retrying never fixes (a server error)."""
 
 
 def validate_username(name: object) -> str:
@@ -125,7 +138,7 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
         salt = base64.b64decode(salt_text, validate=True)
         digest = base64.b64decode(hash_text, validate=True)
     except (ValueError, AttributeError, binascii.Error) as error:
-        raise UserFileError("A stored password hash is malformed.") from error
+        raise MalformedPasswordHash("A stored password hash is malformed.") from error
     if (
         scheme != "scrypt"
         or not (2 <= n <= MAX_SCRYPT_N and n & (n - 1) == 0)
@@ -134,7 +147,7 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
         or not salt
         or len(digest) != HASH_BYTES
     ):
-        raise UserFileError("A stored password hash has unsupported parameters.")
+        raise MalformedPasswordHash("A stored password hash has unsupported parameters.")
     return n, r, p, salt, digest
 
 
@@ -170,7 +183,7 @@ class UserStore:
         except DuplicateUser:
             raise
         except MetadataError as error:
-            raise UserFileError(f"The user store cannot be used: {error}.") from error
+            raise UserStoreUnavailable(f"The user store cannot be used: {error}.") from error
 
     # -- operations ----------------------------------------------------------
 

@@ -13,11 +13,13 @@ from securevault.core import users
 from securevault.core.users import (
     InvalidPassword,
     InvalidUsername,
+    MalformedPasswordHash,
     UnknownUser,
     UserError,
     UserExists,
     UserFileError,
     UserStore,
+    UserStoreUnavailable,
     check_password,
     hash_password,
     read_legacy_users,
@@ -219,6 +221,13 @@ class UserStoreTests(SyncTestCase):
         self.metadata.add_user(UserRecord("alice", "a" * 32, "not a hash", "2026-01-01T00:00:00Z"))
         self.assertRaises(UserFileError, self.store.verify, "alice", PASSWORD)
 
+    def test_malformed_stored_hash_is_not_an_outage(self) -> None:
+        """A malformed stored hash is a MalformedPasswordHash (damaged data),
+        never a UserStoreUnavailable (which the daemon answers 503)."""
+        self.metadata.add_user(UserRecord("alice", "a" * 32, "scrypt$1$8$1$c2FsdA==$aGFzaA==", "t"))
+        error = self.assertRaises(MalformedPasswordHash, self.store.verify, "alice", PASSWORD)
+        self.assertNotIsInstance(error, UserStoreUnavailable)
+
     def test_bad_cost_parameter(self) -> None:
         """scrypt_n must be a power of two between 2 and 2**20."""
         for n in [0, 1, 1000, 2**21]:
@@ -253,6 +262,15 @@ class StoreFailureTests(SyncTestCase):
             error = self.assertRaises(UserFileError, call, *args)
             self.assertTrue(str(error).startswith("The user store cannot be used: "), str(error))
             self.assertTrue(str(error).endswith("."), str(error))
+
+    def test_failures_are_outages(self) -> None:
+        """A failing store is a UserStoreUnavailable caused by the store's
+        MetadataError, so the daemon can tell an outage from bad data."""
+        store = UserStore(_FailingMetadata(), scrypt_n=FAST_N)
+        for call, args in [(store.verify, ("alice", PASSWORD)), (store.user_id, ("alice",)), (store.names, ())]:
+            error = self.assertRaises(UserStoreUnavailable, call, *args)
+            self.assertIsInstance(error.__cause__, MetadataError)
+            self.assertNotIsInstance(error, MalformedPasswordHash)
 
 
 class ImportUserTests(SyncTestCase):

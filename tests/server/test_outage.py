@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from securevault.core.users import MalformedPasswordHash
 from securevault.stores.blobs import BlobStoreError
-from securevault.stores.metadata import MetadataError
+from securevault.stores.metadata import MetadataError, UserRecord
 from tests.support.app import VaultClient, add_user, default_client, make_app
 from tests.support.testcase import SyncTestCase
 
@@ -49,6 +50,24 @@ class OutageTests(SyncTestCase):
     def test_login_while_the_database_is_down(self) -> None:
         self.down(self.app.storage.metadata, "get_user", "recent_login_failures")
         self.assert_unavailable(self.client.login("alice", PASSWORD))
+
+    def test_login_while_the_user_store_is_down(self) -> None:
+        """The user lookup failing (the throttle's reads still working) is an
+        outage too: 503 unavailable with Retry-After, not a 500."""
+        self.down(self.app.storage.metadata, "get_user")
+        self.assert_unavailable(self.client.login("alice", PASSWORD))
+
+    def test_malformed_password_hash_is_not_an_outage(self) -> None:
+        """A stored password hash that is damaged is a server fault, not an
+        outage: 500 internal_error with a request id, never a 503 inviting
+        the client to retry."""
+        self.app.storage.metadata.add_user(UserRecord("mallory", "m" * 32, "not a hash", "2026-01-01T00:00:00Z"))
+        response = self.client.login("mallory", PASSWORD)
+        self.assertEqual(response.status, 500, response.body)
+        self.assertEqual(response.json()["error"], "internal_error")
+        self.assertIn("request_id", response.json())
+        self.assertIsNone(response.header("Retry-After"))
+        self.assertEqual(len(self.flushLoggedErrors(MalformedPasswordHash)), 1)
 
     def test_upload_while_the_blob_store_is_down(self) -> None:
         self.down(self.app.storage.blobs, "writer", error=BlobStoreError("S3 CreateMultipartUpload failed: boom"))
