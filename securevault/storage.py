@@ -27,6 +27,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -74,6 +75,11 @@ T = TypeVar("T")
 
 # How many decrypted metadata entries a node keeps, across all owners.
 INFO_CACHE_ENTRIES = 100_000
+# Archives that failed authentication while being read, remembered so that
+# the next read fails before any byte: at most this many, each for this long
+# (an operator may restore an archive while the daemon runs).
+INTEGRITY_MARK_ENTRIES = 4096
+INTEGRITY_MARK_SECONDS = 600.0
 METADATA_FILE = "vault.db"
 
 
@@ -94,6 +100,7 @@ class SecureFileStorage:
         clock_ns: Callable[[], int] = time.time_ns,
         keyring_file: KeyringFile | None = None,
         cache_listings: bool = False,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if metadata is None or blobs is None:
             if root is None:
@@ -121,6 +128,13 @@ class SecureFileStorage:
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
         self._keyring_stamp = self._stamp()
+        # (owner, archive id) → when it failed authentication while being
+        # read (monotonic seconds), oldest first; see _check_not_marked.
+        self._failed_reads: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._failed_lock = threading.Lock()
+        self._monotonic = monotonic
+        self.integrity_mark_entries = INTEGRITY_MARK_ENTRIES
+        self.integrity_mark_seconds = INTEGRITY_MARK_SECONDS
 
     def _stamp(self) -> tuple[int, int, int] | None:
         if self._keyring_file is None:
@@ -419,14 +433,60 @@ class SecureFileStorage:
             raise StoreUnavailable(str(error)) from error
 
     def open(self, owner_id: str, archive_id: str) -> ArchiveReader:
-        """A reader for the archive's original bytes; see L{ArchiveReader}."""
+        """A reader for the archive's original bytes; see L{ArchiveReader}.
+
+        An archive that failed authentication while being read here lately
+        raises L{IntegrityError} at once (see L{failed_lately}).
+        """
+        return self._open(owner_id, archive_id, refuse_marked=True)
+
+    def _open(self, owner_id: str, archive_id: str, *, refuse_marked: bool) -> ArchiveReader:
         info, data_key = self._read_meta(owner_id, archive_id)
+        if refuse_marked:
+            self._refuse_if_failed_lately(owner_id, archive_id)
         return ArchiveReader(
             self._body(owner_id, archive_id),
             info,
             derive_key(data_key, b"body-key"),
             context_bytes(b"body", owner_id, archive_id),
+            on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
         )
+
+    # -- archives that failed authentication while being read -----------
+
+    def _mark_failed(self, owner_id: str, archive_id: str) -> None:
+        """Remember that the archive failed authentication mid-read.  A raw
+        download that fails after its headers went out can only be aborted;
+        the client that asks again then gets a plain 500 integrity_error
+        before any byte, instead of another truncated stream."""
+        key = (owner_id, archive_id)
+        with self._failed_lock:
+            self._failed_reads.pop(key, None)
+            self._failed_reads[key] = self._monotonic()
+            while len(self._failed_reads) > self.integrity_mark_entries:
+                self._failed_reads.popitem(last=False)
+
+    def _clear_failed(self, owner_id: str, archive_id: str) -> None:
+        with self._failed_lock:
+            self._failed_reads.pop((owner_id, archive_id), None)
+
+    def failed_lately(self, owner_id: str, archive_id: str) -> bool:
+        """Whether the archive failed authentication while being read in this
+        process within C{integrity_mark_seconds}, and no L{verify} of it has
+        succeeded since.  In memory only: other nodes keep their own."""
+        key = (owner_id, archive_id)
+        with self._failed_lock:
+            failed_at = self._failed_reads.get(key)
+            if failed_at is None:
+                return False
+            if self._monotonic() - failed_at >= self.integrity_mark_seconds:
+                del self._failed_reads[key]
+                return False
+            return True
+
+    def _refuse_if_failed_lately(self, owner_id: str, archive_id: str) -> None:
+        if self.failed_lately(owner_id, archive_id):
+            raise IntegrityError(f"archive {archive_id} failed authentication when it was last read")
 
     def iter_zip(self, owner_id: str, archive_id: str) -> Iterator[bytes]:
         """The decrypted archive, a standard ZIP file, block by block; every
@@ -467,6 +527,7 @@ class SecureFileStorage:
         keeping anything: a fast pass before a response that cannot be
         aborted halfway (the JSON download)."""
         info, data_key = self._read_meta(owner_id, archive_id)
+        self._refuse_if_failed_lately(owner_id, archive_id)
         decryptor = Cobblestone256Decryptor(
             derive_key(data_key, b"body-key"), context_bytes(b"body", owner_id, archive_id)
         )
@@ -477,20 +538,25 @@ class SecureFileStorage:
                 decryptor.update_into(block, plain)
             decryptor.finalize()
         except (InvalidTag, ValueError) as error:
+            self._mark_failed(owner_id, archive_id)
             raise IntegrityError(f"archive {archive_id} fails authentication") from error
         finally:
             body.close()
         return info
 
     def verify(self, owner_id: str, archive_id: str) -> ArchiveInfo:
-        """Authenticate the whole archive without keeping its content."""
-        reader = self.open(owner_id, archive_id)
+        """Authenticate the whole archive without keeping its content.
+
+        It reads the archive even if it failed lately (an operator may have
+        restored it since); success clears that mark."""
+        reader = self._open(owner_id, archive_id, refuse_marked=False)
         try:
             for _ in reader:
                 pass
-            return reader.info
         finally:
             reader.close()
+        self._clear_failed(owner_id, archive_id)
+        return reader.info
 
     def delete(self, owner_id: str, archive_id: str) -> None:
         """Remove an archive: the index row first, so it vanishes at once
@@ -501,6 +567,7 @@ class SecureFileStorage:
             raise ArchiveNotFound(archive_id)
         with self._infos_lock:
             self._infos.pop((owner_id, archive_id), None)
+        self._clear_failed(owner_id, archive_id)
         self._update_listing(owner_id, remove=archive_id)
         try:
             self.blobs.delete(owner_id, archive_id)

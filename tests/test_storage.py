@@ -1216,3 +1216,127 @@ class CompressionLevelTests(SyncTestCase):
         level_six = zlib.compressobj(6, zlib.DEFLATED, -15)
         self.assertNotEqual(expected, len(level_six.compress(data) + level_six.flush()))
         self.assertEqual(info.compressed_size, expected)
+
+
+# -- archives that failed authentication while being read --------------------------
+
+
+class FakeMonotonic:
+    """A monotonic clock that moves only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class IntegrityMarkTests(SyncTestCase):
+    """An archive that failed authentication while being read is refused at
+    once by the next open, read_all and authenticate, before any byte,
+    until a verify succeeds or the mark lapses."""
+
+    def setUp(self) -> None:
+        self.data_dir = self.make_dir()
+        self.clock = FakeMonotonic()
+        self.storage = SecureFileStorage(self.data_dir, generate_keyring(), monotonic=self.clock)
+        self.addCleanup(self.storage.metadata.close)
+
+    def tampered(self, size: int = 2 * MIB, name: str = "victim.bin") -> tuple[ArchiveInfo, bytes, bytes]:
+        """A random archive with one byte flipped near its end (far past the
+        first block a reader returns); returns its info, content and the
+        original body."""
+        data = os.urandom(size)
+        info = self.storage.store(OWNER, name, data)
+        body_path = blob_directory(self.storage, OWNER) / f"{info.id}.body"
+        original = body_path.read_bytes()
+        tampered = bytearray(original)
+        tampered[-(size // 8)] ^= 0x01
+        body_path.write_bytes(bytes(tampered))
+        return info, data, original
+
+    def restore(self, info: ArchiveInfo, body: bytes) -> None:
+        (blob_directory(self.storage, OWNER) / f"{info.id}.body").write_bytes(body)
+
+    def read_until_it_fails(self, info: ArchiveInfo, data: bytes, *, some_bytes_first: bool = True) -> None:
+        """Stream the archive as a raw download does: authentic bytes come
+        first (a prefix of the file; none for an archive smaller than one
+        read block), then IntegrityError."""
+        reader = self.storage.open(OWNER, info.id)
+        returned = b""
+        try:
+            with self.assertRaises(IntegrityError):
+                while piece := reader.read():
+                    returned += piece
+        finally:
+            reader.close()
+        self.assertEqual(bool(returned), some_bytes_first)
+        self.assertTrue(data.startswith(returned))
+
+    def assert_refused_at_once(self, info: ArchiveInfo) -> None:
+        self.assertRaises(IntegrityError, self.storage.open, OWNER, info.id)
+        self.assertRaises(IntegrityError, self.storage.read_all, OWNER, info.id)
+        self.assertRaises(IntegrityError, self.storage.authenticate, OWNER, info.id)
+
+    def test_failed_read_refuses_the_next_open(self) -> None:
+        """After a read failed mid-stream, open, read_all and authenticate
+        raise IntegrityError at once, even though the body was restored
+        meanwhile (nothing is read)."""
+        info, data, original = self.tampered()
+        self.read_until_it_fails(info, data)
+        self.restore(info, original)
+        self.assert_refused_at_once(info)
+        self.assertTrue(self.storage.failed_lately(OWNER, info.id))
+
+    def test_verify_clears_the_mark(self) -> None:
+        """A verify reads a marked archive all the same; once it succeeds
+        (the body was restored) the archive opens again, while a failing
+        verify keeps it marked."""
+        info, data, original = self.tampered()
+        self.read_until_it_fails(info, data)
+        self.assertRaises(IntegrityError, self.storage.verify, OWNER, info.id)
+        self.assert_refused_at_once(info)
+        self.restore(info, original)
+        self.assertEqual(self.storage.verify(OWNER, info.id), info)
+        self.assertEqual(self.storage.read_all(OWNER, info.id)[1], data)
+        self.assertFalse(self.storage.failed_lately(OWNER, info.id))
+
+    def test_failed_authenticate_marks(self) -> None:
+        """authenticate (the JSON download's pass) failing marks the archive too."""
+        info, _, original = self.tampered()
+        self.assertRaises(IntegrityError, self.storage.authenticate, OWNER, info.id)
+        self.restore(info, original)
+        self.assert_refused_at_once(info)
+
+    def test_mark_lapses(self) -> None:
+        """The mark lasts integrity_mark_seconds: after that, the archive is
+        read again (an operator may have restored it without this process
+        running verify)."""
+        info, data, original = self.tampered()
+        self.read_until_it_fails(info, data)
+        self.restore(info, original)
+        self.clock.now += self.storage.integrity_mark_seconds - 1
+        self.assert_refused_at_once(info)
+        self.clock.now += 1
+        self.assertEqual(self.storage.read_all(OWNER, info.id)[1], data)
+
+    def test_marks_are_bounded(self) -> None:
+        """Past integrity_mark_entries marks, the oldest is forgotten."""
+        self.storage.integrity_mark_entries = 2
+        archives = [self.tampered(size=64 * 1024, name=f"f{n}.bin") for n in range(3)]
+        for info, data, _ in archives:
+            self.read_until_it_fails(info, data, some_bytes_first=False)
+        self.assertEqual([self.storage.failed_lately(OWNER, info.id) for info, _, _ in archives], [False, True, True])
+
+    def test_only_authentication_failures_mark(self) -> None:
+        """A read after close is the caller's mistake: it raises, but the
+        archive is not marked, and an archive of another owner with the same
+        id is not affected by a mark."""
+        data = os.urandom(100_000)
+        info = self.storage.store(OWNER, "fine.bin", data)
+        reader = self.storage.open(OWNER, info.id)
+        reader.close()
+        self.assertRaises(IntegrityError, reader.read)
+        self.assertFalse(self.storage.failed_lately(OWNER, info.id))
+        self.assertEqual(self.storage.read_all(OWNER, info.id)[1], data)
+        self.assertFalse(self.storage.failed_lately(OTHER_OWNER, info.id))

@@ -424,11 +424,21 @@ class ArchiveReader:
     Each L{read} returns the next bytes of the original file, or C{b""} at the
     end, after the whole stream (the ZIP trailer included) has been
     authenticated and the size and SHA-256 checked.  Any failure raises
-    L{IntegrityError}.
+    L{IntegrityError}, after calling C{on_integrity_failure} (the storage
+    remembers the archive, so the next read fails before any byte).
     """
 
-    def __init__(self, blob: BlobReader, info: ArchiveInfo, body_key: bytes, context: bytes) -> None:
+    def __init__(
+        self,
+        blob: BlobReader,
+        info: ArchiveInfo,
+        body_key: bytes,
+        context: bytes,
+        *,
+        on_integrity_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.info = info
+        self._on_integrity_failure = on_integrity_failure
         self._blob: BlobReader | None = blob
         self._decryptor = Cobblestone256Decryptor(body_key, context)
         # Sized by the archive: many small downloads must not each hold a MiB.
@@ -486,6 +496,15 @@ class ArchiveReader:
 
     def read(self, size: int = IO_BLOCK_BYTES) -> bytes:
         """The next at most about C{size} bytes of the file; b"" at the end."""
+        try:
+            return self._read(size)
+        except IntegrityError:
+            # A read after close is the caller's mistake, not the archive's.
+            if self._blob is not None and self._on_integrity_failure is not None:
+                self._on_integrity_failure()
+            raise
+
+    def _read(self, size: int) -> bytes:
         if self._finished:
             return b""
         while True:
