@@ -234,6 +234,12 @@ class VaultClient:
         deleted and L{IntegrityError} raised.  With C{overwrite=False} an
         existing C{dest} is never replaced (C{FileExistsError}).  The file is
         created with mode 0600, as befits the contents of a vault.
+
+        A download that ends short of its length is asked for once more:
+        the server aborts a stream that hits a tampered chunk after the
+        headers went out, and then answers 500 integrity_error at once, which
+        is raised as L{IntegrityError}; any other answer leaves it a
+        L{ConnectionFailed}.  Nothing is kept either way.
         """
         info = expected if expected is not None else self.stat(archive_id, name)
         dest = Path(dest)
@@ -267,6 +273,7 @@ class VaultClient:
                         block = response.read(BLOCK_BYTES)
                     except (OSError, http.client.HTTPException) as error:
                         self._connection.close()
+                        self._raise_if_integrity_failure(info, received)
                         raise ConnectionFailed(
                             f"The download of {info.id} failed after {received} of {expected_size} "
                             f"bytes: {_reason(error)}.",
@@ -283,6 +290,8 @@ class VaultClient:
                 os.fsync(out.fileno())
             if received != expected_size:
                 self._connection.close()
+                if received < expected_size:
+                    self._raise_if_integrity_failure(info, received)
                 raise ConnectionFailed(
                     f"The download of {info.id} stopped after {received} of {expected_size} bytes "
                     "(connection lost, or the server aborted it); nothing was saved.",
@@ -295,6 +304,32 @@ class VaultClient:
         return info
 
     # -- plumbing ----------------------------------------------------------
+
+    def _raise_if_integrity_failure(self, info: FileInfo, received: int) -> None:
+        """After a raw download of C{info} ended short: ask once more, and
+        raise L{IntegrityError} if the server now answers 500
+        integrity_error (it remembers an archive that failed mid-stream).
+        Any other answer, a 200 included, is dropped unread: the caller
+        reports the short download as the connection failure it looked like."""
+        try:
+            response = self._send(
+                "GET",
+                "/download-file?" + urlencode({"id": info.id}),
+                headers={"Accept": "application/octet-stream"},
+            )
+        except IntegrityError as error:
+            if error.status != 500:
+                return
+            raise IntegrityError(
+                f"The download of {info.id} was aborted after {received} of {info.size} bytes: "
+                "the server's copy of the archive fails authentication; nothing was saved.",
+                status=error.status,
+                code=error.code,
+                request_id=error.request_id,
+            ) from None
+        except VaultError:
+            return
+        self._discard(response)
 
     def _upload_stream(self, name: str, stream: BinaryIO, size: int, progress: Progress | None) -> FileInfo:
         try:

@@ -333,6 +333,25 @@ class CommandLineTests(DaemonTestCase):
         self.assert_fails(again, 1)
         self.assertIn("already exists", again.stderr)
 
+    def test_download_aborted_by_a_tampered_archive_exits_5(self) -> None:
+        """A 3 MiB archive with a byte flipped near its end: the server sends
+        the authentic start, then aborts the stream; the client asks again,
+        gets 500 integrity_error, exits 5 (not 7, a connection failure) with
+        one error line, and leaves nothing at the destination."""
+        self.login()
+        (self.work / "victim.bin").write_bytes(os.urandom(THREE_MIB))
+        archive_id = self.cli("upload", "victim.bin").stdout.split()[0]
+        [body] = (self.vault.data_dir / "archives").glob(f"*/{archive_id}.body")
+        tampered = bytearray(body.read_bytes())
+        tampered[-(THREE_MIB // 8)] ^= 0x01  # far past the first block the server sends
+        body.write_bytes(bytes(tampered))
+        out = self.work / "out"
+        out.mkdir()
+        result = self.cli("download", archive_id, "-o", str(out / "victim.bin"))
+        self.assert_fails(result, 5)
+        self.assertIn("fails authentication", result.stderr)
+        self.assertEqual(list(out.iterdir()), [])
+
     def test_delete_then_download(self) -> None:
         """After delete, downloading the archive exits 4."""
         self.login()
