@@ -14,6 +14,7 @@ import getpass
 import hmac
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -22,10 +23,17 @@ from securevault.admin.maintenance import export_archive, rotate_master_key, ver
 from securevault.admin.migration import migrate, migrate_users
 from securevault.admin.pki import PkiError, init_dev_pki, issue_client_cert
 from securevault.admin.transfer import TransferError, copy_vault
-from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError
+from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
+from securevault.core.sessions import (
+    DEFAULT_SESSION_IDLE_SECONDS,
+    DEFAULT_SESSION_TTL_SECONDS,
+    SESSION_HANDLE_CHARS,
+    SessionStore,
+    session_handle,
+)
 from securevault.core.users import (
     UnknownUser,
     UserError,
@@ -127,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(handler=_user_remove)
     listing = user_commands.add_parser("list", help="list user names, one per line")
     listing.set_defaults(handler=_user_list)
+
+    session = commands.add_parser("session", help="list and end sessions (on every node, at once)")
+    session_commands = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
+    session_list = session_commands.add_parser("list", help="live sessions, newest first")
+    session_list.add_argument("--user", metavar="NAME", help="only this user's sessions")
+    session_list.set_defaults(handler=_session_list)
+    revoke = session_commands.add_parser("revoke", help="end a session (ID from 'session list') or all of a user's")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", metavar="ID-PREFIX", nargs="?", help="a session's ID as 'session list' shows it")
+    target.add_argument("--user", metavar="NAME", help="end every session of this user")
+    revoke.set_defaults(handler=_session_revoke)
 
     key = commands.add_parser("key", help="manage the master key")
     key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
@@ -303,18 +322,70 @@ def _user_passwd(args: argparse.Namespace, out: TextIO) -> None:
         raise UnknownUser(f"There is no user {name!r}.")
     password = validate_password(read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin))
     store.set_password(name, password)
-    print(f"changed the password of user {name}", file=out)
+    print(f"changed the password of user {name}; their sessions have ended", file=out)
 
 
 def _user_remove(args: argparse.Namespace, out: TextIO) -> None:
     store = _user_store(args)
     store.remove(args.name)
-    print(f"removed user {args.name}", file=out)
+    print(f"removed user {args.name}; their sessions have ended", file=out)
 
 
 def _user_list(args: argparse.Namespace, out: TextIO) -> None:
     for name in _user_store(args).names():
         print(name, file=out)
+
+
+def _session_store(args: argparse.Namespace) -> SessionStore:
+    # The daemon's --session-idle is not known here: the default applies to
+    # what is listed as live; the daemon's sweep removes the rest.
+    return SessionStore(
+        _stores(args).metadata,
+        time.time,
+        idle_seconds=DEFAULT_SESSION_IDLE_SECONDS,
+        ttl_seconds=DEFAULT_SESSION_TTL_SECONDS,
+    )
+
+
+def _user_id_of(args: argparse.Namespace, name: str) -> str:
+    user_id = _user_store(args).user_id(validate_username(name))
+    if user_id is None:
+        raise UnknownUser(f"There is no user {name!r}.")
+    return user_id
+
+
+def _session_list(args: argparse.Namespace, out: TextIO) -> None:
+    user_id = _user_id_of(args, args.user) if args.user else None
+    records = _session_store(args).listing(user_id)
+    print(
+        f"{'ID':<{SESSION_HANDLE_CHARS}}  {'USER':<20} {'CERTIFICATE':<16}  {'CREATED':<20}  {'LAST USED':<20}  EXPIRES",
+        file=out,
+    )
+    for record in records:
+        print(
+            f"{session_handle(record)}  {record.username:<20} {record.fingerprint[:16]}  "
+            f"{rfc3339(record.created_at):<20}  {rfc3339(record.last_used):<20}  {rfc3339(record.expires_at)}",
+            file=out,
+        )
+    print(f"{len(records)} sessions", file=out)
+
+
+def _session_revoke(args: argparse.Namespace, out: TextIO) -> None:
+    sessions = _session_store(args)
+    if args.user:
+        count = sessions.revoke(user_id=_user_id_of(args, args.user))
+        print(f"ended {count} sessions of user {args.user}", file=out)
+        return
+    prefix = args.id.strip().lower()
+    if len(prefix) < 8 or not all(c in "0123456789abcdef" for c in prefix):
+        raise AdminError("Give at least 8 hex digits of a session ID, as 'session list' shows it.")
+    matching = [r for r in sessions.listing() if r.digest.startswith(prefix)]
+    if len(matching) > 1:
+        raise AdminError(f"{len(matching)} sessions start with {prefix}: give more of the ID.")
+    count = sessions.revoke(digest_prefix=prefix)
+    if count == 0:
+        raise AdminError(f"No session starts with {prefix}.")
+    print(f"ended session {prefix}", file=out)
 
 
 class CheckFailed(Exception):

@@ -17,8 +17,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from securevault.stores.metadata import MetadataStore, SessionRecord
+from securevault.stores.metadata import SESSIONS_REVOKED_STATE, MetadataStore, SessionRecord
 
+DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
+DEFAULT_SESSION_TTL_SECONDS = 12 * 60 * 60
 FAILURES_BEFORE_THROTTLE = 5
 THROTTLE_WINDOW_SECONDS = 5 * 60
 # A session's last use is written back at most this often (and at most every
@@ -77,8 +79,12 @@ class SessionStore:
         self._touch_interval = min(TOUCH_INTERVAL_SECONDS, idle_seconds / 20)
         self._mirror: dict[str, SessionRecord] | None = {} if mirror else None
         self._touched: set[str] = set()  # mirrored sessions used since the last write-back
-        self._fresh: set[str] = set()  # mirrored sessions created since the sweep began
+        # When each mirrored session was added, in a count of additions: a
+        # listing of the store only speaks for sessions added before it began.
+        self._added: dict[str, int] = {}
+        self._additions = 0
         self._lock = threading.Lock()
+        self._revoked_mark: str | None = None
 
     @property
     def mirrored(self) -> bool:
@@ -91,6 +97,7 @@ class SessionStore:
         """Fill the mirror from the store (at start); returns how many."""
         if self._mirror is None:
             return 0
+        self._revoked_mark = self._store.get_state(SESSIONS_REVOKED_STATE)
         records = self._store.list_sessions()
         with self._lock:
             self._mirror = {record.digest: record for record in records}
@@ -120,7 +127,8 @@ class SessionStore:
         with self._lock:
             if self._mirror is not None:
                 self._mirror[record.digest] = record
-                self._fresh.add(record.digest)
+                self._additions += 1
+                self._added[record.digest] = self._additions
         return session
 
     def expiry(self, session: Session) -> float:
@@ -156,6 +164,7 @@ class SessionStore:
             if session is None:
                 if record is not None and now >= min(record.last_used + self._idle, record.expires_at):
                     del self._mirror[digest]  # the store forgets it at the next sweep
+                    self._added.pop(digest, None)
                 return None
             assert record is not None
             if now > session.last_used:
@@ -189,6 +198,7 @@ class SessionStore:
         with self._lock:
             if self._mirror is not None:
                 self._mirror.pop(digest, None)
+                self._added.pop(digest, None)
                 self._touched.discard(digest)
         self._store.delete_session(digest)
 
@@ -201,16 +211,65 @@ class SessionStore:
             with self._lock:
                 touched = [(d, self._mirror[d].last_used) for d in self._touched if d in self._mirror]
                 self._touched = set()
-                self._fresh = set()
             for digest, last_used in touched:
                 self._store.touch_session(digest, last_used)
         removed = self._store.delete_expired_sessions(started, self._idle)
         if self._mirror is not None:
-            present = {record.digest for record in self._store.list_sessions()}
-            with self._lock:
-                for digest in [d for d in self._mirror if d not in present and d not in self._fresh]:
-                    del self._mirror[digest]
+            self._drop_absent()
         return removed
+
+    def _drop_absent(self) -> int:
+        """Drop from the mirror what the store no longer has (not sessions
+        created meanwhile); returns how many."""
+        with self._lock:
+            listed_after = self._additions
+        present = {record.digest for record in self._store.list_sessions()}
+        with self._lock:
+            assert self._mirror is not None
+            gone = [d for d in self._mirror if d not in present and self._added.get(d, 0) <= listed_after]
+            for digest in gone:
+                del self._mirror[digest]
+                self._added.pop(digest, None)
+                self._touched.discard(digest)
+        return len(gone)
+
+    def drop_revoked(self) -> int:
+        """A mirror drops at once the sessions ended from outside this
+        process (password change, user removal, an operator's revoke: each
+        changes the store's revocation mark).  Cheap when nothing changed:
+        one read of the mark.  Returns how many were dropped."""
+        if self._mirror is None:
+            return 0
+        mark = self._store.get_state(SESSIONS_REVOKED_STATE)
+        if mark == self._revoked_mark:
+            return 0
+        self._revoked_mark = mark
+        return self._drop_absent()
+
+    def revoke(self, *, user_id: str | None = None, digest_prefix: str | None = None) -> int:
+        """End sessions by user or by the prefix that L{listing} shows."""
+        return self._store.revoke_sessions(user_id=user_id, digest_prefix=digest_prefix)
+
+    def listing(self, user_id: str | None = None) -> list[SessionRecord]:
+        """Live sessions, newest first (for the operator: no session id is
+        ever shown; records carry the id's digest)."""
+        now = self._clock()
+        records = [
+            record
+            for record in self._store.list_sessions()
+            if (user_id is None or record.user_id == user_id)
+            and now < min(record.last_used + self._idle, record.expires_at)
+        ]
+        return sorted(records, key=lambda record: record.created_at, reverse=True)
+
+
+# What the operator sees of a session: a prefix of its id's digest (the id
+# itself is a secret the vault never stores).
+SESSION_HANDLE_CHARS = 12
+
+
+def session_handle(record: SessionRecord) -> str:
+    return record.digest[:SESSION_HANDLE_CHARS]
 
 
 # A throttle subject longer than this, or one the store cannot keep as text

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securevault.core.sessions import DEFAULT_SESSION_IDLE_SECONDS, DEFAULT_SESSION_TTL_SECONDS
+
 DEFAULT_PORT = 5000
-DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
-DEFAULT_SESSION_TTL_SECONDS = 12 * 60 * 60
 DEFAULT_MAX_UPLOAD_BYTES = 16 << 30
 DEFAULT_MAX_JSON_BODY_BYTES = 64 << 20
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60

@@ -66,6 +66,7 @@ from securevault.stores.metadata import MetadataError
 log = Logger(namespace="securevault")
 
 SWEEP_INTERVAL_SECONDS = 60.0
+REVOCATION_CHECK_SECONDS = 1.0
 # Blobs with no index row are looked for once an hour, and removed when
 # older than a day: another node may be between its blob and its row.
 ORPHAN_SWEEP_EVERY = 60
@@ -368,6 +369,15 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         )
 
     TimerService(SWEEP_INTERVAL_SECONDS, sweep).setServiceParent(top)
+    if app.sessions.mirrored:
+        # Sessions ended by the admin command (another process) leave this
+        # node's memory within a second, not at the next sweep.
+        def drop_revoked() -> None:
+            app.run_blocking(app.sessions.drop_revoked).addErrback(
+                lambda failure: log.failure("Checking for revoked sessions failed", failure)
+            )
+
+        TimerService(REVOCATION_CHECK_SECONDS, drop_revoked).setServiceParent(top)
     if config.metrics_port is not None:
         metrics_service(reactor, app, pool, config.metrics_port).setServiceParent(top)
     site = VaultSite(app, reactor=reactor)

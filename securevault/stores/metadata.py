@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,11 @@ class MetadataStore(Protocol):
     def list_sessions(self) -> list[SessionRecord]:
         """Every stored session (a single node mirrors them in memory)."""
 
+    def revoke_sessions(self, *, user_id: str | None = None, digest_prefix: str | None = None) -> int:
+        """End the sessions of a user, or those whose digest starts with a
+        prefix (at least 8 hex digits); returns how many.  Bumps the
+        revocation mark (L{SESSIONS_REVOKED_STATE}) in the same transaction."""
+
     # login throttling
     def add_login_failures(self, subjects: Sequence[str], at: float) -> None: ...
 
@@ -149,6 +155,13 @@ class MetadataStore(Protocol):
         """Where the store is, for the start-up line (no credentials)."""
 
     def close(self) -> None: ...
+
+
+# Named state that changes whenever sessions are ended from outside the
+# daemon (password change, user removal, an operator's revoke): a node that
+# mirrors sessions in memory watches it and drops the revoked ones at once.
+SESSIONS_REVOKED_STATE = "sessions_revoked"
+MIN_SESSION_PREFIX_CHARS = 8
 
 
 SCHEMA = (
@@ -331,7 +344,16 @@ class SqlMetadataStore:
         return UserRecord(*rows[0]) if rows else None
 
     def set_password_hash(self, name: str, password_hash: str) -> bool:
-        return self._execute("UPDATE sv_users SET password_hash = ? WHERE name = ?", (password_hash, name)) > 0
+        """A new password ends every session of the user, in the same
+        transaction: a stolen session does not outlive the password."""
+        with self._write() as run:
+            rows = run("SELECT user_id FROM sv_users WHERE name = ?", (name,)).fetchall()
+            if not rows:
+                return False
+            run("UPDATE sv_users SET password_hash = ? WHERE name = ?", (password_hash, name))
+            run("DELETE FROM sv_sessions WHERE user_id = ?", (rows[0][0],))
+            self._mark_revoked(run)
+            return True
 
     def remove_user(self, name: str) -> bool:
         with self._write() as run:
@@ -340,7 +362,14 @@ class SqlMetadataStore:
                 return False
             run("DELETE FROM sv_users WHERE name = ?", (name,))
             run("DELETE FROM sv_sessions WHERE user_id = ?", (rows[0][0],))
+            self._mark_revoked(run)
             return True
+
+    def _mark_revoked(self, run: Any) -> None:
+        run(
+            "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (SESSIONS_REVOKED_STATE, uuid.uuid4().hex),
+        )
 
     def list_users(self) -> list[UserRecord]:
         return [UserRecord(*row) for row in self._query(f"SELECT {_USER_COLUMNS} FROM sv_users ORDER BY name")]
@@ -372,6 +401,24 @@ class SqlMetadataStore:
 
     def list_sessions(self) -> list[SessionRecord]:
         return [SessionRecord(*row) for row in self._query(f"SELECT {_SESSION_COLUMNS} FROM sv_sessions")]
+
+    def revoke_sessions(self, *, user_id: str | None = None, digest_prefix: str | None = None) -> int:
+        if (user_id is None) == (digest_prefix is None):
+            raise ValueError("name a user or a session prefix, not both")
+        if digest_prefix is not None and (
+            len(digest_prefix) < MIN_SESSION_PREFIX_CHARS or not all(c in "0123456789abcdef" for c in digest_prefix)
+        ):
+            raise ValueError(f"a session prefix is at least {MIN_SESSION_PREFIX_CHARS} lowercase hex digits")
+        with self._write() as run:
+            if user_id is not None:
+                count = run("DELETE FROM sv_sessions WHERE user_id = ?", (user_id,)).rowcount
+            else:
+                assert digest_prefix is not None
+                count = run(
+                    "DELETE FROM sv_sessions WHERE substr(digest, 1, ?) = ?", (len(digest_prefix), digest_prefix)
+                ).rowcount
+            self._mark_revoked(run)
+            return int(count)
 
     # -- login throttling ---------------------------------------------------
 

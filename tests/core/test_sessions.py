@@ -335,6 +335,21 @@ class MirroredSessionTests(SyncTestCase):
         self.assertIsNone(self.store.lookup_local(session.session_id, CERT_B))
         self.assertIsNone(self.store.lookup_local(str(uuid.uuid4()), CERT_A))
 
+    def test_revoked_elsewhere_dropped_at_once(self) -> None:
+        """Sessions ended in the store by another process (the admin
+        command) leave the mirror at the next drop_revoked, not the next
+        sweep; other sessions stay, and nothing is read again until the
+        store's revocation mark changes."""
+        alice = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        bob = self.store.create("bob", "id-bob", CERT_B, FAR_FUTURE)
+        self.assertEqual(self.store.drop_revoked(), 0)
+        self.metadata.revoke_sessions(user_id="id-alice")
+        self.assertEqual(self.store.drop_revoked(), 1)
+        self.assertIsNone(self.store.lookup_local(alice.session_id, CERT_A))
+        self.assertIsNotNone(self.store.lookup_local(bob.session_id, CERT_B))
+        self.patch(self.metadata, "list_sessions", lambda: self.fail("listed without a new revocation"))
+        self.assertEqual(self.store.drop_revoked(), 0)
+
     def test_restart_keeps_sessions(self) -> None:
         session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
         restarted = self.make()

@@ -13,6 +13,7 @@ import time
 
 from securevault.stores.blobs import BlobNotFound, BlobStore
 from securevault.stores.metadata import (
+    SESSIONS_REVOKED_STATE,
     ArchiveRecord,
     DuplicateUser,
     MetadataStore,
@@ -78,6 +79,36 @@ class MetadataStoreContract:
         self.assertIsNone(store.get_user("alice"))  # type: ignore[attr-defined]
         self.assertIsNone(store.get_session("d1"))  # type: ignore[attr-defined]
         self.assertIsNotNone(store.get_session("d2"))  # type: ignore[attr-defined]
+
+    def test_password_change_ends_sessions(self) -> None:
+        """A new password hash ends every session of that user, and only of
+        that user, and changes the revocation mark that mirrors watch."""
+        store = self._store()
+        store.add_user(UserRecord("alice", "u1", "h", "t"))
+        store.put_session(_session("d1", "u1"))
+        store.put_session(_session("d2", "u2"))
+        before = store.get_state(SESSIONS_REVOKED_STATE)
+        self.assertTrue(store.set_password_hash("alice", "h2"))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_session("d1"))  # type: ignore[attr-defined]
+        self.assertIsNotNone(store.get_session("d2"))  # type: ignore[attr-defined]
+        self.assertNotEqual(store.get_state(SESSIONS_REVOKED_STATE), before)  # type: ignore[attr-defined]
+
+    def test_revoke_sessions(self) -> None:
+        """Sessions end by user or by a digest prefix of at least 8 hex
+        digits; each revoke changes the mark; a shorter prefix is refused."""
+        store = self._store()
+        store.put_session(_session("aaaaaaaa11", "u1"))
+        store.put_session(_session("aaaaaaaa22", "u1"))
+        store.put_session(_session("bbbbbbbb33", "u2"))
+        marks = {store.get_state(SESSIONS_REVOKED_STATE)}
+        self.assertEqual(store.revoke_sessions(digest_prefix="bbbbbbbb"), 1)  # type: ignore[attr-defined]
+        marks.add(store.get_state(SESSIONS_REVOKED_STATE))
+        self.assertEqual(store.revoke_sessions(user_id="u1"), 2)  # type: ignore[attr-defined]
+        marks.add(store.get_state(SESSIONS_REVOKED_STATE))
+        self.assertEqual(store.count_sessions(), 0)  # type: ignore[attr-defined]
+        self.assertEqual(len(marks), 3)  # type: ignore[attr-defined]
+        self.assertRaises(ValueError, store.revoke_sessions, digest_prefix="aaaa")  # type: ignore[attr-defined]
+        self.assertRaises(ValueError, store.revoke_sessions)  # type: ignore[attr-defined]
 
     # sessions
 
