@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from securevault.admin import cli as admin
-from securevault.core.audit import GENESIS, AuditLog, ChainBreak, line_hash, verify_chain
+from securevault.core.audit import GENESIS, AuditLog, ChainBreak, head_path, line_hash, verify_chain
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[2]
@@ -31,6 +31,23 @@ from securevault.core.audit import AuditLog
 log = AuditLog(Path(sys.argv[1]))
 for n in range(int(sys.argv[3])):
     log.append("probe", writer=sys.argv[2], n=n)
+"""
+
+# Appends a batch of 3 records of ~1 KB under RLIMIT_FSIZE = log size + 100
+# bytes, so the write fails part-way (EFBIG); prints the errno or "written".
+FULL_DISK_CHILD = """
+import resource, sys
+from pathlib import Path
+from securevault.core.audit import AuditLog
+path = Path(sys.argv[1])
+limit = path.stat().st_size + 100
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    AuditLog(path).append_many([{"event": "probe", "blob": "x" * 1000, "n": n} for n in range(3)])
+except OSError as error:
+    print(error.errno)
+else:
+    print("written")
 """
 
 
@@ -156,6 +173,81 @@ class AppendTests(AuditLogTestCase):
         self.log.append("probe", blob="x" * (100 * 1024))
         self.log.append("probe", n=6)
         self.assertEqual(verify_chain(self.path), (7, []))
+
+
+class AppendManyTests(AuditLogTestCase):
+    """L{AuditLog.append_many} writes a batch as one group commit."""
+
+    def head(self) -> dict[str, Any]:
+        return dict(json.loads(head_path(self.path).read_bytes()))
+
+    def test_batch_chains_and_moves_the_head(self) -> None:
+        """A batch of three after five records: eight chained records, in
+        order, and the head names the eighth (its count and hash), so the
+        batch is committed as a whole."""
+        self.log.append_many([{"event": "login", "n": n} for n in (5, 6, 7)])
+        self.assertEqual(verify_chain(self.path), (8, []))
+        lines = _lines(self.path)
+        self.assertEqual([json.loads(line)["n"] for line in lines], list(range(8)))
+        self.assertEqual(self.head(), {"records": 8, "last": line_hash(lines[-1])})
+        self.assertEqual(stat.S_IMODE(head_path(self.path).stat().st_mode), 0o600)
+
+    def test_record_fields(self) -> None:
+        """Each record holds its fields, C{prev}, and C{time}: the one given,
+        else the time of writing; the caller's dicts are not changed."""
+        given = {"event": "session_refused", "time": "2027-01-15T08:00:00.250Z", "count": 3}
+        untimed = {"event": "login", "user": "alice"}
+        self.log.append_many([given, untimed])
+        first, second = (json.loads(line) for line in _lines(self.path)[-2:])
+        self.assertEqual(first, {**given, "prev": line_hash(_lines(self.path)[4])})
+        self.assertEqual(set(second), {"event", "user", "time", "prev"})
+        self.assertRegex(second["time"], TIME_PATTERN)
+        self.assertEqual(untimed, {"event": "login", "user": "alice"})
+
+    def test_empty_batch_writes_nothing(self) -> None:
+        """An empty batch leaves the log and its head untouched."""
+        before = (self.path.read_bytes(), head_path(self.path).read_bytes())
+        self.log.append_many([])
+        self.assertEqual((self.path.read_bytes(), head_path(self.path).read_bytes()), before)
+
+    def test_failed_batch_is_cut_back(self) -> None:
+        """A batch whose write fails part-way (the file size limit, as a full
+        disk would) raises, and leaves the log and head as they were: the
+        chain verifies and the next batch appends cleanly."""
+        before = (self.path.read_bytes(), head_path(self.path).read_bytes())
+        env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+        child = subprocess.run(
+            [sys.executable, "-c", FULL_DISK_CHILD, str(self.path)], env=env, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual((child.returncode, child.stdout.strip()), (0, "27"), child.stderr)  # EFBIG
+        self.assertEqual((self.path.read_bytes(), head_path(self.path).read_bytes()), before)
+        self.log.append_many([{"event": "probe", "n": 5}])
+        self.assertEqual(verify_chain(self.path), (6, []))
+
+    def test_head_behind_after_a_kill(self) -> None:
+        """A kill between a batch's fsync and its head update leaves the head
+        naming an earlier record: the log still verifies (the batch is whole
+        and chained to it), and the next append brings the head up to date."""
+        old_head = head_path(self.path).read_bytes()
+        self.log.append_many([{"event": "login", "n": n} for n in (5, 6)])
+        head_path(self.path).write_bytes(old_head)
+        self.assertEqual(verify_chain(self.path), (7, []))
+        self.log.append("logout", n=7)
+        self.assertEqual(self.head()["records"], 8)
+        self.assertEqual(verify_chain(self.path), (8, []))
+
+    def test_head_behind_does_not_hide_edits(self) -> None:
+        """A head behind the log still pins its record: when that record was
+        changed (and the lines after relinked), the log is broken."""
+        old_head = head_path(self.path).read_bytes()
+        lines = _lines(self.path)
+        edited = json.loads(lines[4])
+        edited["user"] = "mallory"
+        lines[4] = json.dumps(edited, sort_keys=True).encode()
+        appended = {"time": "2027-01-15T08:00:00.000Z", "event": "login", "prev": line_hash(lines[4])}
+        _write_lines(self.path, [*lines, json.dumps(appended, sort_keys=True).encode()])
+        head_path(self.path).write_bytes(old_head)
+        self.assertNotEqual(_break_lines(self.path), [])
 
 
 class ChainBreakTests(AuditLogTestCase):
