@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 
 from securevault.core.archive import InvalidFilename, QuotaExceeded, StorageFull, StoreUnavailable
 from securevault.core.users import UserStoreUnavailable
+from securevault.server.auditing import AuditUnavailable
 from securevault.stores.blobs import BlobStoreError
 from securevault.stores.metadata import MetadataError, MetadataFull
 
@@ -61,14 +62,14 @@ STORE_RETRY_SECONDS = 5
 
 
 def unavailable(error: BaseException) -> ApiError | None:
-    """503 for a store outage (the database or object store unreachable),
-    507 for a full one; None for anything else (a malformed password hash
-    included: that is damaged data, not an outage)."""
+    """503 for a store outage (the database or object store unreachable, or
+    the audit log unwritable), 507 for a full one; None for anything else (a
+    malformed password hash included: that is damaged data, not an outage)."""
     if isinstance(error, UserStoreUnavailable) and isinstance(error.__cause__, MetadataError):
         error = error.__cause__  # seen through the user store: judged by what the store said
     if isinstance(error, (MetadataFull, StorageFull)):
         return ApiError(507, "insufficient_storage", "No space left for the vault's data.")
-    if isinstance(error, (StoreUnavailable, MetadataError, BlobStoreError, UserStoreUnavailable)):
+    if isinstance(error, (StoreUnavailable, MetadataError, BlobStoreError, UserStoreUnavailable, AuditUnavailable)):
         log.warn("A store is unavailable: {error}", error=str(error), event_kind="store_unavailable")
         return ApiError(
             503,
