@@ -28,10 +28,11 @@ class DeleteFileResource(JsonEndpoint):
     def _delete(self, request: Request, session: Session) -> Deferred[Reply]:
         archive_id = string_field(parse_json_object(request), "id")
 
-        def deleted(_: None) -> Reply:
+        def deleted(_: None) -> Deferred[Reply]:
             log.info("Deleted archive {archive_id}", archive_id=archive_id, event_kind="delete")
-            self.app.record("delete", request, user=session.username, archive_id=archive_id)
-            return Reply(204)
+            return self.app.record("delete", request, user=session.username, archive_id=archive_id).addCallback(
+                lambda _: Reply(204)
+            )
 
         def missing(failure: Failure) -> Reply:
             failure.trap(ArchiveNotFound)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
@@ -137,18 +137,35 @@ class DownloadFileResource(JsonEndpoint):
         def opened(found: tuple[Session, Opened | None]) -> None:
             result = found[1]
             assert result is not None
-            if lost:
+
+            def close() -> None:
                 if result.reader is not None:
                     app.run_blocking(result.reader.close)
+
+            if lost:
+                close()
                 return
             info = result.info
             log.info("Download of archive {archive_id}", archive_id=info.id, event_kind="download")
-            app.record("download", request, user=state.user, archive_id=info.id, size=info.size)
-            request.setResponseCode(200)
-            if raw:
-                self._start_raw(request, result)
-            else:
-                self._start_json(request, result)
+
+            def audited(_: None) -> None:
+                """The record is synced: now the bytes may go out."""
+                if lost:
+                    close()
+                    return
+                request.setResponseCode(200)
+                if raw:
+                    self._start_raw(request, result)
+                else:
+                    self._start_json(request, result)
+
+            def unaudited(reason: Failure) -> None:
+                close()
+                if not lost:
+                    fail(request, reason)  # AuditUnavailable: 503
+
+            audit = app.record("download", request, user=state.user, archive_id=info.id, size=info.size)
+            audit.addCallbacks(audited, unaudited)
 
         def failed(reason: Failure) -> None:
             if lost or reason.check(CancelledError):
@@ -156,28 +173,42 @@ class DownloadFileResource(JsonEndpoint):
             if reason.check(ArchiveNotFound):
                 fail(request, not_found("No such archive."))
             elif reason.check(IntegrityError):
-                self._integrity_error(request, archive_id)
-                integrity_failure(request, archive_id or "(by filename)")
+
+                def answer(_: object) -> None:
+                    """A 500 whether or not the record could be written (the
+                    trail logs that): the client must learn the archive is bad."""
+                    if not lost:
+                        integrity_failure(request, archive_id or "(by filename)")
+
+                self._integrity_error(request, archive_id).addBoth(answer)
             else:
                 fail(request, reason)
 
         work.addCallbacks(opened, failed)
         return NOT_DONE_YET
 
-    def _integrity_error(self, request: Request, archive_id: str | None) -> None:
+    def _integrity_error(self, request: Request, archive_id: str | None) -> Deferred[None]:
         """Audited and counted, whether the archive failed before the
         headers (a JSON 500) or while streaming (an aborted stream)."""
-        self.app.record("integrity_error", request, user=request_state(request).user, archive_id=archive_id)
+        return self.app.record("integrity_error", request, user=request_state(request).user, archive_id=archive_id)
 
     def _producer(self, request: Request, result: Opened, **options: Any) -> DownloadProducer:
         assert result.reader is not None
         archive_id = result.info.id
+
+        def mid_stream() -> None:
+            """Headers are out and the stream is aborted: only the record
+            is left to do."""
+            self._integrity_error(request, archive_id).addErrback(
+                lambda failure: log.failure("Could not audit an integrity failure", failure)
+            )
+
         return DownloadProducer(
             self.app.run_blocking,
             result.reader,
             request,
             first=result.first,
-            on_integrity_error=lambda: self._integrity_error(request, archive_id),
+            on_integrity_error=mid_stream,
             **options,
         )
 

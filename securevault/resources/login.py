@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 
@@ -61,7 +62,7 @@ class LoginResource(JsonEndpoint):
                 return 0, None
             return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
 
-        def answered(result: tuple[int, Session | None]) -> Reply:
+        def answered(result: tuple[int, Session | None]) -> Deferred[Reply]:
             wait, session = result
             if wait:
                 log.warn(
@@ -70,7 +71,7 @@ class LoginResource(JsonEndpoint):
                     fingerprint=identity.fingerprint,
                     event_kind="throttled",
                 )
-                app.record("login_throttled", request, user=username[:64])
+                app.refused_event("login_throttled", request, user=username[:64])
                 raise ApiError(
                     429,
                     "too_many_attempts",
@@ -84,14 +85,11 @@ class LoginResource(JsonEndpoint):
                     fingerprint=identity.fingerprint,
                     event_kind="login_failed",
                 )
-                app.record("login_failed", request, user=username[:64])
+                app.refused_event("login_failed", request, user=username[:64])
                 raise INVALID_CREDENTIALS
             request_state(request).user = username
             log.info("Login by {username}", username=username, event_kind="login")
-            app.record("login", request, user=username)
-            return Reply(
-                200,
-                {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))},
-            )
+            reply = Reply(200, {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))})
+            return app.record("login", request, user=username).addCallback(lambda _: reply)
 
         return self.respond_later(request, app.run_blocking(attempt).addCallback(answered))

@@ -18,9 +18,8 @@ class LogoutResource(JsonEndpoint):
 
     def render_POST(self, request: Request) -> Any:
         def end(session: Session) -> Deferred[Reply]:
-            def ended(_: None) -> Reply:
-                self.app.record("logout", request, user=session.username)
-                return Reply(204)
+            def ended(_: None) -> Deferred[Reply]:
+                return self.app.record("logout", request, user=session.username).addCallback(lambda _: Reply(204))
 
             return self.app.run_blocking(self.app.sessions.end, session.session_id).addCallback(ended)
 

@@ -21,6 +21,7 @@ from twisted.web.server import Request
 
 from securevault.core.archive import ArchiveInfo, ArchiveWriter, InvalidFilename, check_filename
 from securevault.core.sessions import Session
+from securevault.server.auditing import AuditUnavailable
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, busy, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object, take_body
@@ -171,15 +172,27 @@ class UploadFileResource(JsonEndpoint):
 
             work = app.authenticate(request).addCallback(store)
 
-        def stored(info: ArchiveInfo) -> Reply:
+        def stored(info: ArchiveInfo) -> Deferred[Reply]:
             log.info(
                 "Stored archive {archive_id} ({size} bytes)",
                 archive_id=info.id,
                 size=info.size,
                 event_kind="upload",
             )
-            app.record("upload", request, user=state.user, archive_id=info.id, size=info.size)
-            return Reply(201, info.public())
+
+            def unrecorded(failure: Failure) -> Failure:
+                """The answer is a 503, never a 201: keep no archive the
+                client was not told of and the audit log does not name."""
+                if failure.check(AuditUnavailable):
+                    owner = state.session.user_id if state.session is not None else None
+                    if owner is not None:
+                        app.run_blocking(app.storage.delete, owner, info.id).addErrback(
+                            lambda f: log.failure("Removing an unaudited upload failed", f)
+                        )
+                return failure
+
+            audited = app.record("upload", request, user=state.user, archive_id=info.id, size=info.size)
+            return audited.addCallbacks(lambda _: Reply(201, info.public()), unrecorded)
 
         return self.respond_later(request, work.addCallbacks(stored, lambda failure: _raise(storage_error(failure))))
 

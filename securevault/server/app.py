@@ -12,9 +12,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.core.audit import AuditLog
 from securevault.core.sessions import LoginThrottle, Session, SessionStore
 from securevault.core.users import UserStore
+from securevault.server.auditing import AuditTrail
 from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
 from securevault.server.errors import ApiError, invalid_session
 from securevault.server.limits import ConnectionLimits, MemoryBudget
@@ -62,7 +62,7 @@ class VaultApp:
     throttle: LoginThrottle
     run_blocking: RunBlocking
     clock: Callable[[], float]
-    audit: AuditLog | None = None
+    audit_trail: AuditTrail | None = None
     metrics: VaultMetrics | None = None
     stores: Stores | None = None
     # Live sessions, as last counted by the sweep or a metrics scrape (both
@@ -72,27 +72,44 @@ class VaultApp:
     budget: MemoryBudget = field(default_factory=lambda: MemoryBudget(DEFAULT_MEMORY_BUDGET_BYTES))
     connections: ConnectionLimits | None = None
 
-    def record(self, event: str, request: Request | None = None, **fields: Any) -> None:
-        """Append a security event to the audit log, in the pool; no secrets."""
-        if self.metrics is not None:
-            self.metrics.count_event(event)
-        if self.audit is None:
+    def record(self, event: str, request: Request | None = None, **fields: Any) -> Deferred[None]:
+        """A security event (login, logout, upload, download, delete,
+        integrity_error): fires once its record is synced, so the answer
+        waits for it; fails with L{AuditUnavailable} (503) when it cannot be
+        written.  No secrets in C{fields}."""
+        trail = self.audit_trail
+        if trail is None:
+            if self.metrics is not None:
+                self.metrics.count_event(event)
+            return succeed(None)
+        return trail.security(event, **self._request_fields(request, fields))
+
+    def refused_event(self, reason: str, request: Request | None = None, **fields: Any) -> None:
+        """A refusal (session_refused, login_failed, login_throttled): its
+        rate is the client's choice, so it is only counted, and written
+        coalesced per certificate, reason and second.  No secrets."""
+        fields = self._request_fields(request, fields)
+        self.refusal(reason, fields.pop("fingerprint", None), **fields)
+
+    def refusal(self, reason: str, fingerprint: str | None, **fields: Any) -> None:
+        """A client turned away (a limit, a bad session, a wrong password):
+        counted and coalesced, never queued as work per event."""
+        trail = self.audit_trail
+        if trail is None:
+            if self.metrics is not None:
+                self.metrics.count_event(reason)
             return
+        trail.refusal(reason, fingerprint, **fields)
+
+    def _request_fields(self, request: Request | None, fields: dict[str, Any]) -> dict[str, Any]:
+        """C{fields} plus the client certificate's fingerprint and the peer."""
         if request is not None:
             identity = request_state(request).identity
             if identity is not None:
                 fields.setdefault("fingerprint", identity.fingerprint)
             peer = request.getClientAddress()
             fields.setdefault("peer", getattr(peer, "host", None))
-        self.run_blocking(self.audit.append, event, **fields).addErrback(
-            lambda failure: log.failure("Could not write the audit log", failure)
-        )
-
-    def refusal(self, reason: str, fingerprint: str | None) -> None:
-        """A client turned away by a limit (busy, too slow): counted, never
-        queued as work per event."""
-        if self.metrics is not None:
-            self.metrics.count_event(reason)
+        return fields
 
     def identity(self, request: Request) -> ClientIdentity:
         """The verified client certificate; mutual TLS guarantees one."""
@@ -175,7 +192,7 @@ class VaultApp:
             fingerprint=self.identity(request).fingerprint,
             event_kind="refused_session",
         )
-        self.record("session_refused", request)
+        self.refused_event("session_refused", request)
         return invalid_session()
 
 

@@ -97,6 +97,11 @@ class UploadStream:
             self._pump()
         return self._result
 
+    def discard(self, info: ArchiveInfo) -> None:
+        """Remove the committed archive again: its answer will not be a 201
+        (its audit record could not be written)."""
+        self._discard(info)
+
     def abort(self) -> None:
         """The client left or the request was refused: keep nothing."""
         if self._aborted:

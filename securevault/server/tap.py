@@ -30,6 +30,7 @@ from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.core.sessions import LoginThrottle, SessionStore
 from securevault.core.users import UserError, UserStore
 from securevault.server.app import VaultApp
+from securevault.server.auditing import AuditTrail
 from securevault.server.config import (
     BIND_USER_POLICIES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -298,7 +299,7 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         throttle=LoginThrottle(stores.metadata, clock.seconds),
         run_blocking=run_blocking,
         clock=clock.seconds,
-        audit=AuditLog(config.audit_log) if config.audit_log else None,
+        audit_trail=AuditTrail(AuditLog(config.audit_log), run_blocking, clock) if config.audit_log else None,
         stores=stores,
     )
 
@@ -324,6 +325,8 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
         active_sessions=active_sessions,
         pool_queue_depth=lambda: pool.q.qsize(),
     )
+    if app.audit_trail is not None:
+        app.audit_trail.metrics = app.metrics  # the trail counts the events it is given
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=app.metrics.registry))
     endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
@@ -346,6 +349,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         app = build_app(config, partial(deferToThreadPool, reactor, pool), reactor)
     except (TLSConfigError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
+    if app.audit_trail is not None:
+        # After the pool, before the listener: stopped after the listener
+        # (no new events) and before the pool (its last write still runs).
+        app.audit_trail.setServiceParent(top)
 
     sweeps = itertools.count()
 

@@ -9,9 +9,11 @@ give a real L{VaultApp} a trail and send real HTTP bytes through the site.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from prometheus_client import generate_latest
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -24,11 +26,21 @@ from securevault.server.metrics import VaultMetrics
 from securevault.server.workers import RunBlocking, run_inline
 from tests.support.app import (
     ManualRunner,
+    VaultClient,
+    add_user,
+    corrupt_archive,
+    default_client,
+    encode_request,
+    make_app,
+    make_client,
+    owner_files,
 )
 from tests.support.testcase import SyncTestCase
 
 # A POSIX time in the middle of a second, so "within one second" is unambiguous.
 START_SECONDS = 1_800_000_000.25
+PASSWORD = "correct horse battery"
+OCTETS = (b"Content-Type", b"application/octet-stream")
 
 
 class FlakyAuditLog(AuditLog):
@@ -339,3 +351,142 @@ class ServiceTests(_TrailTestCase):
         self.clock.advance(FLUSH_INTERVAL_SECONDS)
         self.runner.run_all()
         self.assertEqual([r["event"] for r in self.records()], ["session_refused"])
+
+
+class AuditedEndpointTests(SyncTestCase):
+    """The endpoints answer after their security record is synced, 503 when
+    it cannot be written, and coalesce refusals."""
+
+    def setUp(self) -> None:
+        self.app, self.clock = make_app(self)
+        self.alice_id = add_user(self.app, "alice", PASSWORD)
+        self.client = VaultClient(self.app, self.clock, self)
+        self.path = self.make_dir() / "audit.jsonl"
+        self.log = FlakyAuditLog(self.path)
+        self.trail = AuditTrail(self.log, run_inline, self.clock)
+        self.trail.startService()
+        self.addCleanup(self.trail.stopService)
+        self.app.audit_trail = self.trail
+
+    def break_log(self) -> None:
+        """From now on audit writes fail (their failures are logged)."""
+        self.log.failing = True
+        self.addCleanup(self.flushLoggedErrors, OSError)
+
+    def events(self) -> list[str]:
+        return [r["event"] for r in read_records(self.path)]
+
+    def session(self) -> str:
+        return self.client.session("alice", PASSWORD)
+
+    def upload_json(self, session: str, content: bytes) -> Any:
+        document = {"filename": "notes.txt", "content": base64.b64encode(content).decode("ascii")}
+        return self.client.post_json(b"/upload-file", document, session=session)
+
+    def upload_raw(self, session: str, content: bytes) -> Any:
+        headers = [OCTETS, (b"X-Filename", quote("notes.txt").encode("ascii"))]
+        return self.client.request(b"POST", b"/upload-file", body=content, headers=headers, session=session)
+
+    def test_login_waits_for_its_record(self) -> None:
+        """A login's 200 is sent only once its record is written: while the
+        audit write waits in the pool, no response goes out."""
+        runner = ManualRunner()
+        self.app.audit_trail = AuditTrail(self.log, runner, self.clock)
+        connection = self.client.connect()
+        body = json.dumps({"username": "alice", "password": PASSWORD}).encode()
+        connection.send(encode_request(b"POST", b"/login", [(b"Content-Type", b"application/json")], body))
+        self.assertEqual((connection.responses(), self.events()), ([], []))
+        self.assertEqual(runner.run_all(), 1)
+        [response] = connection.responses()
+        self.assertEqual(response.status, 200, response.body)
+        [record] = read_records(self.path)
+        self.assertEqual((record["event"], record["user"]), ("login", "alice"))
+        self.assertEqual(record["fingerprint"], default_client(0).fingerprint)
+
+    def test_security_events_are_recorded(self) -> None:
+        """Login, upload, download, delete and logout each leave their record
+        by the time their answer arrives."""
+        session = self.session()
+        archive_id = self.upload_json(session, b"hello").json()["id"]
+        self.assertEqual(self.client.get(b"/download-file?id=" + archive_id.encode(), session=session).status, 200)
+        self.assertEqual(self.client.post_json(b"/delete-file", {"id": archive_id}, session=session).status, 204)
+        self.assertEqual(self.client.request(b"POST", b"/logout", session=session).status, 204)
+        self.assertEqual(self.events(), ["login", "upload", "download", "delete", "logout"])
+
+    def test_login_unaudited_is_503(self) -> None:
+        """A login whose record cannot be written is 503 unavailable with
+        Retry-After, not 200."""
+        self.break_log()
+        response = self.client.login("alice", PASSWORD)
+        self.assertEqual((response.status, response.json()["error"]), (503, "unavailable"))
+        self.assertIsNotNone(response.header("Retry-After"))
+        self.assertNotIn("session_id", response.json())
+
+    def test_upload_unaudited_keeps_nothing(self) -> None:
+        """An upload (JSON or raw) whose record cannot be written is 503, and
+        the archive, already stored, is removed: no archive the client was
+        not told of and the audit log does not name."""
+        session = self.session()
+        self.break_log()
+        for upload in (self.upload_json, self.upload_raw):
+            response = upload(session, b"secret data")
+            self.assertEqual((response.status, response.json()["error"]), (503, "unavailable"), upload)
+            self.assertEqual(response.header("Retry-After"), "5")
+            self.assertEqual(owner_files(self.app, self.alice_id), [], upload)
+        self.log.failing = False
+        self.assertEqual(self.client.get(b"/get-files", session=session).json()["files"], [])
+        self.assertEqual(self.events(), ["login"])
+
+    def test_download_unaudited_sends_nothing(self) -> None:
+        """A download (JSON or raw) whose record cannot be written is 503 and
+        carries none of the file."""
+        session = self.session()
+        archive_id = self.upload_json(session, b"the plaintext").json()["id"]
+        self.break_log()
+        for accept in ([], [(b"Accept", b"application/octet-stream")]):
+            response = self.client.get(b"/download-file?id=" + archive_id.encode(), session=session, headers=accept)
+            self.assertEqual((response.status, response.json()["error"]), (503, "unavailable"))
+            self.assertNotIn(b"the plaintext", response.body)
+            self.assertNotIn(base64.b64encode(b"the plaintext"), response.body)
+
+    def test_delete_and_logout_unaudited_are_503(self) -> None:
+        """Delete and logout whose records cannot be written are 503."""
+        session = self.session()
+        archive_id = self.upload_json(session, b"x").json()["id"]
+        self.break_log()
+        delete = self.client.post_json(b"/delete-file", {"id": archive_id}, session=session)
+        logout = self.client.request(b"POST", b"/logout", session=session)
+        self.assertEqual([delete.status, logout.status], [503, 503])
+
+    def test_integrity_error_recorded_before_its_500(self) -> None:
+        """A download of a corrupted archive is recorded as integrity_error
+        before the 500; still a 500 when the record cannot be written."""
+        session = self.session()
+        archive_id = self.upload_json(session, b"data" * 100).json()["id"]
+        corrupt_archive(self.app, self.alice_id, archive_id)
+        response = self.client.get(b"/download-file?id=" + archive_id.encode(), session=session)
+        self.assertEqual((response.status, response.json()["error"]), (500, "integrity_error"))
+        self.assertEqual(self.events()[-1], "integrity_error")
+        self.break_log()
+        response = self.client.get(b"/download-file?id=" + archive_id.encode(), session=session)
+        self.assertEqual((response.status, response.json()["error"]), (500, "integrity_error"))
+
+    def test_refusals_are_coalesced(self) -> None:
+        """200 requests with a bogus session and 30 failed logins from one
+        certificate queue no audit write; the next flush writes one record
+        per reason with its count."""
+        cert = make_client("flooder")
+        connection = self.client.connect(cert)
+        for _ in range(200):
+            connection.send(encode_request(b"GET", b"/get-files", [(b"Authorization", b"Bearer bogus")]))
+        logins = [self.client.login("alice", "wrong", cert=cert).status for _ in range(30)]
+        self.assertEqual([r.status for r in connection.responses()], [401] * 200)
+        self.assertEqual(self.log.calls, 0)
+        self.clock.advance(FLUSH_INTERVAL_SECONDS)
+        self.assertEqual(self.log.calls, 1)
+        records = read_records(self.path)
+        counts = {r["event"]: r["count"] for r in records}
+        expected = {"session_refused": 200, "login_failed": logins.count(401), "login_throttled": logins.count(429)}
+        self.assertEqual(counts, expected)
+        self.assertEqual(logins.count(401) + logins.count(429), 30)
+        self.assertEqual({r["fingerprint"] for r in records}, {cert.fingerprint})

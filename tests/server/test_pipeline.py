@@ -23,6 +23,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from securevault.core.archive import ArchiveReader
 from securevault.core.audit import AuditLog
 from securevault.server.app import VaultApp
+from securevault.server.auditing import AuditTrail
 from securevault.server.limits import CLOSE_GRACE_SECONDS, ConnectionLimits, MemoryBudget, RateMeter
 from securevault.server.twisted_private import head_bytes_received, pending_request_line, request_disconnected
 from securevault.storage import SecureFileStorage
@@ -317,7 +318,8 @@ class DownloadDefectTests(_PipelineCase):
         """A raw download that meets a tampered segment after the headers is
         aborted and audited as an integrity error, not as a plain download."""
         app, client = self.vault()
-        app.audit = AuditLog(self.make_dir() / "audit.jsonl")
+        audit = AuditLog(self.make_dir() / "audit.jsonl")
+        app.audit_trail = AuditTrail(audit, app.run_blocking, client.clock)
         session = client.session("alice", PASSWORD)
         stored = client.request(
             b"POST", b"/upload-file", body=os.urandom(3 << 20), headers=[OCTETS, (b"X-Filename", b"a")], session=session
@@ -334,7 +336,7 @@ class DownloadDefectTests(_PipelineCase):
             )
         )
         self.assertTrue(connection.transport.aborted)
-        events = [json.loads(line)["event"] for line in app.audit.path.read_text().splitlines()]
+        events = [json.loads(line)["event"] for line in audit.path.read_text().splitlines()]
         self.assertIn("integrity_error", events)
 
 
