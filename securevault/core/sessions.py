@@ -17,11 +17,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from securevault.stores.metadata import SESSIONS_REVOKED_STATE, MetadataStore, SessionRecord
+from securevault.stores.metadata import SESSIONS_REVOKED_STATE, LoginAttempt, MetadataStore, SessionRecord
 
 DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
 DEFAULT_SESSION_TTL_SECONDS = 12 * 60 * 60
-FAILURES_BEFORE_THROTTLE = 5
+FAILURES_BEFORE_THROTTLE = 5  # from one certificate for one username
+CERTIFICATE_FAILURES_BEFORE_THROTTLE = 20  # from one certificate in all
 THROTTLE_WINDOW_SECONDS = 5 * 60
 # A session's last use is written back at most this often (and at most every
 # twentieth of the idle timeout), not on every request: a read per request,
@@ -272,55 +273,74 @@ def session_handle(record: SessionRecord) -> str:
     return record.digest[:SESSION_HANDLE_CHARS]
 
 
-# A throttle subject longer than this, or one the store cannot keep as text
-# (a lone surrogate or a NUL from a hostile JSON username), is counted under
-# its digest instead.  Valid usernames and fingerprints are far shorter.
-MAX_PLAIN_SUBJECT_CHARS = 128
+def account_digest(username: str) -> str:
+    """What the throttle keeps for a username: its SHA-256, hex.  The store
+    never holds a tried name (a mistyped password, a hostile string of any
+    length or encoding), and the admin's unlock finds a name's attempts by
+    the same digest."""
+    return hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def throttle_subject(subject: str) -> str:
-    """What the store keeps for a subject: the subject itself when it is
-    short, encodable text without NUL, else C{"sha256:" + hex digest}, so a
-    hostile username is still throttled but never fails the store."""
-    if len(subject) <= MAX_PLAIN_SUBJECT_CHARS and "\0" not in subject:
-        try:
-            subject.encode("utf-8")
-        except UnicodeEncodeError:
-            pass
-        else:
-            return subject
-    return "sha256:" + hashlib.sha256(subject.encode("utf-8", "surrogatepass")).hexdigest()
+class LoginThrottled(Exception):
+    """A login refused unchecked: too many recent failures."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"try again in {retry_after} s")
+        self.retry_after = retry_after
 
 
 class LoginThrottle:
-    """Counts failed logins per subject (username, certificate) in a sliding
-    window, across every node that shares the store."""
+    """Failed logins counted per (client certificate, username) and per
+    client certificate, in a sliding window, across every node that shares
+    the store.
+
+    Failures are never counted per username alone: another certificate's
+    failures never lock out a certificate that has not failed itself, so
+    nobody can lock the owner out.  An attempt is reserved (recorded as a
+    failure) before its password is checked, atomically with the count, so
+    concurrent attempts are counted exactly; a login that succeeds releases
+    its reservation.
+    """
 
     def __init__(
         self,
         store: MetadataStore,
         clock: Callable[[], float],
         *,
-        limit: int = FAILURES_BEFORE_THROTTLE,
+        per_account: int = FAILURES_BEFORE_THROTTLE,
+        per_certificate: int = CERTIFICATE_FAILURES_BEFORE_THROTTLE,
         window_seconds: float = THROTTLE_WINDOW_SECONDS,
     ) -> None:
         self._store = store
         self._clock = clock
-        self._limit = limit
+        self._per_account = per_account
+        self._per_certificate = per_certificate
         self._window = window_seconds
 
-    def retry_after(self, *subjects: str) -> int:
-        """Seconds until a login for these subjects may be tried; 0 when allowed."""
-        wait = 0.0
+    def reserve(self, fingerprint: str, username: str) -> str:
+        """Reserve an attempt to log in as C{username} over the certificate
+        C{fingerprint}; returns its id, for L{release} when the password is
+        right.  Raises L{LoginThrottled} when the certificate may not try
+        now (nothing is recorded then)."""
         now = self._clock()
-        for subject in subjects:
-            times = self._store.recent_login_failures(throttle_subject(subject), now - self._window, self._limit)
-            if len(times) >= self._limit:
-                wait = max(wait, times[-1] + self._window - now)
-        return int(wait) + 1 if wait > 0 else 0
+        attempt = LoginAttempt(uuid.uuid4().hex, fingerprint, account_digest(username), now)
+        oldest = self._store.reserve_login_attempt(
+            attempt, now - self._window, self._per_account, self._per_certificate
+        )
+        if oldest is None:
+            return attempt.attempt_id
+        wait = oldest + self._window - now
+        raise LoginThrottled(int(wait) + 1 if wait > 0 else 1)
 
-    def record_failure(self, *subjects: str) -> None:
-        self._store.add_login_failures([throttle_subject(subject) for subject in subjects], self._clock())
+    def release(self, attempt_id: str) -> None:
+        """The attempt succeeded: it is not a failure."""
+        self._store.release_login_attempt(attempt_id)
+
+    def unlock(self, username: str) -> int:
+        """Forget every failure for C{username}, from every certificate
+        (they no longer count for those certificates either); returns how
+        many."""
+        return self._store.clear_login_attempts(account_digest(username))
 
     def sweep(self) -> int:
-        return self._store.forget_login_failures(self._clock() - self._window)
+        return self._store.forget_login_attempts(self._clock() - self._window)

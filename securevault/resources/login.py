@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -10,7 +11,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from securevault.core.archive import rfc3339
-from securevault.core.sessions import Session
+from securevault.core.sessions import LoginThrottled, Session
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError
 from securevault.server.jsonapi import Reply, parse_json_object, string_field
@@ -47,19 +48,27 @@ class LoginResource(JsonEndpoint):
         username = string_field(body, "username")
         password = string_field(body, "password")
         identity = app.identity(request)
-        subjects = ("user:" + username, "cert:" + identity.fingerprint)
 
         def attempt() -> tuple[int, Session | None]:
-            """In the pool: the throttle (shared by every node), then the
-            password; a throttled attempt costs no scrypt.  Returns the
-            seconds to wait (0: not throttled) and the new session."""
-            wait = app.throttle.retry_after(*subjects)
-            if wait:
-                return wait, None
-            user_id = app.users.verify(username, password)
+            """In the pool: reserve an attempt with the throttle
+            (shared by every node), then check the password; a throttled
+            attempt costs no scrypt, and a reservation stays as the failure
+            unless the login succeeds.  Returns the seconds to wait (0: not
+            throttled) and the new session."""
+            try:
+                reservation = app.throttle.reserve(identity.fingerprint, username)
+            except LoginThrottled as throttled:
+                return throttled.retry_after, None
+            try:
+                user_id = app.users.verify(username, password)
+            except Exception:
+                # Not a wrong password (the store failed): not a failure.
+                with suppress(Exception):
+                    app.throttle.release(reservation)
+                raise
             if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
-                app.throttle.record_failure(*subjects)
                 return 0, None
+            app.throttle.release(reservation)
             return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
 
         def answered(result: tuple[int, Session | None]) -> Deferred[Reply]:

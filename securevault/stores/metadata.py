@@ -3,7 +3,7 @@
 the SQL that implements it, and SQLite, the embedded default.
 
 The store holds users and their password hashes, sessions (by a digest of
-their id, never the id), login-failure counters, the archive index with each
+their id, never the id), login attempts (for the throttle), the archive index with each
 archive's sealed metadata document, and small named state (schema version,
 key rotation).  It knows nothing of HTTP or cryptography.  Plain blocking
 code, run in the worker pool; PostgreSQL is in L{securevault.stores.metadata_postgres}.
@@ -63,6 +63,17 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class LoginAttempt:
+    """One login attempt, reserved before its password is checked: it counts
+    as a failure until the login succeeds and releases it."""
+
+    attempt_id: str  # random: what a successful login releases
+    certificate: str  # the client certificate's fingerprint
+    account: str  # a digest of the username tried: never the name itself
+    at: float
+
+
+@dataclass(frozen=True)
 class ArchiveRecord:
     owner_id: str
     archive_id: str
@@ -112,12 +123,30 @@ class MetadataStore(Protocol):
         revocation mark (L{SESSIONS_REVOKED_STATE}) in the same transaction."""
 
     # login throttling
-    def add_login_failures(self, subjects: Sequence[str], at: float) -> None: ...
+    def reserve_login_attempt(
+        self, attempt: LoginAttempt, since: float, per_account: int, per_certificate: int
+    ) -> float | None:
+        """Record C{attempt} unless its certificate already has
+        C{per_account} attempts for its account, or C{per_certificate} in
+        all, after C{since}; None when recorded.  Otherwise nothing is
+        written and the result is the time of the oldest attempt that must
+        leave the window first (the C{per_account}-th or
+        C{per_certificate}-th most recent; the later of the two when both
+        are full).
 
-    def recent_login_failures(self, subject: str, since: float, limit: int) -> list[float]:
-        """Failure times after C{since}, newest first, at most C{limit}."""
+        Counting and recording are one transaction, serialised per
+        certificate across every node: concurrent attempts never exceed a
+        limit."""
 
-    def forget_login_failures(self, before: float) -> int: ...
+    def release_login_attempt(self, attempt_id: str) -> None:
+        """Forget an attempt (its login succeeded)."""
+
+    def clear_login_attempts(self, account: str) -> int:
+        """Forget every attempt on C{account}, from any certificate (the
+        admin's unlock); returns how many."""
+
+    def forget_login_attempts(self, before: float) -> int:
+        """Forget attempts at or before C{before}; returns how many."""
 
     # the archive index
     def put_archive(self, record: ArchiveRecord, quota: int | None = None) -> None:
@@ -179,10 +208,16 @@ SCHEMA = (
         last_used DOUBLE PRECISION NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS sv_sessions_user ON sv_sessions (user_id)",
-    """CREATE TABLE IF NOT EXISTS sv_login_failures (
-        subject TEXT NOT NULL,
+    # One row per login attempt that has not succeeded (sv_login_failures,
+    # its per-subject predecessor, is no longer read: a vault upgraded from
+    # it keeps the table, and a node of the previous version may still use it).
+    """CREATE TABLE IF NOT EXISTS sv_login_attempts (
+        attempt TEXT PRIMARY KEY,
+        certificate TEXT NOT NULL,
+        account TEXT NOT NULL,
         at DOUBLE PRECISION NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS sv_login_failures_subject ON sv_login_failures (subject, at)",
+    "CREATE INDEX IF NOT EXISTS sv_login_attempts_certificate ON sv_login_attempts (certificate, account, at)",
+    "CREATE INDEX IF NOT EXISTS sv_login_attempts_account ON sv_login_attempts (account)",
     """CREATE TABLE IF NOT EXISTS sv_archives (
         owner_id TEXT NOT NULL,
         archive_id TEXT NOT NULL,
@@ -197,9 +232,12 @@ SCHEMA = (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
 )
+# Every table of SCHEMA: a store missing any of them (an older vault) has
+# the schema run again (every statement is IF NOT EXISTS).
+TABLES = ("sv_users", "sv_sessions", "sv_login_attempts", "sv_archives", "sv_state")
 
 
-def _row(record: UserRecord | SessionRecord | ArchiveRecord) -> tuple[Any, ...]:
+def _row(record: UserRecord | SessionRecord | LoginAttempt | ArchiveRecord) -> tuple[Any, ...]:
     """A record's values in its table's column order (the field order)."""
     return tuple(getattr(record, field.name) for field in dataclasses.fields(record))
 
@@ -207,6 +245,7 @@ def _row(record: UserRecord | SessionRecord | ArchiveRecord) -> tuple[Any, ...]:
 # The columns of each table, in the order of its record's fields.
 _USER_COLUMNS = "name, user_id, password_hash, created_at"
 _SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at"
+_ATTEMPT_COLUMNS = "attempt, certificate, account, at"
 _ARCHIVE_COLUMNS = "owner_id, archive_id, created_ns, stored_bytes, key_id, document"
 
 
@@ -251,6 +290,11 @@ class SqlMetadataStore:
             "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             ("schema", SCHEMA_VERSION),
         )
+
+    def _serialise_certificate(self, run: Any, certificate: str) -> None:
+        """Inside a write transaction: wait until no other transaction on
+        the store counts or records login attempts for C{certificate}.
+        SQLite's BEGIN IMMEDIATE already excludes every other writer."""
 
     def _check_schema_version(self) -> None:
         version = self.get_state("schema")
@@ -422,20 +466,41 @@ class SqlMetadataStore:
 
     # -- login throttling ---------------------------------------------------
 
-    def add_login_failures(self, subjects: Sequence[str], at: float) -> None:
+    def reserve_login_attempt(
+        self, attempt: LoginAttempt, since: float, per_account: int, per_certificate: int
+    ) -> float | None:
         with self._write() as run:
-            for subject in subjects:
-                run("INSERT INTO sv_login_failures (subject, at) VALUES (?, ?)", (subject, at))
+            self._serialise_certificate(run, attempt.certificate)
+            full: list[float] = []
+            for statement, parameters, limit in (
+                (
+                    "SELECT at FROM sv_login_attempts WHERE certificate = ? AND account = ? AND at > ?"
+                    " ORDER BY at DESC LIMIT ?",
+                    (attempt.certificate, attempt.account, since, per_account),
+                    per_account,
+                ),
+                (
+                    "SELECT at FROM sv_login_attempts WHERE certificate = ? AND at > ? ORDER BY at DESC LIMIT ?",
+                    (attempt.certificate, since, per_certificate),
+                    per_certificate,
+                ),
+            ):
+                times = [float(row[0]) for row in run(statement, parameters).fetchall()]
+                if len(times) >= limit:
+                    full.append(times[-1])
+            if full:
+                return max(full)
+            run(f"INSERT INTO sv_login_attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?)", _row(attempt))
+            return None
 
-    def recent_login_failures(self, subject: str, since: float, limit: int) -> list[float]:
-        rows = self._query(
-            "SELECT at FROM sv_login_failures WHERE subject = ? AND at > ? ORDER BY at DESC LIMIT ?",
-            (subject, since, limit),
-        )
-        return [float(row[0]) for row in rows]
+    def release_login_attempt(self, attempt_id: str) -> None:
+        self._execute("DELETE FROM sv_login_attempts WHERE attempt = ?", (attempt_id,))
 
-    def forget_login_failures(self, before: float) -> int:
-        return self._execute("DELETE FROM sv_login_failures WHERE at <= ?", (before,))
+    def clear_login_attempts(self, account: str) -> int:
+        return self._execute("DELETE FROM sv_login_attempts WHERE account = ?", (account,))
+
+    def forget_login_attempts(self, before: float) -> int:
+        return self._execute("DELETE FROM sv_login_attempts WHERE at <= ?", (before,))
 
     # -- the archive index ----------------------------------------------------
 

@@ -24,12 +24,15 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from securevault.stores.metadata import MetadataError, SqlMetadataStore
+from securevault.stores.metadata import TABLES, MetadataError, SqlMetadataStore
 
 Connection = psycopg.Connection[TupleRow]
 
 # Serialises schema creation across every node on one database ("svschema").
 SCHEMA_LOCK = 0x7376_7363_6865_6D61
+# Login attempts are serialised per client certificate under an advisory
+# lock keyed by a hash of this prefix and the fingerprint.
+LOGIN_LOCK_PREFIX = b"securevault login attempts\0"
 
 # Advisory lock keys of the per-owner quota check: a 64-bit hash of the
 # owner id under this prefix (see quota_lock_key).
@@ -40,6 +43,13 @@ APPLICATION_NAME = "securevault"  # in pg_stat_activity, unless the DSN names on
 
 _BROKEN: tuple[type[BaseException], ...] = (psycopg.OperationalError, psycopg.InterfaceError)
 _SECRET_PARAMETERS = ("password", "sslpassword")
+
+
+def login_lock_key(certificate: str) -> int:
+    """The advisory lock (a signed 64-bit key) serialising one certificate's
+    login attempts."""
+    digest = hashlib.sha256(LOGIN_LOCK_PREFIX + certificate.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def _describe(parameters: dict[str, Any]) -> str:
@@ -191,15 +201,24 @@ class PostgresMetadataStore(SqlMetadataStore):
         statements after it see every row committed before it was granted."""
         run("SELECT pg_advisory_xact_lock(?)", (quota_lock_key(owner_id),))
 
+    def _serialise_certificate(self, run: Any, certificate: str) -> None:
+        """READ COMMITTED lets two transactions count the same rows and both
+        insert: a transaction-scoped advisory lock on the certificate makes
+        the count and the insert of one attempt exclusive, on every node,
+        and the count (a later statement) sees every attempt committed
+        before the lock was granted."""
+        run("SELECT pg_advisory_xact_lock(?)", (login_lock_key(certificate),))
+
     # -- the schema -----------------------------------------------------------
 
     def _create_schema(self) -> None:
         """Create the tables unless they are there.  Nodes starting at once
         would race in C{CREATE TABLE IF NOT EXISTS}, so the DDL runs under a
         transaction-scoped advisory lock; when the schema already exists no
-        DDL runs at all, so the vault's role needs no CREATE privilege then."""
-        exists = self._query("SELECT to_regclass(?) IS NOT NULL", ("sv_state",))[0][0]
-        if not exists or self.get_state("schema") is None:
+        DDL runs at all, so the vault's role needs no CREATE privilege then
+        (a table added by a newer version is created at its first start)."""
+        missing = [table for table in TABLES if not self._query("SELECT to_regclass(?) IS NOT NULL", (table,))[0][0]]
+        if missing or self.get_state("schema") is None:
             with self._write() as run:
                 run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
                 self._run_schema(run)

@@ -9,10 +9,13 @@ import uuid
 from twisted.internet.task import Clock
 
 from securevault.core.sessions import (
+    CERTIFICATE_FAILURES_BEFORE_THROTTLE,
     FAILURES_BEFORE_THROTTLE,
     THROTTLE_WINDOW_SECONDS,
     LoginThrottle,
+    LoginThrottled,
     SessionStore,
+    account_digest,
     session_digest,
 )
 from securevault.stores.metadata import SessionRecord, SqliteMetadataStore
@@ -208,7 +211,9 @@ class SessionStoreTests(SyncTestCase):
 
 
 class LoginThrottleTests(SyncTestCase):
-    """Failed logins counted per key in a sliding window."""
+    """Failed logins counted per (certificate, username) and per certificate
+    in a sliding window; an attempt is reserved before its password is
+    checked and released when the login succeeds."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -216,101 +221,174 @@ class LoginThrottleTests(SyncTestCase):
         self.metadata = metadata_store(self)
         self.throttle = LoginThrottle(self.metadata, self.clock.seconds)
 
-    def record(self, *keys: str, times: int = 1) -> None:
+    def failed(self, certificate: str, username: str, times: int = 1) -> None:
+        """Failed attempts: reserved and never released."""
         for _ in range(times):
-            self.throttle.record_failure(*keys)
+            self.throttle.reserve(certificate, username)
+
+    def retry_after(self, certificate: str, username: str) -> int:
+        """0 when an attempt may be made now (it is released at once, as by
+        a successful login), else the Retry-After seconds."""
+        try:
+            attempt = self.throttle.reserve(certificate, username)
+        except LoginThrottled as throttled:
+            return throttled.retry_after
+        self.throttle.release(attempt)
+        return 0
 
     def test_defaults(self) -> None:
-        """The contract's numbers: 5 failures within 5 minutes."""
-        self.assertEqual((FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS), (5, 300))
+        """The contract's numbers: 5 failures per certificate and username,
+        20 per certificate, within 5 minutes."""
+        self.assertEqual(
+            (FAILURES_BEFORE_THROTTLE, CERTIFICATE_FAILURES_BEFORE_THROTTLE, THROTTLE_WINDOW_SECONDS), (5, 20, 300)
+        )
 
     def test_allowed_below_limit(self) -> None:
-        """No failures, or four, leave a key allowed (retry_after 0)."""
-        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
-        self.record("user:alice", times=4)
-        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+        """No failures, or four, leave the certificate free to try the
+        username."""
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+        self.failed(CERT_A, "alice", times=4)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
 
     def test_locked_at_limit(self) -> None:
-        """The fifth failure locks the key for the whole window."""
-        self.record("user:alice", times=5)
-        self.assertIn(self.throttle.retry_after("user:alice"), (300, 301))
+        """The fifth failure locks the pair for the whole window; a refused
+        attempt is not recorded, so it does not extend the lock."""
+        self.failed(CERT_A, "alice", times=5)
+        self.assertIn(self.retry_after(CERT_A, "alice"), (300, 301))
         self.clock.advance(299.5)
-        self.assertEqual(self.throttle.retry_after("user:alice"), 1)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 1)
         self.clock.advance(0.5)
-        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
 
     def test_sliding_window(self) -> None:
         """Failures spread over time count only while within the window: the
         lock lifts when the oldest of the last five leaves it."""
         for _ in range(5):
-            self.record("user:alice")
+            self.failed(CERT_A, "alice")
             self.clock.advance(60)
         # Failures at 0, 60, 120, 180, 240; now is 300: the first has left.
-        self.assertEqual(self.throttle.retry_after("user:alice"), 0)
-        self.record("user:alice")  # 60, 120, 180, 240, 300
-        self.assertIn(self.throttle.retry_after("user:alice"), (60, 61))
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+        self.failed(CERT_A, "alice")  # 60, 120, 180, 240, 300
+        self.assertIn(self.retry_after(CERT_A, "alice"), (60, 61))
 
-    def test_counts_the_latest_failures(self) -> None:
-        """With more than five failures the lock runs from the fifth most
-        recent one."""
-        for _ in range(10):
-            self.record("user:alice")
+    def test_other_certificates_never_lock_the_owner(self) -> None:
+        """Five failures for alice from certificate B lock B for alice only:
+        certificate A, which has not failed, may still try alice, and B may
+        still try bob."""
+        self.failed(CERT_B, "alice", times=5)
+        self.assertGreater(self.retry_after(CERT_B, "alice"), 0)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+        self.assertEqual(self.retry_after(CERT_B, "bob"), 0)
+
+    def test_many_certificates_never_lock_the_owner(self) -> None:
+        """However many certificates fail for alice, one that has not failed
+        is free."""
+        for index in range(10):
+            self.failed(f"{index:064x}", "alice", times=5)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+
+    def test_certificate_total(self) -> None:
+        """Twenty failures from one certificate, spread over usernames so
+        that none reaches five, lock that certificate for every username;
+        another certificate is free."""
+        for index in range(20):
+            self.failed(CERT_A, f"guess{index % 5}")
             self.clock.advance(1)
-        # Failures at 0..9, now is 10: the fifth most recent was at 5.
-        self.assertIn(self.throttle.retry_after("user:alice"), (295, 296))
+        self.assertIn(self.retry_after(CERT_A, "bob"), (281, 282))
+        self.assertEqual(self.retry_after(CERT_B, "bob"), 0)
+        self.clock.advance(281)
+        self.assertEqual(self.retry_after(CERT_A, "bob"), 0)
 
-    def test_keys_are_independent(self) -> None:
-        """One key's failures do not lock another."""
-        self.record("user:alice", times=5)
-        self.assertEqual(self.throttle.retry_after("user:bob"), 0)
-        self.assertEqual(self.throttle.retry_after("cert:" + CERT_A), 0)
-
-    def test_any_key_locks(self) -> None:
-        """A login is locked when any of its keys is: the username, or the
-        certificate (failures for different usernames add up)."""
-        for index in range(5):
-            self.record(f"user:guess{index}", "cert:" + CERT_A)
-        for index in range(5):
-            self.assertEqual(self.throttle.retry_after(f"user:guess{index}"), 0)
-        self.assertGreater(self.throttle.retry_after("user:bob", "cert:" + CERT_A), 0)
-        self.assertEqual(self.throttle.retry_after("user:bob", "cert:" + CERT_B), 0)
-
-    def test_longest_wait_wins(self) -> None:
-        """With two locked keys the wait is the longer one."""
-        self.record("user:alice", times=5)
+    def test_pair_and_certificate_longest_wait_wins(self) -> None:
+        """When both limits are reached the wait is the longer one."""
+        for index in range(15):
+            self.failed(CERT_A, f"guess{index}")
         self.clock.advance(100)
-        self.record("cert:" + CERT_A, times=5)
-        self.assertIn(self.throttle.retry_after("user:alice", "cert:" + CERT_A), (300, 301))
-        self.assertIn(self.throttle.retry_after("user:alice"), (200, 201))
+        self.failed(CERT_A, "alice", times=5)
+        # alice: five failures from 100 on; the certificate: twenty from 0.
+        self.assertIn(self.retry_after(CERT_A, "alice"), (300, 301))
+        self.assertIn(self.retry_after(CERT_A, "carol"), (200, 201))
+        self.clock.advance(200)
+        self.assertEqual(self.retry_after(CERT_A, "carol"), 0)
+        self.assertIn(self.retry_after(CERT_A, "alice"), (100, 101))
+
+    def test_pending_attempts_count(self) -> None:
+        """Attempts in progress (reserved, not yet released) count as
+        failures: with five in progress a sixth is refused unchecked."""
+        attempts = [self.throttle.reserve(CERT_A, "alice") for _ in range(5)]
+        with self.assertRaises(LoginThrottled):
+            self.throttle.reserve(CERT_A, "alice")
+        self.throttle.release(attempts[0])
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+
+    def test_success_is_not_a_failure(self) -> None:
+        """Released attempts (successful logins) never add up to a lock."""
+        for _ in range(30):
+            self.throttle.release(self.throttle.reserve(CERT_A, "alice"))
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)
+
+    def test_unlock(self) -> None:
+        """unlock(name) forgets that username's failures from every
+        certificate, and their weight in each certificate's total; other
+        usernames' failures stay."""
+        self.failed(CERT_A, "alice", times=5)
+        self.failed(CERT_B, "alice", times=5)
+        for index in range(15):
+            self.failed(CERT_A, f"guess{index}")
+        self.failed(CERT_B, "bob", times=5)
+        self.assertEqual(self.throttle.unlock("alice"), 10)
+        self.assertEqual(self.throttle.unlock("alice"), 0)
+        self.assertEqual(self.retry_after(CERT_A, "alice"), 0)  # A: 15 failures left
+        self.assertEqual(self.retry_after(CERT_B, "alice"), 0)
+        self.assertGreater(self.retry_after(CERT_B, "bob"), 0)
+
+    def test_hostile_usernames(self) -> None:
+        """A username the store could not keep as text (a lone surrogate, a
+        NUL, thousands of characters) is still counted, separately from
+        similar names, and the store never holds a tried username."""
+        for hostile in ["\ud800admin", "\udfffadmin", "ali\0ce", "x" * 5000]:
+            self.failed(CERT_A, hostile, times=4)
+            self.assertEqual(self.retry_after(CERT_A, hostile), 0)
+            self.failed(CERT_A, hostile)
+            self.assertGreater(self.retry_after(CERT_A, hostile), 0)
+        self.assertEqual(self.retry_after(CERT_B, "alice"), 0)
+        self.failed(CERT_B, "alice")
+        rows = self.metadata._query("SELECT account FROM sv_login_attempts")
+        self.assertEqual(len(rows), 21)
+        self.assertEqual({row[0] for row in rows if "alice" in row[0] or "admin" in row[0] or "xxx" in row[0]}, set())
+        self.assertIn((account_digest("alice"),), rows)
 
     def test_sweep_keeps_live_failures(self) -> None:
         """sweep() forgets only failures outside the window."""
-        self.record("user:old", times=5)
+        self.failed(CERT_A, "old", times=5)
         self.clock.advance(200)
-        self.record("user:new", times=5)
+        self.failed(CERT_A, "new", times=5)
         self.clock.advance(150)
-        self.throttle.sweep()
-        self.assertEqual(self.throttle.retry_after("user:old"), 0)
-        self.assertGreater(self.throttle.retry_after("user:new"), 0)
+        self.assertEqual(self.throttle.sweep(), 5)
+        self.assertEqual(self.retry_after(CERT_A, "old"), 0)
+        self.assertGreater(self.retry_after(CERT_A, "new"), 0)
 
     def test_custom_limits(self) -> None:
-        """The limit and window are parameters."""
-        throttle = LoginThrottle(self.metadata, self.clock.seconds, limit=2, window_seconds=10)
-        throttle.record_failure("k")
-        self.assertEqual(throttle.retry_after("k"), 0)
-        throttle.record_failure("k")
-        self.assertIn(throttle.retry_after("k"), (10, 11))
+        """The limits and the window are parameters."""
+        throttle = LoginThrottle(self.metadata, self.clock.seconds, per_account=2, per_certificate=3, window_seconds=10)
+        throttle.reserve(CERT_A, "k")
+        throttle.reserve(CERT_A, "k")
+        with self.assertRaises(LoginThrottled) as caught:
+            throttle.reserve(CERT_A, "k")
+        self.assertIn(caught.exception.retry_after, (10, 11))
+        throttle.reserve(CERT_A, "j")
+        self.assertRaises(LoginThrottled, throttle.reserve, CERT_A, "i")
         self.clock.advance(10)
-        self.assertEqual(throttle.retry_after("k"), 0)
+        throttle.reserve(CERT_A, "k")
 
     def test_counted_across_nodes(self) -> None:
         """Failures recorded through two stores on one database add up."""
-        other = LoginThrottle(SqliteMetadataStore(self.metadata.path), self.clock.seconds)
-        for _ in range(FAILURES_BEFORE_THROTTLE - 1):
-            self.throttle.record_failure("user:alice")
-        self.assertEqual(other.retry_after("user:alice"), 0)
-        other.record_failure("user:alice")
-        self.assertGreater(self.throttle.retry_after("user:alice"), 0)
+        other_store = SqliteMetadataStore(self.metadata.path)
+        self.addCleanup(other_store.close)
+        other = LoginThrottle(other_store, self.clock.seconds)
+        self.failed(CERT_A, "alice", times=FAILURES_BEFORE_THROTTLE - 1)
+        other.reserve(CERT_A, "alice")
+        self.assertGreater(self.retry_after(CERT_A, "alice"), 0)
 
 
 class MirroredSessionTests(SyncTestCase):

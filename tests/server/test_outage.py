@@ -48,7 +48,7 @@ class OutageTests(SyncTestCase):
         )
 
     def test_login_while_the_database_is_down(self) -> None:
-        self.down(self.app.storage.metadata, "get_user", "recent_login_failures")
+        self.down(self.app.storage.metadata, "get_user", "reserve_login_attempt")
         self.assert_unavailable(self.client.login("alice", PASSWORD))
 
     def test_login_while_the_user_store_is_down(self) -> None:

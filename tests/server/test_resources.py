@@ -274,34 +274,45 @@ class LoginTests(_VaultTestCase):
 
         self.assertEqual(without_date(unknown), without_date(wrong))
 
-    def test_throttle_per_username(self) -> None:
-        """Five failures for one username lock it for 5 minutes: the correct
-        password gets 429 with Retry-After, from any certificate; after the
-        window the login works again."""
-        for index in range(5):  # each from its own certificate
-            response = self.client.login("alice", "wrong password", make_client(f"guesser{index}"))
-            self.assert_error(response, 401, "invalid_credentials")
-        locked = self.client.login("alice", ALICE_PASSWORD)
+    def test_throttle_per_certificate_and_username(self) -> None:
+        """Five failures for alice from certificate B lock B out of alice for
+        5 minutes: even the right password from B gets 429 with Retry-After.
+        Alice's own certificate, which has not failed, logs in as alice, and
+        B may still log in as bob; after the window B may try alice again."""
+        attacker = make_client("attacker")
+        for _ in range(5):
+            self.assert_error(self.client.login("alice", "wrong password", attacker), 401, "invalid_credentials")
+        locked = self.client.login("alice", ALICE_PASSWORD, attacker)
         self.assert_error(locked, 429, "too_many_attempts")
         retry_after = locked.header("Retry-After")
         assert retry_after is not None
         self.assertTrue(0 < int(retry_after) <= 301, retry_after)
-        self.assert_error(self.client.login("alice", ALICE_PASSWORD, make_client("other")), 429, "too_many_attempts")
-        # Another user on the same certificate is not locked.
-        self.assertEqual(self.client.login("bob", BOB_PASSWORD).status, 200)
+        self.assertEqual(self.client.login("alice", ALICE_PASSWORD, self.alice_cert).status, 200)
+        self.assertEqual(self.client.login("bob", BOB_PASSWORD, attacker).status, 200)
         self.clock.advance(301)
-        self.assertEqual(self.client.login("alice", ALICE_PASSWORD).status, 200)
+        self.assertEqual(self.client.login("alice", ALICE_PASSWORD, attacker).status, 200)
+
+    def test_failures_from_many_certificates_never_lock_the_owner(self) -> None:
+        """However many other certificates fail for alice, alice's own
+        certificate logs in."""
+        for index in range(6):
+            guesser = make_client(f"guesser{index}")
+            for _ in range(5):
+                self.assert_error(self.client.login("alice", "wrong password", guesser), 401, "invalid_credentials")
+            self.assert_error(self.client.login("alice", ALICE_PASSWORD, guesser), 429, "too_many_attempts")
+        self.assertEqual(self.client.login("alice", ALICE_PASSWORD, self.alice_cert).status, 200)
 
     def test_throttle_hostile_usernames(self) -> None:
-        """A username the metadata store cannot keep as it is (a lone
+        """A username the metadata store could not keep as it is (a lone
         surrogate, a NUL, thousands of characters) is a plain 401, never a
-        500, and is still throttled after five failures; it locks no one
-        else."""
-        for hostile in ["\ud800admin", "\udfffadmin", "ali\0ce", "x" * 5000]:
-            for index in range(5):
-                response = self.client.login(hostile, "wrong password", make_client(f"hostile{index}"))
+        500, and is still throttled after five failures from a certificate;
+        it locks no one else."""
+        for index, hostile in enumerate(["\ud800admin", "\udfffadmin", "ali\0ce", "x" * 5000]):
+            attacker = make_client(f"hostile{index}")
+            for _ in range(5):
+                response = self.client.login(hostile, "wrong password", attacker)
                 self.assert_error(response, 401, "invalid_credentials")
-            locked = self.client.login(hostile, "wrong password", make_client("hostile-fresh"))
+            locked = self.client.login(hostile, "wrong password", attacker)
             self.assert_error(locked, 429, "too_many_attempts")
         self.assertEqual(self.client.login("alice", ALICE_PASSWORD).status, 200)
 
@@ -315,19 +326,24 @@ class LoginTests(_VaultTestCase):
         self.assertIn(locked.header("Retry-After"), ("200", "201"))
 
     def test_four_failures_allowed(self) -> None:
-        """Four failures are not enough to lock a username."""
+        """Four failures are not enough to lock a username, and logins that
+        succeed never count: after any number of them the fifth failure is
+        still to come."""
         for _ in range(4):
             self.client.login("alice", "wrong password")
-        self.assertEqual(self.client.login("alice", ALICE_PASSWORD).status, 200)
+        for _ in range(10):
+            self.assertEqual(self.client.login("alice", ALICE_PASSWORD).status, 200)
+        self.assert_error(self.client.login("alice", "wrong password"), 401, "invalid_credentials")
+        self.assert_error(self.client.login("alice", ALICE_PASSWORD), 429, "too_many_attempts")
 
     def test_throttle_per_certificate(self) -> None:
-        """Five failures from one client certificate, for five different
-        usernames, lock that certificate: even a good login from it is 429,
-        while another certificate still logs in."""
+        """Twenty failures from one client certificate, spread over usernames
+        so that none reaches five, lock that certificate: even a good login
+        from it is 429, while another certificate still logs in."""
         attacker = make_client("attacker")
-        for index in range(5):
+        for index in range(20):
             self.assert_error(
-                self.client.login(f"guess{index}", "wrong password", attacker), 401, "invalid_credentials"
+                self.client.login(f"guess{index % 5}", "wrong password", attacker), 401, "invalid_credentials"
             )
         locked = self.client.login("bob", BOB_PASSWORD, attacker)
         self.assert_error(locked, 429, "too_many_attempts")

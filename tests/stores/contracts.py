@@ -16,6 +16,7 @@ from securevault.stores.metadata import (
     SESSIONS_REVOKED_STATE,
     ArchiveRecord,
     DuplicateUser,
+    LoginAttempt,
     MetadataStore,
     OverQuota,
     SessionRecord,
@@ -31,6 +32,10 @@ def _session(
     digest: str, user_id: str = "u1", *, last_used: float = 100.0, expires_at: float = 1000.0
 ) -> SessionRecord:
     return SessionRecord(digest, "alice", user_id, "f" * 64, 100.0, last_used, expires_at)
+
+
+def _attempt(number: int, at: float, *, certificate: str = "c" * 64, account: str = "a" * 64) -> LoginAttempt:
+    return LoginAttempt(f"attempt-{number}", certificate, account, at)
 
 
 class MetadataStoreContract:
@@ -146,16 +151,134 @@ class MetadataStoreContract:
 
     # login throttling
 
-    def test_login_failures(self) -> None:
+    def test_login_attempts_per_account(self) -> None:
+        """Attempts on one account from one certificate are recorded up to
+        the per-account limit; then nothing more is recorded and the answer
+        is the time of the oldest attempt within the limit.  Other accounts,
+        other certificates and attempts before C{since} do not count."""
         store = self._store()
-        for at in (10.0, 20.0, 30.0):
-            store.add_login_failures(["user:a", "cert:x"], at)
-        store.add_login_failures(["user:b"], 25.0)
-        self.assertEqual(store.recent_login_failures("user:a", 15.0, 10), [30.0, 20.0])  # type: ignore[attr-defined]
-        self.assertEqual(store.recent_login_failures("cert:x", 0.0, 2), [30.0, 20.0])  # type: ignore[attr-defined]
-        self.assertEqual(store.recent_login_failures("user:c", 0.0, 5), [])  # type: ignore[attr-defined]
-        self.assertEqual(store.forget_login_failures(20.0), 4)  # type: ignore[attr-defined]
-        self.assertEqual(store.recent_login_failures("user:a", 0.0, 10), [30.0])  # type: ignore[attr-defined]
+        self.assertIsNone(store.reserve_login_attempt(_attempt(0, 5.0), 0.0, 3, 20))  # type: ignore[attr-defined]
+        for number, at in enumerate((10.0, 20.0, 30.0), start=1):
+            self.assertIsNone(store.reserve_login_attempt(_attempt(number, at), 7.0, 3, 20))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(4, 40.0), 7.0, 3, 20), 10.0)  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(5, 40.0), 15.0, 3, 20), None)  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(6, 41.0), 15.0, 3, 20), 20.0)  # type: ignore[attr-defined]
+        other_account = _attempt(7, 41.0, account="b" * 64)
+        self.assertIsNone(store.reserve_login_attempt(other_account, 15.0, 3, 20))  # type: ignore[attr-defined]
+        other_certificate = _attempt(8, 41.0, certificate="d" * 64)
+        self.assertIsNone(store.reserve_login_attempt(other_certificate, 15.0, 3, 20))  # type: ignore[attr-defined]
+
+    def test_login_attempts_per_certificate(self) -> None:
+        """A certificate's attempts on all accounts add up to the
+        per-certificate limit; another certificate is not affected."""
+        store = self._store()
+        for number in range(4):
+            attempt = _attempt(number, 10.0 + number, account=f"{number:064x}")
+            self.assertIsNone(store.reserve_login_attempt(attempt, 0.0, 3, 4))  # type: ignore[attr-defined]
+        refused = _attempt(9, 20.0, account="f" * 64)
+        self.assertEqual(store.reserve_login_attempt(refused, 0.0, 3, 4), 10.0)  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(refused, 10.5, 3, 4), None)  # type: ignore[attr-defined]
+        elsewhere = _attempt(10, 20.0, certificate="d" * 64)
+        self.assertIsNone(store.reserve_login_attempt(elsewhere, 0.0, 3, 4))  # type: ignore[attr-defined]
+
+    def test_login_attempts_both_full(self) -> None:
+        """With both limits reached the answer is the later of the two
+        times: the attempt is allowed only once both have room."""
+        store = self._store()
+        for number, at in enumerate((1.0, 2.0, 3.0)):
+            self.assertIsNone(store.reserve_login_attempt(_attempt(number, at), 0.0, 3, 5))  # type: ignore[attr-defined]
+        for number, at in enumerate((4.0, 5.0), start=3):
+            attempt = _attempt(number, at, account="b" * 64)
+            self.assertIsNone(store.reserve_login_attempt(attempt, 0.0, 3, 5))  # type: ignore[attr-defined]
+        # Account a: 1, 2, 3 → full from 1; the certificate: 1..5 → from 1.
+        self.assertEqual(store.reserve_login_attempt(_attempt(9, 6.0), 0.0, 3, 5), 1.0)  # type: ignore[attr-defined]
+        # Since 1: a has 2, 3 and the certificate 2..5: room in both.
+        self.assertIsNone(store.reserve_login_attempt(_attempt(10, 6.0), 1.0, 3, 5))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(11, 7.0), 1.0, 3, 5), 2.0)  # type: ignore[attr-defined]
+        self.assertIsNone(store.reserve_login_attempt(_attempt(12, 7.0), 2.0, 3, 5))  # type: ignore[attr-defined]
+        # Since 2: a has 3, 6, 7 (full from 3), the certificate 3..7 (from
+        # 3); with a per-account limit of 2, a is full from 6: the later.
+        self.assertEqual(store.reserve_login_attempt(_attempt(13, 8.0), 2.0, 3, 5), 3.0)  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(14, 8.0), 2.0, 2, 5), 6.0)  # type: ignore[attr-defined]
+
+    def test_login_attempt_release(self) -> None:
+        """A released attempt no longer counts; releasing twice, or an
+        unknown attempt, is harmless."""
+        store = self._store()
+        for number in range(3):
+            self.assertIsNone(store.reserve_login_attempt(_attempt(number, 10.0), 0.0, 3, 20))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(3, 10.0), 0.0, 3, 20), 10.0)  # type: ignore[attr-defined]
+        store.release_login_attempt("attempt-1")
+        store.release_login_attempt("attempt-1")
+        store.release_login_attempt("attempt-unknown")
+        self.assertIsNone(store.reserve_login_attempt(_attempt(4, 10.0), 0.0, 3, 20))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(5, 10.0), 0.0, 3, 20), 10.0)  # type: ignore[attr-defined]
+
+    def test_login_attempts_cleared_by_account(self) -> None:
+        """Clearing an account forgets its attempts from every certificate,
+        and so their weight in each certificate's total, and nothing else."""
+        store = self._store()
+        for number, certificate in enumerate(("c" * 64, "d" * 64)):
+            for index in range(2):
+                attempt = _attempt(10 * number + index, 1.0, certificate=certificate)
+                self.assertIsNone(store.reserve_login_attempt(attempt, 0.0, 2, 3))  # type: ignore[attr-defined]
+        bob = _attempt(30, 1.0, account="b" * 64)
+        self.assertIsNone(store.reserve_login_attempt(bob, 0.0, 2, 3))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(31, 2.0, account="e" * 64), 0.0, 2, 3), 1.0)  # type: ignore[attr-defined]
+        self.assertEqual(store.clear_login_attempts("a" * 64), 4)  # type: ignore[attr-defined]
+        self.assertEqual(store.clear_login_attempts("a" * 64), 0)  # type: ignore[attr-defined]
+        self.assertIsNone(store.reserve_login_attempt(_attempt(32, 2.0), 0.0, 2, 3))  # type: ignore[attr-defined]
+        self.assertIsNone(store.reserve_login_attempt(_attempt(33, 2.0), 0.0, 2, 3))  # type: ignore[attr-defined]
+        # bob's attempt was kept: c has bob's and two of a's now.
+        self.assertEqual(store.reserve_login_attempt(_attempt(34, 2.0, account="e" * 64), 0.0, 2, 3), 1.0)  # type: ignore[attr-defined]
+
+    def test_login_attempts_forgotten(self) -> None:
+        """The sweep forgets attempts at or before a time, and only those."""
+        store = self._store()
+        for number, at in enumerate((10.0, 20.0, 30.0)):
+            self.assertIsNone(store.reserve_login_attempt(_attempt(number, at), 0.0, 5, 20))  # type: ignore[attr-defined]
+        self.assertEqual(store.forget_login_attempts(20.0), 2)  # type: ignore[attr-defined]
+        self.assertEqual(store.forget_login_attempts(20.0), 0)  # type: ignore[attr-defined]
+        for number in range(3, 7):
+            self.assertIsNone(store.reserve_login_attempt(_attempt(number, 40.0), 0.0, 5, 20))  # type: ignore[attr-defined]
+        self.assertEqual(store.reserve_login_attempt(_attempt(7, 40.0), 0.0, 5, 20), 30.0)  # type: ignore[attr-defined]
+
+    def test_login_attempts_exact_under_concurrency(self) -> None:
+        """Attempts reserved at once from many threads, through two stores on
+        one backend (two nodes), never exceed a limit: of 20 concurrent
+        attempts on one account exactly 5 are recorded, and of 24 on
+        different accounts from another certificate exactly 20."""
+        first = self._store()
+        second = self.reopen_store(first)
+        self.addCleanup(second.close)  # type: ignore[attr-defined]
+        cases = [(f"one-{n}", "c" * 64, "a" * 64) for n in range(20)]
+        cases += [(f"many-{n}", "d" * 64, f"{n:064x}") for n in range(24)]
+        start = threading.Barrier(len(cases))
+        results: dict[str, float | None] = {}
+        errors: list[BaseException] = []
+
+        def work(index: int, attempt: LoginAttempt) -> None:
+            store = first if index % 2 else second
+            try:
+                start.wait(timeout=30)
+                results[attempt.attempt_id] = store.reserve_login_attempt(attempt, 0.0, 5, 20)
+            except BaseException as error:
+                errors.append(error)
+
+        threads = [
+            threading.Thread(target=work, args=(index, LoginAttempt(name, certificate, account, 10.0)))
+            for index, (name, certificate, account) in enumerate(cases)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])  # type: ignore[attr-defined]
+        recorded = {name for name, result in results.items() if result is None}
+        self.assertEqual(len([name for name in recorded if name.startswith("one-")]), 5)  # type: ignore[attr-defined]
+        self.assertEqual(len([name for name in recorded if name.startswith("many-")]), 20)  # type: ignore[attr-defined]
+        self.assertEqual(len(results), 44)  # type: ignore[attr-defined]
+        self.assertEqual(first.forget_login_attempts(10.0), 25)  # type: ignore[attr-defined]
 
     # the archive index
 
@@ -274,7 +397,7 @@ class MetadataStoreContract:
             try:
                 for i in range(20):
                     store.put_archive(_archive(f"o{n}", f"{n:02x}{i:030x}", i))
-                    store.add_login_failures([f"user:{n}"], float(i))
+                    store.reserve_login_attempt(_attempt(100 * n + i, float(i), account=f"{n:064x}"), 0.0, 5, 20)
                     store.list_archives(f"o{n}")
             except BaseException as error:
                 errors.append(error)
@@ -296,8 +419,8 @@ class MetadataStoreContract:
         self.assertIsNotNone(second.get_session("d1"))  # type: ignore[attr-defined]
         second.delete_session("d1")
         self.assertIsNone(first.get_session("d1"))  # type: ignore[attr-defined]
-        first.add_login_failures(["user:a"], 10.0)
-        self.assertEqual(second.recent_login_failures("user:a", 0.0, 5), [10.0])  # type: ignore[attr-defined]
+        self.assertIsNone(first.reserve_login_attempt(_attempt(1, 10.0), 0.0, 1, 20))  # type: ignore[attr-defined]
+        self.assertEqual(second.reserve_login_attempt(_attempt(2, 11.0), 0.0, 1, 20), 10.0)  # type: ignore[attr-defined]
 
     def reopen_store(self, store: MetadataStore) -> MetadataStore:
         """A second store on the same backend as C{store}."""

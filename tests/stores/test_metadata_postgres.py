@@ -14,7 +14,7 @@ import traceback
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from securevault.stores.metadata import ArchiveRecord, MetadataError, MetadataStore, OverQuota, UserRecord
+from securevault.stores.metadata import ArchiveRecord, LoginAttempt, MetadataError, MetadataStore, OverQuota, UserRecord
 from securevault.stores.metadata_postgres import PostgresMetadataStore, quota_lock_key
 from tests.stores.contracts import MetadataStoreContract
 from tests.support.postgres import postgres_dsn
@@ -160,8 +160,20 @@ class PostgresTests(SyncTestCase):
         self.assertEqual(store.count_sessions(), 0)
         self.assertIs(type(store.count_sessions()), int)
         self.assertIs(type(store.usage("nobody")), int)
-        store.add_login_failures(["user:a"], 1.5)
-        self.assertEqual(store.recent_login_failures("user:a", 0.0, 1), [1.5])
+        self.assertIsNone(store.reserve_login_attempt(LoginAttempt("1", "c", "a", 1.5), 0.0, 1, 20))
+        self.assertEqual(store.reserve_login_attempt(LoginAttempt("2", "c", "a", 2.5), 0.0, 1, 20), 1.5)
+
+    def test_table_added_by_an_upgrade(self) -> None:
+        """A database made before the login-attempts table existed (same
+        schema version) gets the table when a store opens it, and keeps its
+        data."""
+        dsn = postgres_dsn(self)
+        old = self._store(dsn)
+        old.add_user(UserRecord("alice", "u1", "h", "t"))
+        old._execute("DROP TABLE sv_login_attempts")
+        store = self._store(dsn)
+        self.assertIsNone(store.reserve_login_attempt(LoginAttempt("1", "c", "a", 1.5), 0.0, 5, 20))
+        self.assertEqual(store.get_user("alice"), UserRecord("alice", "u1", "h", "t"))
 
     def test_newer_schema_refused(self) -> None:
         dsn = postgres_dsn(self)
