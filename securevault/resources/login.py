@@ -1,8 +1,16 @@
 # -*- test-case-name: tests.server.test_resources -*-
-"""POST /login: username and password, over a verified client certificate."""
+"""POST /login: username and password, over a verified client certificate.
+
+A login runs in its own pool (L{VaultApp.run_hashing}, sized by
+L{login_threads}): scrypt is slow on purpose, and a storm of logins must
+not take the threads that serve transfers.  The logins that pool may hold,
+running or queued, are bounded; past that a login is answered 503 busy at
+once, before any work.
+"""
 
 from __future__ import annotations
 
+import threading
 from contextlib import suppress
 from typing import Any
 
@@ -12,8 +20,9 @@ from twisted.web.server import Request
 
 from securevault.core.archive import rfc3339
 from securevault.core.sessions import LoginThrottled, Session
+from securevault.server.app import VaultApp
 from securevault.server.endpoint import JsonEndpoint
-from securevault.server.errors import ApiError
+from securevault.server.errors import ApiError, busy
 from securevault.server.jsonapi import Reply, parse_json_object, string_field
 from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity
@@ -21,6 +30,21 @@ from securevault.server.tls import ClientIdentity
 log = Logger(namespace="securevault.security")
 
 INVALID_CREDENTIALS = ApiError(401, "invalid_credentials", "Unknown user or wrong password.")
+# Logins that may wait for the login pool, per thread of it (besides those
+# running): a deeper queue would only answer later than a client waits.
+LOGIN_QUEUE_PER_THREAD = 8
+
+
+def login_threads(threads: int) -> int:
+    """The login pool's size for C{--threads}: half, at least one, so that
+    hashing never has every thread."""
+    return max(1, threads // 2)
+
+
+def login_capacity(threads: int) -> int:
+    """How many logins may be in the login pool at once, running or queued,
+    for C{--threads}."""
+    return login_threads(threads) * (1 + LOGIN_QUEUE_PER_THREAD)
 
 
 def loggable(username: str) -> str:
@@ -42,6 +66,24 @@ def certificate_names_user(identity: ClientIdentity, username: str, policy: str)
 class LoginResource(JsonEndpoint):
     allowedMethods = (b"POST",)
 
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__(app)
+        self._capacity = login_capacity(app.config.threads)
+        self._in_pool = 0  # logins handed to the pool and not yet finished there
+        self._lock = threading.Lock()  # taken on the reactor thread and in the pool
+
+    def _admit(self) -> bool:
+        """Count one more login into the pool, unless it is full."""
+        with self._lock:
+            if self._in_pool >= self._capacity:
+                return False
+            self._in_pool += 1
+            return True
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._in_pool -= 1
+
     def render_POST(self, request: Request) -> Any:
         app = self.app
         body = parse_json_object(request)
@@ -50,26 +92,31 @@ class LoginResource(JsonEndpoint):
         identity = app.identity(request)
 
         def attempt() -> tuple[int, Session | None]:
-            """In the pool: reserve an attempt with the throttle
+            """In the login pool: reserve an attempt with the throttle
             (shared by every node), then check the password; a throttled
             attempt costs no scrypt, and a reservation stays as the failure
             unless the login succeeds.  Returns the seconds to wait (0: not
             throttled) and the new session."""
             try:
-                reservation = app.throttle.reserve(identity.fingerprint, username)
-            except LoginThrottled as throttled:
-                return throttled.retry_after, None
-            try:
-                user_id = app.users.verify(username, password)
-            except Exception:
-                # Not a wrong password (the store failed): not a failure.
-                with suppress(Exception):
-                    app.throttle.release(reservation)
-                raise
-            if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
-                return 0, None
-            app.throttle.release(reservation)
-            return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+                try:
+                    reservation = app.throttle.reserve(identity.fingerprint, username)
+                except LoginThrottled as throttled:
+                    return throttled.retry_after, None
+                try:
+                    user_id = app.users.verify(username, password)
+                except Exception:
+                    # Not a wrong password (the store failed): not a failure.
+                    with suppress(Exception):
+                        app.throttle.release(reservation)
+                    raise
+                if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
+                    return 0, None
+                app.throttle.release(reservation)
+                return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+            finally:
+                # Here, not when the Deferred fires: a client that leaves
+                # cancels its Deferred at once, but the work goes on.
+                self._finished()
 
         def answered(result: tuple[int, Session | None]) -> Deferred[Reply]:
             wait, session = result
@@ -101,4 +148,16 @@ class LoginResource(JsonEndpoint):
             reply = Reply(200, {"session_id": session.session_id, "expires_at": rfc3339(app.sessions.expiry(session))})
             return app.record("login", request, user=username).addCallback(lambda _: reply)
 
-        return self.respond_later(request, app.run_blocking(attempt).addCallback(answered))
+        if not self._admit():
+            log.warn(
+                "Login refused: {count} logins already in the login pool",
+                count=self._capacity,
+                event_kind="login_busy",
+            )
+            raise busy()
+        try:
+            work = app.run_hashing(attempt)
+        except BaseException:
+            self._finished()
+            raise
+        return self.respond_later(request, work.addCallback(answered))

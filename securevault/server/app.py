@@ -61,6 +61,9 @@ class VaultApp:
     sessions: SessionStore
     throttle: LoginThrottle
     run_blocking: RunBlocking
+    # Password hashing (the whole login: throttle, scrypt, session) has its
+    # own bounded pool, so that a login storm cannot starve transfers.
+    run_hashing: RunBlocking
     clock: Callable[[], float]
     audit_trail: AuditTrail | None = None
     metrics: VaultMetrics | None = None

@@ -58,6 +58,15 @@ def invalid_session() -> ApiError:
     )
 
 
+BUSY_RETRY_SECONDS = 1
+
+
+def busy(message: str = "The server is busy; try again shortly.") -> ApiError:
+    """503 busy with Retry-After: refused at once, nothing done, because a
+    bounded resource (the login pool's queue) is full."""
+    return ApiError(503, "busy", message, {b"Retry-After": str(BUSY_RETRY_SECONDS).encode("ascii")})
+
+
 STORE_RETRY_SECONDS = 5
 
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
+import threading
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
@@ -29,6 +32,7 @@ from securevault.core.keys import KeyFileError, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.core.sessions import LoginThrottle, SessionStore
 from securevault.core.users import UserError, UserStore
+from securevault.resources.login import login_threads
 from securevault.server.app import VaultApp
 from securevault.server.auditing import AuditTrail
 from securevault.server.config import (
@@ -53,7 +57,7 @@ from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_des
 from securevault.server.metrics import VaultMetrics
 from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
-from securevault.server.workers import ThreadPoolService
+from securevault.server.workers import RunBlocking, ThreadPoolService
 from securevault.stores.backends import (
     BackendError,
     blobs_setting,
@@ -66,8 +70,15 @@ from securevault.stores.metadata import MetadataError
 
 log = Logger(namespace="securevault")
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 SWEEP_INTERVAL_SECONDS = 60.0
 REVOCATION_CHECK_SECONDS = 1.0
+# How much lower the login pool's threads run (a nice increment, on Linux):
+# the most there is, so that however many hash at once, the reactor and the
+# worker pool keep nearly all the CPU they ask for.
+LOGIN_NICENESS = 19
 # Blobs with no index row are looked for once an hour, and removed when
 # older than a day: another node may be between its blob and its row.
 ORPHAN_SWEEP_EVERY = 60
@@ -237,8 +248,44 @@ class TLSListenerService(ListenerService):
         return port
 
 
-def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
-    """The shared collaborators, from settings; fails with a one-line reason."""
+def lower_thread_priority(increment: int) -> None:
+    """Make the calling thread yield the CPU to the daemon's other threads.
+    On Linux a thread is a task with its own nice value; elsewhere this
+    would renice the whole process, so it does nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+        except OSError:
+            pass
+
+
+def in_background_pool(reactor: Any, pool: ThreadPool, niceness: int) -> RunBlocking:
+    """A L{RunBlocking} for C{pool} whose threads run C{niceness} lower
+    than the reactor and the worker pool: password hashing then takes mostly
+    the CPU time they leave, so a login storm barely slows other requests
+    (it makes logins slower, and past the login queue's bound they are
+    turned away as busy).  A lowered thread that holds a lock others want
+    (the GIL between two C calls, SQLite's write lock for a few statements)
+    makes them wait for its turn on a CPU: short, since it holds them only
+    briefly and scrypt runs without the GIL."""
+    lowered = threading.local()
+
+    def run(function: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Deferred[R]:
+        def call() -> R:
+            if not getattr(lowered, "done", False):
+                lowered.done = True
+                lower_thread_priority(niceness)
+            return function(*args, **kwargs)
+
+        return deferToThreadPool(reactor, pool, call)
+
+    return run
+
+
+def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run_hashing: RunBlocking) -> VaultApp:
+    """The shared collaborators, from settings; fails with a one-line reason.
+    C{run_blocking} reaches the worker pool, C{run_hashing} the login pool."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     remove_stale_temps(config.master_key)
     key_file = KeyringFile(config.master_key, passphrase_source(config.master_key_passphrase))
@@ -298,6 +345,7 @@ def build_app(config: VaultConfig, run_blocking: Any, clock: Any) -> VaultApp:
         sessions=sessions,
         throttle=LoginThrottle(stores.metadata, clock.seconds),
         run_blocking=run_blocking,
+        run_hashing=run_hashing,
         clock=clock.seconds,
         audit_trail=AuditTrail(AuditLog(config.audit_log), run_blocking, clock) if config.audit_log else None,
         stores=stores,
@@ -334,7 +382,7 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """The daemon: worker pool first in (last out), listener last in."""
+    """The daemon: worker pools first in (last out), listener last in."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -346,7 +394,15 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         top = MultiService()
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
-        app = build_app(config, partial(deferToThreadPool, reactor, pool), reactor)
+        # Logins hash passwords in a pool of their own (see resources.login).
+        login_pool = ThreadPool(minthreads=0, maxthreads=login_threads(config.threads), name="securevault-login")
+        ThreadPoolService(login_pool).setServiceParent(top)
+        app = build_app(
+            config,
+            partial(deferToThreadPool, reactor, pool),
+            reactor,
+            run_hashing=in_background_pool(reactor, login_pool, LOGIN_NICENESS),
+        )
     except (TLSConfigError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
     if app.audit_trail is not None:

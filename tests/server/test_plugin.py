@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any
 
 from twisted.application.service import IServiceMaker
+from twisted.internet.defer import Deferred
 from twisted.plugin import getPlugins
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SkipTest
 
 from securevault.server import tap
 from securevault.server.config import (
@@ -20,7 +25,8 @@ from securevault.server.config import (
     ConfigError,
     port_from_environment,
 )
-from tests.support.testcase import SyncTestCase
+from securevault.server.workers import ThreadPoolService
+from tests.support.testcase import AsyncTestCase, SyncTestCase
 
 
 class PluginTests(SyncTestCase):
@@ -192,3 +198,41 @@ class PortFromEnvironmentTests(SyncTestCase):
         non-ASCII digits (which C{int()} accepts) are refused too."""
         for value in ("8_080", "\uff18\uff10\uff18\uff10", "\u0668\u0660"):
             self.assertRaises(ConfigError, port_from_environment, {"PORT": value})
+
+
+class LoginPoolPriorityTests(AsyncTestCase):
+    """The login pool's threads hash passwords at a lower CPU priority, so
+    that a login storm leaves the CPU to the reactor and the worker pool."""
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("per-thread nice values are a Linux feature")
+
+    def test_threads_run_lowered(self) -> Deferred[None]:
+        """Work sent through in_background_pool runs in the pool's thread at
+        a nice value raised by the increment, once per thread; the reactor's
+        thread keeps its own."""
+        from twisted.internet import reactor
+
+        pool = ThreadPool(minthreads=0, maxthreads=1, name="test-login")
+        service = ThreadPoolService(pool)
+        service.startService()
+        self.addCleanup(service.stopService)
+        run = tap.in_background_pool(reactor, pool, 3)
+        main = threading.get_native_id()
+        base = os.getpriority(os.PRIO_PROCESS, main)
+
+        def niceness() -> tuple[int, int]:
+            tid = threading.get_native_id()
+            return tid, os.getpriority(os.PRIO_PROCESS, tid)
+
+        def twice(first: tuple[int, int]) -> Deferred[None]:
+            def check(second: tuple[int, int]) -> None:
+                self.assertNotEqual(first[0], main)
+                self.assertEqual(second[0], first[0])  # one thread: lowered once
+                self.assertEqual((first[1], second[1]), (min(base + 3, 19), min(base + 3, 19)))
+                self.assertEqual(os.getpriority(os.PRIO_PROCESS, main), base)
+
+            return run(niceness).addCallback(check)
+
+        return run(niceness).addCallback(twice)

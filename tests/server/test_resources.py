@@ -32,6 +32,7 @@ from securevault.server.workers import run_inline
 from securevault.storage import SecureFileStorage
 from tests.support.app import (
     ClientCert,
+    Connection,
     ManualRunner,
     Response,
     VaultClient,
@@ -369,6 +370,63 @@ class LoginTests(_VaultTestCase):
         self.assertEqual(len(responses), 1)
         self.assert_error(responses[0], 413, "too_large")
         self.assertTrue(connection.closed_by_server)
+
+
+class LoginPoolTests(_VaultTestCase):
+    """Logins run in their own bounded pool: while it is behind, other
+    endpoints are answered, and logins past its bound are refused at once
+    with 503 busy."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.session = self.alice()
+        self.runner = ManualRunner()
+        self.app.run_hashing = self.runner
+
+    def start_login(self, username: str = "alice", password: str = ALICE_PASSWORD) -> Connection:
+        """A login sent on its own connection, not answered yet."""
+        connection = self.client.connect(self.alice_cert)
+        body = json.dumps({"username": username, "password": password}).encode()
+        connection.send(encode_request(b"POST", b"/login", [(b"Content-Type", b"application/json")], body))
+        return connection
+
+    def test_other_endpoints_answered_while_logins_wait(self) -> None:
+        """With the login pool stuck (its work never runs), GET /health and
+        GET /get-files are still answered."""
+        waiting = [self.start_login() for _ in range(3)]
+        self.assertEqual([connection.responses() for connection in waiting], [[], [], []])
+        self.assertEqual(len(self.runner.pending), 3)
+        self.assertEqual(self.client.get(b"/health").status, 200)
+        self.assertEqual(self.list_files(self.session), [])
+        self.runner.run_all()
+        self.assertEqual([[r.status for r in connection.responses()] for connection in waiting], [[200]] * 3)
+
+    def test_busy_past_the_bound(self) -> None:
+        """Past the login pool's bound (9 logins with one thread: one running,
+        eight queued) a login is answered 503 busy with Retry-After: 1 at
+        once, without being counted as a failure; a login whose client left
+        keeps its place until the pool is done with it; once the pool
+        catches up, logins are taken again."""
+        waiting = [self.start_login() for _ in range(9)]
+        refused = self.client.login("alice", "wrong password")
+        self.assert_error(refused, 503, "busy")
+        self.assertEqual(refused.header("Retry-After"), "1")
+        self.assertEqual(len(self.runner.pending), 9)
+        waiting.pop().close()
+        self.assert_error(self.client.login("alice", ALICE_PASSWORD), 503, "busy")
+        self.assertEqual(self.client.get(b"/health").status, 200)
+        self.runner.run_all()
+        self.assertEqual([[r.status for r in connection.responses()] for connection in waiting], [[200]] * 8)
+        late = self.start_login()
+        self.assertEqual(len(self.runner.pending), 1)
+        self.runner.run_all()
+        self.assertEqual([r.status for r in late.responses()], [200])
+        # The refused attempts counted for nothing: five failures still
+        # needed for a lock.
+        self.app.run_hashing = run_inline
+        for _ in range(4):
+            self.client.login("alice", "wrong password")
+        self.assertEqual(self.client.login("alice", ALICE_PASSWORD).status, 200)
 
 
 class LogoutTests(_VaultTestCase):

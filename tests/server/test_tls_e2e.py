@@ -21,6 +21,7 @@ from twisted.application.service import MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.threadpool import ThreadPool
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 
 from securevault import __version__
@@ -76,6 +77,7 @@ class VaultServerTestCase(AsyncTestCase):
         )  # fmt: skip
         service = makeService(options, reactor)
         assert isinstance(service, MultiService)
+        self.service = service
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
@@ -119,6 +121,17 @@ class WorkflowTests(VaultServerTestCase):
         self.assertEqual(response.headers.getRawHeaders("content-type"), [JSON_TYPE])
         self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
         self.assertEqual(response.headers.getRawHeaders("x-content-type-options"), ["nosniff"])
+
+    def test_login_pool(self) -> None:
+        """Besides the worker pool (--threads 2) the daemon runs a pool of
+        its own for logins (half as many threads), started with it; both
+        come before the listener, so they stop after it."""
+        children = list(self.service)
+        pools = [(index, getattr(child, "_pool")) for index, child in enumerate(children) if hasattr(child, "_pool")]
+        self.assertEqual([(pool.name, pool.max) for _, pool in pools], [("securevault", 2), ("securevault-login", 1)])
+        self.assertTrue(all(isinstance(pool, ThreadPool) and pool.started for _, pool in pools))
+        listener = next(index for index, child in enumerate(children) if isinstance(child, TLSListenerService))
+        self.assertLess(max(index for index, _ in pools), listener)
 
     @inlineCallbacks
     def test_health_verifies_localhost_name(self) -> Generator[Deferred[Any], Any, None]:

@@ -124,7 +124,9 @@ def make_app(
     A new clock starts at the current wall-clock time, so that certificate
     lifetimes (real times) and the session clock agree.  Archive creation
     times come from the same clock, plus a counter so that two uploads in one
-    fake second still sort in upload order.
+    fake second still sort in upload order.  Both pools (C{run_blocking}
+    and the logins' C{run_hashing}) are L{run_inline}; a test may swap in a
+    L{ManualRunner}.
     """
     if clock is None:
         clock = MemoryReactorClock()
@@ -161,6 +163,7 @@ def make_app(
         ),
         throttle=LoginThrottle(storage.metadata, clock.seconds),
         run_blocking=run_inline,
+        run_hashing=run_inline,
         clock=clock.seconds,
         budget=MemoryBudget(config.memory_budget),
         connections=connections,
