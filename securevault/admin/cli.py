@@ -31,6 +31,8 @@ from securevault.core.sessions import (
     DEFAULT_SESSION_IDLE_SECONDS,
     DEFAULT_SESSION_TTL_SECONDS,
     SESSION_HANDLE_CHARS,
+    LoginThrottle,
+    SESSION_HANDLE_CHARS,
     SessionStore,
     session_handle,
 )
@@ -135,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove.set_defaults(handler=_user_remove)
     listing = user_commands.add_parser("list", help="list user names, one per line")
     listing.set_defaults(handler=_user_list)
+    unlock = user_commands.add_parser(
+        "unlock", help="forget a user's failed logins, from every certificate (lifts the login throttle)"
+    )
+    unlock.add_argument("name", metavar="NAME")
+    unlock.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
+    unlock.set_defaults(handler=_user_unlock)
 
     session = commands.add_parser("session", help="list and end sessions (on every node, at once)")
     session_commands = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
@@ -329,6 +337,18 @@ def _user_remove(args: argparse.Namespace, out: TextIO) -> None:
     store = _user_store(args)
     store.remove(args.name)
     print(f"removed user {args.name}; their sessions have ended", file=out)
+
+
+def _user_unlock(args: argparse.Namespace, out: TextIO) -> None:
+    """Clear the throttle's count for a username on every node at once (the
+    count lives in the metadata store); its certificates' totals drop too."""
+    store = _user_store(args)
+    name = validate_username(args.name)
+    if store.user_id(name) is None:
+        raise UnknownUser(f"There is no user {name!r}.")
+    cleared = LoginThrottle(_stores(args).metadata, time.time).unlock(name)
+    AuditLog(_audit_path(args)).append("user_unlocked", user=name, cleared=cleared)
+    print(f"unlocked user {name} ({cleared} failed logins forgotten)", file=out)
 
 
 def _user_list(args: argparse.Namespace, out: TextIO) -> None:

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from securevault.admin.cli import AdminError, main, read_new_password
 from securevault.core.keys import load_keyring
+from securevault.core.sessions import FAILURES_BEFORE_THROTTLE, LoginThrottle, LoginThrottled
 from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_password
 from securevault.storage import SecureFileStorage
 from securevault.stores.blobs import LocalBlobStore
@@ -226,6 +227,34 @@ class UserCommandTests(AdminTestCase):
         self.assertEqual(self.store.names(), [])
         self.assertEqual(self.run_admin("user", "remove", "alice")[0], 1)
         self.assertEqual(self.run_admin("user", "passwd", "alice", "--password-stdin", stdin=PASSWORD)[0], 1)
+
+    def test_unlock(self) -> None:
+        """user unlock NAME forgets that user's failed logins from every
+        certificate (a throttled login works again), keeps other users'
+        failures, says how many it forgot, and is audited; an unknown user
+        is an error."""
+        self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)
+        self.run_admin("user", "add", "bob", "--password-stdin", stdin=PASSWORD)
+        throttle = LoginThrottle(self.metadata(), time.time)
+        for certificate in ("a" * 64, "b" * 64):
+            for _ in range(FAILURES_BEFORE_THROTTLE):
+                throttle.reserve(certificate, "alice")
+            self.assertRaises(LoginThrottled, throttle.reserve, certificate, "alice")
+        for _ in range(FAILURES_BEFORE_THROTTLE):
+            throttle.reserve("a" * 64, "bob")
+        status, out, err = self.run_admin("user", "unlock", "alice")
+        self.assertEqual((status, out, err), (0, "unlocked user alice (10 failed logins forgotten)\n", ""))
+        for certificate in ("a" * 64, "b" * 64):
+            throttle.release(throttle.reserve(certificate, "alice"))
+        self.assertRaises(LoginThrottled, throttle.reserve, "a" * 64, "bob")
+        records = [json.loads(line) for line in (self.data_dir / "audit.jsonl").read_text().splitlines()]
+        self.assertEqual(
+            [(r["event"], r["user"], r["cleared"]) for r in records if r["event"] == "user_unlocked"],
+            [("user_unlocked", "alice", 10)],
+        )
+        status, out, err = self.run_admin("user", "unlock", "carol")
+        self.assertEqual(status, 1)
+        self.assertIn("no user 'carol'", err)
 
     def test_missing_data_dir(self) -> None:
         """User commands refuse a data directory that does not exist rather than create one."""

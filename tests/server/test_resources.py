@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
+import io
 import json
 import os
 import re
 import uuid
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -24,6 +26,7 @@ from twisted.logger import capturedLogs
 from twisted.web.server import NOT_DONE_YET
 
 from securevault import __version__
+from securevault.admin.cli import main as admin_main
 from securevault.core.archive import ArchiveInfo, rfc3339
 from securevault.resources.health import HealthResource
 from securevault.resources.logout import LogoutResource
@@ -352,6 +355,25 @@ class LoginTests(_VaultTestCase):
         self.assertEqual(self.client.login("bob", BOB_PASSWORD, self.bob_cert).status, 200)
         self.clock.advance(301)
         self.assertEqual(self.client.login("bob", BOB_PASSWORD, attacker).status, 200)
+
+    def test_unlock_clears_the_count(self) -> None:
+        """securevault-admin user unlock NAME, run against the live vault's
+        store, lifts the lock on that username for every certificate at
+        once; other usernames stay locked."""
+        certificates = [self.alice_cert, make_client("second")]
+        for cert in certificates:
+            for _ in range(5):
+                self.client.login("alice", "wrong password", cert)
+                self.client.login("bob", "wrong password", cert)
+            self.assert_error(self.client.login("alice", ALICE_PASSWORD, cert), 429, "too_many_attempts")
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            status = admin_main(["--data-dir", str(self.app.config.data_dir), "user", "unlock", "alice"])
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertIn("unlocked user alice", out.getvalue())
+        for cert in certificates:
+            self.assertEqual(self.client.login("alice", ALICE_PASSWORD, cert).status, 200)
+            self.assert_error(self.client.login("bob", BOB_PASSWORD, cert), 429, "too_many_attempts")
 
     def test_bind_user_cn(self) -> None:
         """With --bind-user cn, a certificate may log in only as the user its
