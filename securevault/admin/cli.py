@@ -32,7 +32,6 @@ from securevault.core.sessions import (
     DEFAULT_SESSION_TTL_SECONDS,
     SESSION_HANDLE_CHARS,
     LoginThrottle,
-    SESSION_HANDLE_CHARS,
     SessionStore,
     session_handle,
 )

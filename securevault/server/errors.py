@@ -38,17 +38,6 @@ def not_found(message: str = "No such resource.") -> ApiError:
     return ApiError(404, "not_found", message)
 
 
-def busy(retry_after_seconds: int = 1) -> ApiError:
-    """503 busy: a capacity limit (connections, memory) is reached; the
-    client may try again shortly."""
-    return ApiError(
-        503,
-        "busy",
-        "The vault is at capacity; try again shortly.",
-        {b"Retry-After": str(retry_after_seconds).encode("ascii")},
-    )
-
-
 def invalid_session() -> ApiError:
     return ApiError(
         401,
@@ -61,9 +50,10 @@ def invalid_session() -> ApiError:
 BUSY_RETRY_SECONDS = 1
 
 
-def busy(message: str = "The server is busy; try again shortly.") -> ApiError:
+def busy(message: str = "The vault is at capacity; try again shortly.") -> ApiError:
     """503 busy with Retry-After: refused at once, nothing done, because a
-    bounded resource (the login pool's queue) is full."""
+    bounded resource (connections, the memory budget, the login pool's
+    queue) is full."""
     return ApiError(503, "busy", message, {b"Retry-After": str(BUSY_RETRY_SECONDS).encode("ascii")})
 
 
