@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,11 +325,20 @@ class Workspace:
 class Securevault:
     name = "securevault"
 
-    def __init__(self, ws: Workspace) -> None:
+    def __init__(
+        self,
+        ws: Workspace,
+        extra_args: Sequence[str] = (),
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """C{extra_args} are more daemon options (``--quota 1000000``);
+        C{preexec_fn} runs in the child before exec (``setrlimit``)."""
         self.ws = ws
         self.port = free_port()
         self.log = ws.root / "securevault.log"
         self.proc: subprocess.Popen | None = None
+        self.extra_args = list(extra_args)
+        self.preexec_fn = preexec_fn
 
     def start(self) -> None:
         ws = self.ws
@@ -354,11 +364,18 @@ class Securevault:
             "--data-dir",
             str(ws.data),
             *ws.store_args,
+            *self.extra_args,
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ws.root, env=env, stdin=subprocess.DEVNULL
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ws.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=self.preexec_fn,
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
