@@ -333,9 +333,11 @@ class Prober(threading.Thread):
         return percentile(self.seconds, fraction) * 1000
 
     def summary(self) -> str:
+        """C{p50 3 / p99 12 ms (n=96)}; a failure counts with the time it took
+        (a timeout with the whole timeout, so that p99 is then a floor)."""
         failed = sum(self.failures.values())
-        text = f"p50 {self.ms(0.5):.0f} / p99 {self.ms(0.99):.0f} ms"
-        return text + (f" ({failed} of {len(self.seconds)} failed)" if failed else "")
+        text = f"p50 {self.ms(0.5):.0f} / p99 {self.ms(0.99):.0f} ms (n={len(self.seconds)}"
+        return text + (f", {failed} failed)" if failed else ")")
 
     def max_ms(self) -> float:
         return max(self.seconds, default=float("nan")) * 1000
