@@ -21,7 +21,7 @@ from typing import TextIO
 
 from securevault.admin.maintenance import export_archive, rotate_master_key, verify_archives
 from securevault.admin.migration import migrate, migrate_users
-from securevault.admin.pki import PkiError, init_dev_pki, issue_client_cert
+from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_client_cert, revoke_certificate
 from securevault.admin.transfer import TransferError, copy_vault
 from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"directory holding ca.crt and ca.key (default: {DEFAULT_CERTS_DIR})",
     )
     client.set_defaults(handler=_cert_client)
+    revoke = cert_commands.add_parser("revoke", help="add a certificate to the development CA's CRL (ca.crl)")
+    revoke.add_argument(
+        "certificate", metavar="NAME|SERIAL", help="certificate name (NAME.crt) or its serial number in hex"
+    )
+    revoke.add_argument(
+        "--certs-dir",
+        default=DEFAULT_CERTS_DIR,
+        help=f"directory holding ca.crt, ca.key and ca.crl (default: {DEFAULT_CERTS_DIR})",
+    )
+    revoke.set_defaults(handler=_cert_revoke)
 
     user = commands.add_parser("user", help="manage user accounts")
     user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
@@ -287,6 +297,7 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
     for path in created:
         print(f"created {path}", file=out)
     expected = [certs_dir / f"{stem}.{ext}" for stem in ("ca", "server", "client") for ext in ("crt", "key")]
+    expected.append(certs_dir / "ca.crl")
     expected.append(master_key)
     kept = [path for path in expected if path not in created and path.exists()]
     if kept:
@@ -309,6 +320,17 @@ def _cert_client(args: argparse.Namespace, out: TextIO) -> None:
     cert_path, key_path = issue_client_cert(Path(args.certs_dir), args.name)
     print(f"created {cert_path}", file=out)
     print(f"created {key_path}", file=out)
+
+
+def _cert_revoke(args: argparse.Namespace, out: TextIO) -> None:
+    result = revoke_certificate(Path(args.certs_dir), args.certificate)
+    serial = format_serial(result.serial)
+    if result.already_revoked:
+        print(f"serial {serial} was already revoked in {result.crl_path}; nothing changed", file=out)
+        return
+    named = f" ({result.certificate})" if result.certificate is not None else ""
+    print(f"revoked serial {serial}{named} in {result.crl_path}", file=out)
+    print("a running daemon using this CRL refuses it within seconds (at once on SIGHUP)", file=out)
 
 
 def _user_add(args: argparse.Namespace, out: TextIO) -> None:

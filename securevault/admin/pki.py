@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
@@ -43,6 +45,10 @@ LEAF_LIFETIME = timedelta(days=825)
 CLIENT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RESERVED_NAMES = frozenset({"ca", "server"})
 """Names whose files belong to L{init_dev_pki}, not to a client."""
+
+CRL_NAME = "ca.crl"
+SERIAL_PATTERN = re.compile(r"(?:0x)?([0-9A-Fa-f]{1,40}(?::[0-9A-Fa-f]{2})*)")
+"""A serial as C{openssl x509 -serial} prints it, or with C{0x} or colons."""
 
 CERT_MODE = 0o644
 KEY_MODE = 0o600
@@ -322,7 +328,8 @@ def _ensure_directory(directory: Path) -> None:
 
 
 def init_dev_pki(certs_dir: Path, client_name: str = "client") -> list[Path]:
-    """Create the CA, server and client certificates and keys that are absent.
+    """Create the CA, server and client certificates and keys, and the CA's
+    empty CRL (C{ca.crl}), that are absent.
 
     Existing files are never replaced, so rerunning is safe; a missing leaf is
     signed by the existing CA.  A certificate without its key (or the reverse)
@@ -369,6 +376,12 @@ def init_dev_pki(certs_dir: Path, client_name: str = "client") -> list[Path]:
         write_key(key_path, key)
         write_cert(cert_path, cert)
         created += [cert_path, key_path]
+    crl_path = certs_dir / CRL_NAME
+    # A CA whose key is kept elsewhere cannot sign a CRL: it is left out then.
+    if not crl_path.exists() and ca_key_path.exists():
+        ca_cert, ca_key = _load_ca(certs_dir)
+        write_crl(crl_path, make_crl(ca_cert, ca_key, []))
+        created.append(crl_path)
     return created
 
 
@@ -397,3 +410,130 @@ def issue_client_cert(certs_dir: Path, name: str) -> tuple[Path, Path]:
     write_key(key_path, key)
     write_cert(cert_path, cert)
     return cert_path, key_path
+
+
+# -- revocation -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    """What L{revoke_certificate} did."""
+
+    serial: int
+    crl_path: Path
+    already_revoked: bool  # True: the CRL listed it already and was left as it was
+    certificate: Path | None = None  # the certificate file it was named by, if any
+
+
+def format_serial(serial: int) -> str:
+    """A serial in upper-case hex, as C{openssl x509 -serial} prints it."""
+    return f"{serial:X}"
+
+
+def _crl_number(crl: x509.CertificateRevocationList | None) -> int:
+    if crl is None:
+        return 0
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def make_crl(
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    revoked: Sequence[x509.RevokedCertificate],
+    *,
+    number: int = 1,
+    now: datetime | None = None,
+    next_update: datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """A CRL of C{ca_cert} listing C{revoked}, signed by C{ca_key}.
+
+    Its nextUpdate defaults to the CA's own notAfter: nothing re-issues the
+    development CA's CRL on a schedule, and the daemon refuses an expired CRL
+    at start, so a short nextUpdate would stop a vault from starting months
+    later for no reason.  A CRL is never good longer than its CA anyway.
+    """
+    issued = now if now is not None else datetime.now(UTC)
+    until = next_update if next_update is not None else ca_cert.not_valid_after_utc
+    if until <= issued:
+        raise PkiError("The CA has expired; it can no longer issue a CRL.")
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(issued - BACKDATE)
+        .next_update(until)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(_authority_key_identifier(ca_cert), critical=False)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, _hash_for(ca_key))
+
+
+def write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:
+    """Write a PEM CRL atomically, world-readable (mode 0644): it is public,
+    and a daemon re-reading it sees the old or the new one, never half."""
+    write_atomically(path, crl.public_bytes(serialization.Encoding.PEM), mode=CERT_MODE)
+    os.chmod(path, CERT_MODE)  # the umask may have narrowed it
+
+
+def load_crl(path: Path, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
+    """The CRL at C{path}, checked to be signed by C{ca_cert}."""
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except ValueError as error:
+        raise PkiError(f"The file {path} is not a PEM CRL; remove it to start an empty one.") from error
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise PkiError(f"The CRL {path} is not signed by this CA; remove it to start an empty one.")
+    return crl
+
+
+def _serial_to_revoke(certs_dir: Path, name_or_serial: str, ca_cert: x509.Certificate) -> tuple[int, Path | None]:
+    """C{certs_dir/NAME.crt}'s serial (and that file) when it exists, else a
+    hex serial (and None)."""
+    if name_or_serial == "ca":
+        raise PkiError("A CA cannot revoke its own certificate; for the serial number CA write 0xCA.")
+    cert_path = certs_dir / f"{name_or_serial}.crt"
+    if CLIENT_NAME_PATTERN.fullmatch(name_or_serial) and cert_path.exists():
+        cert = load_cert(cert_path)
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise PkiError(f"{cert_path} was not issued by the CA in {certs_dir}; its CRL cannot revoke it.") from None
+        return cert.serial_number, cert_path
+    match = SERIAL_PATTERN.fullmatch(name_or_serial)
+    if match is None:
+        raise PkiError(
+            f"There is no certificate {cert_path}, and {name_or_serial!r} is not a serial number in hex; "
+            "give a certificate name or its serial (openssl x509 -serial -noout -in FILE)."
+        )
+    serial = int(match.group(1).replace(":", ""), 16)
+    if not 0 < serial < 1 << 159:
+        raise PkiError(f"{name_or_serial!r} is not a certificate serial number (1 to 159 bits).")
+    if serial == ca_cert.serial_number:
+        raise PkiError("That is the serial of the CA itself; a CA cannot revoke its own certificate.")
+    return serial, None
+
+
+def revoke_certificate(certs_dir: Path, name_or_serial: str, *, now: datetime | None = None) -> RevokeResult:
+    """Add a certificate to the development CA's CRL (C{certs_dir/ca.crl}).
+
+    C{name_or_serial} is a certificate name (C{certs_dir/NAME.crt}) or a
+    serial number in hex, which works without the certificate file (a lost
+    laptop's certificate may exist nowhere else).  The CRL is re-signed with
+    a higher CRL number and replaced atomically; revoking a certificate it
+    already lists changes nothing.
+    """
+    ca_cert, ca_key = _load_ca(certs_dir)
+    serial, certificate = _serial_to_revoke(certs_dir, name_or_serial, ca_cert)
+    crl_path = certs_dir / CRL_NAME
+    existing = load_crl(crl_path, ca_cert) if crl_path.exists() else None
+    entries = list(existing) if existing is not None else []
+    if any(entry.serial_number == serial for entry in entries):
+        return RevokeResult(serial, crl_path, already_revoked=True, certificate=certificate)
+    revoked_at = now if now is not None else datetime.now(UTC)
+    entries.append(x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at).build())
+    write_crl(crl_path, make_crl(ca_cert, ca_key, entries, number=_crl_number(existing) + 1, now=revoked_at))
+    return RevokeResult(serial, crl_path, already_revoked=False, certificate=certificate)

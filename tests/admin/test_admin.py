@@ -76,7 +76,7 @@ class InitTests(AdminTestCase):
         names each, and prints the next steps."""
         out = self.init()
         expected = [
-            *(self.certs_dir / n for n in ["ca.crt", "ca.key", "server.crt", "server.key"]),
+            *(self.certs_dir / n for n in ["ca.crt", "ca.key", "ca.crl", "server.crt", "server.key"]),
             *(self.certs_dir / n for n in ["client.crt", "client.key"]),
             self.data_dir / "master.key",
         ]
@@ -130,6 +130,50 @@ class CertClientTests(AdminTestCase):
             status, out, err = self.run_admin("cert", "client", name, "--certs-dir", str(self.certs_dir))
             self.assertEqual(status, 1, name)
             self.assertTrue(err.startswith("securevault-admin: error: "), err)
+
+
+class CertRevokeTests(AdminTestCase):
+    """C{cert revoke NAME|SERIAL} adds a certificate to the development CA's CRL."""
+
+    def revoke(self, what: str) -> tuple[int, str, str]:
+        return self.run_admin("cert", "revoke", what, "--certs-dir", str(self.certs_dir))
+
+    def listed(self) -> list[int]:
+        crl = x509.load_pem_x509_crl((self.certs_dir / "ca.crl").read_bytes())
+        return [entry.serial_number for entry in crl]
+
+    def test_revoke(self) -> None:
+        """By name it says which serial of which file went into which CRL; a
+        second time it says nothing changed; a serial in hex works too."""
+        self.init()
+        serial = x509.load_pem_x509_certificate((self.certs_dir / "client.crt").read_bytes()).serial_number
+        status, out, err = self.revoke("client")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(
+            f"revoked serial {serial:X} ({self.certs_dir / 'client.crt'}) in {self.certs_dir / 'ca.crl'}", out
+        )
+        self.assertEqual(self.listed(), [serial])
+        status, out, err = self.revoke(f"{serial:x}")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn(f"serial {serial:X} was already revoked", out)
+        status, out, err = self.revoke("0x1234")
+        self.assertEqual((status, err), (0, ""))
+        self.assertIn("revoked serial 1234 in", out)
+        self.assertEqual(self.listed(), [serial, 0x1234])
+
+    def test_refusals(self) -> None:
+        """Without a CA, or for a name with no certificate that is not hex
+        either: one error line, status 1."""
+        status, out, err = self.revoke("client")
+        self.assertEqual(status, 1)
+        self.assertIn("securevault-admin init", err)
+        self.init()
+        status, out, err = self.revoke("nobody")
+        self.assertEqual(status, 1)
+        self.assertTrue(err.startswith("securevault-admin: error: "), err)
+        self.assertIn("nobody.crt", err)
+        self.assertEqual(err.count("\n"), 1)
+        self.assertEqual(self.listed(), [])
 
 
 class UserCommandTests(AdminTestCase):

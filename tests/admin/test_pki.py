@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from securevault.admin.pki import (
     PkiError,
+    format_serial,
     init_dev_pki,
     issue_client_cert,
     load_cert,
@@ -22,12 +23,13 @@ from securevault.admin.pki import (
     make_ca,
     make_client_cert,
     make_server_cert,
+    revoke_certificate,
     write_cert,
     write_key,
 )
 from tests.support.testcase import SyncTestCase
 
-PKI_FILES = ["ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key"]
+PKI_FILES = ["ca.crt", "ca.key", "ca.crl", "server.crt", "server.key", "client.crt", "client.key"]
 
 
 def _mode(path: Path) -> int:
@@ -167,14 +169,14 @@ class InitDevPkiTests(SyncTestCase):
     """init_dev_pki creates what is absent and never replaces what exists."""
 
     def test_creates_everything(self) -> None:
-        """In an empty place it creates the directory (0700), all six files
+        """In an empty place it creates the directory (0700), all seven files
         (keys 0600), and the leaves chain to the CA."""
         certs = self.make_dir() / "certs"
         created = init_dev_pki(certs, client_name="laptop")
         names = [p.name for p in created]
         self.assertEqual(
             sorted(names),
-            sorted(["ca.crt", "ca.key", "server.crt", "server.key", "laptop.crt", "laptop.key"]),
+            sorted(["ca.crt", "ca.key", "ca.crl", "server.crt", "server.key", "laptop.crt", "laptop.key"]),
         )
         self.assertTrue(all(p.is_absolute() for p in created))
         self.assertEqual(_mode(certs), 0o700)
@@ -262,3 +264,131 @@ class IssueClientCertTests(SyncTestCase):
         """Without a CA the error tells the operator to run init."""
         error = self.assertRaises(PkiError, issue_client_cert, self.make_dir(), "alice")
         self.assertIn("securevault-admin init", str(error))
+
+
+def _crl(certs: Path) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((certs / "ca.crl").read_bytes())
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+class DevCrlTests(SyncTestCase):
+    """init writes the development CA's empty CRL; an older PKI gets one."""
+
+    def test_init_writes_empty_signed_crl(self) -> None:
+        """ca.crl is an empty PEM CRL (mode 0644) signed by the dev CA, good
+        until the CA itself expires."""
+        certs = self.make_dir()
+        init_dev_pki(certs)
+        crl, ca = _crl(certs), load_cert(certs / "ca.crt")
+        self.assertEqual(len(crl), 0)
+        self.assertEqual(crl.issuer, ca.subject)
+        self.assertTrue(crl.is_signature_valid(ca.public_key()))  # type: ignore[arg-type]
+        self.assertEqual(crl.next_update_utc, ca.not_valid_after_utc)
+        self.assertLess(crl.last_update_utc, datetime.now(UTC))
+        self.assertEqual(_mode(certs / "ca.crl"), 0o644)
+
+    def test_older_pki_gets_crl(self) -> None:
+        """On a PKI made before CRLs, init creates only ca.crl."""
+        certs = self.make_dir()
+        init_dev_pki(certs)
+        (certs / "ca.crl").unlink()
+        self.assertEqual(init_dev_pki(certs), [certs / "ca.crl"])
+        self.assertEqual(len(_crl(certs)), 0)
+
+    def test_no_ca_key_no_crl(self) -> None:
+        """A CA whose key is kept elsewhere gets no CRL, and init does not fail."""
+        certs = self.make_dir()
+        init_dev_pki(certs)
+        (certs / "ca.crl").unlink()
+        (certs / "ca.key").unlink()
+        self.assertEqual(init_dev_pki(certs), [])
+        self.assertFalse((certs / "ca.crl").exists())
+
+
+class RevokeTests(SyncTestCase):
+    """revoke_certificate adds a certificate to the development CA's CRL."""
+
+    def setUp(self) -> None:
+        self.certs = self.make_dir()
+        init_dev_pki(self.certs)
+        self.ca = load_cert(self.certs / "ca.crt")
+
+    def test_by_name(self) -> None:
+        """NAME revokes certs/NAME.crt: the re-signed CRL lists its serial, with
+        a higher CRL number."""
+        serial = load_cert(self.certs / "client.crt").serial_number
+        before = _crl_number(_crl(self.certs))
+        result = revoke_certificate(self.certs, "client")
+        self.assertEqual(
+            (result.serial, result.already_revoked, result.crl_path, result.certificate),
+            (serial, False, self.certs / "ca.crl", self.certs / "client.crt"),
+        )
+        crl = _crl(self.certs)
+        self.assertEqual([entry.serial_number for entry in crl], [serial])
+        self.assertTrue(crl.is_signature_valid(self.ca.public_key()))  # type: ignore[arg-type]
+        self.assertGreater(_crl_number(crl), before)
+        self.assertEqual(crl.next_update_utc, self.ca.not_valid_after_utc)
+        self.assertEqual(_mode(self.certs / "ca.crl"), 0o644)
+
+    def test_by_serial_without_file(self) -> None:
+        """A serial in hex works without any certificate file, in the forms
+        openssl prints (upper case), with 0x, lower case or colons; earlier
+        entries stay."""
+        first = load_cert(self.certs / "client.crt").serial_number
+        revoke_certificate(self.certs, "client")
+        for text, serial in [("1A2B", 0x1A2B), ("0xdeadbeef", 0xDEADBEEF), ("01:02:03", 0x010203)]:
+            result = revoke_certificate(self.certs, text)
+            self.assertEqual((result.serial, result.certificate), (serial, None))
+        self.assertEqual(
+            sorted(entry.serial_number for entry in _crl(self.certs)), sorted([first, 0x1A2B, 0xDEADBEEF, 0x010203])
+        )
+        self.assertEqual(format_serial(0x1A2B), "1A2B")
+
+    def test_idempotent(self) -> None:
+        """Revoking twice (by name, then by serial) changes no byte the second time."""
+        serial = revoke_certificate(self.certs, "client").serial
+        before = (self.certs / "ca.crl").read_bytes()
+        again = revoke_certificate(self.certs, format_serial(serial))
+        self.assertEqual((again.serial, again.already_revoked), (serial, True))
+        self.assertTrue(revoke_certificate(self.certs, "client").already_revoked)
+        self.assertEqual((self.certs / "ca.crl").read_bytes(), before)
+        self.assertEqual(len(_crl(self.certs)), 1)
+
+    def test_without_crl_file(self) -> None:
+        """A PKI from before CRLs gets its ca.crl on the first revocation."""
+        (self.certs / "ca.crl").unlink()
+        serial = revoke_certificate(self.certs, "client").serial
+        self.assertEqual([entry.serial_number for entry in _crl(self.certs)], [serial])
+
+    def test_refusals(self) -> None:
+        """An unknown name (not hex either), the CA itself, a serial out of
+        range, a certificate of another CA and a foreign CRL are refused,
+        and the CRL is left as it was."""
+        before = (self.certs / "ca.crl").read_bytes()
+        error = self.assertRaises(PkiError, revoke_certificate, self.certs, "nobody")
+        self.assertIn("nobody.crt", str(error))
+        self.assertIn("serial", str(error))
+        self.assertIn("CA", str(self.assertRaises(PkiError, revoke_certificate, self.certs, "ca")))
+        self.assertRaises(PkiError, revoke_certificate, self.certs, format_serial(self.ca.serial_number))
+        self.assertRaises(PkiError, revoke_certificate, self.certs, "0")
+        self.assertRaises(PkiError, revoke_certificate, self.certs, "F" * 40)
+        other_ca, other_key = make_ca("Other CA")
+        stranger, _ = make_client_cert(other_ca, other_key, "stranger")
+        write_cert(self.certs / "stranger.crt", stranger)
+        error = self.assertRaises(PkiError, revoke_certificate, self.certs, "stranger")
+        self.assertIn("not issued by", str(error))
+        self.assertEqual((self.certs / "ca.crl").read_bytes(), before)
+        foreign = self.make_dir()
+        init_dev_pki(foreign)
+        (self.certs / "ca.crl").write_bytes((foreign / "ca.crl").read_bytes())
+        error = self.assertRaises(PkiError, revoke_certificate, self.certs, "client")
+        self.assertIn("not signed by this CA", str(error))
+
+    def test_no_ca(self) -> None:
+        """Without the CA key nothing can be revoked, and the error says so."""
+        (self.certs / "ca.key").unlink()
+        error = self.assertRaises(PkiError, revoke_certificate, self.certs, "client")
+        self.assertIn("CA key", str(error))
