@@ -19,6 +19,7 @@ from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
 from securevault.server.errors import ApiError, invalid_session
 from securevault.server.limits import ConnectionLimits, MemoryBudget
 from securevault.server.metrics import VaultMetrics
+from securevault.server.revocation import RevocationState
 from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity, client_identity
 from securevault.server.workers import RunBlocking
@@ -74,6 +75,8 @@ class VaultApp:
     # Bytes held for bodies, across all clients (--memory-budget).
     budget: MemoryBudget = field(default_factory=lambda: MemoryBudget(DEFAULT_MEMORY_BUDGET_BYTES))
     connections: ConnectionLimits | None = None
+    # The CRLs in force (replaced on reload; the TLS context shares it).
+    revocations: RevocationState = field(default_factory=RevocationState)
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> Deferred[None]:
         """A security event (login, logout, upload, download, delete,

@@ -21,6 +21,8 @@ DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_CONNECTIONS_PER_CERT = 64
 DEFAULT_MIN_BODY_RATE = 16384  # bytes per second
 DEFAULT_MEMORY_BUDGET_BYTES = 512 << 20
+# The CRL that 'securevault-admin init' writes beside the CA certificate.
+DEFAULT_CRL_NAME = "ca.crl"
 
 
 class ConfigError(ValueError):
@@ -106,18 +108,24 @@ class VaultConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES
     metadata_url: str | None = None  # None: SQLite in the data directory
     blobs_url: str | None = None  # None: <data-dir>/archives
+    # The CRL file; required: named by --crl (a missing one is an error),
+    # else the default ca.crl beside --ca-cert, used once it exists.
+    crl: Path | None = None
+    crl_required: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> VaultConfig:
         data_dir = Path(options["data-dir"])
         master_key = options.get("master-key")
         audit_log = options.get("audit-log")
+        ca_cert = Path(options["ca-cert"])
+        crl = options.get("crl")
         return cls(
             port=int(options["port"]),
             interface=str(options["interface"]),
             cert=Path(options["cert"]),
             key=Path(options["key"]),
-            ca_cert=Path(options["ca-cert"]),
+            ca_cert=ca_cert,
             data_dir=data_dir,
             master_key=Path(master_key) if master_key else data_dir / "master.key",
             threads=int(options["threads"] or default_thread_count()),
@@ -137,4 +145,6 @@ class VaultConfig:
             memory_budget=int(options.get("memory-budget", DEFAULT_MEMORY_BUDGET_BYTES)),
             metadata_url=options.get("metadata"),
             blobs_url=options.get("blobs"),
+            crl=Path(crl) if crl else ca_cert.parent / DEFAULT_CRL_NAME,
+            crl_required=bool(crl),
         )

@@ -57,6 +57,17 @@ def busy(message: str = "The vault is at capacity; try again shortly.") -> ApiEr
     return ApiError(503, "busy", message, {b"Retry-After": str(BUSY_RETRY_SECONDS).encode("ascii")})
 
 
+def revoked_certificate() -> ApiError:
+    """401 invalid_session for a connection whose certificate was revoked
+    after its handshake (its sessions end with it)."""
+    return ApiError(
+        401,
+        "invalid_session",
+        "The client certificate of this connection has been revoked.",
+        {b"WWW-Authenticate": b"Bearer"},
+    )
+
+
 STORE_RETRY_SECONDS = 5
 
 

@@ -55,6 +55,7 @@ from securevault.server.config import (
 )
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
+from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
 from securevault.server.workers import RunBlocking, ThreadPoolService
@@ -120,6 +121,13 @@ class Options(usage.Options):
         ["cert", None, "certs/server.crt", "Server certificate (PEM)."],
         ["key", None, "certs/server.key", "Server private key (PEM)."],
         ["ca-cert", None, "certs/ca.crt", "CA certificate(s) that client certificates must chain to."],
+        [
+            "crl",
+            None,
+            None,
+            "CRL file (PEM, one or more CRLs) of revoked client certificates; re-read when it changes and on "
+            "SIGHUP [default: ca.crl beside --ca-cert, once it exists].",
+        ],
         ["data-dir", None, "vault-data", "Directory holding the master key, audit log and embedded stores."],
         [
             "metadata",
@@ -389,8 +397,10 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     config = VaultConfig.from_options(options)
     try:
-        tls_options = server_tls_options(config.cert, config.key, config.ca_cert)
-        ca_subject = load_ca_certificates(config.ca_cert)[0].subject.rfc4514_string()
+        authorities = load_ca_certificates(config.ca_cert)
+        revocations, crl_watch = revocation_setup(config, authorities, reactor)
+        tls_options = server_tls_options(config.cert, config.key, config.ca_cert, revocations)
+        ca_subject = authorities[0].subject.rfc4514_string()
         top = MultiService()
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
@@ -403,12 +413,13 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             reactor,
             run_hashing=in_background_pool(reactor, login_pool, LOGIN_NICENESS),
         )
-    except (TLSConfigError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
+    except (TLSConfigError, CRLError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
     if app.audit_trail is not None:
         # After the pool, before the listener: stopped after the listener
         # (no new events) and before the pool (its last write still runs).
         app.audit_trail.setServiceParent(top)
+    app.revocations = revocations
 
     sweeps = itertools.count()
 
@@ -443,6 +454,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         TimerService(REVOCATION_CHECK_SECONDS, drop_revoked).setServiceParent(top)
     if config.metrics_port is not None:
         metrics_service(reactor, app, pool, config.metrics_port).setServiceParent(top)
+    if crl_watch is not None:
+        crl_watch(app.run_blocking).setServiceParent(top)
     site = VaultSite(app, reactor=reactor)
     endpoint = SSL4ServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
     TLSListenerService(endpoint, site, config, ca_subject).setServiceParent(top)

@@ -21,6 +21,11 @@ from twisted.internet.ssl import (
     TLSVersion,
     trustRootFromCertificates,
 )
+from twisted.logger import Logger
+
+from securevault.server.revocation import RevocationState
+
+log = Logger(namespace="securevault.security")
 
 # Forward-secret AEAD suites only (TLS 1.3 suites are all AEAD).
 AEAD_ONLY = AcceptableCiphers.fromOpenSSLCipherString("ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1")
@@ -48,8 +53,12 @@ def load_ca_certificates(ca: Path) -> list[x509.Certificate]:
         raise TLSConfigError(f"CA certificate file {ca} holds no PEM certificate: {error}") from None
 
 
-def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
-    """Server options that require a client certificate chaining to C{ca}."""
+def server_tls_options(
+    cert: Path, key: Path, ca: Path, revocations: RevocationState | None = None
+) -> CertificateOptions:
+    """Server options that require a client certificate chaining to C{ca},
+    and not revoked by the CRLs in force in C{revocations} (consulted at each
+    handshake: a reload takes effect without a new context)."""
     try:
         certificate = x509.load_pem_x509_certificate(_read(cert, "server certificate"))
     except ValueError as error:
@@ -73,34 +82,58 @@ def server_tls_options(cert: Path, key: Path, ca: Path) -> CertificateOptions:
         context.add_client_ca(authority)  # advertise which CAs we accept
     # No client-initiated renegotiation; no TLS compression.
     context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
-    # The same flags Twisted sets for a trust root, plus a check OpenSSL
-    # leaves out: a client certificate must be meant for client use.
+    # The same flags Twisted sets for a trust root, plus checks OpenSSL
+    # leaves out: a client certificate must be meant for client use, and
+    # not be revoked.
     context.set_verify(
         SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE,
-        _require_client_auth_usage,
+        ClientCertificateCheck(revocations or RevocationState()),
     )
     return options
 
 
-def _require_client_auth_usage(
-    connection: SSL.Connection, certificate: Any, error_number: int, depth: int, ok: int
-) -> bool:
-    """OpenSSL's chain verdict, and for the client's own certificate an
-    extended key usage that includes clientAuth.
+class ClientCertificateCheck:
+    """The verify callback of the server context.
 
-    OpenSSL treats a certificate without the extension as good for any use;
-    a vault CA's client certificates must say they are client certificates
-    (the development PKI's do).
+    OpenSSL's own CRL checking (C{X509StoreFlags.CRL_CHECK}) is not used: its
+    store keeps every CRL ever added (a reload would need a new context,
+    which a listening port cannot take), and it refuses every client of a CA
+    that has no CRL.  The CRLs' signatures and dates are checked when they
+    are loaded (L{securevault.server.revocation}).
     """
-    if not ok:
-        return False
-    if depth > 0:
-        return True
-    try:
-        usage = certificate.to_cryptography().extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except (x509.ExtensionNotFound, ValueError):
-        return False
-    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+    def __init__(self, revocations: RevocationState) -> None:
+        self.revocations = revocations
+
+    def __call__(self, connection: SSL.Connection, certificate: Any, error_number: int, depth: int, ok: int) -> bool:
+        """OpenSSL's chain verdict; no certificate of the chain revoked; and
+        for the client's own certificate an extended key usage that includes
+        clientAuth.
+
+        OpenSSL treats a certificate without the extension as good for any
+        use; a vault CA's client certificates must say they are client
+        certificates (the development PKI's do).
+        """
+        if not ok:
+            return False
+        try:
+            parsed = certificate.to_cryptography()
+        except ValueError:
+            return False
+        if self.revocations.is_revoked(parsed):
+            log.warn(
+                "Refused a revoked client certificate (serial {serial}) at the handshake",
+                serial=f"{parsed.serial_number:X}",
+                event_kind="revoked_certificate",
+            )
+            return False
+        if depth > 0:
+            return True
+        try:
+            usage = parsed.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (x509.ExtensionNotFound, ValueError):
+            return False
+        return ExtendedKeyUsageOID.CLIENT_AUTH in usage
 
 
 @dataclass(frozen=True)
@@ -112,6 +145,9 @@ class ClientIdentity:
     common_name: str | None
     dns_names: tuple[str, ...]
     not_after: datetime
+    # Which certificate it is, to a CRL.
+    issuer: x509.Name
+    serial_number: int
 
     @classmethod
     def from_certificate(cls, certificate: x509.Certificate) -> ClientIdentity:
@@ -127,6 +163,8 @@ class ClientIdentity:
             common_name=str(names[0].value) if names else None,
             dns_names=dns_names,
             not_after=certificate.not_valid_after_utc,
+            issuer=certificate.issuer,
+            serial_number=certificate.serial_number,
         )
 
     @property

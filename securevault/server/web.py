@@ -35,7 +35,7 @@ from securevault.resources.logout import LogoutResource
 from securevault.resources.upload_file import UploadFileResource
 from securevault.server.app import VaultApp
 from securevault.server.endpoint import SMALL_BODY_BYTES, JsonEndpoint
-from securevault.server.errors import ApiError, busy, not_found
+from securevault.server.errors import ApiError, busy, not_found, revoked_certificate
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
 from securevault.server.limits import CLOSE_GRACE_SECONDS, RateMeter
 from securevault.server.state import request_state
@@ -118,6 +118,18 @@ class VaultRequest(server.Request):
         self.path, _, query = self.uri.partition(b"?")
         self.args = http.parse_qs(query, keep_blank_values=True) if query else {}
         self.endpoint = endpoint = self.root.route(self.path)
+        identity = client_identity(self.transport)
+        if identity is not None and self.app.revocations.is_revoked(identity):
+            # Revoked after this connection's handshake: no request of it is
+            # served again, /health included, and its body is never read.
+            security_log.warn(
+                "Refused a request over revoked certificate {fingerprint}",
+                fingerprint=identity.fingerprint,
+                event_kind="revoked_certificate",
+            )
+            self.app.refusal("revoked_certificate_refused", identity.fingerprint)
+            self.refuse(revoked_certificate())
+            return
         if endpoint is not None:
             self._body_limit = endpoint.body_limit(self)
         if length is not None and length > self._body_limit:
