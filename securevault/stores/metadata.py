@@ -5,7 +5,7 @@ the SQL that implements it, and SQLite, the embedded default.
 The store holds users and their password hashes, sessions (by a digest of
 their id, never the id), login attempts (for the throttle), the archive index with each
 archive's sealed metadata document, and small named state (schema version,
-key rotation).  It knows nothing of HTTP or cryptography.  Plain blocking
+key rotation, the master key check).  It knows nothing of HTTP or cryptography.  Plain blocking
 code, run in the worker pool; PostgreSQL is in L{securevault.stores.metadata_postgres}.
 """
 
@@ -179,6 +179,10 @@ class MetadataStore(Protocol):
     def get_state(self, name: str) -> str | None: ...
 
     def set_state(self, name: str, value: str | None) -> None: ...
+
+    def add_state(self, name: str, value: str) -> str:
+        """Set C{name} only if it has no value; returns the value it has
+        then (this one, or the one another process stored first)."""
 
     def describe(self) -> str:
         """Where the store is, for the start-up line (no credentials)."""
@@ -580,6 +584,11 @@ class SqlMetadataStore:
                 "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
+
+    def add_state(self, name: str, value: str) -> str:
+        with self._write() as run:
+            run("INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (name, value))
+            return str(run("SELECT value FROM sv_state WHERE name = ?", (name,)).fetchone()[0])
 
 
 class SqliteMetadataStore(SqlMetadataStore):

@@ -378,6 +378,31 @@ class MetadataStoreContract:
         store.set_state("rotation", None)
         self.assertIsNone(store.get_state("rotation"))  # type: ignore[attr-defined]
 
+    def test_add_state_keeps_the_first_value(self) -> None:
+        """add_state sets a name only when it has no value and returns the
+        value it holds then; across two stores on one backend (two nodes
+        starting at once), and from many threads at once, one value wins and
+        every caller is told that one."""
+        store = self._store()
+        self.assertEqual(store.add_state("check", "first"), "first")  # type: ignore[attr-defined]
+        self.assertEqual(store.add_state("check", "second"), "first")  # type: ignore[attr-defined]
+        self.assertEqual(store.get_state("check"), "first")  # type: ignore[attr-defined]
+        other = self.reopen_store(store)
+        self.addCleanup(other.close)  # type: ignore[attr-defined]
+        self.assertEqual(other.add_state("check", "third"), "first")  # type: ignore[attr-defined]
+        results: list[str] = []
+        stores = [store, other]
+        threads = [
+            threading.Thread(target=lambda n=n: results.append(stores[n % 2].add_state("race", f"v{n}")))
+            for n in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(len(results), 8)  # type: ignore[attr-defined]
+        self.assertEqual(set(results), {store.get_state("race")})  # type: ignore[attr-defined]
+
     def test_text_round_trips_exactly(self) -> None:
         store = self._store()
         name = "a.b_c@d-e"
