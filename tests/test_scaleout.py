@@ -64,7 +64,7 @@ class TwoNodes(SyncTestCase):
         shared = self.base / "shared"
         result = run_admin("--data-dir", str(shared), "init", "--certs-dir", str(self.certs), cwd=self.base)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.master_key = shared / "master.key"
+        self.master_key = self.base / "shared-keys" / "master.key"  # init's default beside "shared"
         result = self.admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.nodes = [self.start_node(name) for name in ("a", "b")]

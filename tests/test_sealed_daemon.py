@@ -68,7 +68,7 @@ class SealedDaemonTests(AsyncTestCase):
         shutil.copytree(template(), self.base, dirs_exist_ok=True)
         self.certs = self.base / "certs"
         self.data = self.base / "vault-data"
-        self.master_key = self.data / "master.key"
+        self.master_key = self.base / "vault-keys" / "master.key"
 
     def admin(self, *argv: str, stdin: str | None = None) -> Any:
         """Run C{securevault-admin --data-dir <data> ARGV}, C{stdin} + newline."""
@@ -103,6 +103,7 @@ class SealedDaemonTests(AsyncTestCase):
         self.assert_sealed()
         self.assertEqual(self.master_key.stat().st_mode & 0o777, 0o600)
         self.assertEqual(self.data.stat().st_mode & 0o777, 0o700)
+        self.assertEqual(self.master_key.parent.stat().st_mode & 0o777, 0o700)
 
     def test_admin_without_passphrase(self) -> None:
         """C{securevault-admin verify} on a sealed key without
@@ -124,6 +125,7 @@ class SealedDaemonTests(AsyncTestCase):
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
         self.assertIn("at least 8 characters", result.stderr)
+        self.assertFalse((self.base / "other-keys" / "master.key").exists())
         self.assertFalse((other / "master.key").exists())
 
     @inlineCallbacks

@@ -25,6 +25,12 @@ from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_c
 from securevault.admin.transfer import TransferError, copy_vault
 from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
+from securevault.core.keybinding import (
+    KeyLocation,
+    default_master_key,
+    locate_master_key,
+    open_master_key,
+)
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.core.sessions import (
@@ -59,7 +65,10 @@ from securevault.stores.metadata import MetadataError
 PROG = "securevault-admin"
 DEFAULT_DATA_DIR = "vault-data"
 DEFAULT_CERTS_DIR = "certs"
-MASTER_KEY_NAME = "master.key"
+MASTER_KEY_HELP = (
+    "master key file (default: beside the data directory, in the directory named after it: "
+    "vault-data -> vault-keys/master.key; <data-dir>/master.key if only that exists)"
+)
 # verify --repair leaves blobs younger than this: a node may be between
 # writing a blob and committing its index row.
 REPAIR_GRACE_SECONDS = 3600.0
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="protect the new master key with a passphrase (asked twice, or --passphrase-stdin)",
     )
     init.add_argument("--passphrase-stdin", action="store_true", help="read the passphrase from standard input")
+    init.add_argument("--master-key", help=MASTER_KEY_HELP)
     init.set_defaults(handler=_init)
 
     cert = commands.add_parser("cert", help="issue certificates from the development CA")
@@ -169,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = key_commands.add_parser(
         "rotate", help="new master key, every data key rewrapped, old key retired (safe to rerun)"
     )
-    rotate.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    rotate.add_argument("--master-key", help=MASTER_KEY_HELP)
     rotate.add_argument(
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
     )
@@ -190,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"with --repair, only blobs older than this; a running node may be mid-upload (default: {REPAIR_GRACE_SECONDS:.0f})",
     )
-    verify.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    verify.add_argument("--master-key", help=MASTER_KEY_HELP)
     verify.add_argument(
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
     )
@@ -199,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write an archive's decrypted standard ZIP")
     export.add_argument("id", help="archive id")
     export.add_argument("--out", required=True, help="the ZIP file to write (must not exist)")
-    export.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    export.add_argument("--master-key", help=MASTER_KEY_HELP)
     export.add_argument(
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
     )
@@ -283,14 +293,22 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
         os.chmod(data_dir, DATA_DIR_MODE)  # mkdir's mode is filtered by the umask
         print(f"created directory {data_dir}", file=out)
     created = init_dev_pki(certs_dir)
-    master_key = data_dir / MASTER_KEY_NAME
+    location = _key_location(args)
+    master_key = location.path
     if not master_key.exists():
-        passphrase = None
-        if args.sealed:
+
+        def new_passphrase() -> str | None:
+            if not args.sealed:
+                return None
             passphrase = read_new_password("the master key", from_stdin=args.passphrase_stdin, stdin=sys.stdin)
             if len(passphrase) < 8:
                 raise AdminError("The passphrase must be at least 8 characters long.")
-        KeyringFile(master_key).create(passphrase)
+            return passphrase
+
+        # Only for a vault that holds nothing yet; its key check is stored too.
+        open_master_key(
+            KeyringFile(master_key), _stores(args).metadata, data_dir, create=True, passphrase=new_passphrase
+        )
         created.append(master_key)
     elif args.sealed:
         print(f"{master_key} exists and was left as it is (not sealed by this run)", file=out)
@@ -302,11 +320,21 @@ def _init(args: argparse.Namespace, out: TextIO) -> None:
     kept = [path for path in expected if path not in created and path.exists()]
     if kept:
         print(f"already present, left unchanged: {', '.join(str(p) for p in kept)}", file=out)
+    print(
+        f"The master key is {master_key}. Back it up, apart from the data directory {data_dir}: "
+        "without it no archive can be read, and with it a copy of the data can.",
+        file=out,
+    )
+    warning = location.warning(data_dir)
+    if warning is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
 
     admin = PROG if args.data_dir == DEFAULT_DATA_DIR else f"{PROG} --data-dir {data_dir}"
     daemon = "twistd -n securevault"
     if args.data_dir != DEFAULT_DATA_DIR:
-        daemon += f" --data-dir {data_dir} --master-key {master_key}"
+        daemon += f" --data-dir {data_dir}"
+    if location.given:
+        daemon += f" --master-key {master_key}"
     if args.certs_dir != DEFAULT_CERTS_DIR:
         daemon += (
             f" --cert {certs_dir / 'server.crt'} --key {certs_dir / 'server.key'} --ca-cert {certs_dir / 'ca.crt'}"
@@ -433,8 +461,8 @@ class CheckFailed(Exception):
     """A check found problems; they were printed; exit status 1."""
 
 
-def _master_key(args: argparse.Namespace) -> Path:
-    return Path(args.master_key) if args.master_key else _existing_data_dir(args) / MASTER_KEY_NAME
+def _key_location(args: argparse.Namespace) -> KeyLocation:
+    return locate_master_key(Path(args.data_dir), args.master_key)
 
 
 def _audit_path(args: argparse.Namespace) -> Path:
@@ -442,7 +470,11 @@ def _audit_path(args: argparse.Namespace) -> Path:
 
 
 def _key_file(args: argparse.Namespace) -> KeyringFile:
-    """The master key file; a sealed one asks for its passphrase once."""
+    """The master key file, one per command: a sealed one asks for its
+    passphrase once, however often it is loaded."""
+    key_file: KeyringFile | None = getattr(args, "opened_key_file", None)
+    if key_file is not None:
+        return key_file
     if args.passphrase_stdin:
         source = passphrase_source("stdin")
     elif sys.stdin.isatty():
@@ -453,11 +485,32 @@ def _key_file(args: argparse.Namespace) -> KeyringFile:
         def source() -> str:
             raise AdminError("The master key is sealed; give its passphrase with --passphrase-stdin.")
 
-    return KeyringFile(_master_key(args), source)
+    location = _key_location(args)
+    _existing_data_dir(args)
+    warning = location.warning(Path(args.data_dir))
+    if warning is not None:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    key_file = args.opened_key_file = KeyringFile(location.path, source)
+    return key_file
+
+
+def _keyring(args: argparse.Namespace) -> Keyring:
+    """The vault's keyring, refused unless the key file opens this vault
+    (see L{securevault.core.keybinding}); an admin command never creates it."""
+    data_dir = _existing_data_dir(args)
+    key_file = _key_file(args)
+    init = PROG if args.data_dir == DEFAULT_DATA_DIR else f"{PROG} --data-dir {data_dir}"
+    init += " init"
+    if key_file.path != default_master_key(data_dir):
+        init += f" --master-key {key_file.path}"
+    how_to_create = f"; this vault holds no users or archives yet: create its key with '{init}'"
+    return open_master_key(
+        key_file, _stores(args).metadata, data_dir, create=False, how_to_create=how_to_create
+    ).keyring
 
 
 def _storage(args: argparse.Namespace, keyring: Keyring | None = None) -> SecureFileStorage:
-    storage = _stores(args).storage(keyring or _key_file(args).load())
+    storage = _stores(args).storage(keyring or _keyring(args))
     migrate(_existing_data_dir(args), _user_store(args), storage)
     return storage
 
@@ -467,6 +520,7 @@ def _progress(message: str) -> None:
 
 
 def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
+    _keyring(args)  # a missing or foreign key file is refused before anything changes
     report = rotate_master_key(lambda keyring: _storage(args, keyring), _key_file(args), _progress)
     AuditLog(_audit_path(args)).append(
         "key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import fsync_directory, remove_stale_temps, temp_name
+from securevault.core.keybinding import bind_keyring, rebind
 from securevault.core.keys import Keyring, KeyringFile, generate_keyring, new_key_id
 from securevault.storage import SecureFileStorage
 
@@ -40,15 +41,21 @@ def rotate_master_key(
     """Rewrap every data key under a new master key, then retire the old ones.
 
     C{storage_for(keyring)} opens the vault's stores with that keyring.
-    Steps, each durable before the next: (1) the keyring file gains a new
-    current key, keeping the old; (2) every archive's index row is rewrapped;
-    (3) the keyring keeps only the new key.  A run interrupted anywhere is
-    finished by running it again: step (1) is skipped when the keyring
-    already holds more than one key.
+    The key file must open the vault (its key check; see
+    L{securevault.core.keybinding}), else L{KeyBindingError} and nothing
+    changes.  Steps, each durable before the next: (1) the keyring file gains
+    a new current key, keeping the old, and then the key check vouches for
+    both; (2) every archive's index row is rewrapped; (3) the key check
+    vouches for the new key alone, and then the keyring keeps only the new
+    key.  At every point the key file on disk shares a vouched-for key with
+    the check, so it keeps opening the vault, and a retired key no longer
+    does.  A run interrupted anywhere is finished by running it again: step
+    (1) is skipped when the keyring already holds more than one key.
     """
     key_file = master_key if isinstance(master_key, KeyringFile) else KeyringFile(master_key)
     remove_stale_temps(key_file.path)
     keyring = key_file.load()
+    bind_keyring(keyring, storage_for(keyring).metadata, key_file.path)
     if len(keyring.keys) == 1:
         new_id = new_key_id()
         keys = dict(keyring.keys)
@@ -59,6 +66,7 @@ def rotate_master_key(
     else:
         progress(f"resuming an interrupted rotation to key {keyring.current_id}")
     storage = storage_for(keyring)
+    rebind(storage.metadata, keyring)
     # Recorded in the metadata store, where every node and verify can see it.
     storage.metadata.set_state(ROTATION_STATE, keyring.current_id)
     rewrapped = total = 0
@@ -80,7 +88,11 @@ def rotate_master_key(
         if changed == 0:
             break
     retired = tuple(kid for kid in keyring.keys if kid != keyring.current_id)
-    key_file.save(Keyring(keyring.current_id, {keyring.current_id: keyring.current_key}))
+    only_new = Keyring(keyring.current_id, {keyring.current_id: keyring.current_key})
+    # The check first: a copy of the old key file must stop opening the
+    # vault before the rotation can be reported done.
+    rebind(storage.metadata, only_new)
+    key_file.save(only_new)
     remove_stale_temps(key_file.path)
     storage.metadata.set_state(ROTATION_STATE, None)
     progress(f"retired old master key(s) {', '.join(retired) or '-'}")

@@ -8,7 +8,9 @@ so the master key is not needed, and a row's document stays bound to its
 owner and archive id.  Each blob is copied, and committed, before its row,
 as every upload is.  What the target already has is skipped, so a copy
 that was interrupted, or made while the old vault still ran, is finished
-by running it again.  Sessions are not copied: users log in again.
+by running it again.  The key check goes along (the target opens with
+the same master key file, and no other).  Sessions are not copied: users
+log in again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from securevault.admin.maintenance import ROTATION_STATE
 from securevault.core.archive import IO_BLOCK_BYTES
+from securevault.core.keybinding import KEY_CHECK_STATE
 from securevault.stores.backends import Stores
 from securevault.stores.blobs import BlobNotFound
 from securevault.stores.metadata import DuplicateUser
@@ -52,6 +55,9 @@ def copy_vault(source: Stores, target: Stores, progress: Progress = _quiet) -> T
         raise TransferError(
             f"A master key rotation (to {rotating}) is unfinished; finish it with 'key rotate' before copying."
         )
+    check = source.metadata.get_state(KEY_CHECK_STATE)
+    if check is not None and target.metadata.add_state(KEY_CHECK_STATE, check) != check:
+        raise TransferError("The target stores are bound to another master key (their key check differs).")
     users = present_users = 0
     for user in source.metadata.list_users():
         try:

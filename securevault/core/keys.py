@@ -201,7 +201,9 @@ class KeyringFile:
         try:
             return self.path.read_bytes()
         except FileNotFoundError as error:
-            raise KeyFileError(f"master key file {self.path} does not exist; run 'securevault-admin init'") from error
+            # No advice to create one: a new key would not open an existing
+            # vault (see securevault.core.keybinding, which says what to do).
+            raise KeyFileError(f"the master key file {self.path} does not exist") from error
         except OSError as error:
             raise KeyFileError(f"cannot read master key file {self.path}: {error.strerror}") from error
 

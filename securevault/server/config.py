@@ -90,7 +90,7 @@ class VaultConfig:
     key: Path = Path("certs/server.key")
     ca_cert: Path = Path("certs/ca.crt")
     data_dir: Path = Path("vault-data")
-    master_key: Path = Path("vault-data/master.key")
+    master_key: Path | None = None  # None: the default place (securevault.core.keybinding.locate_master_key)
     threads: int = 2
     session_idle: float = DEFAULT_SESSION_IDLE_SECONDS
     session_ttl: float = DEFAULT_SESSION_TTL_SECONDS
@@ -127,7 +127,7 @@ class VaultConfig:
             key=Path(options["key"]),
             ca_cert=ca_cert,
             data_dir=data_dir,
-            master_key=Path(master_key) if master_key else data_dir / "master.key",
+            master_key=Path(master_key) if master_key else None,
             threads=int(options["threads"] or default_thread_count()),
             session_idle=float(options["session-idle"]),
             session_ttl=float(options["session-ttl"]),

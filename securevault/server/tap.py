@@ -28,6 +28,7 @@ from securevault import __version__
 from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
 from securevault.core.fsutil import remove_stale_temps
+from securevault.core.keybinding import locate_master_key, open_master_key
 from securevault.core.keys import KeyFileError, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
 from securevault.core.sessions import LoginThrottle, SessionStore
@@ -143,7 +144,14 @@ class Options(usage.Options):
             "Blob store: file:///DIR (<data-dir>/archives) or s3://BUCKET/PREFIX, with endpoint, region and "
             "credentials from the usual AWS variables [default: $SECUREVAULT_BLOBS, else <data-dir>/archives].",
         ],
-        ["master-key", None, None, "Master key file [default: <data-dir>/master.key]; created when absent."],
+        [
+            "master-key",
+            None,
+            None,
+            "Master key file, kept apart from the data [default: the sibling directory of the data directory "
+            "named after it, vault-data -> vault-keys/master.key; <data-dir>/master.key if only that exists]. "
+            "Created (0600) only for a new vault.",
+        ],
         ["threads", None, None, "Worker threads [default: CPU count, at least 2].", _positive_int],
         ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "How long a session lives unused (90, 30m, 12h)."],
         ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "How long a session lives in all (12h)."],
@@ -295,13 +303,30 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
     """The shared collaborators, from settings; fails with a one-line reason.
     C{run_blocking} reaches the worker pool, C{run_hashing} the login pool."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    remove_stale_temps(config.master_key)
-    key_file = KeyringFile(config.master_key, passphrase_source(config.master_key_passphrase))
-    if not config.master_key.exists():
-        key_file.create()
-        log.info("Created master key {path}", path=str(config.master_key))
-    keyring = key_file.load()
+    location = locate_master_key(config.data_dir, config.master_key)
+    remove_stale_temps(location.path)
+    key_file = KeyringFile(location.path, passphrase_source(config.master_key_passphrase))
     stores = open_stores(config.data_dir, config.metadata_url, config.blobs_url)
+    try:
+        # Before anything reads or writes the vault: the key must be its own.
+        master_key = open_master_key(key_file, stores.metadata, config.data_dir, create=True)
+    except MetadataError as error:
+        stores.close()
+        raise BackendError(f"the metadata store failed: {error}") from None
+    except BaseException:
+        stores.close()
+        raise
+    keyring = master_key.keyring
+    if master_key.created:
+        log.info(
+            "Created master key {path} for this new vault: back it up, apart from the data directory",
+            path=str(location.path),
+        )
+    elif master_key.bound:
+        log.info("The master key {path} is now bound to this vault (key check stored)", path=str(location.path))
+    warning = location.warning(config.data_dir)
+    if warning is not None:
+        log.warn("{warning}", warning=warning[:1].upper() + warning[1:])
     # One node is the only writer of its index and sessions: it keeps them
     # in memory too, and small requests need no trip to the pool.
     storage = stores.storage(keyring, keyring_file=key_file, cache_listings=stores.single_node)

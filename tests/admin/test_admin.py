@@ -37,6 +37,7 @@ class AdminTestCase(SyncTestCase):
         base = self.make_dir()
         self.data_dir = base / "vault-data"
         self.certs_dir = base / "certs"
+        self.master_key = base / "vault-keys" / "master.key"  # beside the data, not in it
 
     def run_admin(self, *argv: str, stdin: str | None = None) -> tuple[int, str, str]:
         """Run C{securevault-admin --data-dir <scratch> ARGV...}; return (status, out, err)."""
@@ -78,7 +79,7 @@ class InitTests(AdminTestCase):
         expected = [
             *(self.certs_dir / n for n in ["ca.crt", "ca.key", "ca.crl", "server.crt", "server.key"]),
             *(self.certs_dir / n for n in ["client.crt", "client.key"]),
-            self.data_dir / "master.key",
+            self.master_key,
         ]
         for path in expected:
             self.assertIn(f"created {path}\n", out)
@@ -86,19 +87,19 @@ class InitTests(AdminTestCase):
             if path.suffix == ".key":
                 self.assertEqual(_mode(path), 0o600, path)
         self.assertEqual(_mode(self.data_dir), 0o700)
-        load_keyring(self.data_dir / "master.key")
+        load_keyring(self.master_key)
         self.assertIn("user add NAME", out)
         self.assertIn("twistd -n securevault", out)
 
     def test_idempotent(self) -> None:
         """A second init creates nothing, changes nothing, and says what was already there."""
         self.init()
-        files = [*self.certs_dir.iterdir(), self.data_dir / "master.key"]
+        files = [*self.certs_dir.iterdir(), self.master_key]
         before = {path: path.read_bytes() for path in files}
         out = self.init()
         self.assertNotIn("created", out)
         self.assertIn("already present", out)
-        self.assertIn(str(self.data_dir / "master.key"), out)
+        self.assertIn(str(self.master_key), out)
         self.assertEqual({path: path.read_bytes() for path in files}, before)
 
 
@@ -325,7 +326,7 @@ class VerifyRepairTests(AdminTestCase):
         self.init()
         self.assertEqual(self.run_admin("user", "add", "alice", "--password-stdin", stdin=PASSWORD)[0], 0)
         self.alice_id = self.store_user_id("alice")
-        storage = SecureFileStorage(self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=self.metadata())
+        storage = SecureFileStorage(self.data_dir, load_keyring(self.master_key), metadata=self.metadata())
         blobs = storage.blobs
         assert isinstance(blobs, LocalBlobStore)
         self.blobs = blobs
@@ -458,7 +459,7 @@ class EntryPointTests(SyncTestCase):
         result = run("init")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("created certs/ca.crt", result.stdout)
-        self.assertIn("created vault-data/master.key", result.stdout)
+        self.assertIn("created vault-keys/master.key", result.stdout)
         self.assertTrue((cwd / "certs" / "client.key").exists())
         result = run("user", "add", "alice", "--password-stdin", stdin=PASSWORD + "\n")
         self.assertEqual(result.returncode, 0, result.stderr)

@@ -23,6 +23,7 @@ from securevault.admin import cli as admin
 from securevault.admin.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
 from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import TEMP_SUFFIX
+from securevault.core.keybinding import KEY_CHECK_STATE, default_master_key, keyring_opens, rebind
 from securevault.core.keys import Keyring, ensure_keyring, load_keyring
 from securevault.core.users import UserStore
 from securevault.storage import METADATA_FILE, SecureFileStorage
@@ -35,12 +36,24 @@ OWNER_A = "a" * 32
 OWNER_B = "b" * 32
 ARCHIVES_PER_ROTATION = 5
 
-# Every durable step of an uninterrupted rotation, in order: the keyring file
-# gains the new key; the metadata store's schema check (a no-op write when
-# the schema is there); the rotation is recorded in the store; one row per
-# archive is rewrapped; the keyring keeps only the new key; the record of the
-# rotation is cleared.
-ROTATION_STEPS = ("keyring", "sql", "state", *("row",) * ARCHIVES_PER_ROTATION, "keyring", "state")
+# Every durable step of an uninterrupted rotation, in order: the metadata
+# store's schema check (a no-op write when the schema is there) of the stores
+# the key file is checked against; the keyring file gains the new key; the
+# schema check of the stores the rotation works on; the key check vouches for
+# the old and the new key; the rotation is recorded in the store; one row per
+# archive is rewrapped; the key check vouches for the new key alone; the
+# keyring keeps only the new key; the record of the rotation is cleared.
+ROTATION_STEPS = (
+    "sql",
+    "keyring",
+    "sql",
+    "check",
+    "state",
+    *("row",) * ARCHIVES_PER_ROTATION,
+    "check",
+    "keyring",
+    "state",
+)
 
 # Runs rotate_master_key on the data directory argv[1] and key file argv[2]
 # in a fresh interpreter that kills itself with SIGKILL at the argv[3]-th
@@ -56,6 +69,7 @@ import json, os, signal, sys
 from contextlib import contextmanager
 from pathlib import Path
 from securevault.admin.maintenance import rotate_master_key
+from securevault.core.keybinding import KEY_CHECK_STATE
 from securevault.stores.metadata import SqlMetadataStore, SqliteMetadataStore
 from securevault.storage import SecureFileStorage
 
@@ -89,7 +103,7 @@ def transaction(self, connection, write):
 
 def labelled(kind, method):
     def call(*args, **kwargs):
-        label[0] = kind
+        label[0] = "check" if args[1:2] == (KEY_CHECK_STATE,) else kind
         try:
             return method(*args, **kwargs)
         finally:
@@ -151,17 +165,30 @@ class Vault:
         return {path: path.read_bytes() for path in sorted(self.data_dir.glob("archives/*/*.body"))}
 
     def temp_files(self) -> list[Path]:
-        return sorted(p for p in self.data_dir.rglob(f"*{TEMP_SUFFIX}"))
+        """Temp files in the data directory and beside the key file."""
+        found = [*self.data_dir.rglob(f"*{TEMP_SUFFIX}"), *self.master_key.parent.glob(f"*{TEMP_SUFFIX}")]
+        return sorted(found)
+
+    def key_check(self) -> str | None:
+        """The key check stored in the vault's metadata store."""
+        storage = self.storage()
+        try:
+            return storage.metadata.get_state(KEY_CHECK_STATE)
+        finally:
+            storage.metadata.close()
 
 
-def make_vault(data_dir: Path, contents: dict[str, list[tuple[str, bytes]]]) -> Vault:
-    """Create a master key in C{data_dir} and store C{contents} (owner -> files)."""
+def make_vault(data_dir: Path, contents: dict[str, list[tuple[str, bytes]]], *, bind: bool = True) -> Vault:
+    """Create a master key at its default place beside C{data_dir} and store
+    C{contents} (owner -> files); with C{bind}, the vault's key check too."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    master_key = data_dir / "master.key"
+    master_key = default_master_key(data_dir)
     keyring, created = ensure_keyring(master_key)
     assert created
     vault = Vault(data_dir, master_key, keyring.current_id)
     storage = SecureFileStorage(data_dir, keyring)
+    if bind:
+        rebind(storage.metadata, keyring)
     for owner_id, files in contents.items():
         for name, data in files:
             info = storage.store(owner_id, name, data)
@@ -295,8 +322,9 @@ class InterruptedRotateTests(MaintenanceTestCase):
     def test_durable_step_count(self) -> None:
         """An uninterrupted rotation goes through exactly the durable steps of
         ROTATION_STEPS (one keyring write, one row per archive, one final
-        keyring write, and the store's bookkeeping): the kill points below
-        cover every step."""
+        keyring write, two key check writes, and the store's bookkeeping):
+        the kill points below cover every step.  Afterwards the key check
+        vouches for the new key alone."""
         vault = make_vault(self.make_dir() / "vault-data", sample_contents())
         child = self.rotate_in_child(vault, 0, "never")
         self.assertEqual(child.returncode, 0, child.stderr)
@@ -306,28 +334,37 @@ class InterruptedRotateTests(MaintenanceTestCase):
         self.assertEqual(list(load_keyring(vault.master_key).keys), [new_key_id])
         self.assertEqual(set(vault.row_key_ids().values()), {new_key_id})
         self.assertIsNone(vault.rotation_state())
+        check = vault.key_check()
+        assert check is not None
+        self.assertEqual(json.loads(check)["keys"].keys(), {new_key_id})
 
     def test_killed_at_every_step(self) -> None:
         """For each durable step of a rotation, a kill just before it is
         durable (a keyring temp file complete but not renamed; a row's UPDATE
         run but not committed) and just after it: every archive still reads
-        with the key file on disk; exactly the rows committed before the kill
-        are rewrapped, each row whole (column and document agree); the
-        leftover temp file breaks nothing; a rerun completes, leaves one key
-        that is not the original, rewrites no body, every row names the new
-        key and no rotation is left recorded, and everything reads back
-        byte-exact; recover() then clears the archive temp files."""
+        with the key file on disk, and the vault's key check still accepts
+        that file; exactly the rows committed before the kill are rewrapped,
+        each row whole (column and document agree); the leftover temp file
+        breaks nothing; a rerun completes, leaves one key that is not the
+        original, rewrites no body, every row names the new key and no
+        rotation is left recorded, the key check accepts the new key file and
+        no longer the original one, and everything reads back byte-exact;
+        recover() then clears the archive temp files."""
         contents = sample_contents()
         final_keyring_write = len(ROTATION_STEPS) - ROTATION_STEPS[::-1].index("keyring")
         for target, kind in enumerate(ROTATION_STEPS, start=1):
             for when in ("before", "after"):
                 label = f"kill {when} step {target} ({kind})"
                 vault = make_vault(self.make_dir() / "vault-data", contents)
+                original = load_keyring(vault.master_key)
                 bodies = vault.bodies()
                 child = self.rotate_in_child(vault, target, when)
                 self.assertEqual(child.returncode, -signal.SIGKILL, f"{label}: {child.stderr}")
                 self.assertEqual(len(vault.temp_files()), 1 if (kind, when) == ("keyring", "before") else 0, label)
                 self.assert_reads_back(vault)
+                check = vault.key_check()
+                assert check is not None, label
+                self.assertTrue(keyring_opens(load_keyring(vault.master_key), check), label)
                 rows_done = ROTATION_STEPS[:target].count("row") - (1 if (kind, when) == ("row", "before") else 0)
                 rewrapped = [key for key in vault.row_key_ids().values() if key != vault.original_key_id]
                 self.assertEqual(len(rewrapped), rows_done, label)
@@ -341,6 +378,10 @@ class InterruptedRotateTests(MaintenanceTestCase):
                     self.assertIn(vault.original_key_id, report.retired_key_ids, label)
                 self.assertEqual(set(vault.row_key_ids().values()), {report.new_key_id}, label)
                 self.assertIsNone(vault.rotation_state(), label)
+                check = vault.key_check()
+                assert check is not None, label
+                self.assertTrue(keyring_opens(keyring, check), label)
+                self.assertFalse(keyring_opens(original, check), label)
                 self.assert_reads_back(vault, keyring)
                 self.assertEqual(vault.bodies(), bodies, label)
                 self.assertEqual(verify_archives(vault.storage()), (5, []), label)
@@ -351,14 +392,17 @@ class InterruptedRotateTests(MaintenanceTestCase):
     def test_killed_mid_keyring_write_leaves_no_old_key(self) -> None:
         """A kill while the keyring (old and new key) is being written leaves
         a temp file beside the key file; once the rerun has retired the old
-        key, no file in the data directory still holds it."""
+        key, no file in the data directory or beside the key file still holds
+        it."""
         vault = make_vault(self.make_dir() / "vault-data", sample_contents())
         old_key = base64.b64encode(load_keyring(vault.master_key).current_key)
-        child = self.rotate_in_child(vault, 1, "before")
+        child = self.rotate_in_child(vault, ROTATION_STEPS.index("keyring") + 1, "before")
         self.assertEqual(child.returncode, -signal.SIGKILL, child.stderr)
+        self.assertEqual(len(vault.temp_files()), 1)
         rotate_master_key(vault.storage, vault.master_key)
         vault.storage().recover()
-        holders = [p for p in vault.data_dir.rglob("*") if p.is_file() and old_key in p.read_bytes()]
+        files = [*vault.data_dir.rglob("*"), *vault.master_key.parent.rglob("*")]
+        holders = [p for p in files if p.is_file() and old_key in p.read_bytes()]
         self.assertEqual(holders, [])
 
 

@@ -10,6 +10,7 @@ import ssl
 from pathlib import Path
 
 from securevault.admin.migration import migrate
+from securevault.core.keybinding import default_master_key
 from securevault.core.keys import Keyring, KeyringFile
 from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore
 from securevault.storage import SecureFileStorage
@@ -144,7 +145,7 @@ class DaemonMigrationTests(SyncTestCase):
         # Turn it into a first-release directory with alice and two archives.
         for name in ("vault.db", "vault.db-wal", "vault.db-shm"):
             (data / name).unlink(missing_ok=True)
-        contents = make_legacy_vault(data, KeyringFile(data / "master.key").load(), {"alice": PASSWORD})
+        contents = make_legacy_vault(data, KeyringFile(default_master_key(data)).load(), {"alice": PASSWORD})
         daemon = SyncDaemon(twistd_argv(certs, data), base)
         self.addCleanup(daemon.stop)
         port = daemon.wait_listening()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from securevault.admin.maintenance import ROTATION_STATE
 from securevault.admin.transfer import TransferError, copy_vault
-from securevault.core.keys import KeyringFile
+from securevault.core.keybinding import KEY_CHECK_STATE, default_master_key, keyring_opens, rebind
+from securevault.core.keys import KeyringFile, generate_keyring
 from securevault.core.users import UserStore
 from securevault.storage import SecureFileStorage
 from securevault.stores.backends import Stores, open_stores
@@ -88,6 +89,25 @@ class CopyTests(SyncTestCase):
         with self.assertRaises(TransferError):
             copy_vault(self.source, self.source)
 
+    def test_key_check_goes_along(self) -> None:
+        """The source's key check is copied: the target opens with the same
+        key file and with no other.  A target already bound to another key
+        is refused before any user or archive is copied."""
+        rebind(self.source.metadata, self.key.load())
+        copy_vault(self.source, self.target)
+        check = self.target.metadata.get_state(KEY_CHECK_STATE)
+        self.assertEqual(check, self.source.metadata.get_state(KEY_CHECK_STATE))
+        assert check is not None
+        self.assertTrue(keyring_opens(self.key.load(), check))
+        self.assertFalse(keyring_opens(generate_keyring(), check))
+
+        other = self.open(self.make_dir() / "other")
+        rebind(other.metadata, generate_keyring())
+        with self.assertRaises(TransferError) as caught:
+            copy_vault(self.source, other)
+        self.assertIn("another master key", str(caught.exception))
+        self.assertEqual((other.metadata.list_users(), other.metadata.owners()), ([], []))
+
 
 class OneMachineToScaleOutTests(SyncTestCase):
     def test_admin_copy_then_a_node_serves_it(self) -> None:
@@ -101,7 +121,7 @@ class OneMachineToScaleOutTests(SyncTestCase):
             self.patch(os, "environ", {**os.environ, name: value})
         base = self.make_dir()
         certs, data = make_vault(base)  # alice, on the embedded stores
-        storage = SecureFileStorage(data, KeyringFile(data / "master.key").load())
+        storage = SecureFileStorage(data, KeyringFile(default_master_key(data)).load())
         owner = UserStore(storage.metadata).user_id("alice")
         assert owner is not None
         contents = {storage.store(owner, f"f{i}", os.urandom(10_000 + i)).id: i for i in range(3)}
@@ -116,7 +136,7 @@ class OneMachineToScaleOutTests(SyncTestCase):
 
         node = SyncDaemon(
             twistd_argv(certs, base / "node", "--metadata", metadata, "--blobs", f"s3://{bucket}/vault",
-                        "--master-key", str(data / "master.key")),
+                        "--master-key", str(default_master_key(data))),
             base,
         )  # fmt: skip
         self.addCleanup(node.stop)
@@ -126,7 +146,7 @@ class OneMachineToScaleOutTests(SyncTestCase):
         session = login(context, port)
         files = list_files(context, port, session)
         self.assertEqual(sorted(f["id"] for f in files), sorted(contents))
-        original = SecureFileStorage(data, KeyringFile(data / "master.key").load())
+        original = SecureFileStorage(data, KeyringFile(default_master_key(data)).load())
         self.addCleanup(original.metadata.close)
         for entry in files:
             expected = hashlib.sha256(original.read_all(owner, entry["id"])[1]).hexdigest()

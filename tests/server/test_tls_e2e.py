@@ -25,6 +25,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web.client import FileBodyProducer, ResponseNeverReceived
 
 from securevault import __version__
+from securevault.core.keys import KeyringFile
 from securevault.core.users import UserStore
 from securevault.server.tap import Options, TLSListenerService, makeService
 from securevault.stores.metadata import SqliteMetadataStore
@@ -58,6 +59,9 @@ class VaultServerTestCase(AsyncTestCase):
         self.pki = TestPKI.for_class(type(self), base / "certs")
         self.data_dir = base / "vault-data"
         self.data_dir.mkdir(mode=0o700)
+        # The vault's key first (where the daemon looks by default): a vault
+        # with users and no key file is refused.
+        KeyringFile(base / "vault-keys" / "master.key").create()
         metadata = SqliteMetadataStore(self.data_dir / "vault.db")  # where the daemon looks by default
         users = UserStore(metadata, scrypt_n=2**10)
         users.add("alice", PASSWORD)
