@@ -161,6 +161,11 @@ class VaultFixture:
     def data(self) -> Path:
         return self.base / "vault-data"
 
+    @property
+    def master_key(self) -> Path:
+        """Where init puts the key: beside the data directory, not in it."""
+        return self.base / "vault-keys" / "master.key"
+
     def create(self) -> None:
         make_vault(self.base)
 
