@@ -7,10 +7,15 @@ vault's own)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import stat
 from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securevault.admin.maintenance import rotate_master_key
 from securevault.core.keybinding import (
@@ -86,6 +91,16 @@ class KeyCheckTests(SyncTestCase):
         self.assertTrue(keyring_opens(both, key_check(new)))
         self.assertTrue(keyring_opens(new, key_check(both)))
         self.assertFalse(keyring_opens(old, key_check(new)))
+
+    def test_tag_as_documented(self) -> None:
+        """The tag is the one docs/FORMAT.md §2 spells out: HMAC-SHA256 of
+        the key id under HKDF-SHA256(master key, info b"securevault/v1/key-check")."""
+        keyring = generate_keyring()
+        label = b"securevault/v1/key-check"
+        check_key = HKDF(hashes.SHA256(), 32, salt=None, info=label).derive(keyring.current_key)
+        tag = hmac.new(check_key, label + b"\x00" + keyring.current_id.encode(), hashlib.sha256).hexdigest()
+        document = json.loads(key_check(keyring))
+        self.assertEqual(document, {"format": "securevault-key-check", "version": 1, "keys": {keyring.current_id: tag}})
 
     def test_malformed_check(self) -> None:
         """A check that is not one (damaged in the store) is a one-line
