@@ -149,11 +149,6 @@ def _check_tags(check: str) -> dict[str, str]:
     return tags
 
 
-def check_names(check: str) -> list[str]:
-    """The key ids a stored key check vouches for."""
-    return sorted(_check_tags(check))
-
-
 def keyring_opens(keyring: Keyring, check: str) -> bool:
     """Whether C{keyring} is a keyring of the vault whose key check this is:
     at least one of its keys is vouched for, and none of its ids carries a
