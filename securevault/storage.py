@@ -58,6 +58,7 @@ from securevault.core.archive import (
 )
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
 from securevault.core.passphrase import PassphraseError
+from securevault.core.ranges import InflatingRangeReader, PlaintextReader, StoredRangeReader
 from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
 from securevault.stores.metadata import (
     ArchiveRecord,
@@ -449,6 +450,47 @@ class SecureFileStorage:
             info,
             derive_key(data_key, b"body-key"),
             context_bytes(b"body", owner_id, archive_id),
+            on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
+        )
+
+    def open_range(self, owner_id: str, archive_id: str, start: int, end: int) -> PlaintextReader:
+        """A reader of the file's bytes C{start <= i < end} (half-open; the
+        caller checks the range against the size): every byte authenticated,
+        L{IntegrityError} on any failure, as L{open}.
+
+        A stored archive (incompressible data) is read at its offset: only
+        the chunks holding the range are fetched and decrypted, after the
+        stream's header and final chunk (see L{StoredRangeReader}).  A
+        deflated one is inflated from its start, the bytes before the range
+        discarded.  The range is authenticated chunk by chunk; the whole
+        file's SHA-256 only when the range reaches its end and the archive is
+        deflated (a stored range never reads the other chunks).
+        """
+        info, data_key = self._read_meta(owner_id, archive_id)
+        self._refuse_if_failed_lately(owner_id, archive_id)
+        body_key = derive_key(data_key, b"body-key")
+        context = context_bytes(b"body", owner_id, archive_id)
+        if info.method != "stored":
+            reader = ArchiveReader(
+                self._body(owner_id, archive_id),
+                info,
+                body_key,
+                context,
+                on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
+            )
+            return InflatingRangeReader(reader, start, end)
+        blobs = self.blobs
+
+        def open_blob_range(offset: int, length: int) -> BlobReader:
+            return blobs.range_reader(owner_id, archive_id, offset, length)
+
+        return StoredRangeReader(
+            open_blob_range,
+            info,
+            body_key,
+            context,
+            start,
+            end,
             on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
         )
 

@@ -4,7 +4,8 @@ directory that is the embedded default.
 
 A blob is one archive's encrypted body, named by its owner and archive id.
 The store knows nothing of ZIP, keys or users: it puts a stream atomically,
-gets it back as a stream, deletes it and lists what it holds (for verify and
+gets it back as a stream (whole,
+or a byte range of it: a ranged download reads only what it needs), deletes it and lists what it holds (for verify and
 the orphan sweep).  Plain blocking code, run in the worker pool; the S3
 backend is in L{securevault.stores.blobs_s3}.
 """
@@ -76,6 +77,12 @@ class BlobStore(Protocol):
 
     def reader(self, owner_id: str, archive_id: str) -> BlobReader:
         """Raises L{BlobNotFound} when there is no such blob."""
+
+    def range_reader(self, owner_id: str, archive_id: str, start: int, length: int) -> BlobReader:
+        """A reader of the blob's bytes C{start} to C{start + length}, fewer
+        when the blob ends first (none when it ends before C{start}), read
+        without the bytes before them (a ranged download).  Raises
+        L{BlobNotFound} when there is no such blob."""
 
     def delete(self, owner_id: str, archive_id: str) -> None:
         """Remove the blob; a missing one is not an error."""
@@ -162,14 +169,28 @@ class LocalBlobWriter:
 
 
 class LocalBlobReader:
-    def __init__(self, path: Path) -> None:
+    """The file from C{start}, at most C{length} bytes of it (None: to its end)."""
+
+    def __init__(self, path: Path, start: int = 0, length: int | None = None) -> None:
+        if start < 0 or (length is not None and length < 0):
+            raise ValueError("negative range")
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError as error:
             raise BlobNotFound(path.name) from error
+        self._position = start
+        self._left = length
 
     def read(self, size: int) -> bytes:
-        return os.read(self._fd, size)
+        if self._left is not None:
+            size = min(size, self._left)
+            if size <= 0:
+                return b""
+        data = os.pread(self._fd, size, self._position)
+        self._position += len(data)
+        if self._left is not None:
+            self._left -= len(data)
+        return data
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -200,6 +221,9 @@ class LocalBlobStore:
 
     def reader(self, owner_id: str, archive_id: str) -> LocalBlobReader:
         return LocalBlobReader(self.path(owner_id, archive_id))
+
+    def range_reader(self, owner_id: str, archive_id: str, start: int, length: int) -> LocalBlobReader:
+        return LocalBlobReader(self.path(owner_id, archive_id), start, length)
 
     def delete(self, owner_id: str, archive_id: str) -> None:
         path = self.path(owner_id, archive_id)

@@ -5,7 +5,8 @@ Keys are C{<prefix>/<owner id>/<archive id>.body}.  A writer buffers one
 part of L{PART_BYTES} at a time and streams larger blobs with a multipart
 upload, so memory stays flat whatever the size; a blob is invisible until
 C{complete_multipart_upload} (or, for a blob smaller than one part, the
-single C{put_object}) at commit.  Reads stream the object's body.
+single C{put_object}) at commit.  Reads stream the object's body; a range
+read is one C{GetObject} with a C{Range} header.
 
 Plain blocking code, called from the worker pool: one boto3 client is shared
 by every thread (clients are thread-safe; sessions are not, so the session is
@@ -53,6 +54,7 @@ _BUCKET = re.compile(r"\A[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _PREFIX_SEGMENT = re.compile(r"\A[0-9A-Za-z!_.*'()-]+\Z")
 _BOTOCORE_ERRORS = (ClientError, BotoCoreError)
 _NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound", "HTTP 404"})
+_RANGE_PAST_END = frozenset({"InvalidRange", "416", "HTTP 416"})
 
 
 def _check_bucket(bucket: str) -> None:
@@ -211,11 +213,14 @@ class S3BlobWriter:
 
 
 class S3BlobReader:
-    def __init__(self, store: S3BlobStore, body: Any) -> None:
+    def __init__(self, store: S3BlobStore, body: Any, *, empty: bool = False) -> None:
         self._store = store
         self._body: Any = body
+        self._empty = empty
 
     def read(self, size: int) -> bytes:
+        if self._empty:
+            return b""
         if self._body is None:
             raise BlobStoreError("read after close")
         return bytes(self._store._call("GetObject (read)", self._body.read, size))
@@ -346,6 +351,29 @@ class S3BlobStore:
         except ClientError as error:
             if _error_code(error) in _NOT_FOUND:
                 raise BlobNotFound(f"{owner_id}/{archive_id}") from None
+            self._failure("GetObject", error)
+        except _BOTOCORE_ERRORS as error:
+            self._failure("GetObject", error)
+        return S3BlobReader(self, response["Body"])
+
+    def range_reader(self, owner_id: str, archive_id: str, start: int, length: int) -> S3BlobReader:
+        """One C{GetObject} with a C{Range} header: only those bytes travel."""
+        if start < 0 or length < 0:
+            raise ValueError("negative range")
+        key = self.key(owner_id, archive_id)
+        try:
+            if length == 0:
+                self._client.head_object(Bucket=self.bucket, Key=key)
+                return S3BlobReader(self, None, empty=True)
+            response = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+        except ClientError as error:
+            code = _error_code(error)
+            if code in _NOT_FOUND:
+                raise BlobNotFound(f"{owner_id}/{archive_id}") from None
+            if code in _RANGE_PAST_END:
+                # The blob ends before start (S3 answers 416); it exists,
+                # or the answer would have been 404.
+                return S3BlobReader(self, None, empty=True)
             self._failure("GetObject", error)
         except _BOTOCORE_ERRORS as error:
             self._failure("GetObject", error)
