@@ -17,7 +17,9 @@ from urllib.parse import quote, quote_from_bytes
 
 from hypothesis import strategies as st
 
-ENDPOINTS = [b"/health", b"/login", b"/logout", b"/upload-file", b"/get-files", b"/download-file", b"/delete-file"]
+ENDPOINTS = [
+    b"/health", b"/login", b"/logout", b"/upload-file", b"/get-files", b"/download-file", b"/delete-file", b"/usage",
+]  # fmt: skip
 ODD_PATHS = [
     b"/", b"*", b"//health", b"/health/", b"/login/x", b"/upload-file/..", b"/%2e%2e/etc/passwd",
     b"/../../etc/passwd", b"/health%00", b"/health;x", b"http://evil.test/health", b"/get-files/%ff",
@@ -253,13 +255,23 @@ class HostileRequest:
         return b"\r\n".join(lines) + b"\r\n\r\n" + (self.body or b"")
 
 
+# Range header values: valid, invalid, several, huge, hostile.
+range_values = st.one_of(
+    st.sampled_from(
+        [b"bytes=0-0", b"bytes=-1", b"bytes=5-", b"bytes=5-1", b"bytes=0-1,2-3", b"bytes=-0", b"items=0-1",
+         b"bytes=" + b"9" * 5000 + b"-", b"bytes=\xff-\x00", b"bytes==", b"bytes=,,,"]
+    ),
+    st.builds(lambda value: b"bytes=" + value, st.binary(max_size=30)),
+)  # fmt: skip
+
+
 @st.composite
 def endpoint_requests(draw: st.DrawFn) -> HostileRequest:
     """Well-framed requests with hostile content for each endpoint: wrong
     types and invalid JSON, invalid base64, hostile filenames in
     C{X-Filename}, C{?filename=} and JSON, junk archive ids."""
     endpoint = draw(st.sampled_from(ENDPOINTS))
-    natural = b"GET" if endpoint in (b"/health", b"/get-files", b"/download-file") else b"POST"
+    natural = b"GET" if endpoint in (b"/health", b"/get-files", b"/download-file", b"/usage") else b"POST"
     method = draw(st.sampled_from([natural] * 6 + [b"GET", b"POST", b"HEAD", b"PUT"]))
     with_session = draw(st.booleans()) or endpoint == b"/upload-file"
     headers: list[tuple[bytes, bytes]] = []
@@ -283,6 +295,10 @@ def endpoint_requests(draw: st.DrawFn) -> HostileRequest:
         )
         if draw(st.booleans()):
             headers.append((b"Accept", b"application/octet-stream"))
+        if draw(st.booleans()):
+            headers.append((b"Range", draw(range_values)))
+            if draw(st.booleans()):
+                headers.append((b"If-Range", draw(st.sampled_from([b'"x"', b'W/"x"', b"", b"\x00"]))))
     elif method in (b"POST", b"PUT"):
         headers.append((b"Content-Type", draw(st.sampled_from(CONTENT_TYPES))))
         body = draw(json_bodies(endpoint))

@@ -6,6 +6,13 @@ its first block before sending headers, so an archive that fails at once gets
 a JSON 500; a later failure aborts the stream.  The JSON form authenticates
 the whole archive first (AES-GCM is fast), because a JSON client must get
 either the whole content or a 500.
+
+The raw form honours one C{Range} (RFC 9110; L{securevault.server.byteranges}):
+206 with only those bytes, read by L{SecureFileStorage.open_range}, which
+decrypts only the chunks they are in (a stored archive) or inflates from the
+start (a deflated one).  The range is resolved in the pool, where the
+archive's size and ETag are known: 416 when it does not overlap the file, the
+whole file when C{If-Range} names another ETag.  The JSON form ignores Range.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from securevault.core.archive import (
     READ_BLOCK_BYTES,
     ArchiveInfo,
     ArchiveNotFound,
-    ArchiveReader,
     IntegrityError,
 )
+from securevault.core.ranges import PlaintextReader
 from securevault.core.sessions import Session
+from securevault.server.byteranges import ByteRange, if_range_allows, parse_range, resolve_range
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, busy, not_found
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, fail, integrity_failure
@@ -47,23 +55,59 @@ RAW_BUFFER_BYTES = 2 * READ_BLOCK_BYTES + IO_BLOCK_BYTES
 JSON_BUFFER_BYTES = 3 * SMALL_JSON_BYTES + RAW_BUFFER_BYTES
 
 
+class RangeNotSatisfiable(Exception):
+    """The requested range does not overlap the file (raised in the pool,
+    answered 416 on the reactor thread)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
 @dataclass
 class Opened:
     """What the pool hands back: the archive and how to send it."""
 
     info: ArchiveInfo
-    reader: ArchiveReader | None
+    reader: PlaintextReader | None
     first: bytes
     whole: bytes | None = None
+    # The half-open span of a 206 answer; None: the whole file.
+    span: tuple[int, int] | None = None
+
+
+def etag(info: ArchiveInfo) -> bytes:
+    """A raw download's strong validator: the file's SHA-256, quoted."""
+    return b'"' + info.sha256.encode("ascii") + b'"'
 
 
 def open_download(
-    storage: SecureFileStorage, owner_id: str, archive_id: str | None, filename: str | None, raw: bool
+    storage: SecureFileStorage,
+    owner_id: str,
+    archive_id: str | None,
+    filename: str | None,
+    raw: bool,
+    wanted: ByteRange | None = None,
+    if_range: bytes | None = None,
 ) -> Opened:
-    """Find and open the archive; runs in the pool."""
+    """Find and open the archive (only C{wanted}'s bytes of it, for a raw
+    download whose range holds); runs in the pool."""
     if archive_id is None:
         assert filename is not None
         archive_id = storage.find_newest(owner_id, filename).id
+    if raw and wanted is not None:
+        info = storage.info(owner_id, archive_id)
+        if if_range_allows(if_range, etag(info)):
+            span = resolve_range(wanted, info.size)
+            if span is None:
+                raise RangeNotSatisfiable(info.size)
+            ranged = storage.open_range(owner_id, archive_id, *span)
+            try:
+                first = ranged.read()
+            except BaseException:
+                ranged.close()
+                raise
+            return Opened(ranged.info, ranged, first, span=span)
     if not raw:
         info = storage.info(owner_id, archive_id)
         if info.size <= SMALL_JSON_BYTES:
@@ -86,6 +130,22 @@ def content_disposition(filename: str) -> bytes:
 def wants_raw(request: Request) -> bool:
     accept = (request.getHeader(b"accept") or b"").lower()
     return b"application/octet-stream" in accept
+
+
+def single_header(request: Request, name: bytes) -> bytes | None:
+    """The header's value, or None when it is absent or given more than
+    once (a repeated Range or If-Range is not a single validator)."""
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[0] if values is not None and len(values) == 1 else None
+
+
+def range_not_satisfiable(size: int) -> ApiError:
+    return ApiError(
+        416,
+        "range_not_satisfiable",
+        f"The requested range is outside the file's {size} bytes.",
+        {b"Content-Range": b"bytes */%d" % size, b"Accept-Ranges": b"bytes"},
+    )
 
 
 def single_arg(request: Request, name: bytes) -> str | None:
@@ -119,10 +179,17 @@ class DownloadFileResource(JsonEndpoint):
             archive_id = filename = None
             args_error = error
 
+        # Range and If-Range are read for the raw form only (the JSON form
+        # ignores them); which bytes they select is decided in the pool.
+        wanted = parse_range(single_header(request, b"range")) if raw else None
+        if_range = single_header(request, b"if-range") if wanted is not None else None
+        if wanted is not None and request.requestHeaders.hasHeader(b"if-range") and if_range is None:
+            wanted = None  # several If-Range values: none can match
+
         def open_it(session: Session) -> Opened:
             if args_error is not None:
                 raise args_error
-            return open_download(app.storage, session.user_id, archive_id, filename, raw)
+            return open_download(app.storage, session.user_id, archive_id, filename, raw, wanted, if_range)
 
         reserve = RAW_BUFFER_BYTES if raw else JSON_BUFFER_BYTES
         if not app.budget.reserve(reserve):
@@ -164,7 +231,10 @@ class DownloadFileResource(JsonEndpoint):
                 if not lost:
                     fail(request, reason)  # AuditUnavailable: 503
 
-            audit = app.record("download", request, user=state.user, archive_id=info.id, size=info.size)
+            fields: dict[str, Any] = {"user": state.user, "archive_id": info.id, "size": info.size}
+            if result.span is not None:
+                fields["range"] = f"{result.span[0]}-{result.span[1] - 1}"
+            audit = app.record("download", request, **fields)
             audit.addCallbacks(audited, unaudited)
 
         def failed(reason: Failure) -> None:
@@ -172,6 +242,8 @@ class DownloadFileResource(JsonEndpoint):
                 return
             if reason.check(ArchiveNotFound):
                 fail(request, not_found("No such archive."))
+            elif reason.check(RangeNotSatisfiable):
+                fail(request, range_not_satisfiable(cast(RangeNotSatisfiable, reason.value).size))
             elif reason.check(IntegrityError):
 
                 def answer(_: object) -> None:
@@ -215,9 +287,16 @@ class DownloadFileResource(JsonEndpoint):
     def _start_raw(self, request: Request, result: Opened) -> None:
         info = result.info
         request.setHeader(b"content-type", b"application/octet-stream")
-        request.setHeader(b"content-length", str(info.size).encode("ascii"))
+        request.setHeader(b"accept-ranges", b"bytes")
+        if result.span is None:
+            request.setHeader(b"content-length", str(info.size).encode("ascii"))
+        else:
+            start, end = result.span
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, end - 1, info.size))
+            request.setHeader(b"content-length", str(end - start).encode("ascii"))
         request.setHeader(b"content-disposition", content_disposition(info.filename))
-        request.setHeader(b"etag", b'"' + info.sha256.encode("ascii") + b'"')
+        request.setHeader(b"etag", etag(info))
         self._producer(request, result).start()
 
     def _start_json(self, request: Request, result: Opened) -> None:

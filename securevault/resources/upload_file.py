@@ -27,6 +27,7 @@ from securevault.server.errors import ApiError, bad_request, busy, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object, take_body
 from securevault.server.state import request_state
 from securevault.server.streaming import UPLOAD_BUFFER_BYTES, UploadStream
+from securevault.server.twisted_private import request_disconnected
 from securevault.storage import SecureFileStorage
 
 log = Logger(namespace="securevault.security")
@@ -141,7 +142,15 @@ class UploadFileResource(JsonEndpoint):
             error = storage_error(failure)
             state.refuse(error if isinstance(error, ApiError) else failure)
 
-        opening = app.with_session(request, open_writer).addCallback(lambda found: cast(ArchiveWriter, found[1]))
+        def counted(found: tuple[Session, ArchiveWriter | None]) -> ArchiveWriter:
+            """In progress for GET /usage until the request ends."""
+            owner = found[0].user_id
+            if not (request.finished or request_disconnected(request)):
+                app.uploads.started(owner)
+                request.notifyFinish().addBoth(lambda _: app.uploads.ended(owner))
+            return cast(ArchiveWriter, found[1])
+
+        opening = app.with_session(request, open_writer).addCallback(counted)
         return UploadStream(
             app.run_blocking,
             opening,

@@ -17,7 +17,7 @@ from securevault.core.users import UserStore
 from securevault.server.auditing import AuditTrail
 from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
 from securevault.server.errors import ApiError, invalid_session
-from securevault.server.limits import ConnectionLimits, MemoryBudget
+from securevault.server.limits import ConnectionLimits, MemoryBudget, UploadsInFlight
 from securevault.server.metrics import VaultMetrics
 from securevault.server.revocation import RevocationState
 from securevault.server.state import request_state
@@ -77,6 +77,8 @@ class VaultApp:
     connections: ConnectionLimits | None = None
     # The CRLs in force (replaced on reload; the TLS context shares it).
     revocations: RevocationState = field(default_factory=RevocationState)
+    # Raw uploads streaming on this node, per owner (GET /usage).
+    uploads: UploadsInFlight = field(default_factory=UploadsInFlight)
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> Deferred[None]:
         """A security event (login, logout, upload, download, delete,

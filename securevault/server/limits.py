@@ -53,6 +53,26 @@ class ConnectionLimits:
         return self._per_certificate[fingerprint]
 
 
+class UploadsInFlight:
+    """Raw uploads whose archive writer is open on this node, per owner
+    (C{uploads_in_progress} of GET /usage): counted from the moment the
+    session is found until the request ends, however it ends."""
+
+    def __init__(self) -> None:
+        self._per_owner: Counter[str] = Counter()
+
+    def started(self, owner_id: str) -> None:
+        self._per_owner[owner_id] += 1
+
+    def ended(self, owner_id: str) -> None:
+        self._per_owner[owner_id] -= 1
+        if self._per_owner[owner_id] <= 0:
+            del self._per_owner[owner_id]
+
+    def of_owner(self, owner_id: str) -> int:
+        return self._per_owner[owner_id]
+
+
 class MemoryBudget:
     """Bytes held for request and response bodies, across all clients."""
 

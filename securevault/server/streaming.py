@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from securevault.core.archive import ArchiveInfo, ArchiveReader, ArchiveWriter, IntegrityError
+from securevault.core.archive import ArchiveInfo, ArchiveWriter, IntegrityError
+from securevault.core.ranges import PlaintextReader
 from securevault.server.workers import RunBlocking
 
 BLOCK_BYTES = 1 << 20
@@ -203,7 +204,7 @@ class DownloadProducer:
     def __init__(
         self,
         run_blocking: RunBlocking,
-        reader: ArchiveReader,
+        reader: PlaintextReader,
         request: Request,
         *,
         first: bytes = b"",

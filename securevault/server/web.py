@@ -33,6 +33,7 @@ from securevault.resources.health import HealthResource
 from securevault.resources.login import LoginResource
 from securevault.resources.logout import LogoutResource
 from securevault.resources.upload_file import UploadFileResource
+from securevault.resources.usage import UsageResource
 from securevault.server.app import VaultApp
 from securevault.server.endpoint import SMALL_BODY_BYTES, JsonEndpoint
 from securevault.server.errors import ApiError, busy, not_found, revoked_certificate
@@ -605,6 +606,7 @@ def build_root(app: VaultApp) -> RootResource:
             b"download-file": DownloadFileResource(app),
             b"delete-file": DeleteFileResource(app),
             b"health": HealthResource(app),
+            b"usage": UsageResource(app),
         }
     )
 

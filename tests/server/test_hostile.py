@@ -55,6 +55,7 @@ PROTECTED = [
     (b"POST", b"/logout"),
     (b"POST", b"/delete-file"),
     (b"POST", b"/upload-file"),
+    (b"GET", b"/usage"),
 ]
 # Hypothesis budget: about 200 examples in all.
 RAW_EXAMPLES = 70
