@@ -8,6 +8,7 @@ Built on L{securevault.client}.  Commands::
     securevault-client list [--json]
     securevault-client download ID | --name NAME [-o PATH]
     securevault-client delete ID
+    securevault-client usage [--json]
     securevault-client logout
 
 Settings (C{url}, C{cert}, C{key}, C{ca}) come from, in this order of
@@ -17,6 +18,10 @@ C{SECUREVAULT_CA}); the TOML file C{$XDG_CONFIG_HOME/securevault/client.toml}
 (or C{~/.config/securevault/client.toml}; relative paths in it are relative to
 that file); then the defaults C{https://localhost:5000}, C{certs/client.crt},
 C{certs/client.key}, C{certs/ca.crt}.
+
+A download cut off midway keeps what it received in C{.<name>.<sha256>.part}
+beside the destination; the same download again asks only for the rest
+(C{Range} with C{If-Range}) and still checks the whole file's SHA-256.
 
 C{login} keeps the session, with the URL it belongs to, in a 0600 file:
 C{$SECUREVAULT_SESSION_FILE}, else C{session.json} next to C{client.toml}
@@ -65,6 +70,7 @@ from securevault.client.library import (
     Progress,
     Session,
     TooManyAttempts,
+    Usage,
     VaultClient,
     VaultError,
 )
@@ -445,6 +451,34 @@ def _download(args: argparse.Namespace, settings: Settings, out: TextIO) -> None
     print(f"{info.id}  {info.size}  {printable(str(dest))}", file=out)
 
 
+def format_usage(usage: Usage) -> str:
+    """The readable usage: archives, stored bytes against the quota, uploads."""
+    stored = f"{human_size(usage.stored_bytes)} ({usage.stored_bytes} bytes)"
+    if usage.quota_bytes is None:
+        quota = "none"
+    else:
+        share = 100 * usage.stored_bytes / usage.quota_bytes if usage.quota_bytes else 100.0
+        quota = f"{human_size(usage.quota_bytes)} ({usage.quota_bytes} bytes), {share:.1f} % used"
+    rows = [
+        ("archives", str(usage.archives)),
+        ("stored", stored),
+        ("quota", quota),
+        ("uploads in progress", str(usage.uploads_in_progress)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _usage(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
+    with _session_client(settings) as vault:
+        usage = vault.usage()
+    if args.json:
+        json.dump(usage.to_json(), out, indent=2)
+        out.write("\n")
+    else:
+        print(format_usage(usage), file=out)
+
+
 def _delete(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
     with _session_client(settings) as vault:
         vault.delete(args.id)
@@ -514,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     delete = command("delete", "delete an archive", _delete)
     delete.add_argument("id", metavar="ID")
+
+    usage = command("usage", "your archives and stored bytes, against the quota", _usage)
+    usage.add_argument("--json", action="store_true", help="print the usage as JSON")
 
     command("logout", "end the session and remove the session file", _logout)
     return parser

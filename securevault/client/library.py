@@ -39,6 +39,7 @@ import http.client
 import io
 import json
 import os
+import re
 import select
 import ssl
 import tempfile
@@ -68,6 +69,7 @@ from securevault.client.support import (
     Session,
     StorageLimitError,
     TooManyAttempts,
+    Usage,
     VaultError,
     _protocol_error,
     _reason,
@@ -100,12 +102,14 @@ __all__ = [
     "Session",
     "StorageLimitError",
     "TooManyAttempts",
+    "Usage",
     "VaultError",
     "error_from_response",
     "file_sha256",
     "install_verified",
     "make_tls_context",
     "parse_etag",
+    "part_path",
 ]
 
 
@@ -214,6 +218,11 @@ class VaultClient:
         what = f"id {archive_id}" if archive_id is not None else f"name {name!r}"
         raise NotFoundError(f"There is no archive with {what}.", status=404, code="not_found")
 
+    def usage(self) -> Usage:
+        """C{GET /usage}: the caller's archives, stored bytes, quota and
+        uploads in progress."""
+        return Usage.from_json(self._call_json("GET", "/usage"))
+
     def download(
         self,
         archive_id: str | None = None,
@@ -223,31 +232,55 @@ class VaultClient:
         progress: Progress | None = None,
         expected: FileInfo | None = None,
         overwrite: bool = True,
+        resume: bool = True,
     ) -> FileInfo:
         """Download one archive's original bytes into C{dest}, verified.
 
         The archive is named by C{archive_id}, by C{name} (the newest with that
         filename), or by C{expected}, a listing entry already at hand.  The
-        bytes stream into a temporary file next to C{dest} while their SHA-256
+        bytes stream into a partial file next to C{dest} while their SHA-256
         is computed; they are renamed into place only if it matches both the
-        response's C{ETag} and the listing, otherwise the temporary file is
+        response's C{ETag} and the listing, otherwise the partial file is
         deleted and L{IntegrityError} raised.  With C{overwrite=False} an
         existing C{dest} is never replaced (C{FileExistsError}).  The file is
         created with mode 0600, as befits the contents of a vault.
 
+        Resuming: the partial file is named after C{dest} and the ETag of the
+        bytes it holds (C{.<name>.<sha256>.part}).  When a download is cut
+        off (the connection lost, or interrupted) and the server offers
+        ranges, that file is kept, and the next download to the same C{dest}
+        asks only for the rest (C{Range: bytes=<held>-} with C{If-Range:
+        "<its ETag>"}); C{progress} is first told of the bytes already held.
+        A 200 instead of 206 (the archive is another one now) starts again
+        from zero.  The whole file's SHA-256 is checked either way.
+        C{resume=False} ignores and removes a partial file.
+
         A download that ends short of its length is asked for once more:
         the server aborts a stream that hits a tampered chunk after the
         headers went out, and then answers 500 integrity_error at once, which
-        is raised as L{IntegrityError}; any other answer leaves it a
-        L{ConnectionFailed}.  Nothing is kept either way.
+        is raised as L{IntegrityError} (and the partial file removed); any
+        other answer leaves it a L{ConnectionFailed}.
         """
         info = expected if expected is not None else self.stat(archive_id, name)
         dest = Path(dest)
-        response = self._send(
-            "GET",
-            "/download-file?" + urlencode({"id": info.id}),
-            headers={"Accept": "application/octet-stream"},
-        )
+        held, held_etag = _held_part(dest, info.sha256) if resume else (None, None)
+        held_bytes = held.stat().st_size if held is not None else 0
+        if held is not None and not 0 < held_bytes < info.size:
+            held.unlink(missing_ok=True)  # empty, or as long as the file: nothing to ask for
+            held, held_etag, held_bytes = None, None, 0
+        if not resume:
+            _drop_parts(dest, keep=None)
+        headers = {"Accept": "application/octet-stream"}
+        if held is not None:
+            headers["Range"] = f"bytes={held_bytes}-"
+            headers["If-Range"] = f'"{held_etag}"'
+        try:
+            response = self._send("GET", "/download-file?" + urlencode({"id": info.id}), headers=headers)
+        except VaultError as error:
+            if held is None or error.status != 416:
+                raise
+            held.unlink(missing_ok=True)  # the server no longer has those bytes: from zero
+            return self.download(expected=info, dest=dest, progress=progress, overwrite=overwrite)
         etag = parse_etag(response.getheader("ETag"))
         if etag is not None and etag != info.sha256.lower():
             self._discard(response)
@@ -255,51 +288,90 @@ class VaultClient:
                 f"The server announced SHA-256 {etag} for archive {info.id}, but listed {info.sha256}.",
                 code="integrity_error",
             )
+        offset = 0
+        if response.status == 206 and held is not None:
+            offset = held_bytes
+            wanted = f"bytes {offset}-{info.size - 1}/{info.size}"
+            if (response.getheader("Content-Range") or "").strip() != wanted or etag != held_etag:
+                self._discard(response)
+                held.unlink(missing_ok=True)
+                raise _protocol_error(f"the resumed download of {info.id} is not the range {wanted}")
+        elif response.status != 200:
+            self._discard(response)
+            raise _protocol_error(f"HTTP {response.status} for a download")
         length_header = response.getheader("Content-Length")
-        expected_size = info.size
-        if length_header is not None and length_header.strip() != str(info.size):
+        if length_header is not None and length_header.strip() != str(info.size - offset):
             self._discard(response)
             raise _protocol_error(
-                f"the download of {info.id} is {length_header} bytes, but the listing says {info.size}"
+                f"the download of {info.id} is {length_header} bytes, but the listing says {info.size - offset}"
             )
-        fd, part_name = tempfile.mkstemp(dir=dest.parent or ".", prefix=f".{dest.name}.", suffix=".part")
-        part = Path(part_name)
+        # Kept after a failure only if the server offers ranges of this very
+        # representation: then the next download asks for the rest.
+        resumable = resume and etag is not None and (response.getheader("Accept-Ranges") or "").strip() == "bytes"
+        part: Path | None
+        if held is not None and offset:
+            part = held
+            fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        else:
+            _drop_parts(dest, keep=None)  # bytes of another representation: start from zero
+            part = part_path(dest, info.sha256) if resumable else None
+            if part is None:
+                fd, part_name = tempfile.mkstemp(dir=dest.parent or ".", prefix=f".{dest.name}.", suffix=".part")
+                part = Path(part_name)
+            else:
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                os.fchmod(fd, 0o600)
+        keep = False
         try:
             digest = hashlib.sha256()
+            if offset:
+                _hash_prefix(part, offset, digest)
+                if progress is not None:
+                    progress(offset)
             received = 0
+            expected_size = info.size - offset
             with os.fdopen(fd, "wb") as out:
-                while True:
-                    try:
-                        block = response.read(BLOCK_BYTES)
-                    except (OSError, http.client.HTTPException) as error:
-                        self._connection.close()
-                        self._raise_if_integrity_failure(info, received)
-                        raise ConnectionFailed(
-                            f"The download of {info.id} failed after {received} of {expected_size} "
-                            f"bytes: {_reason(error)}.",
-                            code="connection_failed",
-                        ) from None
-                    if not block:
-                        break
-                    out.write(block)
-                    digest.update(block)
-                    received += len(block)
-                    if progress is not None:
-                        progress(len(block))
-                out.flush()
-                os.fsync(out.fileno())
+                try:
+                    while True:
+                        try:
+                            block = response.read(BLOCK_BYTES)
+                        except (OSError, http.client.HTTPException) as error:
+                            self._connection.close()
+                            out.flush()
+                            self._raise_if_integrity_failure(info, offset + received)
+                            keep = resumable
+                            raise ConnectionFailed(
+                                f"The download of {info.id} failed after {offset + received} of {info.size} "
+                                f"bytes: {_reason(error)}.{_resume_hint(keep)}",
+                                code="connection_failed",
+                            ) from None
+                        if not block:
+                            break
+                        out.write(block)
+                        digest.update(block)
+                        received += len(block)
+                        if progress is not None:
+                            progress(len(block))
+                except KeyboardInterrupt:
+                    keep = resumable
+                    raise
+                finally:
+                    out.flush()
+                    os.fsync(out.fileno())
             if received != expected_size:
                 self._connection.close()
                 if received < expected_size:
-                    self._raise_if_integrity_failure(info, received)
+                    self._raise_if_integrity_failure(info, offset + received)
+                    keep = resumable
                 raise ConnectionFailed(
-                    f"The download of {info.id} stopped after {received} of {expected_size} bytes "
-                    "(connection lost, or the server aborted it); nothing was saved.",
+                    f"The download of {info.id} stopped after {offset + received} of {info.size} bytes "
+                    f"(connection lost, or the server aborted it).{_resume_hint(keep)}",
                     code="connection_failed",
                 )
             install_verified(part, dest, info.sha256, actual_sha256=digest.hexdigest(), overwrite=overwrite)
         except BaseException:
-            part.unlink(missing_ok=True)
+            if not keep:
+                part.unlink(missing_ok=True)
             raise
         return info
 
@@ -474,6 +546,84 @@ class VaultClient:
         """Abandon a response mid-body: the connection cannot be reused."""
         response.close()
         self._connection.close()
+
+
+_SHA256 = re.compile(r"\A[0-9a-f]{64}\Z")
+PART_SUFFIX = ".part"
+# A partial file's name: "." + the destination's name (cut to fit) + "." +
+# the 64 hex digits of the ETag its bytes belong to + ".part".
+_PART_NAME_BYTES = 255 - 1 - 1 - 64 - len(PART_SUFFIX)
+
+
+def _part_stem(dest: Path) -> str:
+    """The destination's name, cut (on a character boundary) to fit in a
+    partial file's name."""
+    return "." + dest.name.encode("utf-8", "surrogateescape")[:_PART_NAME_BYTES].decode("utf-8", "ignore")
+
+
+def part_path(dest: Path, sha256: str) -> Path | None:
+    """Where a download of the archive with that SHA-256 into C{dest} keeps
+    its bytes until they are verified; None when the server's digest is not
+    a digest (it never becomes part of a path then)."""
+    sha256 = sha256.lower()
+    if not _SHA256.match(sha256):
+        return None
+    return dest.parent / f"{_part_stem(dest)}.{sha256}{PART_SUFFIX}"
+
+
+def _parts_of(dest: Path) -> builtins.list[tuple[Path, str]]:
+    """The partial files of earlier downloads into C{dest}, with the ETag
+    each one's bytes belong to, newest first."""
+    stem = _part_stem(dest)
+    found = []
+    try:
+        entries = builtins.list(os.scandir(dest.parent or "."))
+    except OSError:
+        return []
+    for entry in entries:
+        name = entry.name
+        if not name.endswith(PART_SUFFIX):
+            continue
+        head, _, digest = name[: -len(PART_SUFFIX)].rpartition(".")
+        if head == stem and _SHA256.match(digest) and entry.is_file(follow_symlinks=False):
+            found.append((entry.stat().st_mtime, Path(entry.path), digest))
+    return [(path, digest) for _, path, digest in sorted(found, reverse=True)]
+
+
+def _held_part(dest: Path, sha256: str) -> tuple[Path | None, str | None]:
+    """The partial file of an earlier download of that archive into
+    C{dest}, else the newest of another one (its ETag will not match: the
+    server answers the whole file, and it is replaced)."""
+    parts = _parts_of(dest)
+    for path, digest in parts:
+        if digest == sha256.lower():
+            return path, digest
+    return parts[0] if parts else (None, None)
+
+
+def _drop_parts(dest: Path, keep: Path | None) -> None:
+    """Remove the partial files of earlier downloads into C{dest}, but C{keep}."""
+    for path, _ in _parts_of(dest):
+        if path != keep:
+            path.unlink(missing_ok=True)
+
+
+def _hash_prefix(part: Path, length: int, digest: Any) -> None:
+    """Feed the first C{length} bytes already held into C{digest}."""
+    with open(part, "rb") as held:
+        left = length
+        while left > 0:
+            block = held.read(min(BLOCK_BYTES, left))
+            if not block:
+                raise ConnectionFailed(f"The partial file {part} shrank while it was read.", code="file_changed")
+            digest.update(block)
+            left -= len(block)
+
+
+def _resume_hint(kept: bool) -> str:
+    if kept:
+        return " The bytes received are kept: download again to resume."
+    return " Nothing was saved."
 
 
 def _headers(response: http.client.HTTPResponse) -> dict[str, str]:

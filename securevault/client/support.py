@@ -196,6 +196,46 @@ class FileInfo:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What the caller keeps in the vault (C{GET /usage})."""
+
+    archives: int
+    stored_bytes: int
+    quota_bytes: int | None
+    uploads_in_progress: int
+
+    @classmethod
+    def from_json(cls, value: Any) -> Usage:
+        """Build from the answer; a malformed one is a L{VaultError}."""
+        if not isinstance(value, dict):
+            raise _protocol_error("/usage did not answer a JSON object")
+
+        def count(name: str, *, nullable: bool = False) -> Any:
+            item = value.get(name)
+            if item is None and nullable and name in value:
+                return None
+            if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+                raise _protocol_error(f"/usage has no count {name!r}")
+            return item
+
+        return cls(
+            archives=count("archives"),
+            stored_bytes=count("stored_bytes"),
+            quota_bytes=count("quota_bytes", nullable=True),
+            uploads_in_progress=count("uploads_in_progress"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's JSON shape."""
+        return {
+            "archives": self.archives,
+            "stored_bytes": self.stored_bytes,
+            "quota_bytes": self.quota_bytes,
+            "uploads_in_progress": self.uploads_in_progress,
+        }
+
+
+@dataclass(frozen=True)
 class Session:
     """A login: the session id to send as a bearer token, and when it ends."""
 

@@ -43,10 +43,12 @@ from securevault.client.library import (
     NotFoundError,
     StorageLimitError,
     TooManyAttempts,
+    Usage,
     VaultClient,
     VaultError,
     error_from_response,
     install_verified,
+    part_path,
 )
 from tests.support.testcase import SyncTestCase
 
@@ -76,6 +78,74 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def download_records(vault: RunningVault) -> list[dict[str, object]]:
+    """The daemon's audit records of downloads, oldest first."""
+    lines = (vault.data_dir / "audit.jsonl").read_bytes().splitlines()
+    return [record for record in map(json.loads, lines) if record.get("event") == "download"]
+
+
+def part_name(dest: Path, sha256: str) -> Path:
+    """Where the client keeps a partial download of that archive into C{dest}."""
+    return dest.parent / f".{dest.name}.{sha256}.part"
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that passes one connection's bytes both ways
+    and cuts it (both directions) once C{cut_after} bytes came from the
+    server: a network that breaks in the middle of a download."""
+
+    def __init__(self, port: int, cut_after: int) -> None:
+        self._target = port
+        self._cut_after = cut_after
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        """Every connection (the client reconnects to ask again) is cut alike."""
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client), daemon=True).start()
+
+    def _downstream(self, server: socket.socket, client: socket.socket) -> None:
+        self._pump(server, client, self._cut_after)
+        for end in (client, server):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while limit is None or sent < limit:
+                data = source.recv(65536 if limit is None else min(65536, limit - sent))
+                if not data:
+                    return
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        for end in self._sockets:
+            try:
+                end.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+            except OSError:
+                pass
+            end.close()
+        self._thread.join(WAIT_SECONDS)
 
 
 def mode(path: Path) -> int:
@@ -352,6 +422,47 @@ class CommandLineTests(DaemonTestCase):
         self.assertIn("fails authentication", result.stderr)
         self.assertEqual(list(out.iterdir()), [])
 
+    def test_download_resumes_a_partial_file(self) -> None:
+        """A download cut off earlier left the start of the file in its
+        .part file (simulated by truncating a finished one): download asks
+        the server only for the rest (the audit log records that range),
+        checks the whole file's SHA-256 and renames it into place."""
+        self.login()
+        data = os.urandom(THREE_MIB)
+        (self.work / "resume.bin").write_bytes(data)
+        archive_id = self.cli("upload", "resume.bin").stdout.split()[0]
+        out = self.work / "out"
+        out.mkdir()
+        dest = out / "resume.bin"
+        first = self.cli("download", archive_id, "-o", str(dest))
+        self.assertEqual(first.returncode, 0, first.stderr)
+        part = part_name(dest, hashlib.sha256(data).hexdigest())
+        dest.rename(part)
+        with open(part, "r+b") as held:
+            held.truncate(1_000_000)
+        result = self.cli("download", archive_id, "-o", str(dest))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(dest.read_bytes(), data)
+        self.assertEqual(sorted(p.name for p in out.iterdir()), ["resume.bin"])
+        self.assertEqual(download_records(self.vault)[-1].get("range"), f"1000000-{THREE_MIB - 1}")
+
+    def test_usage(self) -> None:
+        """usage prints a small table, and --json the contract's object."""
+        self.login()
+        (self.work / "counted.txt").write_bytes(b"count me")
+        self.assertEqual(self.cli("upload", "counted.txt").returncode, 0)
+        listed = json.loads(self.cli("list", "--json").stdout)
+        result = self.cli("usage", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        usage = json.loads(result.stdout)
+        self.assertEqual(set(usage), {"archives", "stored_bytes", "quota_bytes", "uploads_in_progress"})
+        self.assertEqual((usage["archives"], usage["quota_bytes"]), (len(listed), None))
+        self.assertGreater(usage["stored_bytes"], 0)
+        table = self.cli("usage")
+        self.assertEqual(table.returncode, 0, table.stderr)
+        self.assertRegex(table.stdout, rf"\Aarchives\s+{len(listed)}\nstored\s+.*\({usage['stored_bytes']} bytes\)\n")
+        self.assertRegex(table.stdout, r"quota\s+none\nuploads in progress\s+0\n\Z")
+
     def test_delete_then_download(self) -> None:
         """After delete, downloading the archive exits 4."""
         self.login()
@@ -461,6 +572,105 @@ class LibraryTests(DaemonTestCase):
             vault.list()
         self.assertEqual(expired.exception.code, "invalid_session")
 
+    def test_usage(self) -> None:
+        """usage() counts the caller's archives and stored bytes."""
+        vault = self.client()
+        vault.login("alice", PASSWORD)
+        vault.upload_bytes("usage.bin", os.urandom(10_000))
+        usage = vault.usage()
+        self.assertEqual(usage.archives, len(vault.list()))
+        self.assertGreater(usage.stored_bytes, 10_000)
+        self.assertEqual((usage.quota_bytes, usage.uploads_in_progress), (None, 0))
+
+    def test_connection_lost_then_resumed(self) -> None:
+        """A download whose connection breaks after about 1 MiB (a proxy
+        cuts it) keeps the bytes received in its .part file, and
+        ConnectionFailed says so; the next download of it asks only for the
+        rest, and the whole file is verified and renamed into place."""
+        files = self.vault.client_files()
+        data = os.urandom(THREE_MIB)
+        direct = self.client()
+        direct.login("alice", PASSWORD)
+        info = direct.upload_bytes("cut.bin", data)
+        assert self.vault.port is not None
+        proxy = CuttingProxy(self.vault.port, cut_after=1 << 20)
+        self.addCleanup(proxy.close)
+        cut = VaultClient(f"https://127.0.0.1:{proxy.port}", files["cert"], files["key"], files["ca"])
+        self.addCleanup(cut.close)
+        cut.session_id = direct.session_id
+        dest = self.make_dir() / "cut.bin"
+        with self.assertRaises(ConnectionFailed) as raised:
+            cut.download(expected=info, dest=dest)
+        self.assertIn("download again to resume", raised.exception.message)
+        part = part_name(dest, info.sha256)
+        held = part.stat().st_size
+        self.assertTrue(0 < held < len(data), held)
+        self.assertEqual(part.read_bytes(), data[:held])
+        self.assertEqual(mode(part), 0o600)
+        self.assertFalse(dest.exists())
+
+        progress: list[int] = []
+        direct.download(info.id, dest=dest, progress=progress.append)
+        self.assertEqual(dest.read_bytes(), data)
+        self.assertEqual(progress[0], held)
+        self.assertEqual(sum(progress), len(data))
+        self.assertFalse(part.exists())
+        self.assertEqual(download_records(self.vault)[-1].get("range"), f"{held}-{len(data) - 1}")
+
+    def test_interrupted_then_resumed(self) -> None:
+        """A download interrupted (Ctrl-C) after its first block keeps what
+        it has; the next one resumes from there."""
+        vault = self.client()
+        vault.login("alice", PASSWORD)
+        data = os.urandom(THREE_MIB)
+        info = vault.upload_bytes("interrupted.bin", data)
+        dest = self.make_dir() / "interrupted.bin"
+
+        def interrupt(count: int) -> None:
+            raise KeyboardInterrupt
+
+        with self.assertRaises(KeyboardInterrupt):
+            vault.download(info.id, dest=dest, progress=interrupt)
+        vault.close()
+        held = part_name(dest, info.sha256).stat().st_size
+        self.assertTrue(0 < held < len(data), held)
+        vault.download(info.id, dest=dest)
+        self.assertEqual(dest.read_bytes(), data)
+        self.assertEqual(download_records(self.vault)[-1].get("range"), f"{held}-{len(data) - 1}")
+
+    def test_resumed_bytes_are_verified(self) -> None:
+        """A .part file whose bytes are not the archive's (damaged on the
+        client's disk) is resumed from, the whole SHA-256 then fails: an
+        IntegrityError, and neither the file nor the .part is kept."""
+        vault = self.client()
+        vault.login("alice", PASSWORD)
+        data = os.urandom(200_000)
+        info = vault.upload_bytes("damaged.bin", data)
+        dest = self.make_dir() / "damaged.bin"
+        part = part_name(dest, info.sha256)
+        part.write_bytes(b"\x00" * 100_000)
+        with self.assertRaises(IntegrityError):
+            vault.download(info.id, dest=dest)
+        self.assertEqual(list(dest.parent.iterdir()), [])
+
+    def test_stale_part_restarts_from_zero(self) -> None:
+        """A .part file of another archive (another ETag) for the same
+        destination is offered with If-Range; the server answers 200 with
+        the whole file, which replaces it."""
+        vault = self.client()
+        vault.login("alice", PASSWORD)
+        data = os.urandom(200_000)
+        info = vault.upload_bytes("fresh.bin", data)
+        dest = self.make_dir() / "fresh.bin"
+        stale = part_name(dest, "0" * 64)
+        stale.write_bytes(os.urandom(50_000))
+        progress: list[int] = []
+        vault.download(info.id, dest=dest, progress=progress.append)
+        self.assertEqual(dest.read_bytes(), data)
+        self.assertEqual(sum(progress), len(data))
+        self.assertEqual(list(dest.parent.iterdir()), [dest])
+        self.assertNotIn("range", download_records(self.vault)[-1])
+
     def test_wrong_password(self) -> None:
         """Wrong credentials are an AuthenticationError with the contract's code."""
         with self.assertRaises(AuthenticationError) as raised:
@@ -512,6 +722,37 @@ class VerificationTests(SyncTestCase):
 
 class HelperTests(SyncTestCase):
     """Pure pieces of the client: names, settings, errors."""
+
+    def test_part_path(self) -> None:
+        """A partial download is kept beside its destination, named after it
+        and the archive's SHA-256, within 255 bytes however long the name;
+        a digest that is not 64 hex digits never becomes part of a path."""
+        base = Path("/tmp/x")
+        digest = "ab" * 32
+        self.assertEqual(part_path(base / "out.bin", digest), base / f".out.bin.{digest}.part")
+        self.assertEqual(part_path(base / "o", digest.upper()), base / f".o.{digest}.part")
+        long = part_path(base / ("é" * 127), digest)
+        assert long is not None
+        self.assertEqual(long.parent, base)
+        self.assertLessEqual(len(long.name.encode("utf-8")), 255)
+        self.assertTrue(long.name.startswith(".éé") and long.name.endswith(f".{digest}.part"))
+        for hostile in ["../../etc/passwd", "", "ab" * 31, "zz" * 32, digest + "/x"]:
+            self.assertIsNone(part_path(base / "out.bin", hostile), hostile)
+
+    def test_usage_from_json(self) -> None:
+        """The /usage answer is read field by field; a malformed one is a
+        protocol error."""
+        body = {"archives": 2, "stored_bytes": 10, "quota_bytes": None, "uploads_in_progress": 0}
+        self.assertEqual(Usage.from_json(body), Usage(2, 10, None, 0))
+        self.assertEqual(Usage.from_json(body).to_json(), body)
+        self.assertEqual(Usage.from_json({**body, "quota_bytes": 5}).quota_bytes, 5)
+        for bad in [[], {**body, "archives": "2"}, {**body, "stored_bytes": True}, {**body, "archives": -1}]:
+            with self.assertRaises(VaultError):
+                Usage.from_json(bad)
+        missing = dict(body)
+        del missing["quota_bytes"]
+        with self.assertRaises(VaultError):
+            Usage.from_json(missing)
 
     def test_safe_output_name(self) -> None:
         """A server-supplied name keeps only its last component; names that
