@@ -41,7 +41,7 @@ class ReadmeTests(AsyncTestCase):
         """With the defaults of `securevault-admin init` and the README's
         user, every curl line of the README runs without error and does
         what its comment says: health, login, both uploads, list, both
-        downloads, delete, logout."""
+        downloads, a range, usage, delete, logout."""
         readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
         self.assertIn(f"printf '{README_PASSWORD}\\n' | securevault-admin user add alice --password-stdin", readme)
         base = self.make_dir()
@@ -70,3 +70,5 @@ class ReadmeTests(AsyncTestCase):
         self.assertIn('"content":"aGVsbG8sIHZhdWx0Cg=="', out)
         self.assertNotIn('"error"', out)
         self.assertEqual((base / "downloaded.bin").read_bytes(), (base / "README.md").read_bytes())
+        self.assertEqual((base / "first-bytes.bin").read_bytes(), (base / "README.md").read_bytes()[:5])
+        self.assertRegex(out, r'\{"archives":2,"stored_bytes":\d+,"quota_bytes":null,"uploads_in_progress":0\}')
