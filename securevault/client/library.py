@@ -4,9 +4,11 @@
 It speaks the HTTP contract of C{shared/API.md} over mutual TLS, on one
 persistent HTTPS connection reused across calls (reopened when the server has
 closed it).  Uploads and downloads use the raw streaming forms, so memory
-stays flat whatever the file size; a download is written to a temporary file
+stays flat whatever the file size; a download is written to a partial file
 next to its destination and renamed into place only once its SHA-256 matches
-what the server announced.
+what the server announced.  A download cut off midway keeps its partial
+file, and the next one into the same destination asks only for the rest
+(C{Range} with C{If-Range}).
 
 Example::
 
