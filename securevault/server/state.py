@@ -58,11 +58,24 @@ class RequestState:
     refuse: Callable[[ApiError | Failure], None] | None = None
 
 
+class StatefulRequest(Request):
+    """A request that carries its state itself (the pipeline's
+    VaultRequest).  Its state may refer back to it (the pipeline's callbacks
+    do): an ordinary reference cycle, freed with the request."""
+
+    state: RequestState
+
+
+# Requests that are not ours (twisted.web's DummyRequest in unit tests) get
+# their state here.  Such a state must never refer to its request: the
+# dictionary's value would then keep its own key alive for ever.
 _states: WeakKeyDictionary[Request, RequestState] = WeakKeyDictionary()
 
 
 def request_state(request: Request) -> RequestState:
     """The state of C{request}, created on first use; it goes with the request."""
+    if isinstance(request, StatefulRequest):
+        return request.state
     state = _states.get(request)
     if state is None:
         state = _states[request] = RequestState()

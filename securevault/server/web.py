@@ -39,7 +39,7 @@ from securevault.server.endpoint import SMALL_BODY_BYTES, JsonEndpoint
 from securevault.server.errors import ApiError, busy, not_found, revoked_certificate
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
 from securevault.server.limits import CLOSE_GRACE_SECONDS, RateMeter
-from securevault.server.state import request_state
+from securevault.server.state import RequestState, StatefulRequest, request_state
 from securevault.server.tls import client_identity
 from securevault.server.twisted_private import (
     head_bytes_received,
@@ -78,7 +78,7 @@ def raw_error_response(error: ApiError, body: bytes | None = None) -> bytes:
     return head + b"\r\n" + body
 
 
-class VaultRequest(server.Request):
+class VaultRequest(StatefulRequest):
     """A request with the vault's routing of bodies, limits, headers, errors
     and logging.
 
@@ -95,7 +95,7 @@ class VaultRequest(server.Request):
     def __init__(self, channel: Any, queued: Any = None) -> None:
         super().__init__(channel, queued)
         skip_form_parsing(self)
-        self.state = request_state(self)
+        self.state = RequestState()
         self.state.refuse = self.refuse
         self.state.pause_body = self._pause_body
         self.state.resume_body = self._resume_body
