@@ -14,13 +14,14 @@ import binascii
 from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from securevault.core.archive import ArchiveInfo, ArchiveWriter, InvalidFilename, check_filename
 from securevault.core.sessions import Session
+from securevault.server.app import VaultApp
 from securevault.server.auditing import AuditUnavailable
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, busy, storage_error
@@ -94,6 +95,13 @@ class UploadFileResource(JsonEndpoint):
     then only waits for the commit."""
 
     allowedMethods = (b"POST",)
+
+    def __init__(self, app: VaultApp) -> None:
+        super().__init__(app)
+        # JSON uploads are parsed and decoded one at a time: each briefly
+        # holds about three times its body, and two 60 MiB ones at once
+        # would double that peak for no gain (the work is CPU-bound).
+        self._decoding = DeferredSemaphore(1)
 
     def body_limit(self, request: Request) -> int:
         if request.method != b"POST":
@@ -175,8 +183,9 @@ class UploadFileResource(JsonEndpoint):
                         "unsupported_media_type",
                         "Send application/json or application/octet-stream with X-Filename.",
                     )
-                return app.run_blocking(
-                    store_json_upload, app.storage, session.user_id, take_body(request), app.config.quota
+                body = take_body(request)
+                return self._decoding.run(
+                    app.run_blocking, store_json_upload, app.storage, session.user_id, body, app.config.quota
                 )
 
             work = app.authenticate(request).addCallback(store)

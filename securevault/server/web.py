@@ -39,7 +39,7 @@ from securevault.server.endpoint import SMALL_BODY_BYTES, JsonEndpoint
 from securevault.server.errors import ApiError, busy, not_found, revoked_certificate
 from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
 from securevault.server.limits import CLOSE_GRACE_SECONDS, RateMeter
-from securevault.server.state import RequestState, StatefulRequest, request_state
+from securevault.server.state import RequestState, StatefulRequest
 from securevault.server.tls import client_identity
 from securevault.server.twisted_private import (
     head_bytes_received,
