@@ -32,6 +32,7 @@ from securevault.resources.get_files import GetFilesResource
 from securevault.resources.health import HealthResource
 from securevault.resources.login import LoginResource
 from securevault.resources.logout import LogoutResource
+from securevault.resources.openapi_json import OpenApiResource
 from securevault.resources.upload_file import UploadFileResource
 from securevault.resources.usage import UsageResource
 from securevault.server.app import VaultApp
@@ -607,6 +608,7 @@ def build_root(app: VaultApp) -> RootResource:
             b"delete-file": DeleteFileResource(app),
             b"health": HealthResource(app),
             b"usage": UsageResource(app),
+            b"openapi.json": OpenApiResource(app),
         }
     )
 
