@@ -100,6 +100,17 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+# API.md's filename rule, as far as JSON Schema can say it (the limit is 255
+# UTF-8 bytes, which maxLength, counting characters, only approximates).
+FILENAME: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": r"^[^/\\\u0000-\u001f\u007f-\u009f]+$",
+    "not": {"enum": [".", ".."]},
+    "description": "1 to 255 UTF-8 bytes; not `.` or `..`; no `/`, `\\` or control character (Unicode Cc).",
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": {
         "type": "object",
@@ -154,7 +165,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "required": ["filename", "content"],
         "properties": {
-            "filename": {"type": "string"},
+            "filename": FILENAME,
             "content": {"type": "string", "contentEncoding": "base64", "description": "The file's bytes, base64."},
         },
     },
@@ -191,6 +202,8 @@ class Success:
     # media type → schema; empty: no body.
     content: dict[str, dict[str, Any]] = field(default_factory=dict)
     headers: tuple[str, ...] = ()
+    # OpenAPI links: where the answer's fields lead (for a stateful fuzzer).
+    links: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -294,7 +307,23 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
             description="JSON (`filename`, base64 `content`; up to --max-json-body) or a raw stream "
             "(application/octet-stream; name in X-Filename, percent-encoded UTF-8, or the `filename` query "
             "parameter; up to --max-upload-size and the quota).",
-            successes=(Success(201, "Stored.", {JSON: _ref("Archive")}),),
+            successes=(
+                Success(
+                    201,
+                    "Stored.",
+                    {JSON: _ref("Archive")},
+                    links={
+                        "DownloadArchive": {
+                            "operationId": "get_download_file",
+                            "parameters": {"id": "$response.body#/id"},
+                        },
+                        "DeleteArchive": {
+                            "operationId": "post_delete_file",
+                            "requestBody": {"id": "$response.body#/id"},
+                        },
+                    },
+                ),
+            ),
             errors=PIPELINE_ERRORS
             + BODY_ERRORS
             + SESSION_ERRORS
@@ -307,6 +336,7 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
                 JSON: _ref("JsonUpload"),
                 OCTETS: {"type": "string", "format": "binary"},
             },
+            body_required=True,
         )
     },
     "/get-files": {"get": _LIST, "head": _head_of(_LIST)},
@@ -396,6 +426,8 @@ def _operation(path: str, method: str, operation: Operation) -> dict[str, Any]:
             answer["content"] = {media: {"schema": schema} for media, schema in success.content.items()}
         if success.headers:
             answer["headers"] = {name: _header_doc(name) for name in success.headers}
+        if success.links:
+            answer["links"] = success.links
         responses[str(success.status)] = answer
     by_status: dict[int, list[str]] = {}
     for code in dict.fromkeys(operation.errors):
