@@ -50,7 +50,9 @@ def template() -> Path:
         )
         if result.returncode != 0:
             raise AssertionError(f"init --sealed failed: {result.stderr}")
-        result = admin_in(base, "user", "add", "alice", "--password-stdin", stdin=PASSWORD)
+        result = admin_in(
+            base, "user", "add", "alice", "--passphrase-stdin", "--password-stdin", stdin=PASSPHRASE + "\n" + PASSWORD
+        )
         if result.returncode != 0:
             raise AssertionError(f"user add failed: {result.stderr}")
         _TEMPLATE.append(base)

@@ -25,6 +25,7 @@ from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_c
 from securevault.admin.transfer import TransferError, copy_vault
 from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
+from securevault.core.integrity import RowAuthenticator, open_rows
 from securevault.core.keybinding import (
     KeyLocation,
     default_master_key,
@@ -151,28 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
             help="read the password from the first line of standard input",
         )
         sub.set_defaults(handler=handler)
+        _key_options(sub, "; the passphrase's line comes before the password's")
     remove = user_commands.add_parser("remove", help="delete a user")
     remove.add_argument("name", metavar="NAME")
     remove.set_defaults(handler=_user_remove)
+    _key_options(remove)
     listing = user_commands.add_parser("list", help="list user names, one per line")
     listing.set_defaults(handler=_user_list)
+    _key_options(listing)
     unlock = user_commands.add_parser(
         "unlock", help="forget a user's failed logins, from every certificate (lifts the login throttle)"
     )
     unlock.add_argument("name", metavar="NAME")
     unlock.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
     unlock.set_defaults(handler=_user_unlock)
+    _key_options(unlock)
 
     session = commands.add_parser("session", help="list and end sessions (on every node, at once)")
     session_commands = session.add_subparsers(dest="session_command", metavar="ACTION", required=True)
     session_list = session_commands.add_parser("list", help="live sessions, newest first")
     session_list.add_argument("--user", metavar="NAME", help="only this user's sessions")
     session_list.set_defaults(handler=_session_list)
+    _key_options(session_list)
     revoke = session_commands.add_parser("revoke", help="end a session (ID from 'session list') or all of a user's")
     target = revoke.add_mutually_exclusive_group(required=True)
     target.add_argument("id", metavar="ID-PREFIX", nargs="?", help="a session's ID as 'session list' shows it")
     target.add_argument("--user", metavar="NAME", help="end every session of this user")
     revoke.set_defaults(handler=_session_revoke)
+    _key_options(revoke)
 
     key = commands.add_parser("key", help="manage the master key")
     key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--to-metadata", metavar="URL", help="target metadata store (default: the same as the source)")
     copy.add_argument("--to-blobs", metavar="URL", help="target blob store (default: the same as the source)")
     copy.set_defaults(handler=_copy)
+    _key_options(copy)
 
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
@@ -230,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
     audit_verify.set_defaults(handler=_audit_verify)
     return parser
+
+
+def _key_options(parser: argparse.ArgumentParser, stdin_note: str = "") -> None:
+    """--master-key and --passphrase-stdin: the command needs the master key
+    (user and session rows are authenticated under it)."""
+    parser.add_argument("--master-key", help=MASTER_KEY_HELP)
+    parser.add_argument(
+        "--passphrase-stdin",
+        action="store_true",
+        help=f"a sealed master key's passphrase from standard input{stdin_note}",
+    )
 
 
 def read_new_password(
@@ -280,8 +299,24 @@ def _stores(args: argparse.Namespace) -> Stores:
     return stores
 
 
+def _rows(args: argparse.Namespace) -> RowAuthenticator:
+    """The vault's row authenticator (the master key is checked first);
+    a vault from before row MACs has its rows authenticated now, once."""
+    rows: RowAuthenticator | None = getattr(args, "opened_rows", None)
+    if rows is None:
+        rows, authenticated = open_rows(_keyring(args), _stores(args).metadata)
+        if authenticated is not None and any(authenticated):
+            print(
+                f"{PROG}: authenticated {authenticated[0]} user rows of this vault from before row MACs "
+                f"and ended its {authenticated[1]} sessions",
+                file=sys.stderr,
+            )
+        args.opened_rows = rows
+    return rows
+
+
 def _user_store(args: argparse.Namespace) -> UserStore:
-    users = UserStore(_stores(args).metadata)
+    users = UserStore(_stores(args).metadata, _rows(args))
     migrate_users(_existing_data_dir(args), users)  # a vault from before the stores
     return users
 
@@ -411,6 +446,7 @@ def _session_store(args: argparse.Namespace) -> SessionStore:
     return SessionStore(
         _stores(args).metadata,
         time.time,
+        rows=_rows(args),
         idle_seconds=DEFAULT_SESSION_IDLE_SECONDS,
         ttl_seconds=DEFAULT_SESSION_TTL_SECONDS,
     )
@@ -497,6 +533,9 @@ def _key_file(args: argparse.Namespace) -> KeyringFile:
 def _keyring(args: argparse.Namespace) -> Keyring:
     """The vault's keyring, refused unless the key file opens this vault
     (see L{securevault.core.keybinding}); an admin command never creates it."""
+    opened: Keyring | None = getattr(args, "opened_keyring", None)
+    if opened is not None:
+        return opened
     data_dir = _existing_data_dir(args)
     key_file = _key_file(args)
     init = PROG if args.data_dir == DEFAULT_DATA_DIR else f"{PROG} --data-dir {data_dir}"
@@ -504,9 +543,11 @@ def _keyring(args: argparse.Namespace) -> Keyring:
     if key_file.path != default_master_key(data_dir):
         init += f" --master-key {key_file.path}"
     how_to_create = f"; this vault holds no users or archives yet: create its key with '{init}'"
-    return open_master_key(
+    keyring = open_master_key(
         key_file, _stores(args).metadata, data_dir, create=False, how_to_create=how_to_create
     ).keyring
+    args.opened_keyring = keyring
+    return keyring
 
 
 def _storage(args: argparse.Namespace, keyring: Keyring | None = None) -> SecureFileStorage:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import fsync_directory, remove_stale_temps, temp_name
+from securevault.core.integrity import rewrap_integrity_key
 from securevault.core.keybinding import bind_keyring, rebind
 from securevault.core.keys import Keyring, KeyringFile, generate_keyring, new_key_id
 from securevault.storage import SecureFileStorage
@@ -45,7 +46,8 @@ def rotate_master_key(
     L{securevault.core.keybinding}), else L{KeyBindingError} and nothing
     changes.  Steps, each durable before the next: (1) the keyring file gains
     a new current key, keeping the old, and then the key check vouches for
-    both; (2) every archive's index row is rewrapped; (3) the key check
+    both, and the vault's integrity key is rewrapped under the new key
+    (L{securevault.core.integrity}); (2) every archive's index row is rewrapped; (3) the key check
     vouches for the new key alone, and then the keyring keeps only the new
     key.  At every point the key file on disk shares a vouched-for key with
     the check, so it keeps opening the vault, and a retired key no longer
@@ -67,6 +69,10 @@ def rotate_master_key(
         progress(f"resuming an interrupted rotation to key {keyring.current_id}")
     storage = storage_for(keyring)
     rebind(storage.metadata, keyring)
+    # The integrity key (row MACs, the audit chain) itself never changes:
+    # only its wrapping moves to the new key, before the old one retires.
+    if rewrap_integrity_key(keyring, storage.metadata):
+        progress("integrity key rewrapped under the new master key")
     # Recorded in the metadata store, where every node and verify can see it.
     storage.metadata.set_state(ROTATION_STATE, keyring.current_id)
     rewrapped = total = 0

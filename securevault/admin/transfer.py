@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from securevault.admin.maintenance import ROTATION_STATE
 from securevault.core.archive import IO_BLOCK_BYTES
+from securevault.core.integrity import INTEGRITY_KEY_STATE, ROW_MACS_STATE
 from securevault.core.keybinding import KEY_CHECK_STATE
 from securevault.stores.backends import Stores
 from securevault.stores.blobs import BlobNotFound
@@ -58,6 +59,12 @@ def copy_vault(source: Stores, target: Stores, progress: Progress = _quiet) -> T
     check = source.metadata.get_state(KEY_CHECK_STATE)
     if check is not None and target.metadata.add_state(KEY_CHECK_STATE, check) != check:
         raise TransferError("The target stores are bound to another master key (their key check differs).")
+    # Rows carry MACs under the source's integrity key: the target gets it
+    # (wrapped under the same master key), or is refused if it has another.
+    for name in (INTEGRITY_KEY_STATE, ROW_MACS_STATE):
+        value = source.metadata.get_state(name)
+        if value is not None and target.metadata.add_state(name, value) != value:
+            raise TransferError(f"The target stores hold another vault's {name.replace('_', ' ')}.")
     users = present_users = 0
     for user in source.metadata.list_users():
         try:

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from securevault.core.integrity import RowAuthenticator
 from securevault.stores.metadata import SESSIONS_REVOKED_STATE, LoginAttempt, MetadataStore, SessionRecord
 
 DEFAULT_SESSION_IDLE_SECONDS = 30 * 60
@@ -69,12 +70,14 @@ class SessionStore:
         store: MetadataStore,
         clock: Callable[[], float],
         *,
+        rows: RowAuthenticator,
         idle_seconds: float,
         ttl_seconds: float,
         mirror: bool = False,
     ) -> None:
         self._store = store
         self._clock = clock
+        self._rows = rows
         self._idle = idle_seconds
         self._ttl = ttl_seconds
         self._touch_interval = min(TOUCH_INTERVAL_SECONDS, idle_seconds / 20)
@@ -99,7 +102,8 @@ class SessionStore:
         if self._mirror is None:
             return 0
         self._revoked_mark = self._store.get_state(SESSIONS_REVOKED_STATE)
-        records = self._store.list_sessions()
+        # A row that fails authentication never enters the mirror.
+        records = [record for record in self._store.list_sessions() if self._rows.session_ok(record)]
         with self._lock:
             self._mirror = {record.digest: record for record in records}
         return len(records)
@@ -124,6 +128,7 @@ class SessionStore:
             session.last_used,
             session.expires_at,
         )
+        record = dataclasses.replace(record, mac=self._rows.session_mac(record))
         self._store.put_session(record)
         with self._lock:
             if self._mirror is not None:
@@ -137,8 +142,11 @@ class SessionStore:
         return min(session.last_used + self._idle, session.expires_at)
 
     def _check(self, session_id: str, digest: str, record: SessionRecord | None, fingerprint: str) -> Session | None:
-        """The session if C{record} is live and bound to C{fingerprint}."""
+        """The session if C{record} is live, bound to C{fingerprint}, and as
+        securevault wrote it (its MAC holds)."""
         if record is None or not hmac.compare_digest(record.digest, digest):
+            return None
+        if not self._rows.session_ok(record):
             return None
         session = Session(
             session_id,
@@ -259,6 +267,7 @@ class SessionStore:
             record
             for record in self._store.list_sessions()
             if (user_id is None or record.user_id == user_id)
+            and self._rows.session_ok(record)
             and now < min(record.last_used + self._idle, record.expires_at)
         ]
         return sorted(records, key=lambda record: record.created_at, reverse=True)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from securevault.core.integrity import RowAuthenticator
 from securevault.stores.metadata import DuplicateUser, MetadataError, MetadataStore, UserRecord
 
 T = TypeVar("T")
@@ -164,18 +165,32 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class RowRefused(UserError):
+    """The user's row fails authentication: it was changed outside
+    securevault (see L{securevault.core.integrity})."""
+
+
 class UserStore:
     """The users of one vault, kept in its metadata store.
 
     Every node and the admin command see the same users at once: there is
-    no file to reload and no signal to send.
+    no file to reload and no signal to send.  Each row carries a MAC
+    (C{rows}): a row changed behind securevault's back is refused.
     """
 
-    def __init__(self, store: MetadataStore, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
+    def __init__(self, store: MetadataStore, rows: RowAuthenticator, *, scrypt_n: int = DEFAULT_SCRYPT_N) -> None:
         if scrypt_n < 2 or scrypt_n & (scrypt_n - 1) or scrypt_n > MAX_SCRYPT_N:
             raise ValueError("scrypt_n must be a power of two between 2 and 2**20")
         self._store = store
+        self._rows = rows
         self._scrypt_n = scrypt_n
+
+    def _record(self, name: str) -> UserRecord | None:
+        """The user's row, None when absent or when it fails authentication."""
+        record = self._call(self._store.get_user, name)
+        if record is None or not self._rows.user_ok(record):
+            return None
+        return record
 
     def _call(self, function: Callable[..., T], *args: Any) -> T:
         try:
@@ -197,8 +212,9 @@ class UserStore:
         validate_password(password)
         encoded = hash_password(password, n=self._scrypt_n)
         user_id = os.urandom(16).hex()
+        mac = self._rows.user_mac(name, user_id, encoded)
         try:
-            self._call(self._store.add_user, UserRecord(name, user_id, encoded, _now()))
+            self._call(self._store.add_user, UserRecord(name, user_id, encoded, _now(), mac))
         except DuplicateUser:
             raise UserExists(f"The user {name!r} already exists.") from None
         return user_id
@@ -206,18 +222,31 @@ class UserStore:
     def import_user(self, name: str, user_id: str, password_hash: str, created_at: str) -> bool:
         """Add a user as it was kept elsewhere (migration); False if present."""
         _parse_hash(password_hash)
+        mac = self._rows.user_mac(validate_username(name), user_id, password_hash)
         try:
-            self._call(self._store.add_user, UserRecord(validate_username(name), user_id, password_hash, created_at))
+            self._call(self._store.add_user, UserRecord(name, user_id, password_hash, created_at, mac))
         except DuplicateUser:
             return False
         return True
 
     def set_password(self, name: str, password: str) -> None:
-        """Replace the user's password; their id, and so their archives, stay."""
+        """Replace the user's password; their id, and so their archives, stay.
+
+        Refused (L{RowRefused}) for a row that fails authentication: its id
+        may be someone else's.  Remove the user and add them again."""
         validate_username(name)
         validate_password(password)
+        stored = self._call(self._store.get_user, name)
+        if stored is None:
+            raise UnknownUser(f"There is no user {name!r}.")
+        if not self._rows.user_ok(stored):
+            raise RowRefused(
+                f"The stored record of user {name!r} fails authentication: it was changed outside securevault. "
+                "Nothing was changed; remove the user and add them again."
+            )
         encoded = hash_password(password, n=self._scrypt_n)
-        if not self._call(self._store.set_password_hash, name, encoded):
+        mac = self._rows.user_mac(name, stored.user_id, encoded)
+        if not self._call(lambda: self._store.set_password_hash(name, encoded, user_id=stored.user_id, mac=mac)):
             raise UnknownUser(f"There is no user {name!r}.")
 
     def remove(self, name: str) -> None:
@@ -227,17 +256,25 @@ class UserStore:
         if not self._call(self._store.remove_user, name):
             raise UnknownUser(f"There is no user {name!r}.")
 
+    def name_digest(self, name: str) -> str:
+        """What a log records for a name that is no user's (see
+        L{RowAuthenticator.name_digest})."""
+        return self._rows.name_digest(name)
+
     def names(self) -> list[str]:
         """All user names, sorted."""
         return [record.name for record in self._call(self._store.list_users)]
 
     def user_ids(self) -> set[str]:
-        """The ids of every current user (a removed user's id is not here)."""
+        """The ids of every current user (a removed user's id is not here).
+        A row failing authentication counts too: what keeps archives from
+        the orphan sweep must not be a row an attacker can break."""
         return {record.user_id for record in self._call(self._store.list_users)}
 
     def user_id(self, name: str) -> str | None:
-        """The user's id, or None when there is no such user."""
-        record = self._call(self._store.get_user, name)
+        """The user's id, or None when there is no such user (or its row
+        fails authentication)."""
+        record = self._record(name)
         return None if record is None else record.user_id
 
     def verify(self, name: str, password: str) -> str | None:
@@ -249,7 +286,9 @@ class UserStore:
         # Only a valid name is looked up: a hostile one (a lone surrogate, a
         # NUL) may be more than the store can take as a query parameter.
         known = isinstance(name, str) and USERNAME_PATTERN.fullmatch(name) is not None
-        record = self._call(self._store.get_user, name) if known else None
+        # A row that fails authentication is refused like an unknown name
+        # (the same answer, at the same cost), and reported by C{rows}.
+        record = self._record(name) if known else None
         valid = isinstance(password, str) and PASSWORD_MIN_CHARS <= len(password) <= PASSWORD_MAX_CHARS
         if record is None or not valid:
             decoy = _scrypt(

@@ -45,6 +45,12 @@ class VaultMetrics:
         self.integrity_errors = Counter(
             "securevault_integrity_errors", "Archives that failed authentication on read.", registry=r
         )
+        self.refused_rows = Counter(
+            "securevault_refused_rows",
+            "User and session rows refused: their MAC failed (changed outside securevault).",
+            ["kind"],
+            registry=r,
+        )
         Gauge("securevault_active_sessions", "Live sessions.", registry=r).set_function(active_sessions)
         Gauge("securevault_pool_queue_depth", "Jobs waiting for a worker thread.", registry=r).set_function(
             pool_queue_depth

@@ -28,6 +28,7 @@ from securevault import __version__
 from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
 from securevault.core.fsutil import remove_stale_temps
+from securevault.core.integrity import open_rows
 from securevault.core.keybinding import locate_master_key, open_master_key
 from securevault.core.keys import KeyFileError, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
@@ -310,6 +311,7 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
     try:
         # Before anything reads or writes the vault: the key must be its own.
         master_key = open_master_key(key_file, stores.metadata, config.data_dir, create=True)
+        rows, authenticated = open_rows(master_key.keyring, stores.metadata)
     except MetadataError as error:
         stores.close()
         raise BackendError(f"the metadata store failed: {error}") from None
@@ -324,13 +326,20 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
         )
     elif master_key.bound:
         log.info("The master key {path} is now bound to this vault (key check stored)", path=str(location.path))
+    if authenticated is not None and any(authenticated):
+        log.warn(
+            "Authenticated the {users} user rows of this vault from before row MACs, and ended its "
+            "{sessions} sessions; from now on a row changed outside securevault is refused",
+            users=authenticated[0],
+            sessions=authenticated[1],
+        )
     warning = location.warning(config.data_dir)
     if warning is not None:
         log.warn("{warning}", warning=warning[:1].upper() + warning[1:])
     # One node is the only writer of its index and sessions: it keeps them
     # in memory too, and small requests need no trip to the pool.
     storage = stores.storage(keyring, keyring_file=key_file, cache_listings=stores.single_node)
-    users = UserStore(stores.metadata)
+    users = UserStore(stores.metadata, rows)
     # No client is connected yet: migrating and recovering here blocks no
     # one, and both must finish before an upload could start.
     migrated = migrate(config.data_dir, users, storage)
@@ -358,6 +367,7 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
     sessions = SessionStore(
         stores.metadata,
         clock.seconds,
+        rows=rows,
         idle_seconds=config.session_idle,
         ttl_seconds=config.session_ttl,
         mirror=stores.single_node,
@@ -369,7 +379,7 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
             "--max-connections lowered to {count}: the limit on open files allows no more",
             count=max_connections,
         )
-    return VaultApp(
+    app = VaultApp(
         budget=MemoryBudget(config.memory_budget),
         connections=ConnectionLimits(max_connections, config.max_connections_per_cert),
         config=config,
@@ -383,6 +393,19 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
         audit_trail=AuditTrail(AuditLog(config.audit_log), run_blocking, clock) if config.audit_log else None,
         stores=stores,
     )
+
+    def refused(kind: str, user_id: str) -> None:
+        """A row failed its MAC (called in a worker thread): said and counted."""
+        log.warn(
+            "A {kind} row of user id {user_id} fails authentication (changed outside securevault): refused",
+            kind=kind,
+            user_id=user_id,
+        )
+        if app.metrics is not None:
+            app.metrics.refused_rows.labels(kind=kind).inc()
+
+    rows.on_refused = refused
+    return app
 
 
 def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) -> IService:

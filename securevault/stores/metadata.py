@@ -49,6 +49,7 @@ class UserRecord:
     user_id: str
     password_hash: str
     created_at: str
+    mac: str | None = None  # see securevault.core.integrity
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class SessionRecord:
     created_at: float
     last_used: float
     expires_at: float
+    mac: str | None = None  # see securevault.core.integrity
 
 
 @dataclass(frozen=True)
@@ -92,14 +94,21 @@ class MetadataStore(Protocol):
 
     def get_user(self, name: str) -> UserRecord | None: ...
 
-    def set_password_hash(self, name: str, password_hash: str) -> bool:
-        """False when there is no such user."""
+    def set_password_hash(
+        self, name: str, password_hash: str, *, user_id: str | None = None, mac: str | None = None
+    ) -> bool:
+        """Replace the hash and the row's C{mac}; False when there is no such
+        user (or, with C{user_id}, when the row has another id)."""
 
     def remove_user(self, name: str) -> bool:
         """Remove the user and end their sessions; False when there is none."""
 
     def list_users(self) -> list[UserRecord]:
         """Sorted by name."""
+
+    def set_user_mac(self, record: UserRecord, mac: str) -> bool:
+        """Give a row without a MAC its C{mac}, if it still holds C{record}'s
+        name, id and hash (see L{securevault.core.integrity})."""
 
     # sessions
     def put_session(self, record: SessionRecord) -> None: ...
@@ -111,6 +120,9 @@ class MetadataStore(Protocol):
     def delete_session(self, digest: str) -> None: ...
 
     def delete_expired_sessions(self, now: float, idle_seconds: float) -> int: ...
+
+    def delete_unauthenticated_sessions(self) -> int:
+        """End every session without a MAC; returns how many."""
 
     def count_sessions(self) -> int: ...
 
@@ -239,6 +251,10 @@ SCHEMA = (
 # Every table of SCHEMA: a store missing any of them (an older vault) has
 # the schema run again (every statement is IF NOT EXISTS).
 TABLES = ("sv_users", "sv_sessions", "sv_login_attempts", "sv_archives", "sv_state")
+# Columns added after their table: (table, column, type).  Nullable, so a
+# store of an older vault gains them in place (ALTER TABLE ... ADD COLUMN
+# on both engines) and its rows read None until filled in.
+ADDED_COLUMNS = (("sv_users", "mac", "TEXT"), ("sv_sessions", "mac", "TEXT"))
 
 
 def _row(record: UserRecord | SessionRecord | LoginAttempt | ArchiveRecord) -> tuple[Any, ...]:
@@ -247,8 +263,8 @@ def _row(record: UserRecord | SessionRecord | LoginAttempt | ArchiveRecord) -> t
 
 
 # The columns of each table, in the order of its record's fields.
-_USER_COLUMNS = "name, user_id, password_hash, created_at"
-_SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at"
+_USER_COLUMNS = "name, user_id, password_hash, created_at, mac"
+_SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at, mac"
 _ATTEMPT_COLUMNS = "attempt, certificate, account, at"
 _ARCHIVE_COLUMNS = "owner_id, archive_id, created_ns, stored_bytes, key_id, document"
 
@@ -290,10 +306,17 @@ class SqlMetadataStore:
         """The tables, and the schema version when the store is new."""
         for statement in SCHEMA:
             run(statement)
+        for table, column, kind in ADDED_COLUMNS:
+            if not self._has_column(run, table, column):
+                run(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         run(
             "INSERT INTO sv_state (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             ("schema", SCHEMA_VERSION),
         )
+
+    def _has_column(self, run: Any, table: str, column: str) -> bool:
+        """Whether C{table} has C{column} (SQLite; PostgreSQL overrides)."""
+        return any(row[1] == column for row in run(f"PRAGMA table_info({table})").fetchall())
 
     def _serialise_certificate(self, run: Any, certificate: str) -> None:
         """Inside a write transaction: wait until no other transaction on
@@ -383,7 +406,7 @@ class SqlMetadataStore:
 
     def add_user(self, record: UserRecord) -> None:
         try:
-            self._execute(f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?)", _row(record))
+            self._execute(f"INSERT INTO sv_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?)", _row(record))
         except self.integrity_errors as error:
             raise DuplicateUser(record.name) from error
 
@@ -391,14 +414,16 @@ class SqlMetadataStore:
         rows = self._query(f"SELECT {_USER_COLUMNS} FROM sv_users WHERE name = ?", (name,))
         return UserRecord(*rows[0]) if rows else None
 
-    def set_password_hash(self, name: str, password_hash: str) -> bool:
+    def set_password_hash(
+        self, name: str, password_hash: str, *, user_id: str | None = None, mac: str | None = None
+    ) -> bool:
         """A new password ends every session of the user, in the same
         transaction: a stolen session does not outlive the password."""
         with self._write() as run:
             rows = run("SELECT user_id FROM sv_users WHERE name = ?", (name,)).fetchall()
-            if not rows:
+            if not rows or (user_id is not None and rows[0][0] != user_id):
                 return False
-            run("UPDATE sv_users SET password_hash = ? WHERE name = ?", (password_hash, name))
+            run("UPDATE sv_users SET password_hash = ?, mac = ? WHERE name = ?", (password_hash, mac, name))
             run("DELETE FROM sv_sessions WHERE user_id = ?", (rows[0][0],))
             self._mark_revoked(run)
             return True
@@ -422,10 +447,19 @@ class SqlMetadataStore:
     def list_users(self) -> list[UserRecord]:
         return [UserRecord(*row) for row in self._query(f"SELECT {_USER_COLUMNS} FROM sv_users ORDER BY name")]
 
+    def set_user_mac(self, record: UserRecord, mac: str) -> bool:
+        return (
+            self._execute(
+                "UPDATE sv_users SET mac = ? WHERE name = ? AND user_id = ? AND password_hash = ? AND mac IS NULL",
+                (mac, record.name, record.user_id, record.password_hash),
+            )
+            > 0
+        )
+
     # -- sessions -----------------------------------------------------------
 
     def put_session(self, record: SessionRecord) -> None:
-        self._execute(f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _row(record))
+        self._execute(f"INSERT INTO sv_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", _row(record))
 
     def get_session(self, digest: str) -> SessionRecord | None:
         rows = self._query(f"SELECT {_SESSION_COLUMNS} FROM sv_sessions WHERE digest = ?", (digest,))
@@ -443,6 +477,9 @@ class SqlMetadataStore:
         return self._execute(
             "DELETE FROM sv_sessions WHERE expires_at <= ? OR last_used <= ?", (now, now - idle_seconds)
         )
+
+    def delete_unauthenticated_sessions(self) -> int:
+        return self._execute("DELETE FROM sv_sessions WHERE mac IS NULL")
 
     def count_sessions(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM sv_sessions")[0][0])

@@ -24,7 +24,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
-from securevault.stores.metadata import TABLES, MetadataError, SqlMetadataStore
+from securevault.stores.metadata import ADDED_COLUMNS, TABLES, MetadataError, SqlMetadataStore
 
 Connection = psycopg.Connection[TupleRow]
 
@@ -211,6 +211,17 @@ class PostgresMetadataStore(SqlMetadataStore):
 
     # -- the schema -----------------------------------------------------------
 
+    def _has_column(self, run: Any, table: str, column: str) -> bool:
+        """Whether C{table} (in the search path's first schema) has C{column}.
+        C{run} is a transaction's runner or L{_query}."""
+        result = run(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?",
+            (table, column),
+        )
+        rows = result if isinstance(result, list) else result.fetchall()
+        return bool(rows[0][0])
+
     def _create_schema(self) -> None:
         """Create the tables unless they are there.  Nodes starting at once
         would race in C{CREATE TABLE IF NOT EXISTS}, so the DDL runs under a
@@ -218,6 +229,11 @@ class PostgresMetadataStore(SqlMetadataStore):
         DDL runs at all, so the vault's role needs no CREATE privilege then
         (a table added by a newer version is created at its first start)."""
         missing = [table for table in TABLES if not self._query("SELECT to_regclass(?) IS NOT NULL", (table,))[0][0]]
+        missing += [
+            f"{table}.{column}"
+            for table, column, _ in ADDED_COLUMNS
+            if not self._has_column(self._query, table, column)
+        ]
         if missing or self.get_state("schema") is None:
             with self._write() as run:
                 run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))

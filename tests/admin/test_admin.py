@@ -24,6 +24,7 @@ from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore, hash_
 from securevault.storage import SecureFileStorage
 from securevault.stores.blobs import LocalBlobStore
 from securevault.stores.metadata import SqliteMetadataStore
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[2]
@@ -187,7 +188,8 @@ class UserCommandTests(AdminTestCase):
     @property
     def store(self) -> UserStore:
         """The users as the daemon sees them, in the vault's metadata store."""
-        return UserStore(self.metadata())
+        metadata = self.metadata()
+        return UserStore(metadata, vault_rows(metadata, load_keyring(self.master_key)))
 
     def test_add_from_stdin(self) -> None:
         """--password-stdin reads one line, stripping only the newline; the
@@ -336,7 +338,8 @@ class VerifyRepairTests(AdminTestCase):
         self.assertTrue(self.metadata().delete_archive(self.alice_id, self.orphan))
 
     def store_user_id(self, name: str) -> str:
-        user_id = UserStore(self.metadata()).user_id(name)
+        metadata = self.metadata()
+        user_id = UserStore(metadata, vault_rows(metadata, load_keyring(self.master_key))).user_id(name)
         assert user_id is not None
         return user_id
 
@@ -468,7 +471,8 @@ class EntryPointTests(SyncTestCase):
         metadata = SqliteMetadataStore(cwd / "vault-data" / "vault.db")
         self.addCleanup(metadata.close)
         self.assertEqual([user.name for user in metadata.list_users()], ["alice"])
-        self.assertIsNotNone(UserStore(metadata).verify("alice", PASSWORD))
+        rows = vault_rows(metadata, load_keyring(cwd / "vault-keys" / "master.key"))
+        self.assertIsNotNone(UserStore(metadata, rows).verify("alice", PASSWORD))
         self.assertEqual(run("user", "list").stdout, "alice\n")
         result = run("user", "remove", "nobody")
         self.assertEqual(result.returncode, 1)

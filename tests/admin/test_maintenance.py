@@ -23,12 +23,14 @@ from securevault.admin import cli as admin
 from securevault.admin.maintenance import ROTATION_STATE, export_archive, rotate_master_key, verify_archives
 from securevault.core.archive import ArchiveNotFound, IntegrityError
 from securevault.core.fsutil import TEMP_SUFFIX
+from securevault.core.integrity import integrity_key
 from securevault.core.keybinding import KEY_CHECK_STATE, default_master_key, keyring_opens, rebind
 from securevault.core.keys import Keyring, ensure_keyring, load_keyring
 from securevault.core.users import UserStore
 from securevault.storage import METADATA_FILE, SecureFileStorage
 from securevault.stores.metadata import SqliteMetadataStore
 from tests.support.app import archive_document, set_archive_document
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).parents[2]
@@ -48,6 +50,7 @@ ROTATION_STEPS = (
     "keyring",
     "sql",
     "check",
+    "integrity",
     "state",
     *("row",) * ARCHIVES_PER_ROTATION,
     "check",
@@ -69,6 +72,7 @@ import json, os, signal, sys
 from contextlib import contextmanager
 from pathlib import Path
 from securevault.admin.maintenance import rotate_master_key
+from securevault.core.integrity import INTEGRITY_KEY_STATE
 from securevault.core.keybinding import KEY_CHECK_STATE
 from securevault.stores.metadata import SqlMetadataStore, SqliteMetadataStore
 from securevault.storage import SecureFileStorage
@@ -103,7 +107,8 @@ def transaction(self, connection, write):
 
 def labelled(kind, method):
     def call(*args, **kwargs):
-        label[0] = "check" if args[1:2] == (KEY_CHECK_STATE,) else kind
+        names = {KEY_CHECK_STATE: "check", INTEGRITY_KEY_STATE: "integrity"}
+        label[0] = names.get(args[1], kind) if args[1:2] and isinstance(args[1], str) else kind
         try:
             return method(*args, **kwargs)
         finally:
@@ -169,6 +174,14 @@ class Vault:
         found = [*self.data_dir.rglob(f"*{TEMP_SUFFIX}"), *self.master_key.parent.glob(f"*{TEMP_SUFFIX}")]
         return sorted(found)
 
+    def integrity_key(self, keyring: Keyring | None = None) -> bytes:
+        """The vault's integrity key, unwrapped with C{keyring}, else the key file on disk."""
+        storage = self.storage(keyring)
+        try:
+            return integrity_key(keyring or load_keyring(self.master_key), storage.metadata)
+        finally:
+            storage.metadata.close()
+
     def key_check(self) -> str | None:
         """The key check stored in the vault's metadata store."""
         storage = self.storage()
@@ -183,12 +196,12 @@ def make_vault(data_dir: Path, contents: dict[str, list[tuple[str, bytes]]], *, 
     C{contents} (owner -> files); with C{bind}, the vault's key check too."""
     data_dir.mkdir(parents=True, exist_ok=True)
     master_key = default_master_key(data_dir)
-    keyring, created = ensure_keyring(master_key)
-    assert created
+    keyring, _ = ensure_keyring(master_key)  # made here, or by a test that added users first
     vault = Vault(data_dir, master_key, keyring.current_id)
     storage = SecureFileStorage(data_dir, keyring)
     if bind:
         rebind(storage.metadata, keyring)
+        vault_rows(storage.metadata, keyring)  # the integrity key, as a daemon makes it
     for owner_id, files in contents.items():
         for name, data in files:
             info = storage.store(owner_id, name, data)
@@ -357,6 +370,7 @@ class InterruptedRotateTests(MaintenanceTestCase):
                 label = f"kill {when} step {target} ({kind})"
                 vault = make_vault(self.make_dir() / "vault-data", contents)
                 original = load_keyring(vault.master_key)
+                original_integrity_key = vault.integrity_key()
                 bodies = vault.bodies()
                 child = self.rotate_in_child(vault, target, when)
                 self.assertEqual(child.returncode, -signal.SIGKILL, f"{label}: {child.stderr}")
@@ -365,6 +379,8 @@ class InterruptedRotateTests(MaintenanceTestCase):
                 check = vault.key_check()
                 assert check is not None, label
                 self.assertTrue(keyring_opens(load_keyring(vault.master_key), check), label)
+                # Row MACs and the audit chain stay checkable with the key file on disk.
+                self.assertEqual(vault.integrity_key(), original_integrity_key, label)
                 rows_done = ROTATION_STEPS[:target].count("row") - (1 if (kind, when) == ("row", "before") else 0)
                 rewrapped = [key for key in vault.row_key_ids().values() if key != vault.original_key_id]
                 self.assertEqual(len(rewrapped), rows_done, label)
@@ -382,6 +398,7 @@ class InterruptedRotateTests(MaintenanceTestCase):
                 assert check is not None, label
                 self.assertTrue(keyring_opens(keyring, check), label)
                 self.assertFalse(keyring_opens(original, check), label)
+                self.assertEqual(vault.integrity_key(keyring), original_integrity_key, label)
                 self.assert_reads_back(vault, keyring)
                 self.assertEqual(vault.bodies(), bodies, label)
                 self.assertEqual(verify_archives(vault.storage()), (5, []), label)
@@ -496,7 +513,8 @@ class VerifyTests(MaintenanceTestCase):
         data_dir.mkdir()
         metadata = SqliteMetadataStore(data_dir / METADATA_FILE)  # where securevault-admin looks
         self.addCleanup(metadata.close)
-        users = UserStore(metadata, scrypt_n=2**10)
+        keyring, _ = ensure_keyring(default_master_key(data_dir))
+        users = UserStore(metadata, vault_rows(metadata, keyring), scrypt_n=2**10)
         alice = users.add("alice", "a long enough password")
         bob = users.add("bob", "another long password")
         vault = make_vault(data_dir, sample_contents(alice, bob))

@@ -16,6 +16,7 @@ from securevault.core.users import USERS_FORMAT, USERS_VERSION, UserStore
 from securevault.storage import SecureFileStorage
 from securevault.stores.metadata import ArchiveRecord
 from tests.support.daemon import SyncDaemon, call, download_sha256, list_files, login, make_vault, twistd_argv
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 from tests.support.tlsclient import PASSWORD
 
@@ -28,7 +29,7 @@ def make_legacy_vault(data_dir: Path, keyring: Keyring, users: dict[str, str]) -
     same JSON the rows now hold, so the current code writes them and the
     database is then removed.  Returns content by archive id."""
     storage = SecureFileStorage(data_dir, keyring)
-    store = UserStore(storage.metadata, scrypt_n=FAST_N)
+    store = UserStore(storage.metadata, vault_rows(storage.metadata, keyring), scrypt_n=FAST_N)
     contents: dict[str, bytes] = {}
     legacy_users = {}
     for name, password in users.items():
@@ -64,7 +65,7 @@ class MigrationTests(SyncTestCase):
     def open(self) -> tuple[SecureFileStorage, UserStore]:
         storage = SecureFileStorage(self.data_dir, self.keyring.load())
         self.addCleanup(storage.metadata.close)
-        return storage, UserStore(storage.metadata, scrypt_n=FAST_N)
+        return storage, UserStore(storage.metadata, vault_rows(storage.metadata, storage.keyring), scrypt_n=FAST_N)
 
     def test_everything_moves_and_reads_back(self) -> None:
         storage, users = self.open()

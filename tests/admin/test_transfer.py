@@ -17,6 +17,7 @@ from securevault.storage import SecureFileStorage
 from securevault.stores.backends import Stores, open_stores
 from tests.support.daemon import SyncDaemon, download_sha256, list_files, login, make_vault, run_admin, twistd_argv
 from tests.support.postgres import postgres_url
+from tests.support.rows import vault_rows
 from tests.support.s3 import make_bucket, moto_endpoint, s3_environment
 from tests.support.testcase import SyncTestCase
 from tests.support.tlsclient import PASSWORD
@@ -41,7 +42,10 @@ class CopyTests(SyncTestCase):
         self.key.create()
         self.source = self.open(base / "one")
         self.storage = self.source.storage(self.key.load())
-        self.contents = fill(self.storage, UserStore(self.source.metadata, scrypt_n=FAST_N))
+        self.contents = fill(
+            self.storage,
+            UserStore(self.source.metadata, vault_rows(self.source.metadata, self.key.load()), scrypt_n=FAST_N),
+        )
         self.target = self.open(base / "two")
 
     def open(self, directory: Path) -> Stores:
@@ -54,7 +58,7 @@ class CopyTests(SyncTestCase):
         self.assertEqual((report.users, report.archives, report.missing_bodies), (2, 6, ()))
         self.assertEqual(self.target.metadata.list_users(), self.source.metadata.list_users())
         copied = self.target.storage(self.key.load())
-        users = UserStore(self.target.metadata, scrypt_n=FAST_N)
+        users = UserStore(self.target.metadata, vault_rows(self.target.metadata, self.key.load()), scrypt_n=FAST_N)
         for name in ("alice", "bob"):
             owner = users.verify(name, PASSWORD)
             assert owner is not None
@@ -122,7 +126,7 @@ class OneMachineToScaleOutTests(SyncTestCase):
         base = self.make_dir()
         certs, data = make_vault(base)  # alice, on the embedded stores
         storage = SecureFileStorage(data, KeyringFile(default_master_key(data)).load())
-        owner = UserStore(storage.metadata).user_id("alice")
+        owner = UserStore(storage.metadata, vault_rows(storage.metadata, storage.keyring)).user_id("alice")
         assert owner is not None
         contents = {storage.store(owner, f"f{i}", os.urandom(10_000 + i)).id: i for i in range(3)}
         storage.metadata.close()

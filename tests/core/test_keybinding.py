@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securevault.admin.maintenance import rotate_master_key
+from securevault.core.integrity import RowAuthenticator
 from securevault.core.keybinding import (
     KEY_CHECK_STATE,
     KeyBindingError,
@@ -203,7 +204,7 @@ class OpenMasterKeyTests(SyncTestCase):
         """A vault with a user and no key check (from before checks) whose
         key file is missing is refused, naming the path and saying the key
         is missing; no key file is created."""
-        UserStore(self.metadata, scrypt_n=2**4).add("alice", "a long enough password")
+        UserStore(self.metadata, RowAuthenticator(bytes(32)), scrypt_n=2**4).add("alice", "a long enough password")
         message = self.refused()
         self.assertIn(str(self.path), message)
         self.assertIn("is missing", message)

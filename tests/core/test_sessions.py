@@ -19,6 +19,7 @@ from securevault.core.sessions import (
     session_digest,
 )
 from securevault.stores.metadata import SessionRecord, SqliteMetadataStore
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 
 
@@ -43,7 +44,9 @@ class SessionStoreTests(SyncTestCase):
         self.clock = Clock()
         self.clock.advance(START)
         self.metadata = metadata_store(self)
-        self.store = SessionStore(self.metadata, self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL)
+        self.store = SessionStore(
+            self.metadata, self.clock.seconds, rows=vault_rows(self.metadata), idle_seconds=IDLE, ttl_seconds=TTL
+        )
 
     def create(self, username: str = "alice", fingerprint: str = CERT_A, not_after: float = FAR_FUTURE) -> str:
         return self.store.create(username, "id-" + username, fingerprint, not_after).session_id
@@ -175,7 +178,11 @@ class SessionStoreTests(SyncTestCase):
         """Two stores on one database are two nodes: a session made on one
         works on the other, and ending it on the other ends it on the first."""
         other = SessionStore(
-            SqliteMetadataStore(self.metadata.path), self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL
+            SqliteMetadataStore(self.metadata.path),
+            self.clock.seconds,
+            rows=vault_rows(self.metadata),
+            idle_seconds=IDLE,
+            ttl_seconds=TTL,
         )
         session_id = self.create()
         self.assertIsNotNone(other.lookup(session_id, CERT_A))
@@ -185,7 +192,11 @@ class SessionStoreTests(SyncTestCase):
     def test_idle_refresh_is_written_back(self) -> None:
         """Use on one node keeps the session alive on another."""
         other = SessionStore(
-            SqliteMetadataStore(self.metadata.path), self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL
+            SqliteMetadataStore(self.metadata.path),
+            self.clock.seconds,
+            rows=vault_rows(self.metadata),
+            idle_seconds=IDLE,
+            ttl_seconds=TTL,
         )
         session_id = self.create()
         for _ in range(3):
@@ -402,7 +413,14 @@ class MirroredSessionTests(SyncTestCase):
         self.store = self.make()
 
     def make(self) -> SessionStore:
-        return SessionStore(self.metadata, self.clock.seconds, idle_seconds=IDLE, ttl_seconds=TTL, mirror=True)
+        return SessionStore(
+            self.metadata,
+            self.clock.seconds,
+            rows=vault_rows(self.metadata),
+            idle_seconds=IDLE,
+            ttl_seconds=TTL,
+            mirror=True,
+        )
 
     def test_lookup_without_the_store(self) -> None:
         session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from securevault.core import users
+from securevault.core.integrity import RowAuthenticator
 from securevault.core.users import (
     InvalidPassword,
     InvalidUsername,
@@ -25,6 +26,7 @@ from securevault.core.users import (
     read_legacy_users,
 )
 from securevault.stores.metadata import MetadataError, SessionRecord, SqliteMetadataStore, UserRecord
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 
 FAST_N = 2**10
@@ -40,7 +42,8 @@ def open_metadata(test: SyncTestCase, path: Path) -> SqliteMetadataStore:
 
 def fresh_store(test: SyncTestCase, scrypt_n: int = FAST_N) -> UserStore:
     """A user store on a fresh metadata store of its own."""
-    return UserStore(open_metadata(test, test.make_dir() / "vault.db"), scrypt_n=scrypt_n)
+    metadata = open_metadata(test, test.make_dir() / "vault.db")
+    return UserStore(metadata, vault_rows(metadata), scrypt_n=scrypt_n)
 
 
 class UserStoreTests(SyncTestCase):
@@ -49,7 +52,7 @@ class UserStoreTests(SyncTestCase):
     def setUp(self) -> None:
         self.path = self.make_dir() / "vault.db"
         self.metadata = open_metadata(self, self.path)
-        self.store = UserStore(self.metadata, scrypt_n=FAST_N)
+        self.store = UserStore(self.metadata, vault_rows(self.metadata), scrypt_n=FAST_N)
 
     def test_empty(self) -> None:
         """A fresh store has no users, and reading creates none."""
@@ -198,7 +201,8 @@ class UserStoreTests(SyncTestCase):
     def test_shared_store(self) -> None:
         """A change made through another connection to the same database (the
         admin CLI, another node) is seen at once."""
-        other = UserStore(open_metadata(self, self.path), scrypt_n=FAST_N)
+        other_metadata = open_metadata(self, self.path)
+        other = UserStore(other_metadata, vault_rows(other_metadata), scrypt_n=FAST_N)
         user_id = other.add("alice", PASSWORD)
         self.assertEqual(self.store.verify("alice", PASSWORD), user_id)
         other.set_password("alice", "new password!")
@@ -212,26 +216,29 @@ class UserStoreTests(SyncTestCase):
         """verify uses the cost stored with each hash, so a store with another
         default cost still verifies older hashes."""
         user_id = self.store.add("alice", PASSWORD)
-        cheaper = UserStore(self.metadata, scrypt_n=2**8)
+        cheaper = UserStore(self.metadata, vault_rows(self.metadata), scrypt_n=2**8)
         self.assertEqual(cheaper.verify("alice", PASSWORD), user_id)
 
     def test_malformed_stored_hash(self) -> None:
         """A stored hash that is not a valid scrypt hash is reported, not
         treated as a wrong password."""
-        self.metadata.add_user(UserRecord("alice", "a" * 32, "not a hash", "2026-01-01T00:00:00Z"))
+        mac = vault_rows(self.metadata).user_mac("alice", "a" * 32, "not a hash")
+        self.metadata.add_user(UserRecord("alice", "a" * 32, "not a hash", "2026-01-01T00:00:00Z", mac))
         self.assertRaises(UserFileError, self.store.verify, "alice", PASSWORD)
 
     def test_malformed_stored_hash_is_not_an_outage(self) -> None:
         """A malformed stored hash is a MalformedPasswordHash (damaged data),
         never a UserStoreUnavailable (which the daemon answers 503)."""
-        self.metadata.add_user(UserRecord("alice", "a" * 32, "scrypt$1$8$1$c2FsdA==$aGFzaA==", "t"))
+        malformed = "scrypt$1$8$1$c2FsdA==$aGFzaA=="
+        mac = vault_rows(self.metadata).user_mac("alice", "a" * 32, malformed)
+        self.metadata.add_user(UserRecord("alice", "a" * 32, malformed, "t", mac))
         error = self.assertRaises(MalformedPasswordHash, self.store.verify, "alice", PASSWORD)
         self.assertNotIsInstance(error, UserStoreUnavailable)
 
     def test_bad_cost_parameter(self) -> None:
         """scrypt_n must be a power of two between 2 and 2**20."""
         for n in [0, 1, 1000, 2**21]:
-            self.assertRaises(ValueError, UserStore, self.metadata, scrypt_n=n)
+            self.assertRaises(ValueError, UserStore, self.metadata, vault_rows(self.metadata), scrypt_n=n)
 
 
 class _FailingMetadata:
@@ -249,7 +256,7 @@ class StoreFailureTests(SyncTestCase):
     empty user list or a refused password."""
 
     def test_failures_reported(self) -> None:
-        store = UserStore(_FailingMetadata(), scrypt_n=FAST_N)
+        store = UserStore(_FailingMetadata(), RowAuthenticator(bytes(32)), scrypt_n=FAST_N)
         for call, args in [
             (store.names, ()),
             (store.user_ids, ()),
@@ -266,7 +273,7 @@ class StoreFailureTests(SyncTestCase):
     def test_failures_are_outages(self) -> None:
         """A failing store is a UserStoreUnavailable caused by the store's
         MetadataError, so the daemon can tell an outage from bad data."""
-        store = UserStore(_FailingMetadata(), scrypt_n=FAST_N)
+        store = UserStore(_FailingMetadata(), RowAuthenticator(bytes(32)), scrypt_n=FAST_N)
         for call, args in [(store.verify, ("alice", PASSWORD)), (store.user_id, ("alice",)), (store.names, ())]:
             error = self.assertRaises(UserStoreUnavailable, call, *args)
             self.assertIsInstance(error.__cause__, MetadataError)

@@ -10,6 +10,7 @@ from securevault.core.users import MalformedPasswordHash
 from securevault.stores.blobs import BlobStoreError
 from securevault.stores.metadata import MetadataError, UserRecord
 from tests.support.app import VaultClient, add_user, default_client, make_app
+from tests.support.rows import vault_rows
 from tests.support.testcase import SyncTestCase
 
 PASSWORD = "correct horse battery"
@@ -61,7 +62,9 @@ class OutageTests(SyncTestCase):
         """A stored password hash that is damaged is a server fault, not an
         outage: 500 internal_error with a request id, never a 503 inviting
         the client to retry."""
-        self.app.storage.metadata.add_user(UserRecord("mallory", "m" * 32, "not a hash", "2026-01-01T00:00:00Z"))
+        metadata = self.app.storage.metadata
+        mac = vault_rows(metadata, self.app.storage.keyring).user_mac("mallory", "m" * 32, "not a hash")
+        metadata.add_user(UserRecord("mallory", "m" * 32, "not a hash", "2026-01-01T00:00:00Z", mac))
         response = self.client.login("mallory", PASSWORD)
         self.assertEqual(response.status, 500, response.body)
         self.assertEqual(response.json()["error"], "internal_error")

@@ -28,6 +28,8 @@ from twisted.web.server import NOT_DONE_YET
 from securevault import __version__
 from securevault.admin.cli import main as admin_main
 from securevault.core.archive import ArchiveInfo, rfc3339
+from securevault.core.keybinding import default_master_key
+from securevault.core.keys import save_keyring
 from securevault.resources.health import HealthResource
 from securevault.resources.logout import LogoutResource
 from securevault.server.app import VaultApp
@@ -366,6 +368,8 @@ class LoginTests(_VaultTestCase):
                 self.client.login("alice", "wrong password", cert)
                 self.client.login("bob", "wrong password", cert)
             self.assert_error(self.client.login("alice", ALICE_PASSWORD, cert), 429, "too_many_attempts")
+        # The admin command needs the vault's master key (rows are MACed under it).
+        save_keyring(default_master_key(self.app.config.data_dir), self.app.storage.keyring)
         out, err = io.StringIO(), io.StringIO()
         with redirect_stdout(out), redirect_stderr(err):
             status = admin_main(["--data-dir", str(self.app.config.data_dir), "user", "unlock", "alice"])

@@ -29,6 +29,7 @@ from securevault.core.keys import KeyringFile
 from securevault.core.users import UserStore
 from securevault.server.tap import Options, TLSListenerService, makeService
 from securevault.stores.metadata import SqliteMetadataStore
+from tests.support.rows import vault_rows
 from tests.support.testcase import AsyncTestCase
 from tests.support.tlsclient import (
     PASSWORD,
@@ -61,9 +62,9 @@ class VaultServerTestCase(AsyncTestCase):
         self.data_dir.mkdir(mode=0o700)
         # The vault's key first (where the daemon looks by default): a vault
         # with users and no key file is refused.
-        KeyringFile(base / "vault-keys" / "master.key").create()
+        keyring = KeyringFile(base / "vault-keys" / "master.key").create()
         metadata = SqliteMetadataStore(self.data_dir / "vault.db")  # where the daemon looks by default
-        users = UserStore(metadata, scrypt_n=2**10)
+        users = UserStore(metadata, vault_rows(metadata, keyring), scrypt_n=2**10)
         users.add("alice", PASSWORD)
         users.add("bob", PASSWORD)
         metadata.close()

@@ -45,6 +45,7 @@ from securevault.server.web import VaultSite
 from securevault.server.workers import run_inline
 from securevault.storage import SecureFileStorage
 from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
+from tests.support.rows import vault_rows
 
 TEST_SCRYPT_N = 2**10
 P = ParamSpec("P")
@@ -150,16 +151,18 @@ def make_app(
     def clock_ns() -> int:
         return int(fake_clock.seconds()) * 1_000_000_000 + next(counter) % 1_000_000_000
 
-    storage = storage_class(data_dir, generate_keyring(), clock_ns=clock_ns)
+    keyring = generate_keyring()
+    storage = storage_class(data_dir, keyring, clock_ns=clock_ns)
     addCleanup = getattr(test, "addCleanup", None)
     if addCleanup is not None:
         addCleanup(storage.metadata.close)
+    rows = vault_rows(storage.metadata, keyring)
     app = VaultApp(
         config=config,
         storage=storage,
-        users=UserStore(storage.metadata, scrypt_n=TEST_SCRYPT_N),
+        users=UserStore(storage.metadata, rows, scrypt_n=TEST_SCRYPT_N),
         sessions=SessionStore(
-            storage.metadata, clock.seconds, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl
+            storage.metadata, clock.seconds, rows=rows, idle_seconds=config.session_idle, ttl_seconds=config.session_ttl
         ),
         throttle=LoginThrottle(storage.metadata, clock.seconds),
         run_blocking=run_inline,
