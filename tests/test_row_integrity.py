@@ -78,3 +78,29 @@ class RowIntegrityTests(SyncTestCase):
         port = daemon.wait_listening()
         self.assertEqual(call(self.context, port, "GET", "/get-files", session=chosen).status, 401)
         self.assertEqual(call(self.context, port, "GET", "/get-files", session=real).status, 200)
+
+
+class UnknownNameTests(SyncTestCase):
+    """A name that is no user's is never written verbatim."""
+
+    def test_password_typed_as_username_is_not_kept(self) -> None:
+        """A failed login whose username is a password leaves that string in
+        no file under the data directory and nowhere in the daemon's output;
+        the failure is still logged, by a keyed digest."""
+        vault = VaultFixture(self.make_dir())
+        vault.create()
+        context = vault.tls_context()
+        daemon = vault.start()
+        self.addCleanup(daemon.stop)
+        port = daemon.wait_listening()
+        secret = "Tr0ub4dor-and-3"
+        body = json.dumps({"username": secret, "password": PASSWORD}).encode()
+        response = call(context, port, "POST", "/login", body=body, headers=[("Content-Type", "application/json")])
+        self.assertEqual(response.status, 401)
+        daemon.stop()
+        self.assertNotIn(secret, daemon.output())
+        self.assertIn("unknown user ", daemon.output())
+        files = [path for path in vault.data.rglob("*") if path.is_file()]
+        self.assertTrue(files)
+        for path in files:
+            self.assertNotIn(secret.encode(), path.read_bytes(), path)

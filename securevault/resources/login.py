@@ -20,6 +20,7 @@ from twisted.web.server import Request
 
 from securevault.core.archive import rfc3339
 from securevault.core.sessions import LoginThrottled, Session
+from securevault.core.users import USERNAME_PATTERN
 from securevault.server.app import VaultApp
 from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, busy
@@ -91,7 +92,15 @@ class LoginResource(JsonEndpoint):
         password = string_field(body, "password")
         identity = app.identity(request)
 
-        def attempt() -> tuple[int, Session | None]:
+        def recorded_name() -> dict[str, str]:
+            """In the pool: how logs may name the user tried.  A name that is
+            no user's (a password typed into the wrong field, say) is never
+            written: only a short keyed digest, equal for equal names."""
+            if USERNAME_PATTERN.fullmatch(username) and app.users.user_id(username) is not None:
+                return {"user": username}
+            return {"user_digest": app.users.name_digest(username)}
+
+        def attempt() -> tuple[int, Session | None, dict[str, str]]:
             """In the login pool: reserve an attempt with the throttle
             (shared by every node), then check the password; a throttled
             attempt costs no scrypt, and a reservation stays as the failure
@@ -101,7 +110,7 @@ class LoginResource(JsonEndpoint):
                 try:
                     reservation = app.throttle.reserve(identity.fingerprint, username)
                 except LoginThrottled as throttled:
-                    return throttled.retry_after, None
+                    return throttled.retry_after, None, recorded_name()
                 try:
                     user_id = app.users.verify(username, password)
                 except Exception:
@@ -110,24 +119,26 @@ class LoginResource(JsonEndpoint):
                         app.throttle.release(reservation)
                     raise
                 if user_id is None or not certificate_names_user(identity, username, app.config.bind_user):
-                    return 0, None
+                    return 0, None, recorded_name()
                 app.throttle.release(reservation)
-                return 0, app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+                session = app.sessions.create(username, user_id, identity.fingerprint, identity.not_after_timestamp)
+                return 0, session, {"user": username}
             finally:
                 # Here, not when the Deferred fires: a client that leaves
                 # cancels its Deferred at once, but the work goes on.
                 self._finished()
 
-        def answered(result: tuple[int, Session | None]) -> Deferred[Reply]:
-            wait, session = result
+        def answered(result: tuple[int, Session | None, dict[str, str]]) -> Deferred[Reply]:
+            wait, session, name = result
+            shown = loggable(name["user"]) if "user" in name else f"unknown user {name['user_digest']}"
             if wait:
                 log.warn(
                     "Throttled login for {username} from certificate {fingerprint}",
-                    username=loggable(username),
+                    username=shown,
                     fingerprint=identity.fingerprint,
                     event_kind="throttled",
                 )
-                app.refused_event("login_throttled", request, user=username[:64])
+                app.refused_event("login_throttled", request, **name)
                 raise ApiError(
                     429,
                     "too_many_attempts",
@@ -137,11 +148,11 @@ class LoginResource(JsonEndpoint):
             if session is None:
                 log.warn(
                     "Failed login for {username} from certificate {fingerprint}",
-                    username=loggable(username),
+                    username=shown,
                     fingerprint=identity.fingerprint,
                     event_kind="login_failed",
                 )
-                app.refused_event("login_failed", request, user=username[:64])
+                app.refused_event("login_failed", request, **name)
                 raise INVALID_CREDENTIALS
             request_state(request).user = username
             log.info("Login by {username}", username=username, event_kind="login")
