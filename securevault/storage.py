@@ -172,7 +172,8 @@ class SecureFileStorage:
         Another node may have just committed a blob whose row is a moment
         away: while nodes run, only a grace period tells debris apart."""
         blobs = builtins.list(self.blobs.list())  # listed before the index is read
-        indexed = self.metadata.all_archive_ids()
+        # Pieces of resumable uploads are named by their upload's rows.
+        indexed = self.metadata.all_archive_ids() | self.metadata.all_upload_blob_ids()
         horizon = None if grace_seconds is None else time.time() - grace_seconds
         return [
             (entry.owner_id, entry.archive_id)
@@ -243,13 +244,25 @@ class SecureFileStorage:
         }
         return ArchiveRecord(owner_id, info.id, info.created_ns, info.stored_bytes, key_id, json.dumps(document))
 
-    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
+    def write_meta(
+        self,
+        owner_id: str,
+        info: ArchiveInfo,
+        data_key: bytes,
+        *,
+        quota: int | None = None,
+        finishing_upload: str | None = None,
+    ) -> None:
         """Commit the archive's index row: from here on it exists.  With
-        C{quota}, only if the owner's archives, this one included, stay
-        within it (checked atomically with the insert); else
-        L{QuotaExceeded} and nothing was committed."""
+        C{quota}, only if the owner's archives, this one included, and the
+        reservations of resumable uploads stay within it (checked atomically
+        with the insert); else L{QuotaExceeded} and nothing was committed.
+        With C{finishing_upload}, that resumable upload's rows go in the
+        same transaction (see L{securevault.staging})."""
         record = self.seal_document(owner_id, info, data_key)
-        if quota is None:
+        if finishing_upload is not None:
+            self._index_call(self.metadata.put_archive, record, quota, finishing_upload)
+        elif quota is None:
             self._index_call(self.metadata.put_archive, record)
         else:
             self._index_call(self.metadata.put_archive, record, quota)
@@ -347,7 +360,7 @@ class SecureFileStorage:
         if not OWNER_ID.match(owner_id):
             raise ValueError("invalid owner id")
         if quota is not None:
-            remaining = max(0, quota - self.usage(owner_id))
+            remaining = max(0, quota - self.usage(owner_id) - self._index_call(self.metadata.reserved, owner_id))
             max_bytes = remaining if max_bytes is None else min(max_bytes, remaining)
         try:
             return ArchiveWriter(self, owner_id, filename, max_bytes=max_bytes, quota=quota)

@@ -27,7 +27,7 @@ from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, busy, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object, take_body
 from securevault.server.state import request_state
-from securevault.server.streaming import UPLOAD_BUFFER_BYTES, UploadStream
+from securevault.server.streaming import UPLOAD_BUFFER_BYTES, BodySink, UploadStream
 from securevault.server.twisted_private import request_disconnected
 from securevault.storage import SecureFileStorage
 
@@ -116,7 +116,7 @@ class UploadFileResource(JsonEndpoint):
         decoded bytes."""
         return JSON_UPLOAD_COST_FACTOR * size
 
-    def receive_body(self, request: Request) -> UploadStream | None:
+    def receive_body(self, request: Request) -> UploadStream[ArchiveInfo] | None:
         if request.method != b"POST" or media_type(request) != b"application/octet-stream":
             return None
         app = self.app
@@ -150,7 +150,7 @@ class UploadFileResource(JsonEndpoint):
             error = storage_error(failure)
             state.refuse(error if isinstance(error, ApiError) else failure)
 
-        def counted(found: tuple[Session, ArchiveWriter | None]) -> ArchiveWriter:
+        def counted(found: tuple[Session, ArchiveWriter | None]) -> BodySink[ArchiveInfo]:
             """In progress for GET /usage until the request ends."""
             owner = found[0].user_id
             if not (request.finished or request_disconnected(request)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -23,6 +24,7 @@ from securevault.server.revocation import RevocationState
 from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity, client_identity
 from securevault.server.workers import RunBlocking
+from securevault.staging import UploadStaging
 from securevault.storage import SecureFileStorage
 
 if TYPE_CHECKING:
@@ -79,6 +81,11 @@ class VaultApp:
     revocations: RevocationState = field(default_factory=RevocationState)
     # Raw uploads streaming on this node, per owner (GET /usage).
     uploads: UploadsInFlight = field(default_factory=UploadsInFlight)
+
+    @cached_property
+    def staging(self) -> UploadStaging:
+        """Resumable uploads (tus), over the same stores."""
+        return UploadStaging(self.storage, self.config.upload_expiry)
 
     def record(self, event: str, request: Request | None = None, **fields: Any) -> Deferred[None]:
         """A security event (login, logout, upload, download, delete,

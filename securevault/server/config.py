@@ -16,6 +16,8 @@ DEFAULT_PORT = 5000
 DEFAULT_MAX_UPLOAD_BYTES = 16 << 30
 DEFAULT_MAX_JSON_BODY_BYTES = 64 << 20
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60
+# Resumable uploads without progress for this long are removed (--upload-expiry).
+DEFAULT_UPLOAD_EXPIRY_SECONDS = 24 * 3600.0
 BIND_USER_POLICIES = ("none", "cn", "san")
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_MAX_CONNECTIONS_PER_CERT = 64
@@ -112,6 +114,7 @@ class VaultConfig:
     # else the default ca.crl beside --ca-cert, used once it exists.
     crl: Path | None = None
     crl_required: bool = False
+    upload_expiry: float = DEFAULT_UPLOAD_EXPIRY_SECONDS
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> VaultConfig:
@@ -147,4 +150,5 @@ class VaultConfig:
             blobs_url=options.get("blobs"),
             crl=Path(crl) if crl else ca_cert.parent / DEFAULT_CRL_NAME,
             crl_required=bool(crl),
+            upload_expiry=float(options.get("upload-expiry", DEFAULT_UPLOAD_EXPIRY_SECONDS)),
         )

@@ -40,9 +40,19 @@ def encode_json(body: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+# Codes of the contract that http.HTTPStatus does not know (tus checksum).
+EXTRA_PHRASES = {460: b"Checksum Mismatch"}
+
+
+def status_phrase(status: int) -> bytes:
+    if status in EXTRA_PHRASES:
+        return EXTRA_PHRASES[status]
+    return HTTPStatus(status).phrase.encode("ascii")
+
+
 def write_json(request: Request, status: int, body: Any, headers: dict[bytes, bytes] | None = None) -> None:
     """Answer with a JSON body (or none, for 204) and finish the request."""
-    request.setResponseCode(status, HTTPStatus(status).phrase.encode("ascii"))
+    request.setResponseCode(status, status_phrase(status))
     for name, value in (headers or {}).items():
         request.setHeader(name, value)
     if body is None:  # 204: no body, no Content-Length (RFC 9110 §8.6)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from securevault.core.archive import ArchiveInfo, ArchiveWriter, IntegrityError
+from securevault.core.archive import IntegrityError
 from securevault.core.ranges import PlaintextReader
 from securevault.server.workers import RunBlocking
 
@@ -37,8 +37,24 @@ UPLOAD_BUFFER_BYTES = HIGH_WATER_BYTES + 2 * BLOCK_BYTES
 log = Logger(namespace="securevault.streaming")
 
 
-class UploadStream:
-    """Feeds one upload body to an L{ArchiveWriter} running in the pool.
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class BodySink(Protocol[T_co]):
+    """What an upload body is fed to in the pool: an L{ArchiveWriter}, or a
+    piece of a resumable upload (L{securevault.staging.PieceWriter})."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> T_co: ...
+
+    def abort(self) -> None: ...
+
+
+class UploadStream(Generic[T]):
+    """Feeds one upload body to a L{BodySink} (an L{ArchiveWriter}) running
+    in the pool.
 
     At most one pool call is in flight, so writes stay in order; bytes that
     arrive meanwhile wait here, and past L{HIGH_WATER_BYTES} the connection
@@ -48,11 +64,11 @@ class UploadStream:
     def __init__(
         self,
         run_blocking: RunBlocking,
-        opening: Deferred[ArchiveWriter],
+        opening: Deferred[BodySink[T]],
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_error: Callable[[Failure], None],
-        discard: Callable[[ArchiveInfo], None],
+        discard: Callable[[T], None],
     ) -> None:
         self._run = run_blocking
         self._pause = pause
@@ -61,13 +77,13 @@ class UploadStream:
         self._discard = discard
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._writer: ArchiveWriter | None = None
+        self._writer: BodySink[T] | None = None
         self._busy = True
         self._paused = False
         self._ending = False
         self._aborted = False
         self._failure: Failure | None = None
-        self._result: Deferred[ArchiveInfo] | None = None
+        self._result: Deferred[T] | None = None
         self.received_bytes = 0
         # The writer is opened in the pool once the session is found there
         # (the session gate); bytes that arrive meanwhile wait here.
@@ -87,7 +103,7 @@ class UploadStream:
             self._pause()
         self._pump()
 
-    def finish(self) -> Deferred[ArchiveInfo]:
+    def finish(self) -> Deferred[T]:
         """The whole body arrived: commit once every byte is written."""
         self._ending = True
         self._result = Deferred(lambda _: self.abort())
@@ -98,7 +114,7 @@ class UploadStream:
             self._pump()
         return self._result
 
-    def discard(self, info: ArchiveInfo) -> None:
+    def discard(self, info: T) -> None:
         """Remove the committed archive again: its answer will not be a 201
         (its audit record could not be written)."""
         self._discard(info)
@@ -131,7 +147,7 @@ class UploadStream:
             self._busy = True
             self._run(writer.commit).addCallbacks(self._committed, self._failed)
 
-    def _opened(self, writer: ArchiveWriter) -> None:
+    def _opened(self, writer: BodySink[T]) -> None:
         self._writer = writer
         self._busy = False
         if self._aborted:
@@ -146,7 +162,7 @@ class UploadStream:
         else:
             self._pump()
 
-    def _committed(self, info: ArchiveInfo) -> None:
+    def _committed(self, info: T) -> None:
         self._busy = False
         if self._aborted:
             self._discard(info)  # the client never saw the 201
@@ -174,7 +190,7 @@ class UploadStream:
             self._run(writer.abort).addErrback(lambda f: log.failure("Aborting an upload failed", f))
 
 
-def _write_joined(writer: ArchiveWriter, pieces: list[bytes]) -> None:
+def _write_joined(writer: BodySink[Any], pieces: list[bytes]) -> None:
     """In the pool: the pieces received meanwhile, written in blocks of about
     1 MiB (joining is a copy the reactor thread need not make; larger blocks
     would only grow the writer's buffers)."""

@@ -48,6 +48,7 @@ from securevault.server.config import (
     DEFAULT_MIN_BODY_RATE,
     DEFAULT_SESSION_IDLE_SECONDS,
     DEFAULT_SESSION_TTL_SECONDS,
+    DEFAULT_UPLOAD_EXPIRY_SECONDS,
     ConfigError,
     VaultConfig,
     parse_duration,
@@ -160,6 +161,12 @@ class Options(usage.Options):
         ["max-json-body", None, DEFAULT_MAX_JSON_BODY_BYTES, "Largest JSON upload body (64M)."],
         ["idle-timeout", None, DEFAULT_IDLE_TIMEOUT_SECONDS, "Silent clients are dropped after this (60, 2m)."],
         ["quota", None, None, "Stored bytes per user, e.g. 10G [default: none]."],
+        [
+            "upload-expiry",
+            None,
+            DEFAULT_UPLOAD_EXPIRY_SECONDS,
+            "Resumable uploads without progress are removed after this (24h, 90m).",
+        ],
         ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Connections at once, in all.", _positive_int],
         [
             "max-connections-per-cert",
@@ -192,7 +199,7 @@ class Options(usage.Options):
             for name in ("max-upload-size", "max-json-body", "min-body-rate", "memory-budget", "quota"):
                 if self[name] is not None:
                     self[name] = _setting(name, parse_size, self[name])
-            for name in ("session-idle", "session-ttl", "idle-timeout"):
+            for name in ("session-idle", "session-ttl", "idle-timeout", "upload-expiry"):
                 self[name] = _setting(name, parse_duration, self[name])
             if self["port"] is None:  # --port, then $PORT, then 5000
                 self["port"] = port_from_environment(os.environ)
@@ -471,11 +478,14 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     sweeps = itertools.count()
 
-    def sweep_blocking() -> int:
+    def sweep_blocking(now: float) -> int:
         """In the pool: expired sessions and old login failures, and now and
         then blobs that no index row names (debris of a crash)."""
         app.sessions.sweep()
         app.throttle.sweep()
+        expired = app.staging.sweep_expired(now)
+        if expired:
+            log.info("Removed {count} expired resumable uploads", count=expired)
         if next(sweeps) % ORPHAN_SWEEP_EVERY == ORPHAN_SWEEP_EVERY - 1:
             removed = app.storage.sweep_orphans(ORPHAN_GRACE_SECONDS)
             if removed:
@@ -486,7 +496,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         app.session_count = count
 
     def sweep() -> None:
-        app.run_blocking(sweep_blocking).addCallbacks(
+        app.run_blocking(sweep_blocking, app.clock()).addCallbacks(
             counted, lambda failure: log.failure("The periodic sweep failed", failure)
         )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from http import HTTPStatus
 from typing import Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
@@ -34,11 +33,12 @@ from securevault.resources.login import LoginResource
 from securevault.resources.logout import LogoutResource
 from securevault.resources.openapi_json import OpenApiResource
 from securevault.resources.upload_file import UploadFileResource
+from securevault.resources.uploads import UploadItem, UploadsCollection
 from securevault.resources.usage import UsageResource
 from securevault.server.app import VaultApp
 from securevault.server.endpoint import SMALL_BODY_BYTES, JsonEndpoint
 from securevault.server.errors import ApiError, busy, not_found, revoked_certificate
-from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error
+from securevault.server.jsonapi import JSON_CONTENT_TYPE, encode_json, error_body, fail, internal_error, status_phrase
 from securevault.server.limits import CLOSE_GRACE_SECONDS, RateMeter
 from securevault.server.state import RequestState, StatefulRequest
 from securevault.server.tls import client_identity
@@ -74,7 +74,7 @@ def raw_error_response(error: ApiError, body: bytes | None = None) -> bytes:
         (b"Connection", b"close"),
         *error.headers.items(),
     ]
-    head = b"HTTP/1.1 %d %s\r\n" % (error.status, HTTPStatus(error.status).phrase.encode("ascii"))
+    head = b"HTTP/1.1 %d %s\r\n" % (error.status, status_phrase(error.status))
     head += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
     return head + b"\r\n" + body
 
@@ -581,12 +581,25 @@ class RootResource(resource.Resource):
     def __init__(self, endpoints: dict[bytes, JsonEndpoint]) -> None:
         super().__init__()
         self._routes = {b"/" + name: endpoint for name, endpoint in endpoints.items()}
+        self._items: dict[bytes, JsonEndpoint] = {}
         for name, endpoint in endpoints.items():
             self.putChild(name, endpoint)
 
+    def mount_collection(self, name: bytes, collection: JsonEndpoint, item: JsonEndpoint) -> None:
+        """C{/name} and C{/name/} go to C{collection}, C{/name/<id>} to
+        C{item} (one endpoint for every id; it reads the id from the path)."""
+        self._routes[b"/" + name] = self._routes[b"/" + name + b"/"] = collection
+        self._items[b"/" + name + b"/"] = item
+        self.putChild(name, CollectionResource(collection, item))
+
     def route(self, path: bytes) -> JsonEndpoint | None:
-        """The endpoint an exact path names, else None."""
-        return self._routes.get(path)
+        """The endpoint a path names, else None."""
+        endpoint = self._routes.get(path)
+        if endpoint is None:
+            for prefix, item in self._items.items():
+                if path.startswith(prefix) and b"/" not in path[len(prefix) :]:
+                    return item
+        return endpoint
 
     def getChild(self, path: bytes, request: Request) -> resource.Resource:
         return JsonNotFound()
@@ -596,9 +609,25 @@ class RootResource(resource.Resource):
         return NOT_DONE_YET
 
 
+class CollectionResource(resource.Resource):
+    """A collection's path: itself (with or without the slash) and its items."""
+
+    def __init__(self, collection: JsonEndpoint, item: JsonEndpoint) -> None:
+        super().__init__()
+        self._collection = collection
+        self._item = item
+
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:
+        return self._collection if path == b"" else self._item
+
+    def render(self, request: Request) -> Any:
+        return self._collection.render(request)
+
+
 def build_root(app: VaultApp) -> RootResource:
-    """The resource tree of API.md: one endpoint per path."""
-    return RootResource(
+    """The resource tree of API.md: one endpoint per path, and the tus
+    collection /uploads/ with its uploads /uploads/<id>."""
+    root = RootResource(
         {
             b"login": LoginResource(app),
             b"logout": LogoutResource(app),
@@ -611,6 +640,8 @@ def build_root(app: VaultApp) -> RootResource:
             b"openapi.json": OpenApiResource(app),
         }
     )
+    root.mount_collection(b"uploads", UploadsCollection(app), UploadItem(app))
+    return root
 
 
 class VaultSite(server.Site):

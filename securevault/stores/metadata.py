@@ -76,6 +76,39 @@ class LoginAttempt:
 
 
 @dataclass(frozen=True)
+class UploadRecord:
+    """A resumable (tus) upload in progress: its bytes so far are pieces in
+    the blob store, each named by a piece row."""
+
+    upload_id: str
+    owner_id: str
+    length: int  # the declared length (Upload-Length)
+    upload_offset: int  # bytes acknowledged so far
+    reserved_bytes: int  # counted against the owner's quota until it ends
+    expires_at: float  # removed by the sweep after this, unless it progresses
+    key_id: str
+    document: str  # the upload key wrapped, the filename sealed: docs/FORMAT.md
+
+
+@dataclass(frozen=True)
+class UploadPiece:
+    """One acknowledged PATCH body: an encrypted blob of its own."""
+
+    upload_id: str
+    piece_offset: int
+    length: int
+    blob_id: str  # the blob's name beside the owner's archives (32 hex digits)
+
+
+class UploadGone(Exception):
+    """The upload row is not there (finished, deleted or expired)."""
+
+
+class UploadConflict(Exception):
+    """The upload's offset is not where the piece starts (another PATCH won)."""
+
+
+@dataclass(frozen=True)
 class ArchiveRecord:
     owner_id: str
     archive_id: str
@@ -161,11 +194,14 @@ class MetadataStore(Protocol):
         """Forget attempts at or before C{before}; returns how many."""
 
     # the archive index
-    def put_archive(self, record: ArchiveRecord, quota: int | None = None) -> None:
+    def put_archive(self, record: ArchiveRecord, quota: int | None = None, finishing_upload: str | None = None) -> None:
         """Insert the row (the commit point of an upload).  With C{quota},
-        only if the owner's stored bytes with this archive stay within it,
-        checked in the insert's transaction and serialised per owner across
-        every node sharing the store; else L{OverQuota}."""
+        only if the owner's stored bytes with this archive, plus what the
+        owner's resumable uploads reserve, stay within it, checked in the
+        insert's transaction and serialised per owner across every node
+        sharing the store; else L{OverQuota}.  With C{finishing_upload}, that
+        upload's rows go in the same transaction (its reservation is not
+        counted); L{UploadGone} if they were already gone."""
 
     def get_archive(self, owner_id: str, archive_id: str) -> ArchiveRecord | None: ...
 
@@ -183,6 +219,36 @@ class MetadataStore(Protocol):
 
     def usage(self, owner_id: str) -> int:
         """Stored bytes of the owner's archives (for --quota)."""
+
+    def reserved(self, owner_id: str) -> int:
+        """Bytes the owner's resumable uploads reserve (for --quota)."""
+
+    # resumable uploads
+    def put_upload(self, record: UploadRecord, quota: int | None = None) -> None:
+        """Insert an upload; with C{quota}, only if its reservation fits
+        beside the owner's archives and other reservations (as put_archive),
+        else L{OverQuota}."""
+
+    def get_upload(self, owner_id: str, upload_id: str) -> UploadRecord | None: ...
+
+    def add_upload_piece(self, owner_id: str, piece: UploadPiece, expires_at: float) -> int:
+        """Record an acknowledged piece and move the upload's offset past it,
+        in one transaction; returns the new offset.  L{UploadGone} when the
+        upload is not there, L{UploadConflict} when its offset is not
+        C{piece.piece_offset}: nothing is written then."""
+
+    def list_upload_pieces(self, upload_id: str) -> list[UploadPiece]:
+        """In offset order."""
+
+    def delete_upload(self, owner_id: str, upload_id: str) -> list[UploadPiece] | None:
+        """Remove the upload and its piece rows; returns the pieces (whose
+        blobs the caller removes), None when there was no such upload."""
+
+    def expired_uploads(self, now: float) -> list[tuple[str, str]]:
+        """(owner id, upload id) of the uploads whose C{expires_at} is past."""
+
+    def all_upload_blob_ids(self) -> set[tuple[str, str]]:
+        """(owner id, blob id) of every piece, for the orphan sweep."""
 
     def all_archive_ids(self) -> set[tuple[str, str]]:
         """(owner id, archive id) of every archive, for the orphan sweep."""
@@ -247,17 +313,37 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS sv_state (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL)""",
+    # Resumable (tus) uploads in progress and their acknowledged pieces.
+    """CREATE TABLE IF NOT EXISTS sv_uploads (
+        upload_id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL,
+        length BIGINT NOT NULL,
+        upload_offset BIGINT NOT NULL,
+        reserved_bytes BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        key_id TEXT NOT NULL,
+        document TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS sv_uploads_owner ON sv_uploads (owner_id)",
+    "CREATE INDEX IF NOT EXISTS sv_uploads_expiry ON sv_uploads (expires_at)",
+    """CREATE TABLE IF NOT EXISTS sv_upload_pieces (
+        upload_id TEXT NOT NULL,
+        piece_offset BIGINT NOT NULL,
+        length BIGINT NOT NULL,
+        blob_id TEXT NOT NULL,
+        PRIMARY KEY (upload_id, piece_offset))""",
 )
 # Every table of SCHEMA: a store missing any of them (an older vault) has
 # the schema run again (every statement is IF NOT EXISTS).
-TABLES = ("sv_users", "sv_sessions", "sv_login_attempts", "sv_archives", "sv_state")
+TABLES = ("sv_users", "sv_sessions", "sv_login_attempts", "sv_archives", "sv_state", "sv_uploads", "sv_upload_pieces")
 # Columns added after their table: (table, column, type).  Nullable, so a
 # store of an older vault gains them in place (ALTER TABLE ... ADD COLUMN
 # on both engines) and its rows read None until filled in.
 ADDED_COLUMNS = (("sv_users", "mac", "TEXT"), ("sv_sessions", "mac", "TEXT"))
 
 
-def _row(record: UserRecord | SessionRecord | LoginAttempt | ArchiveRecord) -> tuple[Any, ...]:
+def _row(
+    record: UserRecord | SessionRecord | LoginAttempt | ArchiveRecord | UploadRecord | UploadPiece,
+) -> tuple[Any, ...]:
     """A record's values in its table's column order (the field order)."""
     return tuple(getattr(record, field.name) for field in dataclasses.fields(record))
 
@@ -267,6 +353,8 @@ _USER_COLUMNS = "name, user_id, password_hash, created_at, mac"
 _SESSION_COLUMNS = "digest, username, user_id, fingerprint, created_at, last_used, expires_at, mac"
 _ATTEMPT_COLUMNS = "attempt, certificate, account, at"
 _ARCHIVE_COLUMNS = "owner_id, archive_id, created_ns, stored_bytes, key_id, document"
+_UPLOAD_COLUMNS = "upload_id, owner_id, length, upload_offset, reserved_bytes, expires_at, key_id, document"
+_PIECE_COLUMNS = "upload_id, piece_offset, length, blob_id"
 
 
 class SqlMetadataStore:
@@ -545,9 +633,9 @@ class SqlMetadataStore:
 
     # -- the archive index ----------------------------------------------------
 
-    def put_archive(self, record: ArchiveRecord, quota: int | None = None) -> None:
+    def put_archive(self, record: ArchiveRecord, quota: int | None = None, finishing_upload: str | None = None) -> None:
         insert = f"INSERT INTO sv_archives ({_ARCHIVE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
-        if quota is None:
+        if quota is None and finishing_upload is None:
             self._execute(insert, _row(record))
             return
         with self._write() as run:
@@ -555,12 +643,25 @@ class SqlMetadataStore:
             # upload of this owner can interleave with: parallel uploads
             # never store more than the quota in all.
             self._lock_owner(run, record.owner_id)
-            used = run(
-                "SELECT COALESCE(SUM(stored_bytes), 0) FROM sv_archives WHERE owner_id = ?", (record.owner_id,)
-            ).fetchone()[0]
-            if int(used) + record.stored_bytes > quota:
-                raise OverQuota(f"{int(used)} + {record.stored_bytes} bytes would exceed the quota of {quota}")
+            if finishing_upload is not None:
+                gone = run(
+                    "DELETE FROM sv_uploads WHERE upload_id = ? AND owner_id = ?", (finishing_upload, record.owner_id)
+                ).rowcount
+                if gone != 1:
+                    raise UploadGone(finishing_upload)
+                run("DELETE FROM sv_upload_pieces WHERE upload_id = ?", (finishing_upload,))
+            if quota is not None:
+                used = self._used(run, record.owner_id)
+                if used + record.stored_bytes > quota:
+                    raise OverQuota(f"{used} + {record.stored_bytes} bytes would exceed the quota of {quota}")
             run(insert, _row(record))
+
+    def _used(self, run: Any, owner_id: str) -> int:
+        """Inside a transaction: the owner's archives and reservations."""
+        archives = run("SELECT COALESCE(SUM(stored_bytes), 0) FROM sv_archives WHERE owner_id = ?", (owner_id,))
+        stored = int(archives.fetchone()[0])
+        uploads = run("SELECT COALESCE(SUM(reserved_bytes), 0) FROM sv_uploads WHERE owner_id = ?", (owner_id,))
+        return stored + int(uploads.fetchone()[0])
 
     def _lock_owner(self, run: Any, owner_id: str) -> None:
         """Serialise the quota check of C{owner_id}'s uploads for the rest of
@@ -606,6 +707,78 @@ class SqlMetadataStore:
 
     def all_archive_ids(self) -> set[tuple[str, str]]:
         return {(str(o), str(a)) for o, a in self._query("SELECT owner_id, archive_id FROM sv_archives")}
+
+    def reserved(self, owner_id: str) -> int:
+        rows = self._query("SELECT COALESCE(SUM(reserved_bytes), 0) FROM sv_uploads WHERE owner_id = ?", (owner_id,))
+        return int(rows[0][0])
+
+    # -- resumable uploads ------------------------------------------------------
+
+    def put_upload(self, record: UploadRecord, quota: int | None = None) -> None:
+        insert = f"INSERT INTO sv_uploads ({_UPLOAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        with self._write() as run:
+            if quota is not None:
+                self._lock_owner(run, record.owner_id)
+                used = self._used(run, record.owner_id)
+                if used + record.reserved_bytes > quota:
+                    raise OverQuota(f"{used} + {record.reserved_bytes} bytes would exceed the quota of {quota}")
+            run(insert, _row(record))
+
+    def get_upload(self, owner_id: str, upload_id: str) -> UploadRecord | None:
+        rows = self._query(
+            f"SELECT {_UPLOAD_COLUMNS} FROM sv_uploads WHERE upload_id = ? AND owner_id = ?", (upload_id, owner_id)
+        )
+        return UploadRecord(*rows[0]) if rows else None
+
+    def add_upload_piece(self, owner_id: str, piece: UploadPiece, expires_at: float) -> int:
+        with self._write() as run:
+            rows = run(
+                "SELECT upload_offset, length FROM sv_uploads WHERE upload_id = ? AND owner_id = ?",
+                (piece.upload_id, owner_id),
+            ).fetchall()
+            if not rows:
+                raise UploadGone(piece.upload_id)
+            offset, length = int(rows[0][0]), int(rows[0][1])
+            if offset != piece.piece_offset or offset + piece.length > length:
+                raise UploadConflict(piece.upload_id)
+            # The update first: on PostgreSQL it locks the row, and a PATCH
+            # racing on another node finds the offset moved (no row).
+            changed = run(
+                "UPDATE sv_uploads SET upload_offset = ?, expires_at = ? WHERE upload_id = ? AND upload_offset = ?",
+                (offset + piece.length, expires_at, piece.upload_id, offset),
+            ).rowcount
+            if changed != 1:
+                raise UploadConflict(piece.upload_id)
+            run(f"INSERT INTO sv_upload_pieces ({_PIECE_COLUMNS}) VALUES (?, ?, ?, ?)", _row(piece))
+            return offset + piece.length
+
+    def list_upload_pieces(self, upload_id: str) -> list[UploadPiece]:
+        rows = self._query(
+            f"SELECT {_PIECE_COLUMNS} FROM sv_upload_pieces WHERE upload_id = ? ORDER BY piece_offset", (upload_id,)
+        )
+        return [UploadPiece(str(u), int(o), int(n), str(b)) for u, o, n, b in rows]
+
+    def delete_upload(self, owner_id: str, upload_id: str) -> list[UploadPiece] | None:
+        with self._write() as run:
+            gone = run("DELETE FROM sv_uploads WHERE upload_id = ? AND owner_id = ?", (upload_id, owner_id)).rowcount
+            if gone != 1:
+                return None
+            rows = run(
+                f"SELECT {_PIECE_COLUMNS} FROM sv_upload_pieces WHERE upload_id = ? ORDER BY piece_offset",
+                (upload_id,),
+            ).fetchall()
+            run("DELETE FROM sv_upload_pieces WHERE upload_id = ?", (upload_id,))
+            return [UploadPiece(str(u), int(o), int(n), str(b)) for u, o, n, b in rows]
+
+    def expired_uploads(self, now: float) -> list[tuple[str, str]]:
+        rows = self._query("SELECT owner_id, upload_id FROM sv_uploads WHERE expires_at <= ?", (now,))
+        return [(str(o), str(u)) for o, u in rows]
+
+    def all_upload_blob_ids(self) -> set[tuple[str, str]]:
+        rows = self._query(
+            "SELECT u.owner_id, p.blob_id FROM sv_upload_pieces p JOIN sv_uploads u ON u.upload_id = p.upload_id"
+        )
+        return {(str(o), str(b)) for o, b in rows}
 
     # -- named state ------------------------------------------------------------
 

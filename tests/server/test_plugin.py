@@ -84,6 +84,7 @@ class OptionsTests(SyncTestCase):
             "max-connections-per-cert": 64,
             "min-body-rate": 16384,
             "memory-budget": 512 << 20,
+            "upload-expiry": 24 * 3600.0,
         }
         # Options added after this test (e.g. the scale-out store options)
         # must be off by default, so a plain start behaves as API.md says.
@@ -95,6 +96,12 @@ class OptionsTests(SyncTestCase):
             (30 * 60, 12 * 60 * 60, 60),
         )
         self.assertEqual((DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_JSON_BODY_BYTES), (16 << 30, 64 << 20))
+
+    def test_upload_expiry_units(self) -> None:
+        """C{--upload-expiry} takes a duration with a unit, as API.md says."""
+        self.assertEqual(self.parse("--upload-expiry", "12h")["upload-expiry"], 12 * 3600.0)
+        self.assertEqual(self.parse("--upload-expiry", "90")["upload-expiry"], 90.0)
+        self.assertRaises(usage.UsageError, self.parse, "--upload-expiry", "soon")
 
     def test_port_option(self) -> None:
         """C{--port 7000} is the integer 7000; nothing else changes."""

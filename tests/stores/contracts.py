@@ -20,6 +20,10 @@ from securevault.stores.metadata import (
     MetadataStore,
     OverQuota,
     SessionRecord,
+    UploadConflict,
+    UploadGone,
+    UploadPiece,
+    UploadRecord,
     UserRecord,
 )
 
@@ -38,8 +42,51 @@ def _attempt(number: int, at: float, *, certificate: str = "c" * 64, account: st
     return LoginAttempt(f"attempt-{number}", certificate, account, at)
 
 
+def _upload(upload_id: str, owner: str = "u1", length: int = 100, reserved: int = 200) -> UploadRecord:
+    return UploadRecord(upload_id, owner, length, 0, reserved, 1000.0, "k1", '{"doc": 1}')
+
+
 class MetadataStoreContract:
     """Mixed into a trial TestCase; C{make_store} returns a fresh store."""
+
+    # resumable uploads
+
+    def test_upload_pieces_move_the_offset(self) -> None:
+        """A piece is recorded only at the upload's offset, within its
+        length; it moves the offset and the expiry in one step."""
+        store = self._store()
+        store.put_upload(_upload("a" * 32))
+        self.assertIsNone(store.get_upload("u2", "a" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(store.add_upload_piece("u1", UploadPiece("a" * 32, 0, 60, "b" * 32), 2000.0), 60)  # type: ignore[attr-defined]
+        self.assertRaises(UploadConflict, store.add_upload_piece, "u1", UploadPiece("a" * 32, 0, 10, "c" * 32), 1.0)  # type: ignore[attr-defined]
+        self.assertRaises(UploadConflict, store.add_upload_piece, "u1", UploadPiece("a" * 32, 60, 41, "c" * 32), 1.0)  # type: ignore[attr-defined]
+        self.assertRaises(UploadGone, store.add_upload_piece, "u2", UploadPiece("a" * 32, 60, 1, "c" * 32), 1.0)  # type: ignore[attr-defined]
+        record = store.get_upload("u1", "a" * 32)
+        assert record is not None
+        self.assertEqual((record.upload_offset, record.expires_at), (60, 2000.0))  # type: ignore[attr-defined]
+        self.assertEqual(store.list_upload_pieces("a" * 32), [UploadPiece("a" * 32, 0, 60, "b" * 32)])  # type: ignore[attr-defined]
+        self.assertEqual(store.all_upload_blob_ids(), {("u1", "b" * 32)})  # type: ignore[attr-defined]
+        self.assertEqual(store.expired_uploads(1999.0), [])  # type: ignore[attr-defined]
+        self.assertEqual(store.expired_uploads(2000.0), [("u1", "a" * 32)])  # type: ignore[attr-defined]
+        self.assertIsNone(store.delete_upload("u2", "a" * 32))  # type: ignore[attr-defined]
+        self.assertEqual(store.delete_upload("u1", "a" * 32), [UploadPiece("a" * 32, 0, 60, "b" * 32)])  # type: ignore[attr-defined]
+        self.assertEqual(store.all_upload_blob_ids(), set())  # type: ignore[attr-defined]
+
+    def test_reservations_count_against_the_quota(self) -> None:
+        """Uploads reserve quota; archives and uploads share it; finishing
+        an upload swaps its reservation for its archive atomically."""
+        store = self._store()
+        store.put_archive(_archive("u1", "1" * 32, 1, stored=300), 1000)
+        store.put_upload(_upload("a" * 32, reserved=500), 1000)
+        self.assertEqual(store.reserved("u1"), 500)  # type: ignore[attr-defined]
+        self.assertRaises(OverQuota, store.put_upload, _upload("b" * 32, reserved=201), 1000)  # type: ignore[attr-defined]
+        self.assertRaises(OverQuota, store.put_archive, _archive("u1", "2" * 32, 2, stored=201), 1000)  # type: ignore[attr-defined]
+        store.put_upload(_upload("c" * 32, owner="u2", reserved=900), 1000)  # another owner's own quota
+        store.put_archive(_archive("u1", "3" * 32, 3, stored=600), 1000, "a" * 32)
+        self.assertEqual((store.reserved("u1"), store.usage("u1")), (0, 900))  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_upload("u1", "a" * 32))  # type: ignore[attr-defined]
+        self.assertRaises(UploadGone, store.put_archive, _archive("u1", "4" * 32, 4, stored=1), 1000, "a" * 32)  # type: ignore[attr-defined]
+        self.assertIsNone(store.get_archive("u1", "4" * 32))  # type: ignore[attr-defined]
 
     def make_store(self) -> MetadataStore:
         raise NotImplementedError

@@ -1,0 +1,498 @@
+# -*- test-case-name: tests.test_staging -*-
+"""Resumable (tus) uploads: bytes staged encrypted until the last one arrives.
+
+Plain blocking Python with no Twisted import: the daemon runs every call here
+in its worker pool.  The layout (docs/FORMAT.md, "Staged uploads"):
+
+  - the upload row in the metadata store (owner, declared length, offset
+    acknowledged so far, quota reservation, expiry) with a document holding
+    the upload's random key, wrapped by the master key, and the filename
+    sealed under it;
+  - one piece per acknowledged PATCH body: a blob of its own beside the
+    owner's archives (a random 32-hex-digit name), encrypted as one
+    Cobblestone-256 stream under a key derived from the upload key and bound
+    to the upload and the piece's offset; its row names it.
+
+A piece is acknowledged only once its blob is durable and its row committed
+(the row moves the upload's offset in the same transaction), so a crash
+keeps exactly what was acknowledged.  When the last byte is in, the pieces
+are decrypted in order into an L{ArchiveWriter}: the archive is one like any
+raw upload, and its row replaces the upload's rows in one transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from securevault.core.archive import (
+    CHUNK_PLAINTEXT_BYTES,
+    CHUNK_TAG_BYTES,
+    DATA_KEY_BYTES,
+    IO_BLOCK_BYTES,
+    NONCE_BYTES,
+    OWNER_ID,
+    ArchiveInfo,
+    ArchiveWriter,
+    IntegrityError,
+    QuotaExceeded,
+    StorageError,
+    StorageFull,
+    StoreUnavailable,
+    check_filename,
+    ciphertext_buffer,
+    context_bytes,
+    derive_key,
+    is_archive_id,
+    translate_os_error,
+)
+from securevault.core.keys import UnwrapError
+from securevault.storage import SecureFileStorage
+from securevault.stores.blobs import BlobNotFound, BlobStore, BlobStoreError, BlobWriter
+from securevault.stores.metadata import (
+    MetadataError,
+    MetadataFull,
+    OverQuota,
+    UploadConflict,
+    UploadGone,
+    UploadPiece,
+    UploadRecord,
+)
+
+UPLOAD_FORMAT = "securevault-upload"
+UPLOAD_FORMAT_VERSION = 1
+# What an upload of n bytes may take in the blob store once it is an archive
+# (stored, incompressible: a tag per 16 KiB chunk, the stream's header and
+# final chunk, the ZIP headers with their ZIP64 fields and a 255-byte name):
+# reserved against the quota from the POST.
+ARCHIVE_OVERHEAD_BYTES = 4096
+CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+
+
+def reservation(length: int) -> int:
+    """The quota an upload of C{length} bytes reserves: an upper bound of its
+    archive's stored bytes."""
+    chunks = length // CHUNK_PLAINTEXT_BYTES + 1
+    return length + chunks * CHUNK_TAG_BYTES + ARCHIVE_OVERHEAD_BYTES
+
+
+class UploadNotFound(StorageError):
+    """No such upload for that owner (finished, deleted, expired or never)."""
+
+
+class OffsetMismatch(StorageError):
+    """The PATCH does not start at the upload's offset (tus 409)."""
+
+
+class ChecksumMismatch(StorageError):
+    """The PATCH body does not match its Upload-Checksum (tus 460)."""
+
+
+class LengthExceeded(StorageError):
+    """The PATCH would carry the upload past its declared length."""
+
+
+@dataclass(frozen=True)
+class UploadStatus:
+    """What HEAD answers, and what the resources need of an upload."""
+
+    upload_id: str
+    length: int
+    offset: int
+    expires_at: float
+    archive: ArchiveInfo | None = None  # set once the upload became an archive
+
+
+@dataclass(frozen=True)
+class PieceResult:
+    """What a PATCH answers: the new offset, and the archive when complete."""
+
+    offset: int
+    expires_at: float
+    archive: ArchiveInfo | None
+
+
+def is_upload_id(value: str) -> bool:
+    return is_archive_id(value)
+
+
+class UploadStaging:
+    """Resumable uploads over a L{SecureFileStorage}'s stores; safe to call
+    from any thread (it keeps no state of its own)."""
+
+    def __init__(self, storage: SecureFileStorage, expiry_seconds: float) -> None:
+        self.storage = storage
+        self.expiry_seconds = expiry_seconds
+
+    @property
+    def _blobs(self) -> BlobStore:
+        return self.storage.blobs
+
+    def _call(self, function: Callable[..., object], *args: object) -> object:
+        """A metadata call, its failures in the storage vocabulary."""
+        try:
+            return function(*args)
+        except OverQuota as error:
+            raise QuotaExceeded("The upload exceeds the storage quota.") from error
+        except MetadataFull as error:
+            raise StorageFull("No space left for the vault's metadata.") from error
+        except MetadataError as error:
+            raise StoreUnavailable(str(error)) from error
+
+    # -- the upload's document ----------------------------------------------
+
+    def _seal(self, owner_id: str, upload_id: str, upload_key: bytes, filename: str, length: int) -> tuple[str, str]:
+        keyring = self.storage.keyring
+        key_id, wrapped = keyring.wrap(upload_key, context_bytes(b"upload-key", owner_id, upload_id))
+        nonce = os.urandom(NONCE_BYTES)
+        plaintext = json.dumps({"filename": filename, "length": length}, ensure_ascii=False).encode("utf-8")
+        sealed = AESGCM(derive_key(upload_key, b"upload-metadata-key")).encrypt(
+            nonce, plaintext, context_bytes(b"upload-metadata", owner_id, upload_id)
+        )
+        document = {
+            "format": UPLOAD_FORMAT,
+            "version": UPLOAD_FORMAT_VERSION,
+            "key_id": key_id,
+            "wrapped_key": base64.b64encode(wrapped).decode("ascii"),
+            "metadata": base64.b64encode(nonce + sealed).decode("ascii"),
+        }
+        return key_id, json.dumps(document)
+
+    def _unseal(self, record: UploadRecord) -> tuple[str, bytes]:
+        """The filename and the upload key; L{IntegrityError} when the row
+        was changed behind the server's back."""
+        owner_id, upload_id = record.owner_id, record.upload_id
+        try:
+            document = json.loads(record.document)
+            if document["format"] != UPLOAD_FORMAT or document["version"] != UPLOAD_FORMAT_VERSION:
+                raise ValueError("unknown upload format")
+            upload_key = self.storage.keyring.unwrap(
+                str(document["key_id"]),
+                base64.b64decode(document["wrapped_key"], validate=True),
+                context_bytes(b"upload-key", owner_id, upload_id),
+            )
+            sealed = base64.b64decode(document["metadata"], validate=True)
+            fields = json.loads(
+                AESGCM(derive_key(upload_key, b"upload-metadata-key")).decrypt(
+                    sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context_bytes(b"upload-metadata", owner_id, upload_id)
+                )
+            )
+            if fields["length"] != record.length:
+                raise ValueError("the declared length was changed")
+            return str(fields["filename"]), upload_key
+        except (UnwrapError, ValueError, KeyError, TypeError, InvalidTag, binascii.Error) as error:
+            raise IntegrityError(f"upload {upload_id} fails authentication") from error
+
+    def _record(self, owner_id: str, upload_id: str) -> UploadRecord:
+        if not is_upload_id(upload_id) or not OWNER_ID.match(owner_id):
+            raise UploadNotFound(upload_id)
+        record = self._call(self.storage.metadata.get_upload, owner_id, upload_id)
+        if record is None:
+            raise UploadNotFound(upload_id)
+        assert isinstance(record, UploadRecord)
+        return record
+
+    # -- the operations tus needs -------------------------------------------
+
+    def create(self, owner_id: str, filename: str, length: int, now: float, *, quota: int | None) -> UploadStatus:
+        """A new upload (POST); its whole length is reserved against the
+        quota at once (L{QuotaExceeded} when it does not fit).  An upload of
+        length 0 is its (empty) archive at once."""
+        check_filename(filename)
+        if not OWNER_ID.match(owner_id) or length < 0:
+            raise ValueError("invalid upload")
+        upload_id = secrets.token_hex(16)
+        if length == 0:
+            info = self.storage.writer(owner_id, filename, quota=quota).commit()
+            return UploadStatus(upload_id, 0, 0, now, info)
+        upload_key = os.urandom(DATA_KEY_BYTES)
+        key_id, document = self._seal(owner_id, upload_id, upload_key, filename, length)
+        expires_at = now + self.expiry_seconds
+        record = UploadRecord(upload_id, owner_id, length, 0, reservation(length), expires_at, key_id, document)
+        self._call(self.storage.metadata.put_upload, record, quota)
+        return UploadStatus(upload_id, length, 0, expires_at)
+
+    def status(self, owner_id: str, upload_id: str, *, quota: int | None = None) -> UploadStatus:
+        """The upload's offset (HEAD).  An upload whose every byte was
+        acknowledged but that is not an archive yet (the server stopped in
+        between) is finished now."""
+        record = self._record(owner_id, upload_id)
+        if record.upload_offset == record.length:
+            info = self.finish(owner_id, upload_id, quota=quota)
+            return UploadStatus(upload_id, record.length, record.length, record.expires_at, info)
+        return UploadStatus(upload_id, record.length, record.upload_offset, record.expires_at)
+
+    def piece_writer(
+        self,
+        owner_id: str,
+        upload_id: str,
+        offset: int,
+        *,
+        declared: int | None = None,
+        checksum: tuple[str, bytes] | None = None,
+        quota: int | None = None,
+        now: Callable[[], float],
+    ) -> PieceWriter:
+        """A writer for one PATCH body starting at C{offset} (of
+        C{declared} bytes, when the request said): L{OffsetMismatch} unless
+        that is the upload's offset now, L{LengthExceeded} when the body
+        would pass the declared length."""
+        record = self._record(owner_id, upload_id)
+        if record.upload_offset != offset:
+            raise OffsetMismatch(f"The upload is at offset {record.upload_offset}, not {offset}.")
+        if declared is not None and offset + declared > record.length:
+            raise LengthExceeded("The body would carry the upload past its Upload-Length.")
+        _, upload_key = self._unseal(record)
+        return PieceWriter(self, record, upload_key, checksum=checksum, quota=quota, now=now)
+
+    def finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> ArchiveInfo:
+        """Make the complete upload one archive, exactly like a raw upload:
+        the pieces decrypted in order, block by block, into an
+        L{ArchiveWriter}; the archive's row replaces the upload's rows in one
+        transaction; then the pieces' blobs go."""
+        record = self._record(owner_id, upload_id)
+        if record.upload_offset != record.length:
+            raise OffsetMismatch("The upload is not complete.")
+        filename, upload_key = self._unseal(record)
+        pieces = self._call(self.storage.metadata.list_upload_pieces, upload_id)
+        assert isinstance(pieces, list)
+        index = _FinishingIndex(self.storage, upload_id)
+        try:
+            writer = ArchiveWriter(index, owner_id, filename, quota=quota)
+        except OSError as error:
+            raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            raise StoreUnavailable(str(error)) from error
+        try:
+            expected = 0
+            for piece in pieces:
+                if piece.piece_offset != expected:
+                    raise IntegrityError(f"upload {upload_id} has a gap at {expected}")
+                expected += self._copy_piece(owner_id, upload_id, upload_key, piece, writer)
+            if expected != record.length:
+                raise IntegrityError(f"upload {upload_id} holds {expected} of {record.length} bytes")
+            info = writer.commit()
+        except UploadGone as error:
+            raise UploadNotFound(upload_id) from error
+        except BaseException:
+            writer.abort()
+            raise
+        self._remove_blobs(owner_id, pieces)
+        return info
+
+    def _copy_piece(
+        self, owner_id: str, upload_id: str, upload_key: bytes, piece: UploadPiece, writer: ArchiveWriter
+    ) -> int:
+        decryptor = Cobblestone256Decryptor(*piece_key(upload_key, owner_id, upload_id, piece.piece_offset))
+        try:
+            body = self._blobs.reader(owner_id, piece.blob_id)
+        except BlobNotFound as error:
+            raise IntegrityError(f"upload {upload_id} lost a piece") from error
+        except BlobStoreError as error:
+            raise StoreUnavailable(str(error)) from error
+        size = 0
+        try:
+            try:
+                while block := body.read(IO_BLOCK_BYTES):
+                    plain = decryptor.update(block)
+                    if plain:
+                        size += len(plain)
+                        writer.write(plain)
+                plain = decryptor.finalize()
+            except (InvalidTag, ValueError) as error:
+                raise IntegrityError(f"upload {upload_id} fails authentication") from error
+            except BlobStoreError as error:
+                raise StoreUnavailable(str(error)) from error
+            if plain:
+                size += len(plain)
+                writer.write(plain)
+        finally:
+            body.close()
+        if size != piece.length:
+            raise IntegrityError(f"upload {upload_id} has a piece of the wrong length")
+        return size
+
+    def delete(self, owner_id: str, upload_id: str) -> None:
+        """Forget the upload (tus termination): rows first, then blobs."""
+        if not is_upload_id(upload_id) or not OWNER_ID.match(owner_id):
+            raise UploadNotFound(upload_id)
+        pieces = self._call(self.storage.metadata.delete_upload, owner_id, upload_id)
+        if pieces is None:
+            raise UploadNotFound(upload_id)
+        assert isinstance(pieces, list)
+        self._remove_blobs(owner_id, pieces)
+
+    def sweep_expired(self, now: float) -> int:
+        """Remove the uploads that made no progress for the expiry period,
+        with their pieces and reservations; returns how many."""
+        expired = self._call(self.storage.metadata.expired_uploads, now)
+        assert isinstance(expired, list)
+        removed = 0
+        for owner_id, upload_id in expired:
+            try:
+                self.delete(owner_id, upload_id)
+                removed += 1
+            except UploadNotFound:
+                pass  # finished or deleted meanwhile
+        return removed
+
+    def _remove_blobs(self, owner_id: str, pieces: list[UploadPiece]) -> None:
+        for piece in pieces:
+            try:
+                self._blobs.delete(owner_id, piece.blob_id)
+            except (OSError, BlobStoreError):
+                pass  # no row names it now: the orphan sweep removes it
+
+
+def piece_key(upload_key: bytes, owner_id: str, upload_id: str, offset: int) -> tuple[bytes, bytes]:
+    """The Cobblestone-256 key and context of the piece at C{offset}: bound
+    to its owner, upload and place, so pieces cannot be swapped or moved."""
+    return derive_key(upload_key, b"piece-key"), context_bytes(b"piece", owner_id, f"{upload_id}/{offset}")
+
+
+class _FinishingIndex:
+    """The storage as an L{ArchiveWriter} publishes into it, except that the
+    archive's row replaces the finishing upload's rows (and reservation)."""
+
+    def __init__(self, storage: SecureFileStorage, upload_id: str) -> None:
+        self._storage = storage
+        self._upload_id = upload_id
+        self.blobs = storage.blobs
+        self.clock_ns = storage.clock_ns
+
+    def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
+        self._storage.write_meta(owner_id, info, data_key, quota=quota, finishing_upload=self._upload_id)
+
+    def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None:
+        self._storage.discard_unindexed_blob(owner_id, archive_id)
+
+
+class PieceWriter:
+    """One PATCH body becoming one encrypted piece.  Call L{write} for each
+    block, then L{commit}, or L{abort} at any point; nothing is kept unless
+    L{commit} returns."""
+
+    def __init__(
+        self,
+        staging: UploadStaging,
+        record: UploadRecord,
+        upload_key: bytes,
+        *,
+        checksum: tuple[str, bytes] | None,
+        quota: int | None,
+        now: Callable[[], float],
+    ) -> None:
+        self._staging = staging
+        self._record = record
+        self._quota = quota
+        self._now = now
+        self._checksum = checksum
+        self._hash = hashlib.new(checksum[0]) if checksum is not None else None
+        self._size = 0
+        self._done = False
+        self.blob_id = secrets.token_hex(16)
+        key, context = piece_key(upload_key, record.owner_id, record.upload_id, record.upload_offset)
+        self._encryptor = Cobblestone256Encryptor(key, context)
+        self._buffer = bytearray()
+        try:
+            self._blob: BlobWriter = staging.storage.blobs.writer(record.owner_id, self.blob_id)
+        except OSError as error:
+            raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            raise StoreUnavailable(str(error)) from error
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("write after commit or abort")
+        try:
+            self._size += len(data)
+            if self._record.upload_offset + self._size > self._record.length:
+                raise LengthExceeded("The body would carry the upload past its Upload-Length.")
+            if self._hash is not None:
+                self._hash.update(data)
+            if len(self._buffer) < len(data) + 2 * CHUNK_PLAINTEXT_BYTES:
+                self._buffer = ciphertext_buffer(len(data))
+            produced = self._encryptor.update_into(data, self._buffer)
+            if produced:
+                self._blob.write(memoryview(self._buffer)[:produced])
+        except OSError as error:
+            self.abort()
+            raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            self.abort()
+            raise StoreUnavailable(str(error)) from error
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> PieceResult:
+        """Check the checksum, make the piece durable, then commit its row
+        (the acknowledgement); the archive too when this was the last byte."""
+        if self._done:
+            raise StorageError("commit after commit or abort")
+        record = self._record
+        staging = self._staging
+        try:
+            if self._checksum is not None and self._hash is not None:
+                if not secrets.compare_digest(self._hash.digest(), self._checksum[1]):
+                    raise ChecksumMismatch("The body does not match its Upload-Checksum.")
+            if self._size == 0:  # nothing to keep (a resent final PATCH, say)
+                self.abort()
+                offset = record.upload_offset
+                expires_at = record.expires_at
+            else:
+                self._blob.write(self._encryptor.finalize())
+                self._blob.commit()
+                self._done = True
+                expires_at = self._now() + staging.expiry_seconds
+                piece = UploadPiece(record.upload_id, record.upload_offset, self._size, self.blob_id)
+                try:
+                    offset = staging.storage.metadata.add_upload_piece(record.owner_id, piece, expires_at)
+                except (UploadGone, UploadConflict) as error:
+                    self._discard_blob()
+                    if isinstance(error, UploadGone):
+                        raise UploadNotFound(record.upload_id) from error
+                    raise OffsetMismatch("Another request moved the upload's offset.") from error
+                except MetadataError as error:
+                    # A lost answer may hide a commit: keep the blob when in
+                    # doubt (the orphan sweep removes it if no row names it).
+                    raise StoreUnavailable(str(error)) from error
+        except OSError as error:
+            self.abort()
+            raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            self.abort()
+            raise StoreUnavailable(str(error)) from error
+        except BaseException:
+            self.abort()
+            raise
+        archive = None
+        if offset == record.length:
+            archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
+        return PieceResult(offset, expires_at, archive)
+
+    def _discard_blob(self) -> None:
+        try:
+            self._staging.storage.blobs.delete(self._record.owner_id, self.blob_id)
+        except (OSError, BlobStoreError):
+            pass
+
+    def abort(self) -> None:
+        """Forget the piece; safe to call twice, and after a commit (a no-op)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._blob.abort()
+        except (OSError, BlobStoreError):
+            pass
