@@ -77,6 +77,7 @@ class TuspyTests(SyncTestCase):
         uploader.upload_chunk()
         uploader.upload_chunk()
         self.assertEqual(uploader.offset, 2 * CHUNK_BYTES)
+        assert uploader.url is not None
         path = uploader.url.split(f":{port}", 1)[1]
         daemon.kill()
         _, port = self.start()
