@@ -40,6 +40,9 @@ ERROR_STATUS: dict[str, int] = {
     "busy": 503,
     "unavailable": 503,
     "insufficient_storage": 507,
+    "offset_mismatch": 409,
+    "unsupported_version": 412,
+    "checksum_mismatch": 460,
 }
 
 # What any request may be answered with, whatever its endpoint: framing and
@@ -63,10 +66,21 @@ HEADER_DOCS: dict[str, tuple[str, dict[str, Any]]] = {
     "ETag": ("The file's SHA-256 in hex, quoted: a strong validator for If-Range.", {"type": "string"}),
     "Accept-Ranges": ("Always `bytes`.", {"type": "string", "enum": ["bytes"]}),
     "Content-Disposition": ("`attachment; filename*=UTF-8''<percent-encoded name>`.", {"type": "string"}),
+    "Tus-Resumable": ("Always `1.0.0`.", {"type": "string", "enum": ["1.0.0"]}),
+    "Tus-Version": ("The tus versions served: `1.0.0`.", {"type": "string"}),
+    "Tus-Extension": ("`creation,termination,expiration,checksum`.", {"type": "string"}),
+    "Tus-Max-Size": ("--max-upload-size, in bytes.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "Tus-Checksum-Algorithm": ("`sha1,sha256`.", {"type": "string"}),
+    "Location": ("The new upload: `/uploads/<id>`.", {"type": "string"}),
+    "Upload-Offset": ("Bytes received and kept so far.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "Upload-Length": ("The upload's declared length.", {"type": "string", "pattern": "^[0-9]+$"}),
+    "Upload-Expires": ("When the upload is removed without progress (HTTP date).", {"type": "string"}),
+    "Upload-Archive-Id": ("The archive the complete upload became.", {"type": "string"}),
 }
 
 # Headers an error answer carries, by error code.
 ERROR_HEADERS: dict[str, tuple[str, ...]] = {
+    "unsupported_version": ("Tus-Version",),
     "invalid_session": ("WWW-Authenticate",),
     "too_many_attempts": ("Retry-After",),
     "busy": ("Retry-After",),
@@ -93,6 +107,9 @@ ERROR_DESCRIPTIONS: dict[str, str] = {
     "busy": "A bounded resource is full (connections, the memory budget, the login pool).",
     "unavailable": "A store (metadata, blobs, the audit log) cannot be reached.",
     "insufficient_storage": "The quota or the disk is full; nothing partial is kept.",
+    "offset_mismatch": "A PATCH whose Upload-Offset is not the upload's current offset (HEAD tells it).",
+    "unsupported_version": "A tus request without `Tus-Resumable: 1.0.0`.",
+    "checksum_mismatch": "A PATCH body that does not match its Upload-Checksum; it was dropped.",
 }
 
 
@@ -190,6 +207,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"status": {"type": "string", "enum": ["ok"]}, "version": {"type": "string"}},
     },
     "OpenApiDocument": {"type": "object", "required": ["openapi", "paths"]},
+    "UploadCreated": {
+        "type": "object",
+        "description": "The new upload (tus clients read Location); a length-0 upload is its archive at once.",
+        "properties": {
+            "upload_id": {"type": "string"},
+            "length": {"type": "integer", "minimum": 0},
+            "offset": {"type": "integer", "minimum": 0},
+            "archive": _ref("Archive"),
+        },
+    },
 }
 
 
@@ -227,6 +254,10 @@ OCTETS = "application/octet-stream"
 
 def _query(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": "string"}}
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": {"type": "string"}}
 
 
 def _header(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -278,6 +309,32 @@ _USAGE = Operation(
     successes=(Success(200, "The caller's usage.", {JSON: _ref("Usage")}),),
     errors=PIPELINE_ERRORS + SESSION_ERRORS,
 )
+
+TUS_HEADERS = ("Tus-Resumable",)
+TUS_ERRORS = ("unsupported_version",)
+_TUS_OPTIONS = Operation(
+    summary="What this tus server supports",
+    description="No session needed (mutual TLS still is).",
+    successes=(
+        Success(
+            204,
+            "The tus capabilities.",
+            headers=("Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm"),
+        ),
+    ),
+    errors=PIPELINE_ERRORS,
+    public=True,
+)
+_UPLOAD_ID = _path("id", "The upload's id, from the Location of its POST.")
+_TUS_OPTIONS_ITEM = Operation(
+    _TUS_OPTIONS.summary,
+    _TUS_OPTIONS.description,
+    _TUS_OPTIONS.successes,
+    _TUS_OPTIONS.errors,
+    public=True,
+    parameters=(_UPLOAD_ID,),
+)
+_TUS_RESUMABLE = _header("Tus-Resumable", "Must be `1.0.0`.")
 
 # path → method (lowercase) → operation: the one description of the API.
 OPERATIONS: dict[str, dict[str, Operation]] = {
@@ -384,6 +441,63 @@ OPERATIONS: dict[str, dict[str, Operation]] = {
         )
     },
     "/usage": {"get": _USAGE, "head": _head_of(_USAGE)},
+    "/uploads/": {
+        "options": _TUS_OPTIONS,
+        "post": Operation(
+            summary="Create a resumable upload (tus 1.0.0 creation)",
+            description="`Upload-Length` and `Upload-Metadata` (`filename` base64). The whole declared length "
+            "counts against the quota from now on. A length-0 upload is its (empty) archive at once.",
+            successes=(
+                Success(201, "Created.", {JSON: _ref("UploadCreated")}, ("Location", "Upload-Expires") + TUS_HEADERS),
+            ),
+            errors=PIPELINE_ERRORS + SESSION_ERRORS + TUS_ERRORS + ("invalid_filename", "insufficient_storage"),
+            parameters=(
+                _TUS_RESUMABLE,
+                _header("Upload-Length", "The file's length in bytes."),
+                _header("Upload-Metadata", "Comma-separated `key base64(value)` pairs; `filename` is required."),
+            ),
+        ),
+    },
+    "/uploads/{id}": {
+        "head": Operation(
+            summary="Where an upload stands",
+            description="Its offset, length and expiry; another user's upload is 404.",
+            successes=(
+                Success(200, "The upload.", headers=("Upload-Offset", "Upload-Length", "Upload-Expires") + TUS_HEADERS),
+            ),
+            errors=PIPELINE_ERRORS + SESSION_ERRORS + TUS_ERRORS + ("not_found",),
+            parameters=(_UPLOAD_ID, _TUS_RESUMABLE),
+        ),
+        "patch": Operation(
+            summary="Send the next bytes of an upload",
+            description="`Content-Type: application/offset+octet-stream` at the current `Upload-Offset`, with "
+            "an optional `Upload-Checksum` (sha1 or sha256). The last byte turns the upload into an archive, "
+            "named by `Upload-Archive-Id`.",
+            successes=(
+                Success(204, "Kept.", headers=("Upload-Offset", "Upload-Expires", "Upload-Archive-Id") + TUS_HEADERS),
+            ),
+            errors=PIPELINE_ERRORS
+            + BODY_ERRORS
+            + SESSION_ERRORS
+            + TUS_ERRORS
+            + ("not_found", "offset_mismatch", "checksum_mismatch", "unsupported_media_type", "insufficient_storage"),
+            parameters=(
+                _UPLOAD_ID,
+                _TUS_RESUMABLE,
+                _header("Upload-Offset", "The upload's current offset."),
+                _header("Upload-Checksum", "`sha1 <base64>` or `sha256 <base64>` of this body."),
+            ),
+            request_body={"application/offset+octet-stream": {"type": "string", "format": "binary"}},
+        ),
+        "delete": Operation(
+            summary="Abandon an upload (tus termination)",
+            description="Its bytes are removed; the id is 404 from then on.",
+            successes=(Success(204, "Removed.", headers=TUS_HEADERS),),
+            errors=PIPELINE_ERRORS + SESSION_ERRORS + TUS_ERRORS + ("not_found",),
+            parameters=(_UPLOAD_ID, _TUS_RESUMABLE),
+        ),
+        "options": _TUS_OPTIONS_ITEM,
+    },
     "/health": {"get": _HEALTH, "head": _head_of(_HEALTH)},
     "/openapi.json": {"get": _OPENAPI, "head": _head_of(_OPENAPI)},
 }

@@ -614,14 +614,14 @@ class CollectionResource(resource.Resource):
 
     def __init__(self, collection: JsonEndpoint, item: JsonEndpoint) -> None:
         super().__init__()
-        self._collection = collection
-        self._item = item
+        self.collection = collection
+        self.item = item
 
     def getChild(self, path: bytes, request: Request) -> resource.Resource:
-        return self._collection if path == b"" else self._item
+        return self.collection if path == b"" else self.item
 
     def render(self, request: Request) -> Any:
-        return self._collection.render(request)
+        return self.collection.render(request)
 
 
 def build_root(app: VaultApp) -> RootResource:

@@ -126,11 +126,14 @@ def run_schemathesis_cli(argv: list[str]) -> None:
     lambda, deep in schemathesis's generation of JSON bodies, and the run
     ends in an error.  Parsing that module once here, at a shallow depth,
     fills Hypothesis's cache so that the deep call never parses."""
+    import schemathesis as schemathesis_library
     from hypothesis.internal.reflection import get_pretty_function_description
     from schemathesis.cli import schemathesis
     from schemathesis.generation.jsonschema import strategy
 
     get_pretty_function_description(strategy._TYPE_CHECKS["null"])
+    # A tus PATCH body is raw bytes, as application/octet-stream is.
+    schemathesis_library.serializer.alias("application/offset+octet-stream", "application/octet-stream")
     sys.argv = ["schemathesis", *argv]
     schemathesis()
 

@@ -14,13 +14,13 @@ from openapi_spec_validator import validate
 
 from securevault import __version__
 from securevault.server.openapi import ERROR_STATUS, build_document
-from securevault.server.web import build_root
+from securevault.server.web import CollectionResource, build_root
 from tests.support.app import VaultClient, add_user, make_app
 from tests.support.testcase import SyncTestCase
 
 PACKAGE = Path(__file__).resolve().parents[2] / "securevault"
 # ApiError(status, "code", ...): every error the code raises or answers.
-API_ERROR = re.compile(r'ApiError\(\s*(\d{3}),\s*"([a-z_]+)"')
+API_ERROR = re.compile(r'(?:ApiError|tus_error)\(\s*(\d{3}),\s*"([a-z_]+)"')
 # {"error": "code", ...}: the bodies written without an ApiError (the 500s).
 ERROR_LITERAL = re.compile(r'"error":\s*"([a-z_]+)"')
 METHODS = {"get", "head", "post", "put", "patch", "delete", "options", "trace"}
@@ -69,10 +69,14 @@ class OpenApiDocumentTests(SyncTestCase):
         """Every route of build_root and every method its resource allows
         is in the document, and nothing else is."""
         root = build_root(self.app)
-        served = {
-            "/" + name.decode("ascii"): {method.decode("ascii").lower() for method in child.allowedMethods}
-            for name, child in root.children.items()
-        }
+        served: dict[str, set[str]] = {}
+        for name, child in root.children.items():
+            path = "/" + name.decode("ascii")
+            if isinstance(child, CollectionResource):  # /uploads/ and its items /uploads/{id}
+                served[path + "/"] = {m.decode("ascii").lower() for m in child.collection.allowedMethods}
+                served[path + "/{id}"] = {m.decode("ascii").lower() for m in child.item.allowedMethods}
+            else:
+                served[path] = {method.decode("ascii").lower() for method in child.allowedMethods}
         documented = {path: set(methods) & METHODS for path, methods in self.document["paths"].items()}
         self.assertEqual(documented, served)
 
@@ -120,10 +124,21 @@ class OpenApiResourceTests(SyncTestCase):
         for path, methods in document["paths"].items():
             for method, operation in methods.items():
                 public = all("bearer" not in scheme for scheme in operation.get("security", document["security"]))
+                # A well-formed tus request: tus checks its headers first.
+                headers = [
+                    (b"Tus-Resumable", b"1.0.0"),
+                    (b"Upload-Length", b"1"),
+                    (b"Upload-Metadata", b"filename YS5iaW4="),
+                    (b"Upload-Offset", b"0"),
+                ]
+                if method == "post":
+                    headers.append((b"Content-Type", b"application/json"))
+                if method == "patch":
+                    headers.append((b"Content-Type", b"application/offset+octet-stream"))
                 response = self.client.request(
                     method.upper().encode("ascii"),
-                    path.encode("ascii"),
+                    path.replace("{id}", "0" * 32).encode("ascii"),
                     body=b"{}" if method == "post" else None,
-                    headers=[(b"Content-Type", b"application/json")] if method == "post" else [],
+                    headers=headers,
                 )
                 self.assertEqual(response.status != 401, public, f"{method} {path}: {response.status}")
