@@ -25,7 +25,7 @@ from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_c
 from securevault.admin.transfer import TransferError, copy_vault
 from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
-from securevault.core.integrity import RowAuthenticator, open_rows
+from securevault.core.integrity import RowAuthenticator, audit_chain_key, integrity_key, open_rows
 from securevault.core.keybinding import (
     KeyLocation,
     default_master_key,
@@ -234,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    audit_verify = audit_commands.add_parser("verify", help="check the hash chain; exit 1 when broken")
+    audit_verify = audit_commands.add_parser(
+        "verify", help="check the keyed chain and the log's end against the metadata store; exit 1 when broken"
+    )
     audit_verify.add_argument("--audit-log", help="audit log (default: <data-dir>/audit.jsonl)")
     audit_verify.set_defaults(handler=_audit_verify)
+    _key_options(audit_verify)
     return parser
 
 
@@ -431,7 +434,7 @@ def _user_unlock(args: argparse.Namespace, out: TextIO) -> None:
     if store.user_id(name) is None:
         raise UnknownUser(f"There is no user {name!r}.")
     cleared = LoginThrottle(_stores(args).metadata, time.time).unlock(name)
-    AuditLog(_audit_path(args)).append("user_unlocked", user=name, cleared=cleared)
+    _audit_log(args).append("user_unlocked", user=name, cleared=cleared)
     print(f"unlocked user {name} ({cleared} failed logins forgotten)", file=out)
 
 
@@ -505,6 +508,17 @@ def _audit_path(args: argparse.Namespace) -> Path:
     return Path(args.audit_log) if args.audit_log else Path(args.data_dir) / "audit.jsonl"
 
 
+def _audit_key(args: argparse.Namespace) -> bytes:
+    """The audit chain's key: from the vault's integrity key, so the master
+    key is needed (and checked against the vault) first."""
+    return audit_chain_key(integrity_key(_keyring(args), _stores(args).metadata))
+
+
+def _audit_log(args: argparse.Namespace) -> AuditLog:
+    """The audit log, its head kept in the metadata store as the daemon's."""
+    return AuditLog(_audit_path(args), _audit_key(args), _stores(args).metadata)
+
+
 def _key_file(args: argparse.Namespace) -> KeyringFile:
     """The master key file, one per command: a sealed one asks for its
     passphrase once, however often it is loaded."""
@@ -562,10 +576,9 @@ def _progress(message: str) -> None:
 
 def _key_rotate(args: argparse.Namespace, out: TextIO) -> None:
     _keyring(args)  # a missing or foreign key file is refused before anything changes
+    audit = _audit_log(args)  # its key survives the rotation; taken while the old key opens it
     report = rotate_master_key(lambda keyring: _storage(args, keyring), _key_file(args), _progress)
-    AuditLog(_audit_path(args)).append(
-        "key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids)
-    )
+    audit.append("key_rotated", new_key_id=report.new_key_id, retired_key_ids=list(report.retired_key_ids))
     print(
         f"master key rotated to {report.new_key_id}: {report.rewrapped} of {report.archives} "
         f"data keys rewrapped, retired {', '.join(report.retired_key_ids) or 'nothing'}",
@@ -652,11 +665,12 @@ def _copy(args: argparse.Namespace, out: TextIO) -> None:
 
 def _audit_verify(args: argparse.Namespace, out: TextIO) -> None:
     path = _audit_path(args)
-    if not path.exists():
+    count, breaks = verify_chain(path, _audit_key(args), _stores(args).metadata)
+    if not path.exists() and not breaks:
         raise AdminError(f"There is no audit log at {path}.")
-    count, breaks = verify_chain(path)
     for item in breaks:
-        print(f"BROKEN at line {item.line}: {item.reason}", file=out)
+        where = f" at line {item.line}" if item.line else ""
+        print(f"BROKEN{where}: {item.reason}", file=out)
     print(f"{count} audit records checked, {len(breaks)} breaks", file=out)
     if breaks:
         raise CheckFailed()

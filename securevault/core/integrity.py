@@ -59,6 +59,12 @@ def derive(secret: bytes, purpose: str) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(secret)
 
 
+def audit_chain_key(integrity: bytes) -> bytes:
+    """The key of the audit log's chain (L{securevault.core.audit}), derived
+    from the vault's integrity key, so it survives master key rotations."""
+    return derive(integrity, "audit-chain")
+
+
 def _wrapped_document(keyring: Keyring, key: bytes) -> str:
     key_id, wrapped = keyring.wrap(key, _WRAP_CONTEXT)
     return json.dumps(

@@ -28,7 +28,7 @@ from securevault import __version__
 from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
 from securevault.core.fsutil import remove_stale_temps
-from securevault.core.integrity import open_rows
+from securevault.core.integrity import audit_chain_key, open_rows
 from securevault.core.keybinding import locate_master_key, open_master_key
 from securevault.core.keys import KeyFileError, KeyringFile
 from securevault.core.passphrase import PassphraseError, passphrase_source
@@ -397,7 +397,11 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
         run_blocking=run_blocking,
         run_hashing=run_hashing,
         clock=clock.seconds,
-        audit_trail=AuditTrail(AuditLog(config.audit_log), run_blocking, clock) if config.audit_log else None,
+        audit_trail=(
+            AuditTrail(AuditLog(config.audit_log, audit_chain_key(rows.key), stores.metadata), run_blocking, clock)
+            if config.audit_log
+            else None
+        ),
         stores=stores,
     )
 

@@ -35,6 +35,7 @@ from tests.support.app import (
     make_client,
     owner_files,
 )
+from tests.support.rows import TEST_AUDIT_KEY
 from tests.support.testcase import SyncTestCase
 
 # A POSIX time in the middle of a second, so "within one second" is unambiguous.
@@ -48,7 +49,7 @@ class FlakyAuditLog(AuditLog):
     would make them fail (the log is left as it was)."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        super().__init__(path, TEST_AUDIT_KEY)
         self.failing = False
         self.calls = 0
 
@@ -108,7 +109,7 @@ class _TrailTestCase(SyncTestCase):
         return read_records(self.path)
 
     def assert_chain_intact(self) -> None:
-        count, breaks = verify_chain(self.path)
+        count, breaks = verify_chain(self.path, TEST_AUDIT_KEY)
         self.assertEqual((count, breaks), (len(self.records()), []))
 
 

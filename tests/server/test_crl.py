@@ -45,6 +45,7 @@ from securevault.server.tap import Options
 from securevault.server.tls import ClientCertificateCheck, ClientIdentity
 from securevault.server.workers import run_inline
 from tests.support.app import ClientCert, VaultClient, add_user, default_client, encode_request, make_app
+from tests.support.rows import TEST_AUDIT_KEY
 from tests.support.testcase import SyncTestCase
 
 PASSWORD = "alice correct horse"
@@ -387,7 +388,7 @@ class PipelineTests(SyncTestCase):
         """A raw upload on a revoked connection is refused from its head:
         no byte of the body is stored, and the refusal is audited."""
         session = self.client.session("alice", PASSWORD, cert=self.alice)
-        audit = AuditLog(self.make_dir() / "audit.jsonl")
+        audit = AuditLog(self.make_dir() / "audit.jsonl", TEST_AUDIT_KEY)
         self.app.audit_trail = AuditTrail(audit, self.app.run_blocking, self.client.clock)
         self.app.audit_trail.startService()
         self.revoke(self.alice)

@@ -45,6 +45,7 @@ from tests.support.app import (
     make_client,
     parse_responses,
 )
+from tests.support.rows import TEST_AUDIT_KEY
 from tests.support.testcase import SyncTestCase
 
 PASSWORD = "hostile correct horse"
@@ -273,7 +274,7 @@ class HostileLogTests(_HostileTestCase):
         the audit log (an attacker must not hide failed logins from it), once
         the coalesced refusals of that second are written."""
         audit_path = self.make_dir() / "audit.jsonl"
-        trail = AuditTrail(AuditLog(audit_path), run_inline, self.clock)
+        trail = AuditTrail(AuditLog(audit_path, TEST_AUDIT_KEY), run_inline, self.clock)
         trail.startService()
         self.addCleanup(trail.stopService)
         self.app.audit_trail = trail

@@ -38,6 +38,7 @@ from tests.support.app import (
     make_app,
     make_client,
 )
+from tests.support.rows import TEST_AUDIT_KEY
 from tests.support.testcase import SyncTestCase
 
 PASSWORD = "alice correct horse"
@@ -320,7 +321,7 @@ class DownloadDefectTests(_PipelineCase):
         """A raw download that meets a tampered segment after the headers is
         aborted and audited as an integrity error, not as a plain download."""
         app, client = self.vault()
-        audit = AuditLog(self.make_dir() / "audit.jsonl")
+        audit = AuditLog(self.make_dir() / "audit.jsonl", TEST_AUDIT_KEY)
         app.audit_trail = AuditTrail(audit, app.run_blocking, client.clock)
         session = client.session("alice", PASSWORD)
         stored = client.request(

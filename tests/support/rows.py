@@ -15,3 +15,7 @@ def vault_rows(metadata: MetadataStore, keyring: Keyring | None = None) -> RowAu
     """The vault's L{RowAuthenticator}, as the daemon opens it: its integrity
     key unwrapped (made on first use) with C{keyring}, else L{TEST_KEYRING}."""
     return open_rows(keyring if keyring is not None else TEST_KEYRING, metadata)[0]
+
+
+# An audit chain key for logs no vault's daemon or admin command reads.
+TEST_AUDIT_KEY = bytes(range(32))
