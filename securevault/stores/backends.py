@@ -74,7 +74,7 @@ def open_metadata(data_dir: Path, url: str | None) -> MetadataStore:
             from securevault.stores.metadata_postgres import PostgresMetadataStore
         except ImportError as error:
             raise BackendError(
-                "the PostgreSQL metadata store needs psycopg: pip install 'securevault[postgresql]'"
+                "the PostgreSQL metadata store needs psycopg: in securevault's checkout, pip install '.[postgresql]'"
             ) from error
         return PostgresMetadataStore(url)
     except MetadataError as error:
@@ -90,7 +90,7 @@ def open_blobs(data_dir: Path, url: str | None) -> BlobStore:
     try:
         from securevault.stores.blobs_s3 import S3BlobStore
     except ImportError as error:
-        raise BackendError("the S3 blob store needs boto3: pip install 'securevault[s3]'") from error
+        raise BackendError("the S3 blob store needs boto3: in securevault's checkout, pip install '.[s3]'") from error
     try:
         return S3BlobStore.from_url(url)
     except ValueError as error:

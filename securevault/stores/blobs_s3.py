@@ -19,7 +19,7 @@ Every S3 or connection failure becomes a L{BlobStoreError} whose one-line
 message names the operation, the bucket and the S3 error code (never
 credentials, never data); a missing blob is L{BlobNotFound}.
 
-Importing this module needs boto3 (C{pip install 'securevault[s3]'}): the
+Importing this module needs boto3 (C{pip install '.[s3]'} in the checkout): the
 ImportError is the sign that it is missing.
 """
 

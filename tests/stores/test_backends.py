@@ -65,6 +65,9 @@ class OpenTests(SyncTestCase):
         self.assertEqual(getattr(stores.blobs, "root"), base / "blobs")
 
     def test_missing_driver_says_what_to_install(self) -> None:
+        """A missing driver's error says what to install from the checkout,
+        never C{securevault[...]}: that name on the public index belongs to
+        an unrelated project."""
         real_import = builtins.__import__
 
         def no_drivers(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -75,10 +78,10 @@ class OpenTests(SyncTestCase):
         self.patch(builtins, "__import__", no_drivers)
         with self.assertRaises(BackendError) as caught:
             open_stores(self.make_dir(), "postgresql://127.0.0.1:1/db")
-        self.assertIn("pip install 'securevault[postgresql]'", str(caught.exception))
+        self.assertIn("in securevault's checkout, pip install '.[postgresql]'", str(caught.exception))
         with self.assertRaises(BackendError) as caught:
             open_stores(self.make_dir(), None, "s3://bucket/prefix")
-        self.assertIn("pip install 'securevault[s3]'", str(caught.exception))
+        self.assertIn("in securevault's checkout, pip install '.[s3]'", str(caught.exception))
 
     def test_unreachable_postgresql_is_a_clear_error(self) -> None:
         with self.assertRaises(BackendError) as caught:

@@ -152,7 +152,7 @@ def _real_endpoint() -> str | None:
 def require_boto3(testcase: Any) -> None:
     """Skips (or fails, when backends are required) without boto3."""
     if importlib.util.find_spec("boto3") is None:
-        _unavailable(testcase, "boto3 is not installed (pip install 'securevault[test]')")
+        _unavailable(testcase, "boto3 is not installed (pip install '.[test]' in the checkout)")
 
 
 def moto_endpoint(testcase: Any) -> str:
