@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from securevault import __version__
 from securevault.admin.maintenance import export_archive, rotate_master_key, verify_archives
 from securevault.admin.migration import migrate, migrate_users
 from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_client_cert, revoke_certificate
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     C{audit verify} can be added later without changing the existing ones.
     """
     parser = argparse.ArgumentParser(prog=PROG, description="Administer a securevault.")
+    parser.add_argument("--version", action="version", version=f"securevault {__version__}")
     parser.add_argument(
         "--data-dir",
         default=DEFAULT_DATA_DIR,

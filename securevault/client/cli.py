@@ -62,6 +62,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from securevault import __version__
 from securevault.client.library import (
     EXIT_ERROR,
     EXIT_USAGE,
@@ -506,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"securevault {__version__}")
     _global_options(parser, None)
     after = argparse.ArgumentParser(add_help=False)
     _global_options(after, argparse.SUPPRESS)

@@ -194,6 +194,11 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self) -> None:
+        """Display securevault's version and exit."""
+        print(f"securevault {__version__}")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         try:
             for name in ("max-upload-size", "max-json-body", "min-body-rate", "memory-budget", "quota"):
