@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
@@ -89,11 +90,13 @@ ORPHAN_SWEEP_EVERY = 60
 ORPHAN_GRACE_SECONDS = 24 * 3600.0
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive integer")
-    return number
+def _positive_int(name: str, value: Any) -> int:
+    """A count option, parsed; a default passes as it is."""
+    if isinstance(value, int):
+        return value
+    if not re.fullmatch(r"\s*[0-9]+\s*", value) or int(value) <= 0:
+        raise ConfigError(f"--{name}: not a positive integer: {value!r}")
+    return int(value)
 
 
 def _positive_float(value: str) -> float:
@@ -154,7 +157,7 @@ class Options(usage.Options):
             "named after it, vault-data -> vault-keys/master.key; <data-dir>/master.key if only that exists]. "
             "Created (0600) only for a new vault.",
         ],
-        ["threads", None, None, "Worker threads [default: CPU count, at least 2].", _positive_int],
+        ["threads", None, None, "Worker threads [default: CPU count, at least 2].",]
         ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "How long a session lives unused (90, 30m, 12h)."],
         ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "How long a session lives in all (12h)."],
         ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload (bytes, or 500M, 16G)."],
@@ -167,13 +170,12 @@ class Options(usage.Options):
             DEFAULT_UPLOAD_EXPIRY_SECONDS,
             "Resumable uploads without progress are removed after this (24h, 90m).",
         ],
-        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Connections at once, in all.", _positive_int],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Connections at once, in all.",]
         [
             "max-connections-per-cert",
             None,
             DEFAULT_MAX_CONNECTIONS_PER_CERT,
             "Connections at once per client certificate.",
-            _positive_int,
         ],
         [
             "min-body-rate",
@@ -199,8 +201,20 @@ class Options(usage.Options):
         print(f"securevault {__version__}")
         sys.exit(0)
 
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse as usage.Options does, but a bad option or value ends the
+        command with one line on stderr and status 1: twistd and twist would
+        print the whole --help above the error, burying it."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            raise SystemExit(f"securevault: error: {error}") from None
+
     def postOptions(self) -> None:
         try:
+            for name in ("threads", "max-connections", "max-connections-per-cert"):
+                if self[name] is not None:
+                    self[name] = _positive_int(name, self[name])
             for name in ("max-upload-size", "max-json-body", "min-body-rate", "memory-budget", "quota"):
                 if self[name] is not None:
                     self[name] = _setting(name, parse_size, self[name])

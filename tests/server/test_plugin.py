@@ -10,7 +10,6 @@ from typing import Any
 from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest
 
@@ -57,6 +56,15 @@ class OptionsTests(SyncTestCase):
         options = tap.Options()
         options.parseOptions(list(argv))
         return dict(options)
+
+    def assert_one_line(self, function: Any, *args: Any) -> str:
+        """C{function(*args)} raises SystemExit with one line that starts
+        C{securevault: error:} (printed by Python, status 1); returns it."""
+        error = self.assertRaises(SystemExit, function, *args)
+        message = str(error.code)
+        self.assertTrue(message.startswith("securevault: error: "), message)
+        self.assertNotIn("\n", message)
+        return message
 
     def test_defaults(self) -> None:
         """With no arguments and no $PORT, every option of API.md has its
@@ -121,17 +129,17 @@ class OptionsTests(SyncTestCase):
         self.assertEqual(self.parse()["port"], 8080)
 
     def test_bad_port_option(self) -> None:
-        """A non-numeric or out-of-range C{--port} is a UsageError quoting it."""
+        """A non-numeric or out-of-range C{--port} ends the command with one
+        error line quoting it."""
         for value in ("abc", "70000", "-1"):
-            error = self.assertRaises(usage.UsageError, self.parse, "--port", value)
-            self.assertIn(repr(value), str(error))
+            error = self.assert_one_line(self.parse, "--port", value)
+            self.assertIn(repr(value), error)
 
     def test_bad_environment_port(self) -> None:
-        """A bad $PORT is a UsageError quoting it, not a traceback."""
+        """A bad $PORT is an error line quoting it, not a traceback."""
         os.environ["PORT"] = "http"
         self.addCleanup(os.environ.pop, "PORT", None)
-        error = self.assertRaises(usage.UsageError, self.parse)
-        self.assertIn("'http'", str(error))
+        self.assertIn("'http'", self.assert_one_line(self.parse))
 
     def test_bind_user_choices(self) -> None:
         """C{--bind-user} accepts none, cn and san."""
@@ -139,9 +147,8 @@ class OptionsTests(SyncTestCase):
             self.assertEqual(self.parse("--bind-user", policy)["bind-user"], policy)
 
     def test_bind_user_bogus(self) -> None:
-        """Any other C{--bind-user} is a UsageError naming the choices."""
-        error = self.assertRaises(usage.UsageError, self.parse, "--bind-user", "bogus")
-        self.assertIn("none, cn, san", str(error))
+        """Any other C{--bind-user} is an error line naming the choices."""
+        self.assertIn("none, cn, san", self.assert_one_line(self.parse, "--bind-user", "bogus"))
 
     def test_paths_and_numbers(self) -> None:
         """Paths are kept as given; numeric options are converted."""
@@ -170,9 +177,28 @@ class OptionsTests(SyncTestCase):
         self.assertEqual((parsed["threads"], parsed["session-idle"], parsed["quota"]), (3, 90.0, 1024))
 
     def test_non_positive_numbers(self) -> None:
-        """Zero or negative thread counts and sizes are UsageErrors."""
-        for option in ("--threads", "--max-upload-size", "--quota", "--session-ttl"):
-            self.assertRaises(usage.UsageError, self.parse, option, "0")
+        """Zero thread counts, sizes and durations are errors naming the
+        option and the value."""
+        for option in ("--threads", "--max-connections", "--max-upload-size", "--quota", "--session-ttl"):
+            error = self.assert_one_line(self.parse, option, "0")
+            self.assertIn(f"{option}: not a positive", error)
+            self.assertIn("'0'", error)
+
+    def test_bad_values_name_the_option(self) -> None:
+        """A value that is not a number, size or duration at all ends the
+        command with one line: the option, the value and what it takes."""
+        cases = {
+            "--threads": ("x", "--threads: not a positive integer: 'x'"),
+            "--max-connections-per-cert": ("-1", "--max-connections-per-cert: not a positive integer: '-1'"),
+            "--quota": ("x", "--quota: not a size: 'x' (bytes, or with a unit: 64K, 500M, 10G)"),
+            "--idle-timeout": ("1y", "--idle-timeout: not a duration: '1y'"),
+        }
+        for option, (value, expected) in cases.items():
+            self.assertIn(expected, self.assert_one_line(self.parse, option, value))
+
+    def test_unknown_option(self) -> None:
+        """An option twistd's parser does not know is one line too."""
+        self.assertIn("--prot", self.assert_one_line(self.parse, "--prot", "5000"))
 
 
 class PortFromEnvironmentTests(SyncTestCase):

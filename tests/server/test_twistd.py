@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
@@ -31,7 +32,7 @@ from tests.support.daemon import (
     make_vault,
     twistd_argv,
 )
-from tests.support.testcase import AsyncTestCase
+from tests.support.testcase import AsyncTestCase, SyncTestCase
 from tests.support.tlsclient import Credential, client_for, read_json
 
 reactor: Any = global_reactor
@@ -208,3 +209,38 @@ class TwistdTests(AsyncTestCase):
         self.assertIn(f"cannot listen on 127.0.0.1:{port}", output)
         self.assertNotIn("Traceback", output)
         yield self.assertFailure(daemon.listening, AssertionError)  # never listened
+
+
+TWIST = [sys.executable, "-m", "twisted"]  # the twist command
+
+
+class CommandLineTests(SyncTestCase):
+    """What twistd and twist print for securevault's options, before any
+    vault exists."""
+
+    def run_command(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(argv),
+            cwd=self.make_dir(),
+            env=child_environment(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT_SECONDS,
+            check=False,
+        )
+
+    def test_bad_value_is_one_line(self) -> None:
+        """A bad value of ours makes twistd and twist exit 1 with one line on
+        stderr naming the option and the value, and no --help text (twistd
+        printed 45 lines of help above it); --help still prints the options
+        and exits 0."""
+        for command in ([*TWISTD, "-n", "--pidfile="], TWIST):
+            result = self.run_command(*command, "securevault", "--quota", "x")
+            self.assertEqual(
+                (result.returncode, result.stdout, result.stderr),
+                (1, "", "securevault: error: --quota: not a size: 'x' (bytes, or with a unit: 64K, 500M, 10G)\n"),
+                command,
+            )
+            helped = self.run_command(*command, "securevault", "--help")
+            self.assertEqual(helped.returncode, 0, helped.stderr)
+            self.assertIn("--max-upload-size=", helped.stdout)
