@@ -247,6 +247,28 @@ class Options(usage.Options):
             raise usage.UsageError(f"--bind-user must be one of none, cn, san, not {self['bind-user']!r}")
 
 
+class DaemonService(MultiService):
+    """The daemon's services; every listener binds before anything starts.
+
+    twistd calls C{privilegedStartService} (binding the ports) before
+    C{startService}; twist calls only C{startService}, which would start the
+    worker pools and timers first and bind last.  A port in use then raised
+    SystemExit with pool threads already running, and the interpreter waited
+    for them forever.  Binding first, in both, makes a bind failure end the
+    process before any thread exists."""
+
+    _privileged = False
+
+    def privilegedStartService(self) -> None:
+        self._privileged = True
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if not self._privileged:
+            self.privilegedStartService()
+        super().startService()
+
+
 class ListenerService(StreamServerEndpointService):
     """Listens once started; a port that cannot be bound ends the daemon."""
 
@@ -479,7 +501,7 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         revocations, crl_watch = revocation_setup(config, authorities, reactor)
         tls_options = server_tls_options(config.cert, config.key, config.ca_cert, revocations)
         ca_subject = authorities[0].subject.rfc4514_string()
-        top = MultiService()
+        top = DaemonService()
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
         # Logins hash passwords in a pool of their own (see resources.login).

@@ -36,6 +36,7 @@ from tests.support.testcase import AsyncTestCase, SyncTestCase
 from tests.support.tlsclient import Credential, client_for, read_json
 
 reactor: Any = global_reactor
+TWIST = [sys.executable, "-m", "twisted"]  # the twist command
 
 
 class Daemon:
@@ -210,8 +211,31 @@ class TwistdTests(AsyncTestCase):
         self.assertNotIn("Traceback", output)
         yield self.assertFailure(daemon.listening, AssertionError)  # never listened
 
-
-TWIST = [sys.executable, "-m", "twisted"]  # the twist command
+    @inlineCallbacks
+    def test_port_in_use_twist(self) -> Generator[Deferred[Any], Any, None]:
+        """Under C{twist} too, a port that is already bound (the vault's or
+        the metrics port) ends the process with status 1 and one stderr line
+        naming it.  twist starts services without binding first: the error
+        was printed while the worker threads kept the process alive."""
+        busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        twist_args = twistd_argv(self.certs, self.data, twistd=[])[2:]  # without -n --pidfile=
+        for extra, where in (
+            (("--port", str(port)), f"127.0.0.1:{port}"),
+            (("--metrics-port", str(port)), f"127.0.0.1:{port} (metrics)"),
+        ):
+            daemon = Daemon([*TWIST, *twist_args, *extra], self.base)
+            self.addCleanup(daemon.stop)
+            code = yield daemon.wait_exited()
+            output = daemon.output()
+            self.assertEqual(code, 1, output)
+            self.assertEqual(len(daemon.stderr), 1, output)
+            self.assertIn(f"securevault: error: cannot listen on {where}:", daemon.stderr[0])
+            self.assertNotIn("Traceback", output)
+            yield self.assertFailure(daemon.listening, AssertionError)  # never listened
 
 
 class CommandLineTests(SyncTestCase):
