@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -60,7 +61,7 @@ from securevault.server.config import (
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
 from securevault.server.revocation import CRLError, revocation_setup
-from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
+from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
 from securevault.server.workers import RunBlocking, ThreadPoolService
 from securevault.stores.backends import (
@@ -291,19 +292,54 @@ class ListenerService(StreamServerEndpointService):
         return port
 
 
+class MetricsListenerService(ListenerService):
+    """The metrics listener; logs the URL to scrape."""
+
+    def _listening(self, port: Any) -> Any:
+        address = port.getHost()
+        log.info(
+            "metrics on http://{host}:{port}/metrics",
+            host=address.host,
+            port=address.port,
+            event_kind="metrics_listening",
+        )
+        return port
+
+
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def url_host(bound: str, certificate_name: str | None) -> str:
+    """The host of a URL that reaches a listener bound to C{bound} and
+    passes verification of its certificate: the address itself when it is
+    one address, else the certificate's name (C{0.0.0.0} is no address to
+    connect to, nor one a certificate names)."""
+    host = bound
+    if bound in WILDCARD_ADDRESSES:
+        host = certificate_name or socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
 class TLSListenerService(ListenerService):
-    """The vault's mutual-TLS listener; logs where it listens."""
+    """The vault's mutual-TLS listener; logs a URL that works."""
 
     def __init__(self, endpoint: Any, factory: Any, config: VaultConfig, ca_subject: str) -> None:
         super().__init__(endpoint, factory, f"{config.interface}:{config.port}")
         self._config = config
         self._ca_subject = ca_subject
+        self._certificate_name = certificate_host(config.cert)
 
     def _listening(self, port: Any) -> Any:
         address = port.getHost()
+        url = f"https://{url_host(address.host, self._certificate_name)}:{address.port}"
+        bound = ""
+        if address.host in WILDCARD_ADDRESSES:
+            bound = f"all interfaces, {address.host or '0.0.0.0'}:{address.port}; "
         log.info(
-            "securevault {version} listening on https://{host}:{port} (CA: {ca}; data: {data_dir})",
+            "securevault {version} listening on {url} ({bound}CA: {ca}; data: {data_dir})",
             version=__version__,
+            url=url,
+            bound=bound,
             host=address.host,
             port=address.port,
             ca=self._ca_subject,
@@ -486,7 +522,7 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=app.metrics.registry))
     endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
-    return ListenerService(endpoint, Site(root), f"127.0.0.1:{port} (metrics)")
+    return MetricsListenerService(endpoint, Site(root), f"127.0.0.1:{port} (metrics)")
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:

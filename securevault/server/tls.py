@@ -46,6 +46,28 @@ def _read(path: Path, what: str) -> bytes:
         raise TLSConfigError(f"cannot read {what} file {path}: {error.strerror}") from None
 
 
+def certificate_host(cert: Path) -> str | None:
+    """The name a client should use for the server certificate in C{cert}:
+    its first DNS name, else its first IP address (subjectAltName, what
+    clients verify), else its common name; None if there is none or the file
+    cannot be read (L{server_tls_options} reports that)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        for kind in (x509.DNSName, x509.IPAddress):
+            values = san.get_values_for_type(kind)
+            if values:
+                return str(values[0])
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
 def load_ca_certificates(ca: Path) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(_read(ca, "CA certificate"))

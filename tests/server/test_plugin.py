@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 from twisted.application.service import IServiceMaker
 from twisted.internet.defer import Deferred
 from twisted.plugin import getPlugins
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest
 
+from securevault.admin.pki import generate_key, write_cert
 from securevault.server import tap
 from securevault.server.config import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -24,6 +31,7 @@ from securevault.server.config import (
     ConfigError,
     port_from_environment,
 )
+from securevault.server.tls import certificate_host
 from securevault.server.workers import ThreadPoolService
 from tests.support.testcase import AsyncTestCase, SyncTestCase
 
@@ -269,3 +277,46 @@ class LoginPoolPriorityTests(AsyncTestCase):
             return run(niceness).addCallback(check)
 
         return run(niceness).addCallback(twice)
+
+
+class ListeningURLTests(SyncTestCase):
+    """The start-up line's URL: an address a client can connect to, with a
+    name the server certificate vouches for."""
+
+    def write_certificate(self, sans: list[x509.GeneralName]) -> Path:
+        """A server certificate with these subjectAltNames, as PEM."""
+        key = generate_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "common-name")])
+        now = datetime.now(UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        path = self.make_dir() / "server.crt"
+        write_cert(path, builder.sign(key, hashes.SHA256()))
+        return path
+
+    def test_certificate_host(self) -> None:
+        """The first DNS name, else the first IP address, else the common
+        name; None for a file that is not a certificate."""
+        both = self.write_certificate([x509.IPAddress(ip_address("10.0.0.5")), x509.DNSName("vault.example")])
+        self.assertEqual(certificate_host(both), "vault.example")
+        only_ip = self.write_certificate([x509.IPAddress(ip_address("10.0.0.5"))])
+        self.assertEqual(certificate_host(only_ip), "10.0.0.5")
+        self.assertEqual(certificate_host(self.write_certificate([])), "common-name")
+        self.assertIsNone(certificate_host(self.make_dir() / "absent.crt"))
+
+    def test_url_host(self) -> None:
+        """A wildcard address gives way to the certificate's name; one
+        address stays itself; IPv6 is bracketed."""
+        self.assertEqual(tap.url_host("0.0.0.0", "localhost"), "localhost")
+        self.assertEqual(tap.url_host("::", "::1"), "[::1]")
+        self.assertEqual(tap.url_host("127.0.0.1", "localhost"), "127.0.0.1")
+        self.assertEqual(tap.url_host("::1", "localhost"), "[::1]")

@@ -11,14 +11,18 @@ in cleanup if still running.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Generator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -30,6 +34,8 @@ from tests.support.daemon import (
     WAIT_SECONDS,
     child_environment,
     make_vault,
+    read_response,
+    request_head,
     twistd_argv,
 )
 from tests.support.testcase import AsyncTestCase, SyncTestCase
@@ -46,7 +52,8 @@ class Daemon:
     if the output ends first); C{exited} fires with the return code.
     """
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, listening: re.Pattern[str] = LISTENING) -> None:
+        self._pattern = listening
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.listening: Deferred[int] = Deferred()
@@ -76,7 +83,7 @@ class Daemon:
         for raw in self.process.stdout:
             line = raw.decode("utf-8", "replace")
             self.stdout.append(line)
-            match = LISTENING.search(line)
+            match = self._pattern.search(line)
             if match is not None:
                 reactor.callFromThread(self._fire, self.listening, int(match.group(1)))
         self.process.stdout.close()
@@ -177,6 +184,35 @@ class TwistdTests(AsyncTestCase):
         # always flushed before exit; the shutdown sequence is what counts.
         for event in (f"(TLS Port {port} Closed)", "Main loop terminated.", "Server Shut Down."):
             self.assertIn(event, stdout)
+
+    @inlineCallbacks
+    def test_start_up_line_has_urls_that_work(self) -> Generator[Deferred[Any], Any, None]:
+        """Bound to all interfaces, the start-up line names the server
+        certificate's first DNS name (https://localhost:PORT for the
+        development PKI), not 0.0.0.0, which fails verification; a client
+        that verifies that name reaches /health through it.  With
+        --metrics-port, a line gives the metrics URL, and it answers."""
+        url_line = re.compile(r"listening on https://localhost:(\d+) \(all interfaces, 0\.0\.0\.0:\d+; CA: ")
+        argv = twistd_argv(self.certs, self.data, "--interface", "0.0.0.0", "--metrics-port", "0")
+        daemon = Daemon(argv, self.base, listening=url_line)
+        self.addCleanup(daemon.stop)
+        yield daemon.wait_listening()
+        output = "".join(daemon.stdout)
+        url = re.search(r"listening on (\S+) ", output)
+        metrics = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", output)
+        assert url is not None and metrics is not None, output
+
+        parts = urlsplit(url.group(1))
+        assert parts.hostname is not None and parts.port is not None
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))  # verifies the host name
+        context.load_cert_chain(str(self.certs / "client.crt"), str(self.certs / "client.key"))
+        with socket.create_connection((parts.hostname, parts.port), timeout=WAIT_SECONDS) as raw:
+            with context.wrap_socket(raw, server_hostname=parts.hostname) as sock:
+                sock.sendall(request_head("GET", "/health", []))
+                response = read_response(sock)
+        self.assertEqual((response.status, response.json()["status"]), (200, "ok"))
+        with urllib.request.urlopen(metrics.group(1), timeout=WAIT_SECONDS) as scraped:
+            self.assertIn(b"securevault_", scraped.read())
 
     @inlineCallbacks
     def test_missing_certificate(self) -> Generator[Deferred[Any], Any, None]:
