@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -60,6 +60,7 @@ from securevault.server.config import (
 )
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
+from securevault.server.plaintext import TLSServerEndpoint
 from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
@@ -596,6 +597,6 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     if crl_watch is not None:
         crl_watch(app.run_blocking).setServiceParent(top)
     site = VaultSite(app, reactor=reactor)
-    endpoint = SSL4ServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
+    endpoint = TLSServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
     TLSListenerService(endpoint, site, config, ca_subject).setServiceParent(top)
     return top

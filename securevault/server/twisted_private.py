@@ -58,3 +58,11 @@ def listening_port(service: Any) -> Any:
     """The Deferred port of a StreamServerEndpointService being started
     (C{_waitingForPort}), to log where it listens once it does."""
     return service._waitingForPort
+
+
+def name_port_tls(port: Any) -> None:
+    """Make a TCP port that carries TLS log as a TLS port ("(TLS Port N
+    Closed)"): C{reactor.listenSSL} sets the same private C{_type} on the
+    C{tcp.Port} it makes, which L{securevault.server.plaintext} builds
+    itself."""
+    port._type = "TLS"
