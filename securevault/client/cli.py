@@ -6,7 +6,7 @@ Built on L{securevault.client}.  Commands::
     securevault-client login [--username NAME] [--password-stdin]
     securevault-client upload PATH...
     securevault-client list [--json]
-    securevault-client download ID | --name NAME [-o PATH]
+    securevault-client download ID | --name NAME [-o PATH] [--force]
     securevault-client delete ID
     securevault-client usage [--json]
     securevault-client logout
@@ -34,7 +34,8 @@ status says which kind of failure it was:
 
     0  success
     1  any other error (bad local file, unexpected answer, ...)
-    2  usage: bad arguments or a bad configuration file
+    2  usage: bad arguments, a bad configuration file, a missing or
+       unreadable certificate, key or CA file, a URL that is not https://
     3  not logged in, invalid or expired session, wrong username or password
     4  no such archive
     5  integrity: the server's archive failed authentication, or the bytes
@@ -103,7 +104,8 @@ $XDG_CONFIG_HOME/securevault/client.toml (keys url, cert, key, ca) > defaults.
 exit status:
   0  success
   1  other error
-  2  usage or configuration error
+  2  usage or configuration error (also a missing certificate, key or CA
+     file, or an http:// URL)
   3  not logged in, invalid/expired session, or wrong username/password
   4  no such archive
   5  integrity error (server archive or local SHA-256 mismatch)
@@ -338,7 +340,15 @@ def _client(settings: Settings, session_id: str | None = None) -> VaultClient:
 
 
 def _session_client(settings: Settings) -> VaultClient:
-    return _client(settings, load_session(settings))
+    """A client with the saved session; the settings are checked first (a
+    missing certificate is worth knowing before "not logged in")."""
+    vault = _client(settings)
+    try:
+        vault.session_id = load_session(settings)
+    except BaseException:
+        vault.close()
+        raise
+    return vault
 
 
 def _read_line(stdin: TextIO) -> str | None:
@@ -362,7 +372,10 @@ def _login(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
         username = _read_line(sys.stdin)
         if not username:
             raise VaultError("No username was given.")
-    if args.password_stdin:
+    if args.password_stdin or not sys.stdin.isatty():
+        # Piped in (with or without --password-stdin): read it as a line.
+        # getpass would warn that it cannot hide the echo of a pipe, or
+        # ignore the pipe and wait at the terminal.
         password = _read_line(sys.stdin)
         if password is None:
             raise VaultError("No password was given on standard input.")
@@ -435,20 +448,20 @@ def _list(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
 def _download(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
     with _session_client(settings) as vault:
         info = vault.stat(args.id, args.name)
-        overwrite = False
         if args.output is None:
             dest = Path(safe_output_name(info.filename))
         else:
             dest = Path(args.output)
             if dest.is_dir():
                 dest = dest / safe_output_name(info.filename)
-            else:
-                overwrite = True  # the user named this very file
+        exists = VaultError(f"{dest} already exists; choose another path with -o PATH, or replace it with --force.")
+        if not args.force and os.path.lexists(dest):
+            raise exists  # before the transfer, not after it
         try:
             with progress_bar(info.size, info.filename, sys.stderr) as progress:
-                vault.download(expected=info, dest=dest, progress=progress, overwrite=overwrite)
+                vault.download(expected=info, dest=dest, progress=progress, overwrite=args.force)
         except FileExistsError:
-            raise VaultError(f"{dest} already exists; choose another path with -o PATH.") from None
+            raise exists from None
     print(f"{info.id}  {info.size}  {printable(str(dest))}", file=out)
 
 
@@ -528,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     login = command("login", "log in and keep the session in a 0600 file", _login)
     login.add_argument("--username", "-u", metavar="NAME", help="user name (prompted for if absent)")
     login.add_argument(
-        "--password-stdin", action="store_true", help="read the password from the first line of standard input"
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (also done when it is not a terminal)",
     )
 
     upload = command("upload", "upload files, one archive each", _upload)
@@ -547,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="where to save it (default: the archive's filename in the current directory)",
     )
+    download.add_argument("--force", action="store_true", help="replace the file if it exists (default: refuse)")
 
     delete = command("delete", "delete an archive", _delete)
     delete.add_argument("id", metavar="ID")

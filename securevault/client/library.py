@@ -52,6 +52,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from securevault.client.support import (
     BLOCK_BYTES,
+    CERTIFICATE_REFUSED,
     DEFAULT_TIMEOUT_SECONDS,
     EXIT_AUTH,
     EXIT_CONNECTION,
@@ -63,6 +64,7 @@ from securevault.client.support import (
     EXIT_THROTTLED,
     EXIT_USAGE,
     AuthenticationError,
+    ConfigurationError,
     ConnectionFailed,
     FileInfo,
     IntegrityError,
@@ -75,6 +77,7 @@ from securevault.client.support import (
     VaultError,
     _protocol_error,
     _reason,
+    certificate_refused,
     error_from_response,
     file_sha256,
     install_verified,
@@ -87,6 +90,7 @@ __all__ = [
     "Progress",
     "AuthenticationError",
     "BLOCK_BYTES",
+    "ConfigurationError",
     "ConnectionFailed",
     "DEFAULT_TIMEOUT_SECONDS",
     "EXIT_AUTH",
@@ -131,14 +135,20 @@ class VaultClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         parts = urlsplit(url)
+        if parts.scheme == "http":
+            raise ConfigurationError(
+                f"The URL {url!r} is http://; a vault speaks only HTTPS with a client certificate: "
+                f"use {'https' + url[len('http') :]!r}.",
+                code="bad_configuration",
+            )
         if parts.scheme != "https" or not parts.hostname:
-            raise VaultError(f"The URL {url!r} is not an https:// URL with a host.", code="bad_configuration")
+            raise ConfigurationError(f"The URL {url!r} is not an https:// URL with a host.", code="bad_configuration")
         if parts.query or parts.fragment:
-            raise VaultError(f"The URL {url!r} must not have a query or fragment.", code="bad_configuration")
+            raise ConfigurationError(f"The URL {url!r} must not have a query or fragment.", code="bad_configuration")
         try:
             port = parts.port or 443
         except ValueError:
-            raise VaultError(f"The URL {url!r} has an invalid port.", code="bad_configuration") from None
+            raise ConfigurationError(f"The URL {url!r} has an invalid port.", code="bad_configuration") from None
         self.url = url
         self.session_id = session_id
         self._prefix = parts.path.rstrip("/")
@@ -486,6 +496,7 @@ class VaultClient:
         connection = self._connection
         if connection.sock is not None and _connection_dropped(connection.sock):
             connection.close()  # the server closed it while idle: reconnect
+        opening = connection.sock is None  # this request makes the TLS handshake
         in_body = False
         try:
             connection.putrequest(method, self._prefix + path, skip_accept_encoding=True)
@@ -503,6 +514,11 @@ class VaultClient:
             early = self._early_response() if in_body else None
             if early is None:
                 connection.close()
+                if opening and certificate_refused(error):
+                    raise ConnectionFailed(
+                        f"Cannot talk to {self.url}: {CERTIFICATE_REFUSED} ({_reason(error)}).",
+                        code="certificate_refused",
+                    ) from None
                 raise ConnectionFailed(
                     f"Cannot talk to {self.url}: {_reason(error)}.", code="connection_failed"
                 ) from None

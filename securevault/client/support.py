@@ -63,6 +63,13 @@ class VaultError(Exception):
         self.retry_after = retry_after
 
 
+class ConfigurationError(VaultError):
+    """The client's own settings are unusable: a certificate, key or CA file
+    missing or unreadable, or a URL that is not https://."""
+
+    exit_code = EXIT_USAGE
+
+
 class AuthenticationError(VaultError):
     """Not logged in, an invalid or expired session, or wrong credentials."""
 
@@ -257,23 +264,62 @@ def make_tls_context(
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for label, path in (("CA certificate", ca), ("client certificate", cert), ("client key", key)):
+    for label, path, option in (
+        ("CA certificate", ca, "--ca"),
+        ("client certificate", cert, "--cert"),
+        ("client key", key, "--key"),
+    ):
         if not os.path.isfile(path):
-            raise VaultError(f"The {label} {os.fspath(path)} does not exist.", code="bad_configuration")
+            raise ConfigurationError(
+                f"The {label} {os.fspath(path)} does not exist (set it with {option}).", code="bad_configuration"
+            )
     try:
         context.load_verify_locations(cafile=os.fspath(ca))
     except (ssl.SSLError, OSError) as error:
-        raise VaultError(
+        raise ConfigurationError(
             f"Cannot load the CA certificate {os.fspath(ca)}: {_reason(error)}.", code="bad_configuration"
         ) from None
     try:
         context.load_cert_chain(os.fspath(cert), os.fspath(key))
     except (ssl.SSLError, OSError) as error:
-        raise VaultError(
+        raise ConfigurationError(
             f"Cannot load the client certificate {os.fspath(cert)} with key {os.fspath(key)}: {_reason(error)}.",
             code="bad_configuration",
         ) from None
     return context
+
+
+# TLS alerts a server sends when it will not take the client's certificate.
+# A revoked one is refused by securevault's verify callback, which OpenSSL
+# reports as an internal error.
+CERTIFICATE_ALERTS = frozenset(
+    {
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_INTERNAL_ERROR",
+    }
+)
+CERTIFICATE_REFUSED = "the server refused this client certificate (revoked, expired or from another CA?)"
+
+
+def certificate_refused(error: BaseException) -> bool:
+    """Whether a failure while opening a connection (the handshake, or the
+    first read: in TLS 1.3 the server judges the client's certificate after
+    the client's side of the handshake is done) is the server turning the
+    client certificate away: one of its alerts for that, or the connection
+    cut mid-TLS ("EOF occurred in violation of protocol").  A failure to
+    verify the server's certificate is not."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(error, ssl.SSLEOFError):
+        return True
+    return isinstance(error, ssl.SSLError) and error.reason in CERTIFICATE_ALERTS
 
 
 def _reason(error: BaseException) -> str:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -24,9 +25,11 @@ import tempfile
 import threading
 import unittest
 from contextlib import redirect_stderr, redirect_stdout
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, ClassVar
 
+from securevault.admin import pki
 from securevault.client.cli import (
     Settings,
     UsageError,
@@ -50,6 +53,7 @@ from securevault.client.library import (
     install_verified,
     part_path,
 )
+from securevault.client.support import certificate_refused
 from tests.support.testcase import SyncTestCase
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -320,7 +324,9 @@ class CommandLineTests(DaemonTestCase):
     def cli(
         self, *argv: str, stdin: str | None = None, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run C{securevault-client ARGV} in the test's work directory."""
+        """Run C{securevault-client ARGV} in the test's work directory, with
+        no controlling terminal (as in a script or CI: getpass cannot reach
+        /dev/tty)."""
         return subprocess.run(
             [sys.executable, "-m", "securevault.client.cli", *argv],
             cwd=self.work,
@@ -330,6 +336,7 @@ class CommandLineTests(DaemonTestCase):
             text=True,
             timeout=WAIT_SECONDS,
             check=False,
+            start_new_session=True,
         )
 
     def login(self) -> None:
@@ -493,6 +500,80 @@ class CommandLineTests(DaemonTestCase):
             stdin=PASSWORD + "\n",
         )
         self.assert_fails(result, 7)
+
+    def test_piped_password_without_the_flag(self) -> None:
+        """A password piped in without --password-stdin is read from the
+        pipe quietly: logged in, nothing on stderr (getpass warned that it
+        could not control the echo, and read it anyway)."""
+        result = self.cli("login", "--username", "alice", stdin=PASSWORD + "\n")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertTrue(self.session_file.exists())
+
+    def test_configuration_errors_exit_2(self) -> None:
+        """A missing certificate, key or CA file, or an http:// URL, is a
+        configuration error: exit 2 (as --help says), one line naming the
+        file or saying to use https://."""
+        for variable, option in (
+            ("SECUREVAULT_CERT", "--cert"),
+            ("SECUREVAULT_KEY", "--key"),
+            ("SECUREVAULT_CA", "--ca"),
+        ):
+            missing = str(self.work / f"absent-{option[2:]}.pem")
+            result = self.cli("list", env={**self.env, variable: missing})
+            self.assert_fails(result, 2)
+            self.assertIn(missing, result.stderr)
+            self.assertIn(f"set it with {option}", result.stderr)
+        plain = self.vault.url.replace("https://", "http://")
+        result = self.cli("--url", plain, "login", "--username", "alice", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assert_fails(result, 2)
+        self.assertIn(f"use {self.vault.url!r}", result.stderr)
+
+    def test_download_never_replaces_a_file_without_force(self) -> None:
+        """download refuses to replace an existing file, named by -o or by
+        the archive's name, before transferring anything (exit 1, one line
+        saying --force); with --force it replaces it."""
+        self.login()
+        (self.work / "report.txt").write_bytes(b"the vault's copy")
+        archive_id = self.cli("upload", "report.txt").stdout.split()[0]
+        mine = self.work / "mine.txt"
+        for argv in (["download", archive_id, "-o", str(mine)], ["download", "--name", "report.txt"]):
+            target = mine if "-o" in argv else self.work / "report.txt"
+            target.write_bytes(b"my own file")
+            refused = self.cli(*argv)
+            self.assert_fails(refused, 1)
+            self.assertIn("already exists", refused.stderr)
+            self.assertIn("--force", refused.stderr)
+            self.assertEqual(target.read_bytes(), b"my own file")
+            replaced = self.cli(*argv, "--force")
+            self.assertEqual(replaced.returncode, 0, replaced.stderr)
+            self.assertEqual(target.read_bytes(), b"the vault's copy")
+        self.assertEqual([p.name for p in self.work.iterdir() if p.name.endswith(".part")], [])
+
+    def test_refused_certificate_is_named(self) -> None:
+        """A client certificate the server refuses (from another CA, or
+        expired) exits 7 with a line that says so, not a bare TLS error."""
+        other = self.make_dir()
+        other_ca, other_ca_key = pki.make_ca("another CA")
+        stranger, stranger_key = pki.make_client_cert(other_ca, other_ca_key, "stranger")
+        ca_cert = pki.load_cert(self.vault.certs_dir / "ca.crt")
+        ca_key = pki.load_key(self.vault.certs_dir / "ca.key")
+        now = datetime.now(UTC)
+        expired, expired_key = pki.make_client_cert(
+            ca_cert, ca_key, "expired", not_before=now - timedelta(days=10), not_after=now - timedelta(days=1)
+        )
+        for name, cert, key in (("stranger", stranger, stranger_key), ("expired", expired, expired_key)):
+            pki.write_cert(other / f"{name}.crt", cert)
+            pki.write_key(other / f"{name}.key", key)
+            env = {
+                **self.env,
+                "SECUREVAULT_CERT": str(other / f"{name}.crt"),
+                "SECUREVAULT_KEY": str(other / f"{name}.key"),
+            }
+            result = self.cli("login", "--username", "alice", "--password-stdin", stdin=PASSWORD + "\n", env=env)
+            self.assert_fails(result, 7)
+            self.assertIn(
+                "the server refused this client certificate (revoked, expired or from another CA?)", result.stderr
+            )
 
     def test_config_file_precedence(self) -> None:
         """client.toml supplies settings over the defaults, the environment
@@ -826,6 +907,21 @@ class HelperTests(SyncTestCase):
             )
         proxy = error_from_response(502, b"<html>Bad Gateway</html>")
         self.assertEqual((type(proxy), proxy.code, proxy.exit_code), (VaultError, "http_502", 1))
+
+    def test_certificate_refused(self) -> None:
+        """The server's alerts about the client's certificate, and a
+        connection cut mid-TLS, read as a refused certificate; a server
+        certificate that fails verification, or a refused TCP connection,
+        does not."""
+        unknown_ca = ssl.SSLError(1, "tlsv1 alert unknown ca")
+        unknown_ca.reason = "TLSV1_ALERT_UNKNOWN_CA"
+        cipher = ssl.SSLError(1, "sslv3 alert handshake failure")
+        cipher.reason = "SSLV3_ALERT_HANDSHAKE_FAILURE"
+        self.assertTrue(certificate_refused(unknown_ca))
+        self.assertTrue(certificate_refused(ssl.SSLEOFError(8, "EOF occurred in violation of protocol")))
+        self.assertFalse(certificate_refused(cipher))
+        self.assertFalse(certificate_refused(ssl.SSLCertVerificationError(1, "certificate verify failed")))
+        self.assertFalse(certificate_refused(ConnectionRefusedError(111, "Connection refused")))
 
     def test_human_size(self) -> None:
         """Sizes print exactly below 1 KiB and with one decimal above."""
