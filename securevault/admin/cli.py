@@ -15,6 +15,7 @@ import hmac
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME")
     remove.set_defaults(handler=_user_remove)
     _key_options(remove)
-    listing = user_commands.add_parser("list", help="list user names, one per line")
+    listing = user_commands.add_parser("list", help="list users with their archives and stored bytes")
     listing.set_defaults(handler=_user_list)
     _key_options(listing)
     unlock = user_commands.add_parser(
@@ -214,6 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
     )
     verify.set_defaults(handler=_verify)
+
+    archive = commands.add_parser("archive", help="the archives (their names need the master key)")
+    archive_commands = archive.add_subparsers(dest="archive_command", metavar="ACTION", required=True)
+    archive_list = archive_commands.add_parser(
+        "list", help="every archive: id, owner, size, bytes stored, date and name, newest first per user"
+    )
+    archive_list.add_argument("--user", metavar="NAME", help="only this user's archives")
+    archive_list.add_argument("--master-key", help="master key file (default: <data-dir>/master.key)")
+    archive_list.add_argument(
+        "--passphrase-stdin", action="store_true", help="a sealed master key's passphrase from standard input"
+    )
+    archive_list.set_defaults(handler=_archive_list)
 
     export = commands.add_parser("export", help="write an archive's decrypted standard ZIP")
     export.add_argument("id", help="archive id")
@@ -440,9 +453,97 @@ def _user_unlock(args: argparse.Namespace, out: TextIO) -> None:
     print(f"unlocked user {name} ({cleared} failed logins forgotten)", file=out)
 
 
+def printable(text: str) -> str:
+    """C{text} with control, format (bidi overrides) and line-separator
+    characters escaped: a filename chosen by a user must not move the
+    operator's cursor, reorder a line or forge one."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch
+        for ch in text
+    )
+
+
+def _table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> list[str]:
+    """Rows as aligned columns (those in C{right} aligned right); the last
+    column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return lines
+
+
 def _user_list(args: argparse.Namespace, out: TextIO) -> None:
-    for name in _user_store(args).names():
-        print(name, file=out)
+    """Names with what each stores: the archive index holds each archive's
+    stored size in the clear (the key is needed only to trust the user rows)."""
+    store = _user_store(args)
+    metadata = _stores(args).metadata
+    rows = [("NAME", "ARCHIVES", "STORED", "QUOTA")]
+    for name in store.names():
+        user_id = store.user_id(name)
+        if user_id is None:
+            continue  # removed meanwhile
+        count = len(metadata.list_archives(user_id))
+        rows.append((name, str(count), str(metadata.usage(user_id)), "-"))
+    for line in _table(rows, right=(1, 2)):
+        print(line, file=out)
+    print(
+        f"{len(rows) - 1} users; STORED is bytes in the blob store, what --quota limits; "
+        "QUOTA is the daemon's --quota, which securevault-admin does not know ('-')",
+        file=out,
+    )
+
+
+def _archive_list(args: argparse.Namespace, out: TextIO) -> None:
+    """Every archive with its name: unsealing the names takes the master
+    key.  Archives of removed users are listed under their owner id; one
+    whose metadata fails authentication is listed, and flagged."""
+    storage = _storage(args)
+    store = _user_store(args)
+    names = {}
+    for name in store.names():
+        user_id = store.user_id(name)
+        if user_id is not None:
+            names[user_id] = name
+    if args.user:
+        user_id = store.user_id(validate_username(args.user))
+        if user_id is None:
+            raise UnknownUser(f"There is no user {args.user!r}.")
+        owners = [user_id]
+    else:
+        owners = sorted(storage.owners(), key=lambda owner: (owner not in names, names.get(owner, owner)))
+    rows = [("ID", "OWNER", "SIZE", "STORED", "CREATED", "NAME")]
+    stored = 0
+    unreadable = 0
+    for owner_id in owners:
+        owner = names.get(owner_id, f"(removed user {owner_id})")
+        for record in storage.metadata.list_archives(owner_id):
+            stored += record.stored_bytes
+            try:
+                info = storage.unseal(record)[0]
+            except IntegrityError:
+                unreadable += 1
+                rows.append(
+                    (
+                        record.archive_id,
+                        owner,
+                        "-",
+                        str(record.stored_bytes),
+                        rfc3339(record.created_ns / 1e9),
+                        "(metadata fails authentication: run verify)",
+                    )
+                )
+                continue
+            rows.append(
+                (info.id, owner, str(info.size), str(record.stored_bytes), info.created_at, printable(info.filename))
+            )
+    for line in _table(rows, right=(2, 3)):
+        print(line, file=out)
+    summary = f"{len(rows) - 1} archives, {stored} bytes stored"
+    if unreadable:
+        summary += f"; {unreadable} whose metadata fails authentication"
+    print(summary, file=out)
 
 
 def _session_store(args: argparse.Namespace) -> SessionStore:

@@ -66,6 +66,14 @@ class AdminTestCase(SyncTestCase):
         return store
 
 
+def listed_names(out: str) -> list[str]:
+    """The user names in C{user list}'s table (between its head and its
+    summary line)."""
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "ARCHIVES", "STORED", "QUOTA"], out
+    return [line.split()[0] for line in lines[1:-1]]
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -207,7 +215,7 @@ class UserCommandTests(AdminTestCase):
             self.assertNotIn(password.strip().encode(), path.read_bytes(), path)
         self.assertFalse((self.data_dir / "users.json").exists())
         status, out, err = self.run_admin("user", "list")
-        self.assertEqual((status, out), (0, "alice\n"))
+        self.assertEqual((status, listed_names(out)), (0, ["alice"]))
 
     def test_seen_by_an_open_store(self) -> None:
         """A store already open (a running daemon's) sees each command's
@@ -241,13 +249,13 @@ class UserCommandTests(AdminTestCase):
         }
         (self.data_dir / "users.json").write_text(json.dumps(legacy))
         status, out, err = self.run_admin("user", "list")
-        self.assertEqual((status, out, err), (0, "alice\nbob\n", ""))
+        self.assertEqual((status, listed_names(out), err), (0, ["alice", "bob"], ""))
         self.assertFalse((self.data_dir / "users.json").exists())
         self.assertEqual(json.loads((self.data_dir / "users.json.migrated").read_text()), legacy)
         self.assertEqual(self.store.verify("bob", PASSWORD), "b" * 32)
         self.assertEqual(self.store.verify("alice", "alice password"), "a" * 32)
         self.assertEqual(self.run_admin("user", "remove", "bob")[0], 0)
-        self.assertEqual(self.run_admin("user", "list")[1], "alice\n")
+        self.assertEqual(listed_names(self.run_admin("user", "list")[1]), ["alice"])
 
     def test_add_errors(self) -> None:
         """A duplicate name, a bad name, a short or missing password fail with status 1."""
@@ -473,8 +481,87 @@ class EntryPointTests(SyncTestCase):
         self.assertEqual([user.name for user in metadata.list_users()], ["alice"])
         rows = vault_rows(metadata, load_keyring(cwd / "vault-keys" / "master.key"))
         self.assertIsNotNone(UserStore(metadata, rows).verify("alice", PASSWORD))
-        self.assertEqual(run("user", "list").stdout, "alice\n")
+        self.assertEqual(listed_names(run("user", "list").stdout), ["alice"])
         result = run("user", "remove", "nobody")
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.count("\n"), 1)
         self.assertTrue(result.stderr.startswith("securevault-admin: error: "))
+
+
+class ArchiveListTests(SyncTestCase):
+    """C{archive list} and the usage columns of C{user list}, through the
+    entry point (C{python -m securevault.admin})."""
+
+    def setUp(self) -> None:
+        self.cwd = self.make_dir()
+        self.data_dir = self.cwd / "vault-data"
+        self.assertEqual(self.admin("init").returncode, 0)
+        for name in ("alice", "bob", "carol"):
+            added = self.admin("user", "add", name, "--password-stdin", stdin=PASSWORD + "\n")
+            self.assertEqual(added.returncode, 0, added.stderr)
+        metadata = SqliteMetadataStore(self.data_dir / "vault.db")
+        self.addCleanup(metadata.close)
+        users = UserStore(metadata)
+        self.ids = {name: users.user_id(name) or "" for name in ("alice", "bob", "carol")}
+        storage = SecureFileStorage(self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=metadata)
+        self.report = storage.store(self.ids["alice"], "report.pdf", b"r" * 5000)
+        self.notes = storage.store(self.ids["alice"], "notes\u202e.txt", b"n" * 10)
+        self.photo = storage.store(self.ids["bob"], "photo.jpg", b"p" * 20000)
+        self.left = storage.store(self.ids["carol"], "left behind.txt", b"c" * 100)
+        self.stored = {
+            name: metadata.usage(user_id) for name, user_id in self.ids.items()
+        }  # bytes in the blob store: the encrypted size
+        self.assertEqual(self.admin("user", "remove", "carol").returncode, 0)
+
+    def admin(self, *argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "securevault.admin", *argv],
+            cwd=self.cwd,
+            env=dict(os.environ, PYTHONPATH=str(REPOSITORY)),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def test_archive_list(self) -> None:
+        """Every archive: id, owner (a removed user's by owner id), size,
+        bytes stored, creation date and name (a bidi override escaped);
+        --user narrows it to one user; an unknown user is an error."""
+        result = self.admin("archive", "list")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "OWNER", "SIZE", "STORED", "CREATED", "NAME"])
+        rows = {line.split()[0]: line for line in lines[1:-1]}
+        self.assertEqual(set(rows), {self.report.id, self.notes.id, self.photo.id, self.left.id})
+        self.assertRegex(rows[self.report.id], rf"^{self.report.id}\s+alice\s+5000\s+\d+\s+\S+Z\s+report\.pdf$")
+        self.assertIn("notes\\u202e.txt", rows[self.notes.id])
+        self.assertRegex(
+            rows[self.photo.id], rf"^{self.photo.id}\s+bob\s+20000\s+{self.stored['bob']}\s+\S+Z\s+photo\.jpg$"
+        )
+        self.assertIn(f"(removed user {self.ids['carol']})", rows[self.left.id])
+        self.assertIn("left behind.txt", rows[self.left.id])
+        self.assertEqual(lines[-1], f"4 archives, {sum(self.stored.values())} bytes stored")
+
+        mine = self.admin("archive", "list", "--user", "bob")
+        self.assertEqual(mine.returncode, 0, mine.stderr)
+        self.assertEqual([line.split()[0] for line in mine.stdout.splitlines()[1:-1]], [self.photo.id])
+        nobody = self.admin("archive", "list", "--user", "nobody")
+        self.assertEqual(
+            (nobody.returncode, nobody.stderr), (1, "securevault-admin: error: There is no user 'nobody'.\n")
+        )
+
+    def test_user_list_usage(self) -> None:
+        """user list shows each user's archives and stored bytes, and says
+        that the quota is the daemon's, unknown here ('-')."""
+        result = self.admin("user", "list")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        lines = result.stdout.splitlines()
+        self.assertEqual([line.split() for line in lines[:-1]], [
+            ["NAME", "ARCHIVES", "STORED", "QUOTA"],
+            ["alice", "2", str(self.stored["alice"]), "-"],
+            ["bob", "1", str(self.stored["bob"]), "-"],
+        ])  # fmt: skip
+        self.assertIn("2 users", lines[-1])
+        self.assertIn("QUOTA is the daemon's --quota, which securevault-admin does not know ('-')", lines[-1])
