@@ -62,6 +62,7 @@ from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_des
 from securevault.server.metrics import VaultMetrics
 from securevault.server.plaintext import TLSServerEndpoint
 from securevault.server.revocation import CRLError, revocation_setup
+from securevault.server.startup import DataDirLock, claim_data_dir
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
 from securevault.server.web import VaultSite
 from securevault.server.workers import RunBlocking, ThreadPoolService
@@ -261,14 +262,33 @@ class DaemonService(MultiService):
 
     _privileged = False
 
+    def __init__(self, lock: DataDirLock | None = None) -> None:
+        super().__init__()
+        self.lock = lock  # held, not used: the lock lasts while its file is open
+
     def privilegedStartService(self) -> None:
         self._privileged = True
+        if self.lock is not None:
+            self.lock.record_pid()  # twistd without -n has forked since makeService
         super().privilegedStartService()
 
     def startService(self) -> None:
         if not self._privileged:
             self.privilegedStartService()
         super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop the children; the data directory's lock goes once they all
+        have (a process that ends drops it anyway)."""
+        stopped: Deferred[None] = super().stopService()
+
+        def release(result: object) -> object:
+            if self.lock is not None:
+                self.lock.release()
+            return result
+
+        stopped.addBoth(release)
+        return stopped
 
 
 class ListenerService(StreamServerEndpointService):
@@ -533,12 +553,13 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     config = VaultConfig.from_options(options)
+    lock = claim_data_dir(config)  # one daemon per data directory, which it can write
     try:
         authorities = load_ca_certificates(config.ca_cert)
         revocations, crl_watch = revocation_setup(config, authorities, reactor)
         tls_options = server_tls_options(config.cert, config.key, config.ca_cert, revocations)
         ca_subject = authorities[0].subject.rfc4514_string()
-        top = DaemonService()
+        top = DaemonService(lock)
         pool = ThreadPool(minthreads=0, maxthreads=config.threads, name="securevault")
         ThreadPoolService(pool).setServiceParent(top)
         # Logins hash passwords in a pool of their own (see resources.login).

@@ -28,6 +28,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from securevault.admin.pki import load_cert
+from tests.server.test_startup import make_unwritable
 from tests.support.daemon import (
     LISTENING,
     TWISTD,
@@ -213,6 +214,44 @@ class TwistdTests(AsyncTestCase):
         self.assertEqual((response.status, response.json()["status"]), (200, "ok"))
         with urllib.request.urlopen(metrics.group(1), timeout=WAIT_SECONDS) as scraped:
             self.assertIn(b"securevault_", scraped.read())
+
+    @inlineCallbacks
+    def test_one_daemon_per_data_directory(self) -> Generator[Deferred[Any], Any, None]:
+        """A second daemon on a data directory in use exits non-zero with one
+        stderr line naming the directory and the first daemon's pid, and
+        never listens; once the first has stopped, a daemon starts there."""
+        first = self.start()
+        yield first.wait_listening()
+        second = self.start()
+        code = yield second.wait_exited()
+        output = second.output()
+        self.assertNotEqual(code, 0, output)
+        self.assertEqual(
+            second.stderr,
+            [f"securevault: error: another securevault daemon is using {self.data} (pid {first.process.pid})\n"],
+            output,
+        )
+        yield self.assertFailure(second.listening, AssertionError)
+        first.process.send_signal(signal.SIGTERM)
+        yield first.wait_exited()
+        third = self.start()
+        yield third.wait_listening()
+
+    @inlineCallbacks
+    def test_unwritable_blob_directory(self) -> Generator[Deferred[Any], Any, None]:
+        """An archives/ directory the daemon cannot write ends the start with
+        one stderr line naming it (it used to be found by the first upload,
+        as a 500 with a traceback)."""
+        archives = self.data / "archives"
+        make_unwritable(self, archives)
+        daemon = self.start()
+        code = yield daemon.wait_exited()
+        output = daemon.output()
+        self.assertNotEqual(code, 0, output)
+        self.assertEqual(len(daemon.stderr), 1, output)
+        self.assertIn(f"securevault: error: the blob directory {archives} is not writable: ", daemon.stderr[0])
+        self.assertNotIn("Traceback", output)
+        yield self.assertFailure(daemon.listening, AssertionError)
 
     @inlineCallbacks
     def test_missing_certificate(self) -> Generator[Deferred[Any], Any, None]:
