@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from securevault.core.keybinding import locate_master_key
 from securevault.server.config import VaultConfig
 from securevault.storage import METADATA_FILE
 
@@ -132,6 +133,7 @@ def claim_data_dir(config: VaultConfig) -> DataDirLock:
         check_writable(Path(urlsplit(blobs).path), "the blob directory")
     if config.audit_log is not None:
         check_file_writable(config.audit_log, "the audit log")
-    if not config.master_key.exists():
-        check_writable(config.master_key.parent, "the directory of the new master key")
+    master_key = locate_master_key(config.data_dir, config.master_key).path
+    if not master_key.exists():
+        check_writable(master_key.parent, "the directory of the new master key")
     return lock

@@ -160,7 +160,12 @@ class Options(usage.Options):
             "named after it, vault-data -> vault-keys/master.key; <data-dir>/master.key if only that exists]. "
             "Created (0600) only for a new vault.",
         ],
-        ["threads", None, None, "Worker threads [default: CPU count, at least 2].",]
+        [
+            "threads",
+            None,
+            None,
+            "Worker threads [default: CPU count, at least 2].",
+        ],
         ["session-idle", None, DEFAULT_SESSION_IDLE_SECONDS, "How long a session lives unused (90, 30m, 12h)."],
         ["session-ttl", None, DEFAULT_SESSION_TTL_SECONDS, "How long a session lives in all (12h)."],
         ["max-upload-size", None, DEFAULT_MAX_UPLOAD_BYTES, "Largest upload (bytes, or 500M, 16G)."],
@@ -173,7 +178,12 @@ class Options(usage.Options):
             DEFAULT_UPLOAD_EXPIRY_SECONDS,
             "Resumable uploads without progress are removed after this (24h, 90m).",
         ],
-        ["max-connections", None, DEFAULT_MAX_CONNECTIONS, "Connections at once, in all.",]
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Connections at once, in all.",
+        ],
         [
             "max-connections-per-cert",
             None,

@@ -501,9 +501,10 @@ class ArchiveListTests(SyncTestCase):
             self.assertEqual(added.returncode, 0, added.stderr)
         metadata = SqliteMetadataStore(self.data_dir / "vault.db")
         self.addCleanup(metadata.close)
-        users = UserStore(metadata)
+        keyring = load_keyring(self.cwd / "vault-keys" / "master.key")
+        users = UserStore(metadata, vault_rows(metadata, keyring))
         self.ids = {name: users.user_id(name) or "" for name in ("alice", "bob", "carol")}
-        storage = SecureFileStorage(self.data_dir, load_keyring(self.data_dir / "master.key"), metadata=metadata)
+        storage = SecureFileStorage(self.data_dir, keyring, metadata=metadata)
         self.report = storage.store(self.ids["alice"], "report.pdf", b"r" * 5000)
         self.notes = storage.store(self.ids["alice"], "notes\u202e.txt", b"n" * 10)
         self.photo = storage.store(self.ids["bob"], "photo.jpg", b"p" * 20000)

@@ -117,7 +117,7 @@ class OptionsTests(SyncTestCase):
         """C{--upload-expiry} takes a duration with a unit, as API.md says."""
         self.assertEqual(self.parse("--upload-expiry", "12h")["upload-expiry"], 12 * 3600.0)
         self.assertEqual(self.parse("--upload-expiry", "90")["upload-expiry"], 90.0)
-        self.assertRaises(usage.UsageError, self.parse, "--upload-expiry", "soon")
+        self.assertRaises(SystemExit, self.parse, "--upload-expiry", "soon")
 
     def test_port_option(self) -> None:
         """C{--port 7000} is the integer 7000; nothing else changes."""
