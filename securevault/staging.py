@@ -45,9 +45,7 @@ from securevault.core.archive import (
     ArchiveInfo,
     ArchiveWriter,
     IntegrityError,
-    QuotaExceeded,
     StorageError,
-    StorageFull,
     StoreUnavailable,
     check_filename,
     ciphertext_buffer,
@@ -61,8 +59,6 @@ from securevault.storage import SecureFileStorage
 from securevault.stores.blobs import BlobNotFound, BlobStore, BlobStoreError, BlobWriter
 from securevault.stores.metadata import (
     MetadataError,
-    MetadataFull,
-    OverQuota,
     UploadConflict,
     UploadGone,
     UploadPiece,
@@ -140,14 +136,7 @@ class UploadStaging:
 
     def _call(self, function: Callable[..., object], *args: object) -> object:
         """A metadata call, its failures in the storage vocabulary."""
-        try:
-            return function(*args)
-        except OverQuota as error:
-            raise QuotaExceeded("The upload exceeds the storage quota.") from error
-        except MetadataFull as error:
-            raise StorageFull("No space left for the vault's metadata.") from error
-        except MetadataError as error:
-            raise StoreUnavailable(str(error)) from error
+        return self.storage.index_call(function, *args)
 
     # -- the upload's document ----------------------------------------------
 

@@ -201,7 +201,7 @@ class SecureFileStorage:
 
     # -- metadata -------------------------------------------------------
 
-    def _index_call(self, function: Callable[..., T], *args: object) -> T:
+    def index_call(self, function: Callable[..., T], *args: object) -> T:
         """A metadata store call, its failures in the storage vocabulary."""
         try:
             return function(*args)
@@ -261,11 +261,11 @@ class SecureFileStorage:
         same transaction (see L{securevault.staging})."""
         record = self.seal_document(owner_id, info, data_key)
         if finishing_upload is not None:
-            self._index_call(self.metadata.put_archive, record, quota, finishing_upload)
+            self.index_call(self.metadata.put_archive, record, quota, finishing_upload)
         elif quota is None:
-            self._index_call(self.metadata.put_archive, record)
+            self.index_call(self.metadata.put_archive, record)
         else:
-            self._index_call(self.metadata.put_archive, record, quota)
+            self.index_call(self.metadata.put_archive, record, quota)
         self._update_listing(owner_id, add=info)
 
     def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
@@ -312,7 +312,7 @@ class SecureFileStorage:
     def _record(self, owner_id: str, archive_id: str) -> ArchiveRecord:
         if not is_archive_id(archive_id) or not OWNER_ID.match(owner_id):
             raise ArchiveNotFound(archive_id)
-        record = self._index_call(self.metadata.get_archive, owner_id, archive_id)
+        record = self.index_call(self.metadata.get_archive, owner_id, archive_id)
         if record is None:
             raise ArchiveNotFound(archive_id)
         return record
@@ -341,7 +341,7 @@ class SecureFileStorage:
         key_id, wrapped = keyring.wrap(data_key, context)
         document["key_id"] = key_id
         document["wrapped_key"] = base64.b64encode(wrapped).decode("ascii")
-        return self._index_call(
+        return self.index_call(
             self.metadata.replace_archive_key, owner_id, archive_id, record.key_id, key_id, json.dumps(document)
         )
 
@@ -360,7 +360,7 @@ class SecureFileStorage:
         if not OWNER_ID.match(owner_id):
             raise ValueError("invalid owner id")
         if quota is not None:
-            remaining = max(0, quota - self.usage(owner_id) - self._index_call(self.metadata.reserved, owner_id))
+            remaining = max(0, quota - self.usage(owner_id) - self.index_call(self.metadata.reserved, owner_id))
             max_bytes = remaining if max_bytes is None else min(max_bytes, remaining)
         try:
             return ArchiveWriter(self, owner_id, filename, max_bytes=max_bytes, quota=quota)
@@ -381,7 +381,7 @@ class SecureFileStorage:
         return writer.commit()
 
     def archive_ids(self, owner_id: str) -> builtins.list[str]:
-        return [record.archive_id for record in self._index_call(self.metadata.list_archives, owner_id)]
+        return [record.archive_id for record in self.index_call(self.metadata.list_archives, owner_id)]
 
     def list(self, owner_id: str) -> builtins.list[ArchiveInfo]:
         """The owner's archives, newest first.  An archive whose metadata fails
@@ -403,7 +403,7 @@ class SecureFileStorage:
 
     def _read_listing(self, owner_id: str) -> builtins.list[ArchiveInfo]:
         infos = []
-        for record in self._index_call(self.metadata.list_archives, owner_id):
+        for record in self.index_call(self.metadata.list_archives, owner_id):
             key = (owner_id, record.archive_id)
             with self._infos_lock:
                 cached = self._infos.get(key)
@@ -564,7 +564,7 @@ class SecureFileStorage:
     def find_owner(self, archive_id: str) -> str:
         """The owner of an archive id (admin commands name archives by id only)."""
         if is_archive_id(archive_id):
-            owner = self._index_call(self.metadata.find_archive_owner, archive_id)
+            owner = self.index_call(self.metadata.find_archive_owner, archive_id)
             if owner is not None:
                 return owner
         raise ArchiveNotFound(archive_id)
@@ -618,7 +618,7 @@ class SecureFileStorage:
         everywhere; a crash before the blob goes leaves only an orphan."""
         if not is_archive_id(archive_id) or not OWNER_ID.match(owner_id):
             raise ArchiveNotFound(archive_id)
-        if not self._index_call(self.metadata.delete_archive, owner_id, archive_id):
+        if not self.index_call(self.metadata.delete_archive, owner_id, archive_id):
             raise ArchiveNotFound(archive_id)
         with self._infos_lock:
             self._infos.pop((owner_id, archive_id), None)
@@ -631,7 +631,7 @@ class SecureFileStorage:
 
     def usage(self, owner_id: str) -> int:
         """Bytes the owner's archives take in the blob store (for --quota)."""
-        return self._index_call(self.metadata.usage, owner_id)
+        return self.index_call(self.metadata.usage, owner_id)
 
     def owners(self) -> builtins.list[str]:
-        return self._index_call(self.metadata.owners)
+        return self.index_call(self.metadata.owners)
