@@ -19,7 +19,7 @@ def shipped_text_files() -> list[Path]:
     """Documentation, examples, CI scripts and code: every file a newcomer
     reads or runs (not .git, caches, the test run's scratch, or this file,
     which quotes what it looks for)."""
-    skipped = {".git", "_trial_temp", ".tox", ".ci-venv", "__pycache__", ".venv"}
+    skipped = {".git", "_trial_temp", ".tox", ".ci-venv", "__pycache__", ".venv", "build", "dist"}
     found = []
     for directory, subdirectories, files in os.walk(REPOSITORY):
         subdirectories[:] = [name for name in subdirectories if name not in skipped and not name.startswith("_trial")]
