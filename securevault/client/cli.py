@@ -429,7 +429,10 @@ def _upload(args: argparse.Namespace, settings: Settings, out: TextIO) -> None:
     with _session_client(settings) as vault:
         for path in paths:
             with progress_bar(path.stat().st_size, path.name, sys.stderr) as progress:
-                info = vault.upload(path, progress=progress)
+                if args.resume:
+                    info = vault.upload_resumable(path, settings.session_file.parent / "uploads", progress=progress)
+                else:
+                    info = vault.upload(path, progress=progress)
             print(f"{info.id}  {info.size}  {printable(info.filename)}", file=out, flush=True)
 
 
@@ -548,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     upload = command("upload", "upload files, one archive each", _upload)
     upload.add_argument("paths", nargs="+", metavar="PATH")
+    upload.add_argument(
+        "--resume",
+        action="store_true",
+        help="upload resumably (tus, 8 MiB pieces): run the same command again after an interruption "
+        "and only what the vault has not kept is sent",
+    )
 
     listing = command("list", "list your archives, newest first", _list)
     listing.add_argument("--json", action="store_true", help="print the list as JSON")

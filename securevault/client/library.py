@@ -35,8 +35,10 @@ exits with for each.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import hashlib
+import hmac
 import http.client
 import io
 import json
@@ -117,6 +119,24 @@ __all__ = [
     "parse_etag",
     "part_path",
 ]
+
+
+# Resumable uploads (tus 1.0.0): the size of one PATCH.
+TUS_CHUNK_BYTES = 8 << 20
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+
+
+def _upload_state_path(directory: Path, url: str, path: Path, size: int, mtime_ns: int, name: str) -> Path:
+    """Where a resumable upload of this file to this vault keeps its URL."""
+    key = hashlib.sha256("\0".join([url, str(path), str(size), str(mtime_ns), name]).encode("utf-8", "surrogatepass"))
+    return directory / f"upload-{key.hexdigest()[:32]}.json"
+
+
+def _write_state(path: Path, record: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
 
 
 class VaultClient:
@@ -215,6 +235,104 @@ class VaultClient:
         with open(path, "rb") as stream:
             size = os.fstat(stream.fileno()).st_size
             return self._upload_stream(name, stream, size, progress)
+
+    def upload_resumable(
+        self,
+        path: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str],
+        filename: str | None = None,
+        progress: Progress | None = None,
+        *,
+        chunk_bytes: int = TUS_CHUNK_BYTES,
+    ) -> FileInfo:
+        """Upload the file at C{path} with tus 1.0.0 (C{/uploads/}), in
+        PATCHes of C{chunk_bytes}, resuming an earlier interrupted upload of
+        the same file.
+
+        The upload's URL is kept in a 0600 state file under C{state_dir},
+        named after the server, the file's path, size, mtime and name: run
+        again after a broken connection (or a restart of the vault) and only
+        what the server has not acknowledged is sent.  The archive's SHA-256
+        is checked against the file's, as for L{upload}.
+        """
+        path = Path(path).resolve()
+        name = path.name if filename is None else filename
+        stat = path.stat()
+        state = _upload_state_path(Path(state_dir), self.url, path, stat.st_size, stat.st_mtime_ns, name)
+        expected = file_sha256(path)
+        url, offset = self._resume_upload(state)
+        archive_id: str | None = None
+        if url is None:
+            url, offset, archive_id = self._create_upload(name, stat.st_size)
+            _write_state(state, {"url": url})
+        with open(path, "rb") as stream:
+            stream.seek(offset)
+            if progress is not None and offset:
+                progress(offset)
+            while archive_id is None:
+                chunk = stream.read(chunk_bytes)
+                if not chunk and offset < stat.st_size:
+                    raise VaultError(f"{path} shrank while it was being uploaded.")
+                digest = base64.b64encode(hashlib.sha256(chunk).digest()).decode("ascii")
+                response = self._send(
+                    "PATCH",
+                    url,
+                    headers={
+                        **TUS_HEADERS,
+                        "Content-Type": "application/offset+octet-stream",
+                        "Upload-Offset": str(offset),
+                        "Upload-Checksum": f"sha256 {digest}",
+                        "Content-Length": str(len(chunk)),
+                    },
+                    body=lambda connection, data=chunk: connection.send(data),  # type: ignore[misc]
+                )
+                response.read()
+                offset = int(response.getheader("Upload-Offset") or offset + len(chunk))
+                archive_id = response.getheader("Upload-Archive-Id")
+                if progress is not None:
+                    progress(len(chunk))
+                if archive_id is None and not chunk:
+                    raise _protocol_error("the upload ended without an archive id")
+        state.unlink(missing_ok=True)
+        info = self.stat(archive_id=archive_id)
+        if not hmac.compare_digest(info.sha256, expected):
+            raise IntegrityError(
+                f"The vault stored {info.sha256} for {name}, not the file's {expected}.", code="integrity_error"
+            )
+        return info
+
+    def _resume_upload(self, state: Path) -> tuple[str | None, int]:
+        """The URL and acknowledged offset of an earlier upload of this file,
+        or (None, 0) when there is none the server still has."""
+        try:
+            url = json.loads(state.read_text(encoding="utf-8"))["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, 0
+        if not isinstance(url, str) or not url.startswith("/uploads/"):
+            return None, 0
+        try:
+            response = self._send("HEAD", url, headers=dict(TUS_HEADERS))
+        except NotFoundError:
+            state.unlink(missing_ok=True)
+            return None, 0
+        response.read()
+        return url, int(response.getheader("Upload-Offset") or 0)
+
+    def _create_upload(self, name: str, size: int) -> tuple[str, int, str | None]:
+        """POST /uploads/: the new upload's path, offset 0, and the archive id
+        at once for an empty file."""
+        metadata = "filename " + base64.b64encode(name.encode("utf-8")).decode("ascii")
+        response = self._send(
+            "POST",
+            "/uploads/",
+            headers={**TUS_HEADERS, "Upload-Length": str(size), "Upload-Metadata": metadata, "Content-Length": "0"},
+        )
+        response.read()
+        location = response.getheader("Location") or ""
+        path = urlsplit(location).path
+        if not path.startswith(self._prefix + "/uploads/"):
+            raise _protocol_error(f"POST /uploads/ answered an unexpected Location {location!r}")
+        return path[len(self._prefix) :], 0, response.getheader("Upload-Archive-Id")
 
     def upload_bytes(self, name: str, data: bytes, progress: Progress | None = None) -> FileInfo:
         """Upload C{data} as one archive named C{name}."""
