@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,19 @@ NGINX_HINT = "nginx not found: install it with `apt-get install -y nginx-light` 
 
 
 # ---------------------------------------------------------------- machine
+
+
+def in_workdir(prefix: str, workdir: str | None, keep: bool, run: Callable[[Path], int]) -> int:
+    """C{run(root)} in a fresh temporary directory under C{workdir},
+    removed afterwards unless C{keep} (then its path is printed)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    try:
+        return run(root)
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def cpu_model() -> str:

@@ -26,10 +26,8 @@ import hashlib
 import http.client
 import json
 import random
-import shutil
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -39,7 +37,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from bench.clients import ssl_context
-from bench.env import PASSWORD, Securevault, Workspace, _read_status
+from bench.env import PASSWORD, Securevault, Workspace, _read_status, in_workdir
 
 KINDS = ("upload", "list", "download", "delete")
 KiB = 1024
@@ -338,14 +336,7 @@ def run(args: argparse.Namespace, root: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="securevault-load-", dir=args.workdir))
-    try:
-        return run(args, root)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return in_workdir("securevault-load-", args.workdir, args.keep, lambda root: run(args, root))
 
 
 if __name__ == "__main__":

@@ -24,17 +24,26 @@ import argparse
 import hashlib
 import http.client
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 from bench.clients import ssl_context
-from bench.env import PASSWORD, USERNAME, MiB, PeakRss, Securevault, Workspace, machine_header, write_random, write_text
+from bench.env import (
+    PASSWORD,
+    USERNAME,
+    MiB,
+    PeakRss,
+    Securevault,
+    Workspace,
+    in_workdir,
+    machine_header,
+    write_random,
+    write_text,
+)
 
 TARGET_RATIO = 0.01
 
@@ -211,14 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="securevault-ranges-", dir=args.workdir))
-    try:
-        return run(args, root)
-    finally:
-        if args.keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+    return in_workdir("securevault-ranges-", args.workdir, args.keep, lambda root: run(args, root))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.env import PASSWORD, USERNAME, MiB, PeakRss, Securevault, Workspace, machine_header, write_random
+from bench.env import PASSWORD, USERNAME, MiB, PeakRss, Securevault, Workspace, in_workdir, machine_header, write_random
 from bench.ranges import Connection
 
 TARGET_RATIO = 0.8
@@ -103,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=256, help="the random file (default 256)")
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary directory")
     args = parser.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="securevault-tus-", dir=args.workdir))
-    try:
-        return run(args, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return in_workdir("securevault-tus-", args.workdir, False, lambda root: run(args, root))
 
 
 if __name__ == "__main__":

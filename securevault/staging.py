@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
@@ -400,20 +401,12 @@ class PieceWriter:
         except BlobStoreError as error:
             raise StoreUnavailable(str(error)) from error
 
-    def write(self, data: bytes) -> None:
-        if self._done:
-            raise StorageError("write after commit or abort")
+    @contextmanager
+    def _aborting(self) -> Iterator[None]:
+        """Any failure inside aborts the piece (nothing of it is kept);
+        disk and blob-store errors in the storage vocabulary."""
         try:
-            self._size += len(data)
-            if self._record.upload_offset + self._size > self._record.length:
-                raise LengthExceeded("The body would carry the upload past its Upload-Length.")
-            if self._hash is not None:
-                self._hash.update(data)
-            if len(self._buffer) < len(data) + 2 * CHUNK_PLAINTEXT_BYTES:
-                self._buffer = ciphertext_buffer(len(data))
-            produced = self._encryptor.update_into(data, self._buffer)
-            if produced:
-                self._blob.write(memoryview(self._buffer)[:produced])
+            yield
         except OSError as error:
             self.abort()
             raise translate_os_error(error) from error
@@ -424,6 +417,21 @@ class PieceWriter:
             self.abort()
             raise
 
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise StorageError("write after commit or abort")
+        with self._aborting():
+            self._size += len(data)
+            if self._record.upload_offset + self._size > self._record.length:
+                raise LengthExceeded("The body would carry the upload past its Upload-Length.")
+            if self._hash is not None:
+                self._hash.update(data)
+            if len(self._buffer) < len(data) + 2 * CHUNK_PLAINTEXT_BYTES:
+                self._buffer = ciphertext_buffer(len(data))
+            produced = self._encryptor.update_into(data, self._buffer)
+            if produced:
+                self._blob.write(memoryview(self._buffer)[:produced])
+
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
         (the acknowledgement); the archive too when this was the last byte."""
@@ -431,7 +439,7 @@ class PieceWriter:
             raise StorageError("commit after commit or abort")
         record = self._record
         staging = self._staging
-        try:
+        with self._aborting():
             if self._checksum is not None and self._hash is not None:
                 if not secrets.compare_digest(self._hash.digest(), self._checksum[1]):
                     raise ChecksumMismatch("The body does not match its Upload-Checksum.")
@@ -456,15 +464,6 @@ class PieceWriter:
                     # A lost answer may hide a commit: keep the blob when in
                     # doubt (the orphan sweep removes it if no row names it).
                     raise StoreUnavailable(str(error)) from error
-        except OSError as error:
-            self.abort()
-            raise translate_os_error(error) from error
-        except BlobStoreError as error:
-            self.abort()
-            raise StoreUnavailable(str(error)) from error
-        except BaseException:
-            self.abort()
-            raise
         archive = None
         if offset == record.length:
             archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
