@@ -49,7 +49,10 @@ def free_port() -> int:
 
 
 class TwoNodes(SyncTestCase):
-    """Two nodes on a fresh schema and bucket, user alice."""
+    """Two nodes on a fresh schema and bucket, user alice; C{node_options}
+    are more daemon options, the same for every node."""
+
+    node_options: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.metadata = postgres_url(self)
@@ -83,6 +86,7 @@ class TwoNodes(SyncTestCase):
         argv = twistd_argv(
             self.certs, data,
             "--metadata", self.metadata, "--blobs", self.blobs, "--master-key", str(self.master_key),
+            *self.node_options,
         )  # fmt: skip
         node = SyncDaemon(argv, self.base)
         self.addCleanup(node.stop)

@@ -222,9 +222,10 @@ def request_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def read_response(sock: ssl.SSLSocket, initial: bytes = b"") -> RawResponse:
+def read_response(sock: ssl.SSLSocket, initial: bytes = b"", *, head_only: bool = False) -> RawResponse:
     """Read one response, framed by Content-Length or the end of the stream
-    (C{initial}: bytes of it already read)."""
+    (C{initial}: bytes of it already read); C{head_only} for the answer to a
+    HEAD, whose Content-Length describes a body that is not sent."""
     data = initial
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -239,6 +240,8 @@ def read_response(sock: ssl.SSLSocket, initial: bytes = b"") -> RawResponse:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     length = int(headers["content-length"]) if "content-length" in headers else None
+    if head_only:
+        return RawResponse(status, headers, body)
     while length is None or len(body) < length:
         chunk = sock.recv(1 << 20)
         if not chunk:
@@ -296,7 +299,7 @@ def call(
         all_headers.append(("Content-Length", str(len(body))))
     with connect(context, port) as sock:
         sock.sendall(request_head(method, target, all_headers) + body)
-        return read_response(sock)
+        return read_response(sock, head_only=method == "HEAD")
 
 
 def login(context: ssl.SSLContext, port: int, username: str = "alice", password: str = PASSWORD) -> str:
