@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 import time
 from email.utils import parsedate_to_datetime
 
@@ -146,6 +147,47 @@ class TusAcrossNodesTests(TusNodes):
         self.assertArchive(archive_id, data, [a, b])
         for port in (a, b):  # the finished upload is gone on both
             self.assertEqual(self.tus.head(port, upload_id).status, 404)
+
+    def test_same_patch_on_both_nodes_at_once(self) -> None:
+        """The same PATCH sent to A and B at once (a client retrying on the
+        other node): one is acknowledged, the other is 409 and leaves no
+        piece behind; the upload then finishes byte-exact."""
+        a, b = self.ports
+        data = os.urandom(2 * PATCH_BYTES + 99)
+        upload_id = self.start_upload(a, len(data))
+        piece = data[:PATCH_BYTES]
+        head = request_head(
+            "PATCH",
+            f"/uploads/{upload_id}",
+            [
+                TUS,
+                ("Content-Type", "application/offset+octet-stream"),
+                ("Upload-Offset", "0"),
+                ("Content-Length", str(len(piece))),
+                ("Authorization", f"Bearer {self.session}"),
+            ],
+        )
+        together = threading.Barrier(2, timeout=20)
+        answers: dict[int, RawResponse] = {}
+
+        def patch(port: int) -> None:
+            with connect(self.context, port) as sock:
+                together.wait()
+                answers[port] = send_until_answered(sock, head, piece)
+
+        threads = [threading.Thread(target=patch, args=(port,)) for port in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(sorted(answer.status for answer in answers.values()), [204, 409], answers)
+        [refused] = [answer for answer in answers.values() if answer.status == 409]
+        self.assertEqual(refused.json()["error"], "offset_mismatch")
+        self.assertEqual(len(self.keys()), 1)  # only the acknowledged piece
+        self.assertOffset(b, upload_id, PATCH_BYTES, len(data))
+        self.send(b, upload_id, data, PATCH_BYTES)
+        answer = self.send(a, upload_id, data, 2 * PATCH_BYTES)
+        self.assertArchive(answer.headers["upload-archive-id"], data, [a, b])
 
     def test_node_killed_after_an_acknowledged_patch(self) -> None:
         """A acknowledges two PATCHes, receives half of a third, and is
