@@ -81,12 +81,13 @@ class TwoNodes(SyncTestCase):
             stdin=stdin, cwd=self.base,
         )  # fmt: skip
 
-    def start_node(self, name: str) -> SyncDaemon:
+    def start_node(self, name: str, *extra: str) -> SyncDaemon:
+        """Node C{name} with C{node_options}, then C{extra} options."""
         data = self.base / f"node-{name}"
         argv = twistd_argv(
             self.certs, data,
             "--metadata", self.metadata, "--blobs", self.blobs, "--master-key", str(self.master_key),
-            *self.node_options,
+            *self.node_options, *extra,
         )  # fmt: skip
         node = SyncDaemon(argv, self.base)
         self.addCleanup(node.stop)

@@ -217,6 +217,26 @@ class TusAcrossNodesTests(TusNodes):
             offset = int(answer.headers["upload-offset"])
         self.assertArchive(answer.headers["upload-archive-id"], data, [b])
 
+    def test_head_on_the_other_node_finishes_a_complete_upload(self) -> None:
+        """Every byte acknowledged but no archive made (node A, restarted
+        with a --quota too small for the file, refuses the archive with 507
+        after committing the last piece): a HEAD on B makes the archive and
+        answers Upload-Archive-Id; the archive is byte-exact."""
+        _, b = self.ports
+        self.nodes[0].kill()
+        a = self.start_node("a", "--quota", str(PATCH_BYTES)).wait_listening()
+        data = os.urandom(PATCH_BYTES + 777)
+        upload_id = self.start_upload(b, len(data))
+        self.send(b, upload_id, data, 0)
+        refused = self.tus.patch(a, upload_id, PATCH_BYTES, data[PATCH_BYTES:])
+        self.assertEqual(refused.status, 507, refused.body)
+        self.assertEqual(list_files(self.context, b, self.session), [])
+        answer = self.tus.head(b, upload_id)
+        self.assertEqual(answer.status, 200, answer.body)
+        self.assertEqual(int(answer.headers["upload-offset"]), len(data))
+        self.assertArchive(answer.headers["upload-archive-id"], data, [a, b])
+        self.assertEqual(self.tus.head(a, upload_id).status, 404)
+
     def test_delete_on_the_other_node(self) -> None:
         """An upload created on A, with pieces from both nodes, deleted on
         B: A answers 404 to HEAD and PATCH from then on, and its staged
