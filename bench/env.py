@@ -168,15 +168,46 @@ def _read_status(pid: int) -> dict[str, int]:
     return values
 
 
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a /proc stat file after the command name (which may
+    hold spaces and parentheses): index 11 is utime, 12 stime, 1 the ppid."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes, every thread included.
+
+    /proc/PID/stat of a process counts all its threads, the live ones and
+    those that have exited (summing /proc/PID/task/*/stat would miss the
+    latter: a helper thread that ends inside the measurement).  Child
+    processes are not in it: pass them too (L{process_tree})."""
     ticks = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(f"/proc/{pid}/stat")
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
         except (OSError, IndexError, ValueError):
             pass
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of C{pid}: tid -> (its /proc comm name, utime +
+    stime seconds so far)."""
+    threads: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return threads
+    for tid in tids:
+        try:
+            fields = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            threads[tid] = (comm, (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, IndexError, ValueError):
+            pass
+    return threads
 
 
 def children_of(pid: int) -> list[int]:
@@ -184,31 +215,47 @@ def children_of(pid: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                if int(_stat_fields(f"/proc/{entry.name}/stat")[1]) == pid:
                     kids.append(int(entry.name))
             except (OSError, ValueError, IndexError):
                 pass
     return kids
 
 
+def process_tree(pid: int) -> list[int]:
+    """C{pid} and all its descendants, C{pid} first: a server's processes,
+    however many workers it forks."""
+    tree = [pid]
+    for member in tree:  # grows while it is walked: breadth first
+        tree.extend(kid for kid in children_of(member) if kid not in tree)
+    return tree
+
+
 class PeakRss:
     """Peak resident memory (MiB) of a set of processes during a block.
 
-    VmRSS of all the processes is summed every 50 ms.  For a single process
-    VmHWM is read before and after: when the lifetime peak rose during the
-    block, that new peak was reached inside it, and it is exact.
+    VmRSS of all the processes is sampled every 50 ms: the peak of the sum
+    (L{mib}) and each process's own peak (L{per_process_mib}).  VmHWM of
+    each process is read before and after: when a process's lifetime peak
+    rose during the block, that new peak was reached inside it and is
+    exact (for a single process, the sum too).
     """
 
     def __init__(self, pids: list[int], interval: float = 0.05) -> None:
-        self.pids = pids
+        self.pids = list(pids)
         self.interval = interval
         self.peak_kb = 0
+        self.peak_by_pid: dict[int, int] = dict.fromkeys(self.pids, 0)
+        self._hwm_before: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        total = sum(_read_status(pid).get("VmRSS", 0) for pid in self.pids)
+        total = 0
+        for pid in self.pids:
+            rss = _read_status(pid).get("VmRSS", 0)
+            self.peak_by_pid[pid] = max(self.peak_by_pid[pid], rss)
+            total += rss
         self.peak_kb = max(self.peak_kb, total)
 
     def _run(self) -> None:
@@ -216,7 +263,7 @@ class PeakRss:
             self._sample()
 
     def __enter__(self) -> PeakRss:
-        self._hwm_before = _read_status(self.pids[0]).get("VmHWM", 0) if len(self.pids) == 1 else 0
+        self._hwm_before = {pid: _read_status(pid).get("VmHWM", 0) for pid in self.pids}
         self._sample()
         self._thread.start()
         return self
@@ -225,14 +272,21 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self._sample()
+        for pid in self.pids:
+            hwm = _read_status(pid).get("VmHWM", 0)
+            if hwm > self._hwm_before.get(pid, 0):
+                self.peak_by_pid[pid] = max(self.peak_by_pid[pid], hwm)
         if len(self.pids) == 1:
-            hwm = _read_status(self.pids[0]).get("VmHWM", 0)
-            if hwm > self._hwm_before:
-                self.peak_kb = max(self.peak_kb, hwm)
+            self.peak_kb = max(self.peak_kb, self.peak_by_pid[self.pids[0]])
 
     @property
     def mib(self) -> float:
         return self.peak_kb / 1024
+
+    @property
+    def per_process_mib(self) -> float:
+        """The largest single process's peak: the per-worker figure."""
+        return max(self.peak_by_pid.values(), default=0) / 1024
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -344,10 +398,13 @@ class Securevault:
         ws: Workspace,
         extra_args: Sequence[str] = (),
         preexec_fn: Callable[[], None] | None = None,
+        workers: int = 1,
     ) -> None:
         """C{extra_args} are more daemon options (``--quota 1000000``);
-        C{preexec_fn} runs in the child before exec (``setrlimit``)."""
+        C{preexec_fn} runs in the child before exec (``setrlimit``);
+        C{workers} > 1 passes ``--workers N`` (the multi-process daemon)."""
         self.ws = ws
+        self.workers = workers
         self.port = free_port()
         self.log = ws.root / "securevault.log"
         self.proc: subprocess.Popen | None = None
@@ -378,6 +435,7 @@ class Securevault:
             "--data-dir",
             str(ws.data),
             *ws.store_args,
+            *(["--workers", str(self.workers)] if self.workers > 1 else []),
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -394,7 +452,12 @@ class Securevault:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"securevault exited with {self.proc.returncode}:\n{_tail(self.log)}")
+                tail = _tail(self.log)
+                if self.workers > 1 and "--workers not recognized" in tail:
+                    raise RuntimeError(
+                        f"this securevault has no --workers option (asked for --workers {self.workers}):\n{tail}"
+                    )
+                raise RuntimeError(f"securevault exited with {self.proc.returncode}:\n{tail}")
             if re.search(r"listening on https://", self.log.read_text(errors="replace")):
                 break
             time.sleep(0.1)
@@ -404,8 +467,9 @@ class Securevault:
 
     @property
     def pids(self) -> list[int]:
+        """The twistd process first, then any worker processes it forked."""
         assert self.proc is not None
-        return [self.proc.pid]
+        return process_tree(self.proc.pid)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -414,7 +478,7 @@ class Securevault:
 NGINX_CONF = """\
 {user}daemon off;
 master_process on;
-worker_processes auto;
+worker_processes {worker_processes};
 pid {root}/nginx.pid;
 error_log {root}/error.log;
 events {{ worker_connections 1024; }}
@@ -447,9 +511,10 @@ http {{
 class Nginx:
     name = "nginx"
 
-    def __init__(self, ws: Workspace, binary: str) -> None:
+    def __init__(self, ws: Workspace, binary: str, worker_processes: int | str = "auto") -> None:
         self.ws = ws
         self.binary = binary
+        self.worker_processes = worker_processes
         self.port = free_port()
         self.root = ws.root / "nginx"
         self.conf = self.root / "nginx.conf"
@@ -465,7 +530,13 @@ class Nginx:
         if not target.exists():
             os.link(self.ws.big, target)
         user = "user root;\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(NGINX_CONF.format(user=user, root=self.root, port=self.port, certs=self.ws.certs))
+        self.conf.write_text(NGINX_CONF.format(
+                user=user,
+                root=self.root,
+                port=self.port,
+                certs=self.ws.certs,
+                worker_processes=self.worker_processes,
+            ))
         cmd = [self.binary, "-p", str(self.root), "-c", str(self.conf), "-e", str(self.log)]
         test = subprocess.run(cmd + ["-t"], capture_output=True, text=True)
         if test.returncode != 0:
@@ -482,7 +553,10 @@ class Nginx:
 
     @property
     def pids(self) -> list[int]:
-        return list(self._pids)
+        """The master first, then its workers (looked up again each time)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return list(self._pids)
+        return process_tree(self.proc.pid)
 
     def stop(self) -> None:
         # SIGQUIT: graceful; SIGTERM after the timeout.
