@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per request-rate figure (default 5)")
     parser.add_argument("--workers", type=int, default=4, help="client processes for request-rate figures (default 4)")
+    parser.add_argument(
+        "--server-workers",
+        default="1",
+        metavar="N[,N...]",
+        help="besides the main figures, run small-requests and two-downloads against securevault --workers N "
+        "and nginx worker_processes N for each N (e.g. 1,2; default 1: no such phase)",
+    )
     parser.add_argument("--workdir", default=None, help="parent directory of the temporary directory")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -67,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.duration = args.duration or 5.0
     if args.size_mib < 1 or args.runs < 1 or args.workers < 1:
         parser.error("--size-mib, --runs and --workers must be positive")
+    try:
+        args.server_workers = sorted({int(n) for n in args.server_workers.split(",") if n.strip()})
+    except ValueError:
+        parser.error("--server-workers takes worker counts such as 1,2")
+    if not args.server_workers or min(args.server_workers) < 1:
+        parser.error("--server-workers takes positive worker counts such as 1,2")
     if args.text_mib is None:
         args.text_mib = min(args.size_mib, 256)
     groups: list[str] = []
@@ -106,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"settings:     --size-mib {args.size_mib} --text-mib {args.text_mib} --runs {args.runs} "
         f"figures {','.join(args.groups)}; load figures {args.duration:g} s x {args.workers} client processes"
+        + (f"; --server-workers {','.join(map(str, args.server_workers))}" if args.server_workers != [1] else "")
     )
     print(flush=True)
 
@@ -131,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(ws, sv, ng, duration=args.duration, workers=args.workers, log=lambda s: print(s, flush=True))
         bench.setup()
         bench.run(args.groups, args.runs)
+        if args.server_workers != [1]:
+            # The main daemon goes first: the workers' daemons share its data.
+            if bench.api is not None:
+                bench.api.close()
+            sv.stop()
+            ng.stop()
+            bench.run_workers(args.server_workers, args.runs, nginx)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     except Exception as error:
@@ -157,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print()
     print("MB = 10^6 bytes; MiB = 2^20.  ratio = securevault / nginx (or / the named reference).")
+    for note in bench.transfer_notes():
+        print(note)
     print("Request-rate figures share the machine's cores with the Python client; when client + server")
     print(f"CPU approaches {os.cpu_count()} cores the client is a bottleneck, and nginx's figure is a floor:")
     for note in bench.cpu_notes():
@@ -168,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idle RSS after warm-up: securevault {idle[0]:.1f} MiB, nginx (all processes) {idle[1]:.1f} MiB")
     if bench.errors:
         print(f"{len(bench.errors)} measurement(s) failed:")
-        for error in bench.errors:
-            print("  " + error)
+        for failure in bench.errors:
+            print("  " + failure)
     _cleanup(sv, ng, root, args.keep)
     return 1 if bench.errors else 0
 

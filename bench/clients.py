@@ -82,18 +82,19 @@ def curl(ws: Workspace, url: str, args: list[str], keep_body: bool = False, max_
 
 
 def curl_parallel(
-    ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: float = 900
+    ws: Workspace, jobs: list[tuple[str, list[str]]], max_time: float = 900, keep_bodies: bool = True
 ) -> tuple[float, list[CurlResult]]:
-    """Start all curls together; wall-clock seconds until the last one ends."""
+    """Start all curls together; wall-clock seconds until the last one ends.
+    Without C{keep_bodies} the answers go to /dev/null (downloads)."""
     procs = []
-    bodies = []
+    bodies: list[Path | None] = []
     start = time.perf_counter()
     for i, (url, args) in enumerate(jobs):
-        body = ws.root / f"curl-par-{i}"
+        body = ws.root / f"curl-par-{i}" if keep_bodies else None
         bodies.append(body)
         procs.append(
             subprocess.Popen(
-                curl_command(ws, url, args, str(body), max_time),
+                curl_command(ws, url, args, str(body) if body else "/dev/null", max_time),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,

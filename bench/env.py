@@ -526,17 +526,20 @@ class Nginx:
         (self.root / "www" / "dav").mkdir(parents=True, exist_ok=True)
         (self.root / "body").mkdir(exist_ok=True)
         # The GET source: the same bytes securevault serves, without a copy.
-        target = self.root / "www" / "dav" / "big.bin"
-        if not target.exists():
-            os.link(self.ws.big, target)
+        for source in (self.ws.big, self.ws.small):
+            target = self.root / "www" / "dav" / source.name
+            if not target.exists() and source.exists():
+                os.link(source, target)
         user = "user root;\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(NGINX_CONF.format(
+        self.conf.write_text(
+            NGINX_CONF.format(
                 user=user,
                 root=self.root,
                 port=self.port,
                 certs=self.ws.certs,
                 worker_processes=self.worker_processes,
-            ))
+            )
+        )
         cmd = [self.binary, "-p", str(self.root), "-c", str(self.conf), "-e", str(self.log)]
         test = subprocess.run(cmd + ["-t"], capture_output=True, text=True)
         if test.returncode != 0:
