@@ -439,6 +439,9 @@ class Securevault:
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        # The log is shared by every daemon the bench starts: read only
+        # what this one writes.
+        offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
@@ -452,18 +455,23 @@ class Securevault:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = _tail(self.log)
+                tail = "\n".join(self._new_log(offset).splitlines()[-20:])
                 if self.workers > 1 and "--workers not recognized" in tail:
                     raise RuntimeError(
-                        f"this securevault has no --workers option (asked for --workers {self.workers}):\n{tail}"
+                        f"this securevault has no --workers option (asked for --workers {self.workers}); its log:\n{tail}"
                     )
                 raise RuntimeError(f"securevault exited with {self.proc.returncode}:\n{tail}")
-            if re.search(r"listening on https://", self.log.read_text(errors="replace")):
+            if re.search(r"listening on https://", self._new_log(offset)):
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError(f"securevault did not log 'listening on' within 60 s:\n{_tail(self.log)}")
         wait_for_port(self.port, self.proc, self.log)
+
+    def _new_log(self, offset: int) -> str:
+        with open(self.log, "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     @property
     def pids(self) -> list[int]:

@@ -887,10 +887,13 @@ class Bench:
 
     def cpu_notes(self) -> list[str]:
         notes = []
-        for key, label in (("small", "small JSON requests"), ("handshake", "new connections"), ("login", "logins")):
+        figures = [("small", "", "small JSON requests"), ("handshake", "", "new connections"), ("login", "", "logins")]
+        figures += [("small", f"@w{n}", f"small JSON requests, {n} worker(s)") for n in self.server_workers]
+        for key, at, label in figures:
             parts = []
             for server in (SV, NG):
-                s, c = self.median(key + "_server_cpu", server), self.median(key + "_client_cpu", server)
+                s = self.median(key + "_server_cpu" + at, server)
+                c = self.median(key + "_client_cpu" + at, server)
                 if s is not None and c is not None:
                     parts.append(f"{server}: server {s:.2f} cores, client {c:.2f} cores")
             if parts:
