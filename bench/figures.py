@@ -637,7 +637,7 @@ class Bench:
             )
             rows.append(
                 (
-                    f"  at-rest floor, {what} [in-process]",
+                    f"  at-rest floor, {key}: {what} [in-process]",
                     floor,
                     None,
                     "{:.2f}",
