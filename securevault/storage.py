@@ -446,15 +446,18 @@ class SecureFileStorage:
         except BlobStoreError as error:
             raise StoreUnavailable(str(error)) from error
 
-    def open(self, owner_id: str, archive_id: str) -> ArchiveReader:
+    def open(self, owner_id: str, archive_id: str, *, check_sha256: bool = False) -> ArchiveReader:
         """A reader for the archive's original bytes; see L{ArchiveReader}.
 
-        An archive that failed authentication while being read here lately
-        raises L{IntegrityError} at once (see L{failed_lately}).
+        A download does not hash what it sends (C{check_sha256}): every byte
+        is authenticated by the AEAD and the client checks the SHA-256 it is
+        given (docs/FORMAT.md §6.1).  An archive that failed authentication
+        while being read here lately raises L{IntegrityError} at once (see
+        L{failed_lately}).
         """
-        return self._open(owner_id, archive_id, refuse_marked=True)
+        return self._open(owner_id, archive_id, refuse_marked=True, check_sha256=check_sha256)
 
-    def _open(self, owner_id: str, archive_id: str, *, refuse_marked: bool) -> ArchiveReader:
+    def _open(self, owner_id: str, archive_id: str, *, refuse_marked: bool, check_sha256: bool) -> ArchiveReader:
         info, data_key = self._read_meta(owner_id, archive_id)
         if refuse_marked:
             self._refuse_if_failed_lately(owner_id, archive_id)
@@ -464,6 +467,7 @@ class SecureFileStorage:
             derive_key(data_key, b"body-key"),
             context_bytes(b"body", owner_id, archive_id),
             on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
+            check_sha256=check_sha256,
         )
 
     def open_range(self, owner_id: str, archive_id: str, start: int, end: int) -> PlaintextReader:
@@ -490,6 +494,7 @@ class SecureFileStorage:
                 body_key,
                 context,
                 on_integrity_failure=lambda: self._mark_failed(owner_id, archive_id),
+                check_sha256=False,
             )
             return InflatingRangeReader(reader, start, end)
         blobs = self.blobs
@@ -570,8 +575,8 @@ class SecureFileStorage:
         raise ArchiveNotFound(archive_id)
 
     def read_all(self, owner_id: str, archive_id: str) -> tuple[ArchiveInfo, bytes]:
-        """The whole file, authenticated, in memory."""
-        reader = self.open(owner_id, archive_id)
+        """The whole file, authenticated and its SHA-256 checked, in memory."""
+        reader = self.open(owner_id, archive_id, check_sha256=True)
         try:
             return reader.info, b"".join(reader)
         finally:
@@ -600,11 +605,12 @@ class SecureFileStorage:
         return info
 
     def verify(self, owner_id: str, archive_id: str) -> ArchiveInfo:
-        """Authenticate the whole archive without keeping its content.
+        """Authenticate the whole archive without keeping its content, and
+        check everything the format records (size, CRC-32, SHA-256).
 
         It reads the archive even if it failed lately (an operator may have
         restored it since); success clears that mark."""
-        reader = self._open(owner_id, archive_id, refuse_marked=False)
+        reader = self._open(owner_id, archive_id, refuse_marked=False, check_sha256=True)
         try:
             for _ in reader:
                 pass

@@ -45,7 +45,9 @@ class BodySink(Protocol[T_co]):
     """What an upload body is fed to in the pool: an L{ArchiveWriter}, or a
     piece of a resumable upload (L{securevault.staging.PieceWriter})."""
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Take the next bytes.  C{data} may be a view of a buffer the
+        caller reuses once this returns (L{BlockJoiner}): copy what you keep."""
 
     def commit(self) -> T_co: ...
 
@@ -84,6 +86,7 @@ class UploadStream(Generic[T]):
         self._aborted = False
         self._failure: Failure | None = None
         self._result: Deferred[T] | None = None
+        self._joiner = BlockJoiner()
         self.received_bytes = 0
         # The writer is opened in the pool once the session is found there
         # (the session gate); bytes that arrive meanwhile wait here.
@@ -139,7 +142,7 @@ class UploadStream(Generic[T]):
             pieces, self._pending = self._pending, []
             self._pending_bytes = 0
             self._busy = True
-            self._run(_write_joined, writer, pieces).addCallbacks(self._written, self._failed)
+            self._run(self._joiner.write, writer, pieces).addCallbacks(self._written, self._failed)
             if self._paused and not self._aborted:
                 self._paused = False
                 self._resume()
@@ -190,20 +193,45 @@ class UploadStream(Generic[T]):
             self._run(writer.abort).addErrback(lambda f: log.failure("Aborting an upload failed", f))
 
 
-def _write_joined(writer: BodySink[Any], pieces: list[bytes]) -> None:
-    """In the pool: the pieces received meanwhile, written in blocks of about
-    1 MiB (joining is a copy the reactor thread need not make; larger blocks
-    would only grow the writer's buffers)."""
-    batch: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece)
-        if size >= BLOCK_BYTES:
-            writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
-            batch, size = [], 0
-    if batch:
-        writer.write(batch[0] if len(batch) == 1 else b"".join(batch))
+class BlockJoiner:
+    """In the pool: writes the pieces received meanwhile in blocks of about
+    1 MiB, joined into one buffer kept for the whole upload.
+
+    Joining on the reactor thread would be a copy it need not make; a fresh
+    C{b"".join} per block is a fresh 1 MiB allocation, which glibc serves
+    with mmap and the kernel faults in page by page (the upload's system
+    time).  The sink gets a view of the buffer, valid until C{write}
+    returns: it must not keep it (L{BodySink}).  One per upload: at most one
+    pool call of an upload runs at a time.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def write(self, writer: BodySink[Any], pieces: list[bytes]) -> None:
+        batch: list[bytes] = []
+        size = 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= BLOCK_BYTES:
+                self._write(writer, batch, size)
+                batch, size = [], 0
+        if batch:
+            self._write(writer, batch, size)
+
+    def _write(self, writer: BodySink[Any], batch: list[bytes], size: int) -> None:
+        if len(batch) == 1:
+            writer.write(batch[0])
+            return
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)
+        at = 0
+        for piece in batch:
+            view[at : at + len(piece)] = piece
+            at += len(piece)
+        writer.write(view[:size])  # type: ignore[arg-type]  # a view the sink does not keep
 
 
 @implementer(IPushProducer)

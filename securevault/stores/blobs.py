@@ -64,6 +64,10 @@ class BlobWriter(Protocol):
 
 
 class BlobReader(Protocol):
+    """A blob read from a position on.  A reader may also offer
+    C{readinto(buffer: memoryview) -> int} (the local one does): the archive
+    reader then reuses one buffer (L{securevault.core.archive.ArchiveReader})."""
+
     def read(self, size: int) -> bytes:
         """Up to C{size} next bytes; b"" at the end."""
 
@@ -191,6 +195,19 @@ class LocalBlobReader:
         if self._left is not None:
             self._left -= len(data)
         return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Like L{read} of C{len(buffer)} bytes, into C{buffer}: the reader of
+        a download reuses one buffer instead of a fresh bytes per block."""
+        if self._left is not None:
+            buffer = buffer[: max(0, min(len(buffer), self._left))]
+            if not buffer:
+                return 0
+        count = os.preadv(self._fd, [buffer], self._position)
+        self._position += count
+        if self._left is not None:
+            self._left -= count
+        return count
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -289,8 +289,8 @@ class DownloadDefectTests(_PipelineCase):
         opened: list[ArchiveReader] = []
 
         class RecordingStorage(SecureFileStorage):
-            def open(self, owner_id: str, archive_id: str) -> ArchiveReader:
-                reader = super().open(owner_id, archive_id)
+            def open(self, owner_id: str, archive_id: str, *, check_sha256: bool = False) -> ArchiveReader:
+                reader = super().open(owner_id, archive_id, check_sha256=check_sha256)
                 opened.append(reader)
                 return reader
 
