@@ -29,3 +29,30 @@ class LocalLayoutTests(SyncTestCase):
         left.write(b"partial")
         self.assertEqual(store.remove_incomplete(), 1)
         self.assertEqual(sorted(p.name for p in (root / "o1").iterdir()), ["a" * 32 + ".body"])
+
+
+class LocalReadIntoTests(SyncTestCase):
+    """C{readinto} returns what C{read} would, into the caller's buffer."""
+
+    def test_same_bytes_as_read(self) -> None:
+        """Whole and ranged readers give the same bytes through
+        C{readinto} as through C{read}, stop at the range's end, and
+        reuse the buffer without mixing blocks."""
+        store = LocalBlobStore(self.make_dir() / "archives")
+        data = os.urandom(100_003)
+        writer = store.writer("o1", "a" * 32)
+        writer.write(data)
+        writer.commit()
+        for start, length in ((0, None), (5, 70_000), (99_000, 10_000), (200_000, 10)):
+            if length is None:
+                reader = store.reader("o1", "a" * 32)
+                expected = data
+            else:
+                reader = store.range_reader("o1", "a" * 32, start, length)
+                expected = data[start : start + length]
+            buffer = bytearray(8191)
+            got = b""
+            while count := reader.readinto(memoryview(buffer)):
+                got += buffer[:count]
+            reader.close()
+            self.assertTrue(got == expected, (start, length))
