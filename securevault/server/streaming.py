@@ -225,7 +225,9 @@ class BlockJoiner:
             writer.write(batch[0])
             return
         if len(self._buffer) < size:
-            self._buffer = bytearray(size)
+            # A full block overshoots 1 MiB by up to one piece: room for a
+            # larger one next time, so the buffer is not regrown per block.
+            self._buffer = bytearray(size if size < BLOCK_BYTES else size + BLOCK_BYTES // 8)
         view = memoryview(self._buffer)
         at = 0
         for piece in batch:
