@@ -71,11 +71,11 @@ class FloorTests(SyncTestCase):
 
     def test_sums(self) -> None:
         """Upload floor = encrypt + SHA-256 + CRC-32; download floor =
-        decrypt + SHA-256 (the download path does not compute the CRC-32);
+        decrypt alone (a stored file's download only decrypts: FORMAT.md 6.1);
         a missing component gives no floor rather than a low one."""
         per_gib = {"encrypt": 0.4, "decrypt": 0.5, "sha256": 0.75, "crc32": 0.25}
         self.assertAlmostEqual(floor_sum(per_gib, UPLOAD_FLOOR) or 0, 1.4)
-        self.assertAlmostEqual(floor_sum(per_gib, DOWNLOAD_FLOOR) or 0, 1.25)
+        self.assertAlmostEqual(floor_sum(per_gib, DOWNLOAD_FLOOR) or 0, 0.5)
         self.assertIsNone(floor_sum({"encrypt": 0.4}, UPLOAD_FLOOR))
 
 
@@ -83,7 +83,7 @@ class TableTests(SyncTestCase):
     def test_cpu_target_rows(self) -> None:
         """The CPU rows hold securevault to 1.25 x (nginx + floor): 4.0 <=
         1.25 x (2.0 + 1.4) = 4.25 passes for upload, 3.0 > 1.25 x (1.0 +
-        1.25) = 2.81 fails for download."""
+        0.5) = 1.88 fails for download."""
         bench = _bench(self.make_dir())
         for name, value in {"encrypt": 0.4, "decrypt": 0.5, "sha256": 0.75, "crc32": 0.25}.items():
             bench.values["floor_" + name][FLOOR].append(value)
@@ -93,7 +93,7 @@ class TableTests(SyncTestCase):
         bench.values["download_cpu"][NG].append(1.0)
         rows = {line.split("|")[1].strip(): line for line in bench.table()}
         self.assertRegex(rows["server CPU-s/GiB, upload raw"], r"\|\s+4\.00 \|\s+2\.00 \|.*sv <= 4\.25 \|\s+yes \|$")
-        self.assertRegex(rows["server CPU-s/GiB, download raw"], r"\|\s+3\.00 \|\s+1\.00 \|.*sv <= 2\.81 \|\s+NO \|$")
+        self.assertRegex(rows["server CPU-s/GiB, download raw"], r"\|\s+3\.00 \|\s+1\.00 \|.*sv <= 1\.88 \|\s+NO \|$")
         self.assertRegex(rows["at-rest floor, upload: encrypt+SHA-256+CRC-32 [in-process]"], r"\|\s+1\.40 \|")
 
     def test_workers_rows(self) -> None:
