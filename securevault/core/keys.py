@@ -180,6 +180,15 @@ def _sealed_document(data: bytes) -> dict[str, Any] | None:
     return None
 
 
+def file_is_sealed(path: Path) -> bool:
+    """Whether the master key file at C{path} is sealed by a passphrase
+    (False when it does not exist or cannot be read: opening it says why)."""
+    try:
+        return _sealed_document(Path(path).read_bytes()) is not None
+    except OSError:
+        return False
+
+
 class KeyringFile:
     """The master key file, plain or sealed by a passphrase.
 

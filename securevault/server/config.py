@@ -115,6 +115,7 @@ class VaultConfig:
     crl: Path | None = None
     crl_required: bool = False
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY_SECONDS
+    workers: int = 1  # processes serving the port (--workers); more than one: under a supervisor
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> VaultConfig:
@@ -151,4 +152,5 @@ class VaultConfig:
             crl=Path(crl) if crl else ca_cert.parent / DEFAULT_CRL_NAME,
             crl_required=bool(crl),
             upload_expiry=float(options.get("upload-expiry", DEFAULT_UPLOAD_EXPIRY_SECONDS)),
+            workers=int(options.get("workers") or 1),
         )

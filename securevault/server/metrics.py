@@ -1,5 +1,11 @@
 # -*- test-case-name: tests.server.test_metrics -*-
-"""Prometheus metrics (securevault_*), served on 127.0.0.1 by --metrics-port."""
+"""Prometheus metrics (securevault_*), served on 127.0.0.1 by --metrics-port.
+
+With C{--workers N} each worker writes its series to the files of
+prometheus_client's multiprocess mode and the parent serves their sum
+(L{securevault.server.supervisor}); a gauge there cannot call back into a
+worker, so its value is set by the worker instead (C{multiprocess_mode}
+says how the workers' values combine)."""
 
 from __future__ import annotations
 
@@ -17,13 +23,14 @@ EVENT_COUNTERS = {
 
 
 class VaultMetrics:
-    """The daemon's series, in a registry of their own."""
+    """The daemon's series, in a registry of their own.  Without the two
+    callbacks the gauges hold what is set on them (in a worker)."""
 
     def __init__(
         self,
         *,
-        active_sessions: Callable[[], float],
-        pool_queue_depth: Callable[[], float],
+        active_sessions: Callable[[], float] | None = None,
+        pool_queue_depth: Callable[[], float] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -51,10 +58,18 @@ class VaultMetrics:
             ["kind"],
             registry=r,
         )
-        Gauge("securevault_active_sessions", "Live sessions.", registry=r).set_function(active_sessions)
-        Gauge("securevault_pool_queue_depth", "Jobs waiting for a worker thread.", registry=r).set_function(
-            pool_queue_depth
+        # Every worker counts the same shared store: the largest is the
+        # freshest.  Each has its own pool queue: they add up (live workers).
+        self.active_sessions = Gauge(
+            "securevault_active_sessions", "Live sessions.", registry=r, multiprocess_mode="max"
         )
+        self.pool_queue_depth = Gauge(
+            "securevault_pool_queue_depth", "Jobs waiting for a worker thread.", registry=r, multiprocess_mode="livesum"
+        )
+        if active_sessions is not None:
+            self.active_sessions.set_function(active_sessions)
+        if pool_queue_depth is not None:
+            self.pool_queue_depth.set_function(pool_queue_depth)
 
     def observe_request(self, path: str, status: int | str, received: int, sent: int, seconds: float) -> None:
         endpoint = path if path in ENDPOINTS else "other"

@@ -13,11 +13,12 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
@@ -60,10 +61,11 @@ from securevault.server.config import (
 )
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
-from securevault.server.plaintext import TLSServerEndpoint
+from securevault.server.plaintext import PlainHTTPAnsweringTLSFactory, TLSServerEndpoint
 from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.startup import DataDirLock, claim_data_dir
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
+from securevault.server.twisted_private import name_port_tls
 from securevault.server.web import VaultSite
 from securevault.server.workers import RunBlocking, ThreadPoolService
 from securevault.stores.backends import (
@@ -197,6 +199,12 @@ class Options(usage.Options):
             "Slowest a request body may arrive or a response be read, bytes/s over any --idle-timeout (16K).",
         ],
         ["memory-budget", None, DEFAULT_MEMORY_BUDGET_BYTES, "Bytes held for bodies, all clients together (512M)."],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the one listening socket, under a supervising parent (see docs/OPERATIONS.md).",
+        ],
         ["metrics-port", None, None, "Serve Prometheus metrics on 127.0.0.1:PORT [default: off]."],
         ["audit-log", None, None, "Audit log file [default: <data-dir>/audit.jsonl]."],
         ["bind-user", None, "none", "Certificate names that may log in as a user: none, cn or san."],
@@ -225,7 +233,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            for name in ("threads", "max-connections", "max-connections-per-cert"):
+            for name in ("threads", "max-connections", "max-connections-per-cert", "workers"):
                 if self[name] is not None:
                     self[name] = _positive_int(name, self[name])
             for name in ("max-upload-size", "max-json-body", "min-body-rate", "memory-budget", "quota"):
@@ -358,26 +366,31 @@ class TLSListenerService(ListenerService):
         super().__init__(endpoint, factory, f"{config.interface}:{config.port}")
         self._config = config
         self._ca_subject = ca_subject
-        self._certificate_name = certificate_host(config.cert)
 
     def _listening(self, port: Any) -> Any:
         address = port.getHost()
-        url = f"https://{url_host(address.host, self._certificate_name)}:{address.port}"
-        bound = ""
-        if address.host in WILDCARD_ADDRESSES:
-            bound = f"all interfaces, {address.host or '0.0.0.0'}:{address.port}; "
-        log.info(
-            "securevault {version} listening on {url} ({bound}CA: {ca}; data: {data_dir})",
-            version=__version__,
-            url=url,
-            bound=bound,
-            host=address.host,
-            port=address.port,
-            ca=self._ca_subject,
-            data_dir=str(self._config.data_dir.resolve()),
-            event_kind="listening",
-        )
+        announce_listening(address.host, address.port, self._config, self._ca_subject)
         return port
+
+
+def announce_listening(host: str, port: int, config: VaultConfig, ca_subject: str, workers: str = "") -> None:
+    """The start-up line: a URL that works, what is bound, and where."""
+    url = f"https://{url_host(host, certificate_host(config.cert))}:{port}"
+    bound = ""
+    if host in WILDCARD_ADDRESSES:
+        bound = f"all interfaces, {host or '0.0.0.0'}:{port}; "
+    log.info(
+        "securevault {version} listening on {url} ({bound}CA: {ca}; data: {data_dir}{workers})",
+        version=__version__,
+        url=url,
+        bound=bound,
+        host=host,
+        port=port,
+        ca=ca_subject,
+        data_dir=str(config.data_dir.resolve()),
+        workers=workers,
+        event_kind="listening",
+    )
 
 
 def lower_thread_priority(increment: int) -> None:
@@ -415,9 +428,21 @@ def in_background_pool(reactor: Any, pool: ThreadPool, niceness: int) -> RunBloc
     return run
 
 
-def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run_hashing: RunBlocking) -> VaultApp:
+def build_app(
+    config: VaultConfig,
+    run_blocking: RunBlocking,
+    clock: Any,
+    *,
+    run_hashing: RunBlocking,
+    exclusive: bool = True,
+    recover: bool = True,
+) -> VaultApp:
     """The shared collaborators, from settings; fails with a one-line reason.
-    C{run_blocking} reaches the worker pool, C{run_hashing} the login pool."""
+    C{run_blocking} reaches the worker pool, C{run_hashing} the login pool.
+    C{exclusive}: no other process serves these stores (not a worker of
+    C{--workers N}), so sessions and listings may be kept in memory.
+    C{recover}: remove crash debris at start (never while another worker
+    of this node may be mid-upload)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     location = locate_master_key(config.data_dir, config.master_key)
     remove_stale_temps(location.path)
@@ -453,7 +478,8 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
         log.warn("{warning}", warning=warning[:1].upper() + warning[1:])
     # One node is the only writer of its index and sessions: it keeps them
     # in memory too, and small requests need no trip to the pool.
-    storage = stores.storage(keyring, keyring_file=key_file, cache_listings=stores.single_node)
+    single_process = stores.single_node and exclusive
+    storage = stores.storage(keyring, keyring_file=key_file, cache_listings=single_process)
     users = UserStore(stores.metadata, rows)
     # No client is connected yet: migrating and recovering here blocks no
     # one, and both must finish before an upload could start.
@@ -470,7 +496,9 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
             count=migrated.left_in_place,
             data_dir=str(config.data_dir),
         )
-    if stores.single_node:
+    if not recover:
+        removed = 0
+    elif stores.single_node:
         removed = storage.recover()
     else:
         # Other nodes may be mid-upload: only this node's own debris now;
@@ -485,7 +513,7 @@ def build_app(config: VaultConfig, run_blocking: RunBlocking, clock: Any, *, run
         rows=rows,
         idle_seconds=config.session_idle,
         ttl_seconds=config.session_ttl,
-        mirror=stores.single_node,
+        mirror=single_process,
     )
     sessions.load()
     max_connections = min(config.max_connections, usable_descriptors())
@@ -557,13 +585,100 @@ def metrics_service(reactor: Any, app: VaultApp, pool: ThreadPool, port: int) ->
 
 
 def makeService(options: usage.Options, reactor: Any = None) -> IService:
-    """The daemon: worker pools first in (last out), listener last in."""
+    """The daemon: worker pools first in (last out), listener last in.
+    With C{--workers N} (N > 1) a supervising parent instead, which binds
+    the port once and runs N worker processes on it
+    (L{securevault.server.supervisor})."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     config = VaultConfig.from_options(options)
+    if config.workers > 1:
+        from securevault.server.supervisor import supervisor_service
+
+        return supervisor_service(options, config, reactor)
     lock = claim_data_dir(config)  # one daemon per data directory, which it can write
+    daemon = _vault_daemon(config, reactor, lock, worker=False, recover=True)
+    endpoint = TLSServerEndpoint(reactor, config.port, daemon.tls_options, interface=config.interface)
+    TLSListenerService(endpoint, daemon.site, config, daemon.ca_subject).setServiceParent(daemon.top)
+    return daemon.top
+
+
+def worker_service(
+    config: VaultConfig,
+    reactor: Any,
+    *,
+    fd: int,
+    family: socket.AddressFamily,
+    number: int,
+    recover: bool,
+    ready: Callable[[], object],
+) -> IService:
+    """One worker of C{--workers N}: the same daemon as L{makeService}, but
+    it serves the listening socket C{fd} its parent made (and holds the
+    data directory's lock for it), keeps no session or listing in memory
+    (the other workers share the stores), and removes crash debris only if
+    C{recover} (the first worker, started alone).  C{ready} is called once
+    it serves."""
+    daemon = _vault_daemon(config, reactor, None, worker=True, recover=recover)
+    AdoptedListenerService(reactor, fd, family, daemon, number, ready).setServiceParent(daemon.top)
+    return daemon.top
+
+
+class AdoptedListenerService(Service):
+    """Serves a listening socket made by another process (the supervisor),
+    wrapped in TLS as L{TLSServerEndpoint} wraps its own."""
+
+    def __init__(
+        self, reactor: Any, fd: int, family: socket.AddressFamily, daemon: VaultDaemon, number: int, ready: Any
+    ) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._daemon = daemon
+        self._number = number
+        self._ready = ready
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        factory = PlainHTTPAnsweringTLSFactory(self._daemon.tls_options, False, self._daemon.site)
+        self._port = self._reactor.adoptStreamPort(self._fd, self._family, factory)
+        os.close(self._fd)  # adoptStreamPort serves a duplicate
+        name_port_tls(self._port)
+        log.info(
+            "worker {number} (pid {pid}) serving",
+            number=self._number,
+            pid=os.getpid(),
+            event_kind="worker_serving",
+        )
+        self._ready()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self._port = self._port, None
+        if port is None:
+            return None
+        stopped: Deferred[None] = port.stopListening()
+        return stopped
+
+
+@dataclass
+class VaultDaemon:
+    """The daemon's services, and what its listener wraps around."""
+
+    top: DaemonService
+    app: VaultApp
+    site: VaultSite
+    tls_options: Any
+    ca_subject: str
+
+
+def _vault_daemon(
+    config: VaultConfig, reactor: Any, lock: DataDirLock | None, *, worker: bool, recover: bool
+) -> VaultDaemon:
+    """Everything but the listener, in the order of L{makeService}."""
     try:
         authorities = load_ca_certificates(config.ca_cert)
         revocations, crl_watch = revocation_setup(config, authorities, reactor)
@@ -580,6 +695,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
             partial(deferToThreadPool, reactor, pool),
             reactor,
             run_hashing=in_background_pool(reactor, login_pool, LOGIN_NICENESS),
+            exclusive=not worker,
+            recover=recover,
         )
     except (TLSConfigError, CRLError, KeyFileError, PassphraseError, OSError, BackendError, UserError) as error:
         raise SystemExit(f"securevault: error: {error}") from None
@@ -607,6 +724,8 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
     def counted(count: int) -> None:
         app.session_count = count
+        if worker and app.metrics is not None:
+            app.metrics.active_sessions.set(count)
 
     def sweep() -> None:
         app.run_blocking(sweep_blocking, app.clock()).addCallbacks(
@@ -624,10 +743,27 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
 
         TimerService(REVOCATION_CHECK_SECONDS, drop_revoked).setServiceParent(top)
     if config.metrics_port is not None:
-        metrics_service(reactor, app, pool, config.metrics_port).setServiceParent(top)
+        if worker:
+            worker_metrics(app, pool).setServiceParent(top)
+        else:
+            metrics_service(reactor, app, pool, config.metrics_port).setServiceParent(top)
     if crl_watch is not None:
         crl_watch(app.run_blocking).setServiceParent(top)
     site = VaultSite(app, reactor=reactor)
-    endpoint = TLSServerEndpoint(reactor, config.port, tls_options, interface=config.interface)
-    TLSListenerService(endpoint, site, config, ca_subject).setServiceParent(top)
-    return top
+    return VaultDaemon(top, app, site, tls_options, ca_subject)
+
+
+def worker_metrics(app: VaultApp, pool: ThreadPool) -> IService:
+    """A worker's series go to the parent's multiprocess directory
+    ($PROMETHEUS_MULTIPROC_DIR), which the parent serves; a gauge there
+    holds what the worker last set, so the queue depth is set every second
+    here (and the session count at each sweep)."""
+    metrics = VaultMetrics()
+    app.metrics = metrics
+    if app.audit_trail is not None:
+        app.audit_trail.metrics = metrics
+
+    def queue_depth() -> None:
+        metrics.pool_queue_depth.set(pool.q.qsize())
+
+    return TimerService(REVOCATION_CHECK_SECONDS, queue_depth)

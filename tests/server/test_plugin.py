@@ -87,6 +87,7 @@ class OptionsTests(SyncTestCase):
             "data-dir": "vault-data",
             "master-key": None,
             "threads": None,
+            "workers": 1,
             "session-idle": DEFAULT_SESSION_IDLE_SECONDS,
             "session-ttl": DEFAULT_SESSION_TTL_SECONDS,
             "max-upload-size": DEFAULT_MAX_UPLOAD_BYTES,
@@ -203,6 +204,15 @@ class OptionsTests(SyncTestCase):
         }
         for option, (value, expected) in cases.items():
             self.assertIn(expected, self.assert_one_line(self.parse, option, value))
+
+    def test_workers(self) -> None:
+        """--workers takes a positive count (default 1, today's single
+        process); zero or a word is one line naming the option."""
+        self.assertEqual(self.parse()["workers"], 1)
+        self.assertEqual(self.parse("--workers", "3")["workers"], 3)
+        for value in ("0", "abc", "-2"):
+            error = self.assert_one_line(self.parse, "--workers", value)
+            self.assertIn(f"--workers: not a positive integer: {value!r}", error)
 
     def test_unknown_option(self) -> None:
         """An option twistd's parser does not know is one line too."""

@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.test_workers_daemon -*-
+"""One worker process of C{--workers N}: C{python -m securevault.server.worker}.
+
+Started by L{securevault.server.supervisor} only.  Its standard input
+carries one JSON line (the parent's parsed options, its number, whether it
+removes crash debris, the socket's address family) and then stays open; at
+its end the parent is gone and the worker stops.  File descriptor 3 is the
+listening socket, 4 the pipe on which it says it serves.  Log events go to
+standard output, one line each (C{LEVEL text}), which the parent logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+from twisted.logger import FileLogObserver, LogLevel, formatEvent, globalLogBeginner
+
+from securevault.server.supervisor import LISTEN_FD, READY_FD
+
+_write_lock = threading.Lock()
+
+
+def format_line(event: dict[str, Any]) -> str | None:
+    """An event as lines of C{LEVEL text} for the parent (a traceback
+    continues on the lines after, at the same level)."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}\n{failure.getTraceback()}"
+    level = event.get("log_level", LogLevel.info)
+    return "".join(f"{level.name} {line}\n" for line in (text.splitlines() or [""]))
+
+
+def read_parent_end(reactor: Any) -> None:
+    """In a thread: wait for the end of standard input (the parent ended,
+    or closed it), then stop the reactor."""
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    reactor.callFromThread(_stop, reactor)
+
+
+def _stop(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.buffer.readline())
+    # Ctrl-C in a terminal reaches the whole process group: the parent
+    # stops the workers itself (SIGTERM), in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, format_line)], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+
+    from securevault.server.config import VaultConfig
+    from securevault.server.tap import worker_service
+
+    def ready() -> None:
+        os.write(READY_FD, b"ready\n")
+        os.close(READY_FD)
+
+    config = VaultConfig.from_options(spec["options"])
+    family = socket.AF_INET6 if spec["family"] == "inet6" else socket.AF_INET
+    try:
+        service = worker_service(
+            config, reactor, fd=LISTEN_FD, family=family, number=int(spec["number"]), recover=bool(spec["recover"]),
+            ready=ready,
+        )  # fmt: skip
+    except SystemExit as error:
+        print(error, file=sys.stderr)
+        sys.exit(1)
+    failed = []
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            service.startService()
+        except BaseException as error:
+            failed.append(error)
+            print(f"securevault: error: worker could not start: {error}", file=sys.stderr)
+            reactor.stop()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    threading.Thread(target=read_parent_end, args=(reactor,), daemon=True, name="parent-watch").start()
+    reactor.run()
+    sys.stdout.flush()
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
