@@ -102,6 +102,7 @@ class SyncDaemon:
         self.lines: list[str] = []
         self.port: int | None = None
         self._listening = threading.Event()
+        self._new_line = threading.Condition()
         self.process = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -118,13 +119,36 @@ class SyncDaemon:
         assert stream is not None
         for raw in stream:
             line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
             match = LISTENING.search(line)
             if match is not None and self.port is None:
                 self.port = int(match.group(1))
                 self._listening.set()
         stream.close()
         self._listening.set()
+        with self._new_line:
+            self._ended = True
+            self._new_line.notify_all()
+
+    _ended = False
+
+    def wait_for(self, pattern: str, start: int = 0) -> tuple[int, re.Match[str]]:
+        """The first output line from index C{start} on that matches
+        C{pattern}, and its index; fails if the output ends first or
+        nothing matches for too long."""
+        compiled = re.compile(pattern)
+        with self._new_line:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    match = compiled.search(self.lines[index])
+                    if match is not None:
+                        return index, match
+                    index += 1
+                if self._ended or not self._new_line.wait(WAIT_SECONDS):
+                    raise AssertionError(f"no line matches {pattern!r}:\n{self.output()}")
 
     def output(self) -> str:
         return "".join(self.lines)

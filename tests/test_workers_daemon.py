@@ -1,0 +1,179 @@
+"""C{twistd securevault --workers 2}: the supervisor and its workers, for real.
+
+Which worker accepts a new connection is the kernel's choice.  To make it
+the test's, the other worker is stopped with SIGSTOP (it cannot accept
+while stopped; the kernel hands the connection to the one that can) and
+continued afterwards; each worker's log lines, prefixed with its number,
+say which one answered.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.support.daemon import (
+    TWISTD,
+    WAIT_SECONDS,
+    SyncDaemon,
+    VaultFixture,
+    call,
+    child_environment,
+    login,
+    run_admin,
+)
+from tests.support.testcase import SyncTestCase
+
+STARTED = r"worker (\d+) started, pid (\d+)"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class WorkersTestCase(SyncTestCase):
+    """A vault with user alice and a daemon of two workers on it."""
+
+    def setUp(self) -> None:
+        self.vault = VaultFixture(self.make_dir())
+        self.vault.create()
+        self.context = self.vault.tls_context()
+
+    def start(self, *extra: str, pidfile: Path | None = None) -> SyncDaemon:
+        argv = self.vault.argv("--workers", "2", *extra)
+        if pidfile is not None:
+            argv[argv.index("--pidfile=")] = f"--pidfile={pidfile}"
+        daemon = SyncDaemon(argv, self.vault.base)
+        self.addCleanup(daemon.stop)
+        self.port = daemon.wait_listening()
+        return daemon
+
+    def worker_pids(self, daemon: SyncDaemon) -> dict[int, int]:
+        """The latest pid of each worker, from the parent's log."""
+        pids: dict[int, int] = {}
+        for match in re.finditer(STARTED, daemon.output()):
+            pids[int(match.group(1))] = int(match.group(2))
+        return pids
+
+    @contextmanager
+    def only(self, daemon: SyncDaemon, number: int) -> Iterator[None]:
+        """While inside, worker C{number} alone accepts connections."""
+        stopped = [pid for worker, pid in self.worker_pids(daemon).items() if worker != number]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+
+    def files_status(self, session: str) -> int:
+        return call(self.context, self.port, "GET", "/get-files", session=session).status
+
+
+class SupervisorTests(WorkersTestCase):
+    def test_sessions_and_logout_hold_across_workers(self) -> None:
+        """Two workers with distinct pids serve the port: a session made
+        on one works on the other, a logout on the second ends it on the
+        first at once, and the audit log stays one valid chain."""
+        daemon = self.start()
+        pids = self.worker_pids(daemon)
+        self.assertEqual(sorted(pids), [1, 2])
+        self.assertNotEqual(pids[1], pids[2])
+        self.assertEqual(len(re.findall(r"listening on https://", daemon.output())), 1)
+        with self.only(daemon, 1):
+            session = login(self.context, self.port)
+        daemon.wait_for(r"worker 1: POST /login 200")
+        with self.only(daemon, 2):
+            self.assertEqual(self.files_status(session), 200)
+            logout = call(self.context, self.port, "POST", "/logout", session=session)
+            self.assertEqual(logout.status, 204, logout.body)
+        daemon.wait_for(r"worker 2: GET /get-files 200")
+        daemon.wait_for(r"worker 2: POST /logout 204")
+        with self.only(daemon, 1):
+            self.assertEqual(self.files_status(session), 401)
+        daemon.wait_for(r"worker 1: GET /get-files 401")
+        result = run_admin("--data-dir", str(self.vault.data), "audit", "verify", cwd=self.vault.base)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_killed_worker_is_replaced(self) -> None:
+        """SIGKILL to a worker: the parent logs its end and starts a new
+        one (a new pid), which serves; sessions stay valid."""
+        daemon = self.start()
+        session = login(self.context, self.port)
+        old = self.worker_pids(daemon)
+        os.kill(old[1], signal.SIGKILL)
+        daemon.wait_for(rf"worker 1 \(pid {old[1]}\) killed by signal 9 \(SIGKILL\); restarting")
+        index, _ = daemon.wait_for(r"worker 1 started, pid (\d+)", len(daemon.lines) - 1)
+        daemon.wait_for(r"worker 1: worker 1 \(pid \d+\) serving", index)
+        new = self.worker_pids(daemon)
+        self.assertNotIn(new[1], old.values())
+        self.assertEqual(new[2], old[2])
+        with self.only(daemon, 1):
+            self.assertEqual(self.files_status(session), 200)
+        daemon.wait_for(r"worker 1: GET /get-files 200", index)
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        """SIGHUP to the parent makes every worker re-read the CRL."""
+        daemon = self.start()
+        start = len(daemon.lines)
+        daemon.process.send_signal(signal.SIGHUP)
+        daemon.wait_for(r"SIGHUP forwarded to 2 workers", start)
+        daemon.wait_for(r"worker 1: Loaded CRL .* on SIGHUP", start)
+        daemon.wait_for(r"worker 2: Loaded CRL .* on SIGHUP", start)
+
+    def test_clean_stop(self) -> None:
+        """SIGTERM to the parent stops every worker (status 0), then the
+        parent, as without workers (ended by SIGTERM), and the pidfile is
+        gone."""
+        pidfile = self.vault.base / "twistd.pid"
+        daemon = self.start(pidfile=pidfile)
+        self.assertEqual(pidfile.read_text().strip(), str(daemon.process.pid))
+        pids = self.worker_pids(daemon)
+        daemon.process.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.process.wait(WAIT_SECONDS), -signal.SIGTERM, daemon.output())
+        for number, pid in pids.items():
+            self.assertIn(f"worker {number} (pid {pid}) exited with status 0", daemon.output())
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+        self.assertFalse(pidfile.exists())
+
+    def test_metrics_sum_the_workers(self) -> None:
+        """--metrics-port is served by the parent: the request counter is
+        the sum of both workers' requests."""
+        metrics_port = free_port()
+        daemon = self.start("--metrics-port", str(metrics_port))
+        session = login(self.context, self.port)
+        for number in (1, 2, 1):
+            with self.only(daemon, number):
+                self.assertEqual(self.files_status(session), 200)
+        daemon.wait_for(r"worker 2: GET /get-files 200")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=WAIT_SECONDS) as page:
+            text = page.read().decode()
+        counted = re.search(r'securevault_requests_total\{endpoint="/get-files",status="200"\} (\S+)', text)
+        self.assertIsNotNone(counted, text)
+        assert counted is not None
+        self.assertEqual(float(counted.group(1)), 3.0)
+
+
+class WorkersOptionTests(SyncTestCase):
+    def test_bad_counts(self) -> None:
+        """--workers 0 or abc: one line on stderr and status 1, before
+        anything starts."""
+        base = self.make_dir()
+        for value in ("0", "abc"):
+            result = subprocess.run(
+                [*TWISTD, "-n", "--pidfile=", "securevault", "--workers", value, "--data-dir", str(base / "d")],
+                cwd=base, env=child_environment(), capture_output=True, text=True, timeout=WAIT_SECONDS,
+            )  # fmt: skip
+            self.assertEqual(result.returncode, 1, result.stderr)
+            self.assertEqual(result.stderr.strip(), f"securevault: error: --workers: not a positive integer: {value!r}")
