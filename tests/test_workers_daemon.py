@@ -177,3 +177,41 @@ class WorkersOptionTests(SyncTestCase):
             )  # fmt: skip
             self.assertEqual(result.returncode, 1, result.stderr)
             self.assertEqual(result.stderr.strip(), f"securevault: error: --workers: not a positive integer: {value!r}")
+
+    def test_sealed_master_key_refused(self) -> None:
+        """A passphrase-sealed master key with --workers 2 is one line and
+        status 1: the workers could not ask for the passphrase."""
+        base = self.make_dir()
+        result = run_admin(
+            "--data-dir", str(base / "vault-data"), "init", "--certs-dir", str(base / "certs"), "--sealed",
+            "--passphrase-stdin", stdin="correct horse battery staple\n", cwd=base,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        argv = VaultFixture(base).argv("--workers", "2", "--master-key-passphrase", "stdin")
+        result = subprocess.run(
+            argv, cwd=base, env=child_environment(), capture_output=True, text=True, timeout=WAIT_SECONDS
+        )
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        self.assertIn("--workers 2: the master key", result.stderr)
+        self.assertIn("is sealed by a passphrase", result.stderr)
+
+    def test_busy_port(self) -> None:
+        """A port in use is the same one-line error, status 1, as without
+        workers, and no worker is started."""
+        vault = VaultFixture(self.make_dir())
+        vault.create()
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            argv = vault.argv("--workers", "2")
+            argv[argv.index("--port") + 1] = str(port)
+            result = subprocess.run(
+                argv, cwd=vault.base, env=child_environment(), capture_output=True, text=True, timeout=WAIT_SECONDS
+            )
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}: [Errno 98]", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("worker 1 started", output)
