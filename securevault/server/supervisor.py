@@ -43,7 +43,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -171,7 +171,10 @@ class Supervisor(Service):
         ca_subject: str,
         *,
         executable: str = sys.executable,
+        at_failure: Callable[[], object] | None = None,
     ) -> None:
+        """C{at_failure} is called once when the supervisor gives up (by
+        default: the process's exit status becomes 1)."""
         self._reactor = reactor
         self._config = config
         self._options = dict(options)
@@ -187,6 +190,7 @@ class Supervisor(Service):
         self._stopped: Deferred[None] | None = None
         self._previous_sighup: Any = None
         self.failed = False
+        self._at_failure = at_failure if at_failure is not None else _exit_failed_at_exit
 
     # -- start -------------------------------------------------------------
 
@@ -296,7 +300,7 @@ class Supervisor(Service):
             return
         self.failed = True
         log.critical("{why}: stopping securevault", why=why, event_kind="workers_failed")
-        atexit.register(_exit_failed)
+        self._at_failure()
         self._reactor.callWhenRunning(self._reactor.stop)
 
     # -- signals and stop --------------------------------------------------
@@ -353,6 +357,10 @@ class Supervisor(Service):
         if self.metrics_dir is not None:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.metrics_dir = None
+
+
+def _exit_failed_at_exit() -> None:
+    atexit.register(_exit_failed)
 
 
 def _exit_failed() -> None:
