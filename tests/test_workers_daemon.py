@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -146,6 +147,19 @@ class SupervisorTests(WorkersTestCase):
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
         self.assertFalse(pidfile.exists())
+
+    def test_workers_end_with_their_parent(self) -> None:
+        """A parent killed with SIGKILL (nothing of it runs) takes its
+        workers with it: each sees its standard input end, and stops."""
+        daemon = self.start()
+        pids = self.worker_pids(daemon)
+        watched = [os.pidfd_open(pid) for pid in pids.values()]  # readable once the process has ended
+        for fd in watched:
+            self.addCleanup(os.close, fd)
+        daemon.kill()
+        for fd in watched:
+            readable, _, _ = select.select([fd], [], [], WAIT_SECONDS)
+            self.assertEqual(readable, [fd], daemon.output())
 
     def test_metrics_sum_the_workers(self) -> None:
         """--metrics-port is served by the parent: the request counter is
