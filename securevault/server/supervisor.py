@@ -48,10 +48,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from twisted.application.service import IService, Service
+from twisted.application.service import Service
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import InvalidLogLevelError, Logger, LogLevel
@@ -62,7 +61,6 @@ from securevault.core.keybinding import locate_master_key
 from securevault.core.keys import file_is_sealed
 from securevault.server.config import VaultConfig
 from securevault.server.revocation import RevocationState
-from securevault.server.startup import claim_data_dir
 from securevault.server.tls import TLSConfigError, load_ca_certificates, server_tls_options
 
 log = Logger(namespace="securevault")
@@ -168,7 +166,7 @@ class Supervisor(Service):
         reactor: Any,
         config: VaultConfig,
         options: Mapping[str, Any],
-        ca_subject: str,
+        announce: Callable[[str, int], object],
         *,
         executable: str = sys.executable,
         at_failure: Callable[[], object] | None = None,
@@ -178,7 +176,7 @@ class Supervisor(Service):
         self._reactor = reactor
         self._config = config
         self._options = dict(options)
-        self._ca_subject = ca_subject
+        self._announce = announce
         self._executable = executable
         self.socket: socket.socket | None = None
         self.metrics_dir: Path | None = None
@@ -247,10 +245,8 @@ class Supervisor(Service):
         if len(self.workers) == self._config.workers and all(w.ready for w in self.workers.values()):
             self._announced = True
             assert self.socket is not None
-            from securevault.server.tap import announce_listening
-
             host, port = self.socket.getsockname()[:2]
-            announce_listening(host, port, self._config, self._ca_subject, f"; {self._config.workers} workers")
+            self._announce(host, port)
 
     # -- a worker ends -----------------------------------------------------
 
@@ -386,45 +382,28 @@ class WorkersCollector:
         return iter(MultiProcessCollector(None, path=str(path)).collect())
 
 
-def metrics_listener(reactor: Any, supervisor: Supervisor, port: int) -> IService:
-    """The parent's --metrics-port: every worker's series, summed."""
+def workers_metrics_resource(supervisor: Supervisor) -> Any:
+    """The parent's /metrics page: every worker's series, summed."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.twisted import MetricsResource
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
-
-    from securevault.server.tap import MetricsListenerService
 
     registry = CollectorRegistry()
     registry.register(WorkersCollector(supervisor))
-    root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry=registry))
-    endpoint = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1")
-    return MetricsListenerService(endpoint, Site(root), f"127.0.0.1:{port} (metrics)")
+    return MetricsResource(registry=registry)
 
 
-def supervisor_service(options: Mapping[str, Any], config: VaultConfig, reactor: Any) -> IService:
-    """The parent of C{--workers N}; fails at once, with one line, on what
-    every worker would fail on."""
-    from securevault.server.tap import DaemonService
-
-    lock = claim_data_dir(config)
+def check_before_workers(config: VaultConfig) -> str:
+    """What every worker would fail on, checked once in the parent (one
+    line, L{SystemExit}); returns the CA's subject for the start-up line."""
     try:
         authorities = load_ca_certificates(config.ca_cert)
         server_tls_options(config.cert, config.key, config.ca_cert, RevocationState())
     except (TLSConfigError, OSError) as error:
-        lock.release()
         raise fail(str(error)) from None
     key_path = locate_master_key(config.data_dir, config.master_key).path
     if file_is_sealed(key_path):
-        lock.release()
         raise fail(
             f"--workers {config.workers}: the master key {key_path} is sealed by a passphrase, which worker "
             "processes cannot ask for: run with --workers 1"
         )
-    top = DaemonService(lock)
-    supervisor = Supervisor(reactor, config, options, authorities[0].subject.rfc4514_string())
-    if config.metrics_port is not None:
-        metrics_listener(reactor, supervisor, config.metrics_port).setServiceParent(top)
-    supervisor.setServiceParent(top)
-    return top
+    return authorities[0].subject.rfc4514_string()

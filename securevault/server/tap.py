@@ -12,7 +12,7 @@ import re
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
@@ -64,6 +64,7 @@ from securevault.server.metrics import VaultMetrics
 from securevault.server.plaintext import PlainHTTPAnsweringTLSFactory, TLSServerEndpoint
 from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.startup import DataDirLock, claim_data_dir
+from securevault.server.supervisor import Supervisor, check_before_workers, workers_metrics_resource
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
 from securevault.server.twisted_private import name_port_tls
 from securevault.server.web import VaultSite
@@ -595,14 +596,40 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
         reactor = global_reactor
     config = VaultConfig.from_options(options)
     if config.workers > 1:
-        from securevault.server.supervisor import supervisor_service
-
         return supervisor_service(options, config, reactor)
     lock = claim_data_dir(config)  # one daemon per data directory, which it can write
     daemon = _vault_daemon(config, reactor, lock, worker=False, recover=True)
     endpoint = TLSServerEndpoint(reactor, config.port, daemon.tls_options, interface=config.interface)
     TLSListenerService(endpoint, daemon.site, config, daemon.ca_subject).setServiceParent(daemon.top)
     return daemon.top
+
+
+def supervisor_service(options: Mapping[str, Any], config: VaultConfig, reactor: Any) -> IService:
+    """The parent of C{--workers N} (L{securevault.server.supervisor}); it
+    fails at once, with one line, on what every worker would fail on."""
+    lock = claim_data_dir(config)
+    try:
+        ca_subject = check_before_workers(config)
+    except SystemExit:
+        lock.release()
+        raise
+    top = DaemonService(lock)
+
+    def announce(host: str, port: int) -> None:
+        announce_listening(host, port, config, ca_subject, f"; {config.workers} workers")
+
+    supervisor = Supervisor(reactor, config, options, announce)
+    if config.metrics_port is not None:
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()
+        root.putChild(b"metrics", workers_metrics_resource(supervisor))
+        endpoint = TCP4ServerEndpoint(reactor, config.metrics_port, interface="127.0.0.1")
+        where = f"127.0.0.1:{config.metrics_port} (metrics)"
+        MetricsListenerService(endpoint, Site(root), where).setServiceParent(top)
+    supervisor.setServiceParent(top)
+    return top
 
 
 def worker_service(

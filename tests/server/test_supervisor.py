@@ -82,6 +82,7 @@ class SupervisorTests(SyncTestCase):
     def setUp(self) -> None:
         self.reactor = FakeReactor()
         self.failures: list[None] = []
+        self.announced: list[tuple[str, int]] = []
         capturing = capturedLogs()
         self.events: Sequence[dict[str, Any]] = capturing.__enter__()
         self.addCleanup(capturing.__exit__, None, None, None)
@@ -91,7 +92,7 @@ class SupervisorTests(SyncTestCase):
             self.reactor,
             self.config,
             {"port": 0, "workers": 2},
-            "CN=test CA",
+            lambda host, port: self.announced.append((host, port)),
             at_failure=lambda: self.failures.append(None),
         )
         self.supervisor.privilegedStartService()
@@ -124,15 +125,14 @@ class SupervisorTests(SyncTestCase):
         self.assertTrue(process.written.endswith(b"\n"))
         assert self.supervisor.socket is not None
         self.assertEqual(child_fds[LISTEN_FD], self.supervisor.socket.fileno())
-        self.assertEqual(self.kinds("listening"), [])
+        self.assertEqual(self.announced, [])
         worker.childDataReceived(READY_FD, b"ready\n")
         self.assertEqual(len(self.reactor.spawned), 2)
         second = json.loads(self.reactor.spawned[1][1].written)
         self.assertEqual((second["number"], second["recover"]), (2, False))
-        self.assertEqual(self.kinds("listening"), [])
+        self.assertEqual(self.announced, [])
         self.supervisor.workers[2].childDataReceived(READY_FD, b"ready\n")
-        self.assertEqual(len(self.kinds("listening")), 1)
-        self.assertIn("2 workers", self.kinds("listening")[0]["workers"])
+        self.assertEqual(self.announced, [("127.0.0.1", self.supervisor.socket.getsockname()[1])])
 
     def test_ended_worker_restarted_with_back_off(self) -> None:
         """A worker that ends is logged with its pid and signal and started
