@@ -15,6 +15,7 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,16 @@ class SupervisorTests(WorkersTestCase):
         with self.only(daemon, 1):
             self.assertEqual(self.files_status(session), 401)
         daemon.wait_for(r"worker 1: GET /get-files 401")
+        # Both workers append to the audit log at once (most likely: the
+        # kernel spreads these connections; the chain must hold either way).
+        threads = [threading.Thread(target=login, args=(self.context, self.port)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_SECONDS)
+        daemon.process.send_signal(signal.SIGTERM)  # a clean stop writes what is held
+        daemon.process.wait(WAIT_SECONDS)
+        self.assertEqual(daemon.output().count("POST /login 200"), 7, daemon.output())
         result = run_admin("--data-dir", str(self.vault.data), "audit", "verify", cwd=self.vault.base)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
