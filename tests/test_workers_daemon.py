@@ -188,6 +188,9 @@ class SupervisorTests(WorkersTestCase):
         self.assertIsNotNone(counted, text)
         assert counted is not None
         self.assertEqual(float(counted.group(1)), 3.0)
+        # The gauges are set by the workers (no callback reaches them).
+        self.assertRegex(text, r"(?m)^securevault_pool_queue_depth(\{[^}]*\})? 0\.0$")
+        self.assertRegex(text, r"(?m)^securevault_active_sessions(\{[^}]*\})? [0-9.]+$")
 
 
 class WorkersOptionTests(SyncTestCase):

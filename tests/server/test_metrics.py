@@ -54,6 +54,16 @@ class VaultMetricsTests(SyncTestCase):
         text = generate_latest(self.metrics.registry).decode("utf-8")
         return text, samples(text)
 
+    def test_gauges_without_callbacks(self) -> None:
+        """Without callbacks (a worker of --workers N) the gauges hold what
+        was last set on them."""
+        metrics = VaultMetrics()
+        metrics.active_sessions.set(5)
+        metrics.pool_queue_depth.set(2)
+        found = samples(generate_latest(metrics.registry).decode("utf-8"))
+        self.assertEqual(value(found, "securevault_active_sessions"), 5.0)
+        self.assertEqual(value(found, "securevault_pool_queue_depth"), 2.0)
+
     def test_observe_request(self) -> None:
         """A request is counted by endpoint and status, its duration goes to
         the endpoint's histogram, and its body sizes to the byte counters."""
