@@ -16,8 +16,9 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -158,6 +159,48 @@ class SupervisorTests(WorkersTestCase):
             with self.assertRaises(ProcessLookupError):
                 os.kill(pid, 0)
         self.assertFalse(pidfile.exists())
+
+    def test_workers_write_the_parents_log_format_to_shared_stdout(self) -> None:
+        """With twistd logging to standard output (-n), a worker's lines
+        appear there in the parent's format, whole, with the worker's
+        number.  The workers write them themselves: they appear while the
+        parent is stopped (SIGSTOP), so the parent spends nothing on them."""
+        daemon = self.start()
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            with self.only(daemon, 2):
+                self.assertEqual(call(self.context, self.port, "GET", "/health").status, 200)
+            daemon.wait_for(r"worker 2: GET /health 200")
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        line = next(line for line in daemon.output().splitlines() if "worker 2: GET /health 200" in line)
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[securevault#info\] worker 2: GET ")
+
+    def test_log_file_lines_pass_through_the_parent(self) -> None:
+        """With --logfile (a file twistd rotates), the workers' lines reach
+        that file through the parent."""
+        logfile = self.vault.base / "vault.log"
+        port = free_port()
+        argv = self.vault.argv("--workers", "2", "--port", str(port))
+        argv.insert(argv.index("-n") + 1, f"--logfile={logfile}")
+        daemon = SyncDaemon(argv, self.vault.base)
+        self.addCleanup(daemon.stop)
+
+        def logged(pattern: str) -> bool:
+            return logfile.exists() and re.search(pattern, logfile.read_text(errors="replace")) is not None
+
+        self.wait_until(lambda: logged(r"listening on https://"))
+        self.assertEqual(call(self.context, port, "GET", "/health").status, 200)
+        self.wait_until(lambda: logged(r"\[securevault#info\] worker [12]: GET /health 200"))
+        self.assertEqual(daemon.output().count("GET /health"), 0)
+
+    def wait_until(self, condition: Callable[[], bool]) -> None:
+        """Polls a file the daemon writes (there is no event to wait on)."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail("the daemon did not log the line in time")
+            time.sleep(0.05)
 
     def test_workers_end_with_their_parent(self) -> None:
         """A parent killed with SIGKILL (nothing of it runs) takes its

@@ -170,14 +170,20 @@ class Supervisor(Service):
         *,
         executable: str = sys.executable,
         at_failure: Callable[[], object] | None = None,
+        shared_stdout: bool = False,
     ) -> None:
         """C{at_failure} is called once when the supervisor gives up (by
-        default: the process's exit status becomes 1)."""
+        default: the process's exit status becomes 1).  With
+        C{shared_stdout} (twistd logs to standard output) the workers write
+        their log lines to the parent's standard output themselves, in the
+        parent's format; otherwise each line passes through the parent's log
+        (which costs the parent CPU per line: a request's access line)."""
         self._reactor = reactor
         self._config = config
         self._options = dict(options)
         self._announce = announce
         self._executable = executable
+        self._shared_stdout = shared_stdout
         self.socket: socket.socket | None = None
         self.metrics_dir: Path | None = None
         self.workers: dict[int, WorkerProcess] = {}
@@ -214,9 +220,10 @@ class Supervisor(Service):
             return
         assert self.socket is not None
         family = "inet6" if self.socket.family == socket.AF_INET6 else "inet"
-        spec = json.dumps({"options": self._options, "number": number, "recover": recover, "family": family}).encode(
-            "utf-8"
-        )
+        log_to = "stdout" if self._shared_stdout else "parent"
+        spec = json.dumps(
+            {"options": self._options, "number": number, "recover": recover, "family": family, "log": log_to}
+        ).encode("utf-8")
         env = dict(os.environ)
         package_root = str(Path(securevault.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -231,7 +238,13 @@ class Supervisor(Service):
             [self._executable, "-m", "securevault.server.worker"],
             env=env,
             path=os.getcwd(),
-            childFDs={0: "w", 1: "r", 2: "r", LISTEN_FD: self.socket.fileno(), READY_FD: "r"},
+            childFDs={
+                0: "w",
+                1: 1 if self._shared_stdout else "r",
+                2: "r",
+                LISTEN_FD: self.socket.fileno(),
+                READY_FD: "r",
+            },
         )
         self.workers[number] = worker
         log.info("worker {worker} started, pid {pid}", worker=number, pid=worker.pid, event_kind="worker_started")

@@ -604,6 +604,22 @@ def makeService(options: usage.Options, reactor: Any = None) -> IService:
     return daemon.top
 
 
+def twistd_logs_to_stdout(options: Any) -> bool:
+    """Whether twistd, which parsed C{options} as its subcommand, logs to
+    its standard output as plain text (C{-n} without C{--logfile}, or
+    C{--logfile -}: the systemd and container way), so that workers can
+    write their lines to the same descriptor.  Read from the twistd options
+    (C{usage.Options.parent}); anything else (a log file twistd rotates,
+    syslog, a custom C{--logger}) keeps the relay through the parent."""
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return False
+    if twistd.get("logger") or twistd.get("syslog"):
+        return False
+    logfile = twistd.get("logfile")
+    return bool(logfile == "-" or (twistd.get("nodaemon") and not logfile))
+
+
 def supervisor_service(options: Mapping[str, Any], config: VaultConfig, reactor: Any) -> IService:
     """The parent of C{--workers N} (L{securevault.server.supervisor}); it
     fails at once, with one line, on what every worker would fail on."""
@@ -618,7 +634,7 @@ def supervisor_service(options: Mapping[str, Any], config: VaultConfig, reactor:
     def announce(host: str, port: int) -> None:
         announce_listening(host, port, config, ca_subject, f"; {config.workers} workers")
 
-    supervisor = Supervisor(reactor, config, options, announce)
+    supervisor = Supervisor(reactor, config, options, announce, shared_stdout=twistd_logs_to_stdout(options))
     if config.metrics_port is not None:
         from twisted.web.resource import Resource
         from twisted.web.server import Site

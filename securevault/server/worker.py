@@ -6,7 +6,10 @@ carries one JSON line (the parent's parsed options, its number, whether it
 removes crash debris, the socket's address family) and then stays open; at
 its end the parent is gone and the worker stops.  File descriptor 3 is the
 listening socket, 4 the pipe on which it says it serves.  Log events go to
-standard output, one line each (C{LEVEL text}), which the parent logs.
+standard output, one line each: when the parent logs to standard output
+too, the worker shares it and writes finished lines in the parent's format
+(so the parent spends nothing per line); otherwise as C{LEVEL text}, which
+the parent reads and logs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import threading
 from typing import Any
 
-from twisted.logger import FileLogObserver, LogLevel, formatEvent, globalLogBeginner
+from twisted.logger import FileLogObserver, LogLevel, formatEvent, formatTime, globalLogBeginner
 
 from securevault.server.supervisor import LISTEN_FD, READY_FD
 
@@ -35,6 +38,34 @@ def format_line(event: dict[str, Any]) -> str | None:
         text = f"{text}\n{failure.getTraceback()}"
     level = event.get("log_level", LogLevel.info)
     return "".join(f"{level.name} {line}\n" for line in (text.splitlines() or [""]))
+
+
+def shared_stdout_line(number: int, event: dict[str, Any]) -> str | None:
+    """An event as the lines the parent would have logged for it
+    (C{TIME [securevault#LEVEL] worker N: text}), written by the worker."""
+    relayed = format_line(event)
+    if relayed is None:
+        return None
+    stamp = formatTime(event.get("log_time"))
+    lines = []
+    for line in relayed.splitlines():
+        level, _, text = line.partition(" ")
+        lines.append(f"{stamp} [securevault#{level}] worker {number}: {text}\n")
+    return "".join(lines)
+
+
+class _FdWriter:
+    """Standard output as a file for L{FileLogObserver}: one C{write} per
+    event, so that the lines of several workers sharing the descriptor do
+    not interleave within a line."""
+
+    def write(self, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        while data:
+            data = data[os.write(1, data) :]
+
+    def flush(self) -> None:
+        pass
 
 
 def read_parent_end(reactor: Any) -> None:
@@ -58,7 +89,12 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent
     # stops the workers itself (SIGTERM), in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, format_line)], redirectStandardIO=False)
+    number = int(spec["number"])
+    if spec.get("log") == "stdout":
+        observer = FileLogObserver(_FdWriter(), lambda event: shared_stdout_line(number, event))  # type: ignore[arg-type]
+    else:
+        observer = FileLogObserver(sys.stdout, format_line)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.internet import reactor
 
@@ -73,7 +109,7 @@ def main() -> None:
     family = socket.AF_INET6 if spec["family"] == "inet6" else socket.AF_INET
     try:
         service = worker_service(
-            config, reactor, fd=LISTEN_FD, family=family, number=int(spec["number"]), recover=bool(spec["recover"]),
+            config, reactor, fd=LISTEN_FD, family=family, number=number, recover=bool(spec["recover"]),
             ready=ready,
         )  # fmt: skip
     except SystemExit as error:

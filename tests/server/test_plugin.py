@@ -330,3 +330,26 @@ class ListeningURLTests(SyncTestCase):
         self.assertEqual(tap.url_host("::", "::1"), "[::1]")
         self.assertEqual(tap.url_host("127.0.0.1", "localhost"), "127.0.0.1")
         self.assertEqual(tap.url_host("::1", "localhost"), "[::1]")
+
+
+class WorkerLogDestinationTests(SyncTestCase):
+    def test_twistd_options_decide(self) -> None:
+        """Workers share standard output only when twistd logs plain text
+        there: -n without --logfile, or --logfile -; a log file, syslog or a
+        custom --logger keep the relay; no twistd parent (an embedding
+        program) keeps it too."""
+        from twisted.scripts.twistd import ServerOptions
+
+        from securevault.server.tap import Options, twistd_logs_to_stdout
+
+        def decide(*twistd: str) -> bool:
+            config = ServerOptions()
+            config.parseOptions([*twistd, "securevault", "--data-dir", str(self.make_dir())])
+            return twistd_logs_to_stdout(config.subOptions)
+
+        self.assertTrue(decide("-n"))
+        self.assertTrue(decide("--logfile", "-"))
+        self.assertFalse(decide("-n", "--logfile", "vault.log"))
+        self.assertFalse(decide())
+        self.assertFalse(decide("-n", "--syslog"))
+        self.assertFalse(twistd_logs_to_stdout(Options()))
