@@ -18,6 +18,16 @@ A piece is acknowledged only once its blob is durable and its row committed
 keeps exactly what was acknowledged.  When the last byte is in, the pieces
 are decrypted in order into an L{ArchiveWriter}: the archive is one like any
 raw upload, and its row replaces the upload's rows in one transaction.
+
+That second pass is the slow path.  The fast one: the process that takes
+the PATCHes of an upload in order feeds the same plaintext, as it arrives,
+into an L{ArchiveWriter} it keeps for that upload (an L{_Assembler}, at most
+L{MAX_ASSEMBLERS} of them, least recently used evicted); at the last byte it
+commits that archive without reading the pieces back.  The pieces are still
+written and acknowledged exactly as above (they are what survives a crash);
+an assembler that missed a byte (a restart, another node or process took a
+PATCH, eviction) or saw one that was not acknowledged (a failed PATCH) is
+discarded, and the upload finishes on the slow path.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import hashlib
 import json
 import os
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +86,9 @@ UPLOAD_FORMAT_VERSION = 1
 # reserved against the quota from the POST.
 ARCHIVE_OVERHEAD_BYTES = 4096
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
+# Uploads assembled on the fast path at once, per process: each holds an
+# ArchiveWriter's buffers (about 1 MiB) and an open temp blob.
+MAX_ASSEMBLERS = 8
 
 
 def reservation(length: int) -> int:
@@ -123,13 +138,123 @@ def is_upload_id(value: str) -> bool:
     return is_archive_id(value)
 
 
+class _Assembler:
+    """An upload's archive, assembled while its PATCHes arrive: an
+    L{ArchiveWriter} that has seen exactly the upload's first L{offset}
+    bytes, each of them acknowledged, and the pieces that hold them."""
+
+    def __init__(self, index: _FinishingIndex, writer: ArchiveWriter, owner_id: str, touched: float) -> None:
+        self.index = index
+        self.writer = writer
+        self.owner_id = owner_id
+        self.offset = 0
+        self.pieces: list[UploadPiece] = []
+        self.touched = touched
+        self.claimed = False
+
+    def abort(self) -> None:
+        try:
+            self.writer.abort()
+        except (OSError, BlobStoreError):
+            pass  # a temp blob left behind goes with the next start's cleanup
+
+
 class UploadStaging:
     """Resumable uploads over a L{SecureFileStorage}'s stores; safe to call
-    from any thread (it keeps no state of its own)."""
+    from any thread.  Its only state is this process's assemblers (the fast
+    path), under a lock; every fact about an upload is in the stores."""
 
     def __init__(self, storage: SecureFileStorage, expiry_seconds: float) -> None:
         self.storage = storage
         self.expiry_seconds = expiry_seconds
+        self._lock = threading.Lock()
+        # Upload id -> assembler, least recently used first; a claimed one
+        # (a PATCH is feeding it) stays listed but cannot be evicted.
+        self._assemblers: OrderedDict[str, _Assembler] = OrderedDict()
+        # How uploads were finished by this process (for tests and metrics).
+        self.fast_finishes = 0
+        self.slow_finishes = 0
+
+    @property
+    def live_assemblers(self) -> int:
+        """Uploads being assembled on the fast path in this process now."""
+        with self._lock:
+            return len(self._assemblers)
+
+    # -- the fast path's assemblers -----------------------------------------
+
+    def _claim_assembler(self, record: UploadRecord, filename: str, now: float) -> _Assembler | None:
+        """The assembler a PATCH at the upload's offset feeds: the one this
+        process kept if it has seen every byte up to that offset, a new one
+        at offset 0, else None (the upload finishes on the slow path)."""
+        upload_id = record.upload_id
+        dropped: list[_Assembler] = []
+        try:
+            with self._lock:
+                found = self._assemblers.get(upload_id)
+                if found is not None:
+                    if found.claimed:
+                        return None  # another PATCH at this offset feeds it; one of them gets a 409
+                    if found.owner_id == record.owner_id and found.offset == record.upload_offset:
+                        found.claimed = True
+                        found.touched = now
+                        self._assemblers.move_to_end(upload_id)
+                        return found
+                    dropped.append(self._assemblers.pop(upload_id))  # it missed a PATCH
+                if record.upload_offset != 0:
+                    return None
+                while len(self._assemblers) >= MAX_ASSEMBLERS:
+                    idle = next((key for key, value in self._assemblers.items() if not value.claimed), None)
+                    if idle is None:
+                        return None  # every one is being fed: this upload takes the slow path
+                    dropped.append(self._assemblers.pop(idle))
+                try:
+                    # Opening a temp blob under the lock: short, and only
+                    # pool threads wait for this lock.
+                    index, writer = self._archive_writer(record.owner_id, upload_id, filename)
+                except Exception:
+                    return None  # the piece reports a failing store, if it fails too
+                assembler = _Assembler(index, writer, record.owner_id, now)
+                assembler.claimed = True
+                self._assemblers[upload_id] = assembler
+                return assembler
+        finally:
+            for assembler in dropped:
+                assembler.abort()
+
+    def _release_assembler(self, upload_id: str, assembler: _Assembler, *, keep: bool, abort: bool = True) -> None:
+        """A PATCH is done with the assembler: kept for the next one, or
+        dropped (aborted, its temp blob removed, unless C{abort} is false:
+        its archive was committed)."""
+        with self._lock:
+            if self._assemblers.get(upload_id) is assembler:
+                if keep:
+                    assembler.claimed = False
+                    return
+                del self._assemblers[upload_id]
+        if abort:
+            assembler.abort()
+
+    def _drop_assembler(self, upload_id: str) -> None:
+        """Forget an idle assembler of the upload (deleted or expired); a
+        claimed one is dropped by its PATCH, whose commit then fails."""
+        with self._lock:
+            found = self._assemblers.get(upload_id)
+            if found is None or found.claimed:
+                return
+            del self._assemblers[upload_id]
+        found.abort()
+
+    def _archive_writer(self, owner_id: str, upload_id: str, filename: str) -> tuple[_FinishingIndex, ArchiveWriter]:
+        """The writer of the upload's archive, which replaces the upload's
+        rows when it commits; the quota is set on the index at the end."""
+        index = _FinishingIndex(self.storage, upload_id)
+        try:
+            return index, ArchiveWriter(index, owner_id, filename)
+        except OSError as error:
+            raise translate_os_error(error) from error
+        except BlobStoreError as error:
+            raise StoreUnavailable(str(error)) from error
 
     @property
     def _blobs(self) -> BlobStore:
@@ -242,8 +367,10 @@ class UploadStaging:
             raise OffsetMismatch(f"The upload is at offset {record.upload_offset}, not {offset}.")
         if declared is not None and offset + declared > record.length:
             raise LengthExceeded("The body would carry the upload past its Upload-Length.")
-        _, upload_key = self._unseal(record)
-        return PieceWriter(self, record, upload_key, checksum=checksum, quota=quota, now=now)
+        filename, upload_key = self._unseal(record)
+        writer = PieceWriter(self, record, upload_key, checksum=checksum, quota=quota, now=now)
+        writer.assembler = self._claim_assembler(record, filename, now())
+        return writer
 
     def finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> ArchiveInfo:
         """Make the complete upload one archive, exactly like a raw upload:
@@ -256,13 +383,9 @@ class UploadStaging:
         filename, upload_key = self._unseal(record)
         pieces = self._call(self.storage.metadata.list_upload_pieces, upload_id)
         assert isinstance(pieces, list)
-        index = _FinishingIndex(self.storage, upload_id)
-        try:
-            writer = ArchiveWriter(index, owner_id, filename, quota=quota)
-        except OSError as error:
-            raise translate_os_error(error) from error
-        except BlobStoreError as error:
-            raise StoreUnavailable(str(error)) from error
+        self._drop_assembler(upload_id)
+        index, writer = self._archive_writer(owner_id, upload_id, filename)
+        index.quota = quota
         try:
             expected = 0
             for piece in pieces:
@@ -277,7 +400,25 @@ class UploadStaging:
         except BaseException:
             writer.abort()
             raise
+        with self._lock:
+            self.slow_finishes += 1
         self._remove_blobs(owner_id, pieces)
+        return info
+
+    def _finish_assembled(self, record: UploadRecord, assembler: _Assembler, *, quota: int | None) -> ArchiveInfo:
+        """The fast path's end: the assembler saw every byte, in order, each
+        acknowledged; its archive replaces the upload's rows, then the
+        pieces go."""
+        if assembler.offset != record.length:
+            raise IntegrityError(f"upload {record.upload_id} was assembled to the wrong length")
+        assembler.index.quota = quota
+        try:
+            info = assembler.writer.commit()  # aborts itself on failure
+        except UploadGone as error:
+            raise UploadNotFound(record.upload_id) from error
+        with self._lock:
+            self.fast_finishes += 1
+        self._remove_blobs(record.owner_id, assembler.pieces)
         return info
 
     def _copy_piece(
@@ -316,6 +457,7 @@ class UploadStaging:
         """Forget the upload (tus termination): rows first, then blobs."""
         if not is_upload_id(upload_id) or not OWNER_ID.match(owner_id):
             raise UploadNotFound(upload_id)
+        self._drop_assembler(upload_id)
         pieces = self._call(self.storage.metadata.delete_upload, owner_id, upload_id)
         if pieces is None:
             raise UploadNotFound(upload_id)
@@ -324,7 +466,17 @@ class UploadStaging:
 
     def sweep_expired(self, now: float) -> int:
         """Remove the uploads that made no progress for the expiry period,
-        with their pieces and reservations; returns how many."""
+        with their pieces and reservations; returns how many.  Idle
+        assemblers that long untouched go too (their upload was finished or
+        removed elsewhere)."""
+        with self._lock:
+            stale = [
+                upload_id
+                for upload_id, assembler in self._assemblers.items()
+                if not assembler.claimed and assembler.touched + self.expiry_seconds <= now
+            ]
+        for upload_id in stale:
+            self._drop_assembler(upload_id)
         expired = self._call(self.storage.metadata.expired_uploads, now)
         assert isinstance(expired, list)
         removed = 0
@@ -359,9 +511,12 @@ class _FinishingIndex:
         self._upload_id = upload_id
         self.blobs = storage.blobs
         self.clock_ns = storage.clock_ns
+        # Set by the finishing request (an assembler's writer is opened by
+        # the first PATCH, the quota in force is the last one's).
+        self.quota: int | None = None
 
     def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
-        self._storage.write_meta(owner_id, info, data_key, quota=quota, finishing_upload=self._upload_id)
+        self._storage.write_meta(owner_id, info, data_key, quota=self.quota, finishing_upload=self._upload_id)
 
     def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None:
         self._storage.discard_unindexed_blob(owner_id, archive_id)
@@ -370,7 +525,13 @@ class _FinishingIndex:
 class PieceWriter:
     """One PATCH body becoming one encrypted piece.  Call L{write} for each
     block, then L{commit}, or L{abort} at any point; nothing is kept unless
-    L{commit} returns."""
+    L{commit} returns.
+
+    With an L{assembler} (the fast path), each block also goes into the
+    upload's archive; a piece that fails takes the assembler with it.
+    """
+
+    assembler: _Assembler | None = None
 
     def __init__(
         self,
@@ -417,6 +578,13 @@ class PieceWriter:
             self.abort()
             raise
 
+    def _release(self, *, keep: bool) -> None:
+        """Done with the assembler: kept for the next PATCH only when every
+        byte it saw is acknowledged."""
+        assembler, self.assembler = self.assembler, None
+        if assembler is not None:
+            self._staging._release_assembler(self._record.upload_id, assembler, keep=keep)
+
     def write(self, data: bytes) -> None:
         if self._done:
             raise StorageError("write after commit or abort")
@@ -431,6 +599,11 @@ class PieceWriter:
             produced = self._encryptor.update_into(data, self._buffer)
             if produced:
                 self._blob.write(memoryview(self._buffer)[:produced])
+            if self.assembler is not None:
+                try:
+                    self.assembler.writer.write(data)
+                except Exception:
+                    self._release(keep=False)  # the piece goes on; the upload finishes on the slow path
 
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
@@ -444,6 +617,7 @@ class PieceWriter:
                 if not secrets.compare_digest(self._hash.digest(), self._checksum[1]):
                     raise ChecksumMismatch("The body does not match its Upload-Checksum.")
             if self._size == 0:  # nothing to keep (a resent final PATCH, say)
+                self._release(keep=True)
                 self.abort()
                 offset = record.upload_offset
                 expires_at = record.expires_at
@@ -464,9 +638,27 @@ class PieceWriter:
                     # A lost answer may hide a commit: keep the blob when in
                     # doubt (the orphan sweep removes it if no row names it).
                     raise StoreUnavailable(str(error)) from error
+                assembler = self.assembler
+                if assembler is not None:
+                    if offset == record.upload_offset + self._size:
+                        assembler.offset = offset
+                        assembler.pieces.append(piece)
+                    else:
+                        self._release(keep=False)
         archive = None
-        if offset == record.length:
+        assembler = self.assembler
+        if offset == record.length and assembler is not None:
+            self.assembler = None
+            try:
+                archive = staging._finish_assembled(record, assembler, quota=self._quota)
+            except BaseException:
+                staging._release_assembler(record.upload_id, assembler, keep=False)
+                raise
+            staging._release_assembler(record.upload_id, assembler, keep=False, abort=False)
+        elif offset == record.length:
             archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
+        else:
+            self._release(keep=True)
         return PieceResult(offset, expires_at, archive)
 
     def _discard_blob(self) -> None:
@@ -477,6 +669,7 @@ class PieceWriter:
 
     def abort(self) -> None:
         """Forget the piece; safe to call twice, and after a commit (a no-op)."""
+        self._release(keep=False)
         if self._done:
             return
         self._done = True

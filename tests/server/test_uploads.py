@@ -79,9 +79,13 @@ class UploadsTests(_VaultTestCase):
         self.assertEqual(response.status, 200, response.body)
         return response.body
 
-    def piece_files(self) -> list[str]:
+    def piece_files(self, *, temp: bool = False) -> list[str]:
+        """The committed blobs in alice's directory (pieces, archives); with
+        C{temp}, the temp blobs too (an upload's archive being assembled)."""
         directory = _blob_directory(self.app.storage, self.alice_id)
-        return sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
+        if not directory.is_dir():
+            return []
+        return sorted(path.name for path in directory.iterdir() if temp or not path.name.startswith("."))
 
     # -- the protocol ----------------------------------------------------------
 
@@ -123,7 +127,7 @@ class UploadsTests(_VaultTestCase):
         self.assertEqual(info.sha256, hashlib.sha256(data).hexdigest())
         self.assertEqual(self.fetch(alice, archive_id), data)
         self.assertEqual(self.head(alice, location).status, 404)
-        self.assertEqual(self.piece_files(), [f"{archive_id}.body"])  # the pieces are gone
+        self.assertEqual(self.piece_files(temp=True), [f"{archive_id}.body"])  # the pieces are gone
         self.assertEqual(self.app.storage.metadata.reserved(self.alice_id), 0)
 
     def test_pieces_encrypted(self) -> None:
@@ -157,7 +161,7 @@ class UploadsTests(_VaultTestCase):
         self.assertEqual(len(self.piece_files()), 1)
         response = self.client.request(b"DELETE", location, headers=[TUS], session=alice)
         self.assertEqual(response.status, 204, response.body)
-        self.assertEqual(self.piece_files(), [])
+        self.assertEqual(self.piece_files(temp=True), [])
         self.assertEqual(self.app.storage.metadata.reserved(self.alice_id), 0)
         self.assertEqual(self.head(alice, location).status, 404)
         self.assertError(self.send_patch(alice, location, 500, b"y" * 500), 404, "not_found")
@@ -182,7 +186,7 @@ class UploadsTests(_VaultTestCase):
         bad = checked(0, data[:1000], "sha256", hashlib.sha256(b"other").digest())
         self.assertError(bad, 460, "checksum_mismatch")
         self.assertEqual(self.head(alice, location).header("Upload-Offset"), "0")
-        self.assertEqual(self.piece_files(), [])
+        self.assertEqual(self.piece_files(temp=True), [])
         self.assertEqual(checked(0, data[:1000], "sha1", hashlib.sha1(data[:1000]).digest()).status, 204)
         last = checked(1000, data[1000:], "sha256", hashlib.sha256(data[1000:]).digest())
         self.assertEqual(last.status, 204, last.body)
@@ -276,7 +280,7 @@ class UploadsTests(_VaultTestCase):
         alice = self.alice()
         self.assertEqual(self.app.staging.sweep_expired(self.clock.seconds()), 1)
         self.assertEqual(self.head(alice, location).status, 404)
-        self.assertEqual(self.piece_files(), [])
+        self.assertEqual(self.piece_files(temp=True), [])
         self.assertEqual(self.app.storage.metadata.reserved(self.alice_id), 0)
 
 
