@@ -19,15 +19,17 @@ keeps exactly what was acknowledged.  When the last byte is in, the pieces
 are decrypted in order into an L{ArchiveWriter}: the archive is one like any
 raw upload, and its row replaces the upload's rows in one transaction.
 
-That second pass is the slow path.  The fast one: the process that takes
-the PATCHes of an upload in order feeds the same plaintext, as it arrives,
-into an L{ArchiveWriter} it keeps for that upload (an L{_Assembler}, at most
-L{MAX_ASSEMBLERS} of them, least recently used evicted); at the last byte it
-commits that archive without reading the pieces back.  The pieces are still
-written and acknowledged exactly as above (they are what survives a crash);
-an assembler that missed a byte (a restart, another node or process took a
-PATCH, eviction) or saw one that was not acknowledged (a failed PATCH) is
-discarded, and the upload finishes on the slow path.
+Done at the end, that pass is the slow path.  The fast one does the same
+work piece by piece while the client sends the next PATCH: the process that
+took an upload's PATCHes in order keeps an L{ArchiveWriter} for it (an
+L{_Assembler}, at most L{MAX_ASSEMBLERS} of them, least recently used
+evicted), and each piece, once acknowledged, is read back (from the page
+cache, just written), decrypted and fed to it on a thread of its own; the
+last PATCH waits for that last piece only, then commits the archive.  The
+pieces are written and acknowledged exactly as above (they are what survives
+a crash), and only acknowledged pieces reach the archive.  An upload whose
+assembler missed a piece (a restart, another node or process took a PATCH,
+eviction) finishes on the slow path.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import json
 import os
 import secrets
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,8 +90,11 @@ UPLOAD_FORMAT_VERSION = 1
 ARCHIVE_OVERHEAD_BYTES = 4096
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # Uploads assembled on the fast path at once, per process: each holds an
-# ArchiveWriter's buffers (about 1 MiB) and an open temp blob.
+# ArchiveWriter's buffers (about 1 MiB), an open temp blob and a thread.
 MAX_ASSEMBLERS = 8
+# An assembler reads its pieces back in blocks this large: it runs beside the
+# next PATCH's buffers, so it holds less than the slow path's 1 MiB blocks.
+ASSEMBLY_BLOCK_BYTES = 256 * 1024
 
 
 def reservation(length: int) -> int:
@@ -139,20 +145,76 @@ def is_upload_id(value: str) -> bool:
 
 
 class _Assembler:
-    """An upload's archive, assembled while its PATCHes arrive: an
-    L{ArchiveWriter} that has seen exactly the upload's first L{offset}
-    bytes, each of them acknowledged, and the pieces that hold them."""
+    """An upload's archive, assembled piece by piece as the pieces are
+    acknowledged: an L{ArchiveWriter} fed, on a thread of its own, the
+    acknowledged pieces up to L{offset}, in order (L{add}).  A piece that
+    fails to go in is remembered; such an assembler is never committed (the
+    slow path runs instead)."""
 
-    def __init__(self, index: _FinishingIndex, writer: ArchiveWriter, owner_id: str, touched: float) -> None:
+    def __init__(
+        self,
+        staging: UploadStaging,
+        record: UploadRecord,
+        upload_key: bytes,
+        index: _FinishingIndex,
+        writer: ArchiveWriter,
+        touched: float,
+    ) -> None:
+        self._staging = staging
+        self.owner_id = record.owner_id
+        self.upload_id = record.upload_id
+        self._upload_key = upload_key
         self.index = index
         self.writer = writer
-        self.owner_id = owner_id
-        self.offset = 0
+        self.offset = 0  # the acknowledged bytes handed to the writer
         self.pieces: list[UploadPiece] = []
         self.touched = touched
-        self.claimed = False
+        self.claimed = False  # a PATCH holds it
+        self._thread: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[int]] = deque()
+        self._failed = False
+
+    def add(self, piece: UploadPiece) -> None:
+        """An acknowledged piece at L{offset}: into the archive, in the
+        background."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securevault-assemble")
+        self.offset += piece.length
+        self.pieces.append(piece)
+        copy = self._staging._copy_piece
+        self._pending.append(
+            self._thread.submit(
+                copy, self.owner_id, self.upload_id, self._upload_key, piece, self.writer, ASSEMBLY_BLOCK_BYTES
+            )
+        )
+        while len(self._pending) > 1 and self._pending[0].done():
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        try:
+            self._pending.popleft().result()
+        except Exception:
+            self._failed = True  # the writer aborted itself
+
+    def settle(self) -> bool:
+        """Wait until every added piece is in; whether all went in."""
+        while self._pending:
+            self._settle_oldest()
+        return not self._failed
+
+    def commit(self) -> ArchiveInfo:
+        """The archive, once L{settle} said every piece went in."""
+        self._stop()
+        return self.writer.commit()  # aborts itself on failure
+
+    def _stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
 
     def abort(self) -> None:
+        self._stop()
         try:
             self.writer.abort()
         except (OSError, BlobStoreError):
@@ -169,9 +231,9 @@ class UploadStaging:
         self.expiry_seconds = expiry_seconds
         self._lock = threading.Lock()
         # Upload id -> assembler, least recently used first; a claimed one
-        # (a PATCH is feeding it) stays listed but cannot be evicted.
+        # (a PATCH holds it) stays listed but is never evicted.
         self._assemblers: OrderedDict[str, _Assembler] = OrderedDict()
-        # How uploads were finished by this process (for tests and metrics).
+        # How this process finished uploads (for tests and benchmarks).
         self.fast_finishes = 0
         self.slow_finishes = 0
 
@@ -183,10 +245,10 @@ class UploadStaging:
 
     # -- the fast path's assemblers -----------------------------------------
 
-    def _claim_assembler(self, record: UploadRecord, filename: str, now: float) -> _Assembler | None:
-        """The assembler a PATCH at the upload's offset feeds: the one this
-        process kept if it has seen every byte up to that offset, a new one
-        at offset 0, else None (the upload finishes on the slow path)."""
+    def _claim_assembler(self, record: UploadRecord, filename: str, upload_key: bytes, now: float) -> _Assembler | None:
+        """The assembler a PATCH at the upload's offset hands its piece to:
+        the one this process kept if it has every acknowledged piece, a new
+        one at offset 0, else None (the upload finishes on the slow path)."""
         upload_id = record.upload_id
         dropped: list[_Assembler] = []
         try:
@@ -194,19 +256,19 @@ class UploadStaging:
                 found = self._assemblers.get(upload_id)
                 if found is not None:
                     if found.claimed:
-                        return None  # another PATCH at this offset feeds it; one of them gets a 409
+                        return None  # another PATCH at this offset holds it; one of them gets a 409
                     if found.owner_id == record.owner_id and found.offset == record.upload_offset:
                         found.claimed = True
                         found.touched = now
                         self._assemblers.move_to_end(upload_id)
                         return found
-                    dropped.append(self._assemblers.pop(upload_id))  # it missed a PATCH
+                    dropped.append(self._assemblers.pop(upload_id))  # it missed a piece
                 if record.upload_offset != 0:
                     return None
                 while len(self._assemblers) >= MAX_ASSEMBLERS:
                     idle = next((key for key, value in self._assemblers.items() if not value.claimed), None)
                     if idle is None:
-                        return None  # every one is being fed: this upload takes the slow path
+                        return None  # every one is held: this upload takes the slow path
                     dropped.append(self._assemblers.pop(idle))
                 try:
                     # Opening a temp blob under the lock: short, and only
@@ -214,7 +276,7 @@ class UploadStaging:
                     index, writer = self._archive_writer(record.owner_id, upload_id, filename)
                 except Exception:
                     return None  # the piece reports a failing store, if it fails too
-                assembler = _Assembler(index, writer, record.owner_id, now)
+                assembler = _Assembler(self, record, upload_key, index, writer, now)
                 assembler.claimed = True
                 self._assemblers[upload_id] = assembler
                 return assembler
@@ -222,22 +284,22 @@ class UploadStaging:
             for assembler in dropped:
                 assembler.abort()
 
-    def _release_assembler(self, upload_id: str, assembler: _Assembler, *, keep: bool, abort: bool = True) -> None:
+    def _release_assembler(self, assembler: _Assembler, *, keep: bool, abort: bool = True) -> None:
         """A PATCH is done with the assembler: kept for the next one, or
         dropped (aborted, its temp blob removed, unless C{abort} is false:
         its archive was committed)."""
         with self._lock:
-            if self._assemblers.get(upload_id) is assembler:
+            if self._assemblers.get(assembler.upload_id) is assembler:
                 if keep:
                     assembler.claimed = False
                     return
-                del self._assemblers[upload_id]
+                del self._assemblers[assembler.upload_id]
         if abort:
             assembler.abort()
 
     def _drop_assembler(self, upload_id: str) -> None:
         """Forget an idle assembler of the upload (deleted or expired); a
-        claimed one is dropped by its PATCH, whose commit then fails."""
+        held one is dropped by its PATCH, whose commit then fails."""
         with self._lock:
             found = self._assemblers.get(upload_id)
             if found is None or found.claimed:
@@ -369,7 +431,7 @@ class UploadStaging:
             raise LengthExceeded("The body would carry the upload past its Upload-Length.")
         filename, upload_key = self._unseal(record)
         writer = PieceWriter(self, record, upload_key, checksum=checksum, quota=quota, now=now)
-        writer.assembler = self._claim_assembler(record, filename, now())
+        writer.assembler = self._claim_assembler(record, filename, upload_key, now())
         return writer
 
     def finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> ArchiveInfo:
@@ -406,14 +468,15 @@ class UploadStaging:
         return info
 
     def _finish_assembled(self, record: UploadRecord, assembler: _Assembler, *, quota: int | None) -> ArchiveInfo:
-        """The fast path's end: the assembler saw every byte, in order, each
-        acknowledged; its archive replaces the upload's rows, then the
-        pieces go."""
-        if assembler.offset != record.length:
-            raise IntegrityError(f"upload {record.upload_id} was assembled to the wrong length")
+        """The fast path's end: once the last piece is in, the assembled
+        archive replaces the upload's rows, then the pieces go.  An
+        assembler that failed to take a piece falls back to the slow path."""
+        if not assembler.settle() or assembler.offset != record.length:
+            assembler.abort()
+            return self.finish(record.owner_id, record.upload_id, quota=quota)
         assembler.index.quota = quota
         try:
-            info = assembler.writer.commit()  # aborts itself on failure
+            info = assembler.commit()
         except UploadGone as error:
             raise UploadNotFound(record.upload_id) from error
         with self._lock:
@@ -422,7 +485,13 @@ class UploadStaging:
         return info
 
     def _copy_piece(
-        self, owner_id: str, upload_id: str, upload_key: bytes, piece: UploadPiece, writer: ArchiveWriter
+        self,
+        owner_id: str,
+        upload_id: str,
+        upload_key: bytes,
+        piece: UploadPiece,
+        writer: ArchiveWriter,
+        block_bytes: int = IO_BLOCK_BYTES,
     ) -> int:
         decryptor = Cobblestone256Decryptor(*piece_key(upload_key, owner_id, upload_id, piece.piece_offset))
         try:
@@ -434,7 +503,7 @@ class UploadStaging:
         size = 0
         try:
             try:
-                while block := body.read(IO_BLOCK_BYTES):
+                while block := body.read(block_bytes):
                     plain = decryptor.update(block)
                     if plain:
                         size += len(plain)
@@ -467,8 +536,8 @@ class UploadStaging:
     def sweep_expired(self, now: float) -> int:
         """Remove the uploads that made no progress for the expiry period,
         with their pieces and reservations; returns how many.  Idle
-        assemblers that long untouched go too (their upload was finished or
-        removed elsewhere)."""
+        assemblers untouched that long go too (their upload was finished or
+        removed by another process)."""
         with self._lock:
             stale = [
                 upload_id
@@ -511,8 +580,8 @@ class _FinishingIndex:
         self._upload_id = upload_id
         self.blobs = storage.blobs
         self.clock_ns = storage.clock_ns
-        # Set by the finishing request (an assembler's writer is opened by
-        # the first PATCH, the quota in force is the last one's).
+        # Set by the finishing request: an assembler's writer is opened by
+        # the first PATCH, and the quota in force is the last one's.
         self.quota: int | None = None
 
     def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
@@ -527,8 +596,8 @@ class PieceWriter:
     block, then L{commit}, or L{abort} at any point; nothing is kept unless
     L{commit} returns.
 
-    With an L{assembler} (the fast path), each block also goes into the
-    upload's archive; a piece that fails takes the assembler with it.
+    With an L{assembler} (the fast path), the committed piece goes on into
+    the upload's archive in the background; a failed one never does.
     """
 
     assembler: _Assembler | None = None
@@ -579,11 +648,11 @@ class PieceWriter:
             raise
 
     def _release(self, *, keep: bool) -> None:
-        """Done with the assembler: kept for the next PATCH only when every
-        byte it saw is acknowledged."""
+        """Done with the assembler: kept for the next PATCH unless the
+        upload is gone."""
         assembler, self.assembler = self.assembler, None
         if assembler is not None:
-            self._staging._release_assembler(self._record.upload_id, assembler, keep=keep)
+            self._staging._release_assembler(assembler, keep=keep)
 
     def write(self, data: bytes) -> None:
         if self._done:
@@ -599,11 +668,6 @@ class PieceWriter:
             produced = self._encryptor.update_into(data, self._buffer)
             if produced:
                 self._blob.write(memoryview(self._buffer)[:produced])
-            if self.assembler is not None:
-                try:
-                    self.assembler.writer.write(data)
-                except Exception:
-                    self._release(keep=False)  # the piece goes on; the upload finishes on the slow path
 
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
@@ -617,7 +681,6 @@ class PieceWriter:
                 if not secrets.compare_digest(self._hash.digest(), self._checksum[1]):
                     raise ChecksumMismatch("The body does not match its Upload-Checksum.")
             if self._size == 0:  # nothing to keep (a resent final PATCH, say)
-                self._release(keep=True)
                 self.abort()
                 offset = record.upload_offset
                 expires_at = record.expires_at
@@ -632,33 +695,30 @@ class PieceWriter:
                 except (UploadGone, UploadConflict) as error:
                     self._discard_blob()
                     if isinstance(error, UploadGone):
+                        self._release(keep=False)
                         raise UploadNotFound(record.upload_id) from error
                     raise OffsetMismatch("Another request moved the upload's offset.") from error
                 except MetadataError as error:
                     # A lost answer may hide a commit: keep the blob when in
                     # doubt (the orphan sweep removes it if no row names it).
                     raise StoreUnavailable(str(error)) from error
-                assembler = self.assembler
-                if assembler is not None:
-                    if offset == record.upload_offset + self._size:
-                        assembler.offset = offset
-                        assembler.pieces.append(piece)
-                    else:
-                        self._release(keep=False)
+                if self.assembler is not None and offset == record.upload_offset + self._size:
+                    self.assembler.add(piece)
+        assembler, self.assembler = self.assembler, None
         archive = None
-        assembler = self.assembler
         if offset == record.length and assembler is not None:
-            self.assembler = None
             try:
                 archive = staging._finish_assembled(record, assembler, quota=self._quota)
             except BaseException:
-                staging._release_assembler(record.upload_id, assembler, keep=False)
+                staging._release_assembler(assembler, keep=False)
                 raise
-            staging._release_assembler(record.upload_id, assembler, keep=False, abort=False)
-        elif offset == record.length:
-            archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
+            staging._release_assembler(assembler, keep=False, abort=False)
         else:
-            self._release(keep=True)
+            if assembler is not None:
+                # Kept: one that did not take this piece is dropped when claimed next.
+                staging._release_assembler(assembler, keep=True)
+            if offset == record.length:
+                archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
         return PieceResult(offset, expires_at, archive)
 
     def _discard_blob(self) -> None:
@@ -668,8 +728,9 @@ class PieceWriter:
             pass
 
     def abort(self) -> None:
-        """Forget the piece; safe to call twice, and after a commit (a no-op)."""
-        self._release(keep=False)
+        """Forget the piece; safe to call twice, and after a commit (a no-op).
+        The assembler, which never saw the piece, stays for the retry."""
+        self._release(keep=True)
         if self._done:
             return
         self._done = True

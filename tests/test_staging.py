@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from securevault.core.archive import IntegrityError
 from securevault.staging import MAX_ASSEMBLERS, ChecksumMismatch, OffsetMismatch, PieceResult, UploadStaging
 from tests.support.app import add_user, blob_directory, make_app
 from tests.support.testcase import SyncTestCase
@@ -142,36 +143,48 @@ class FastPathTests(SyncTestCase):
         self.assertOnly([archive_id])
 
     def test_failed_checksum_then_retry(self) -> None:
-        """A PATCH refused for its checksum (460) fed bytes that were never
-        acknowledged: its assembler goes, the retry and the rest take the slow
-        path, and the archive holds only the acknowledged bytes."""
+        """A PATCH refused for its checksum (460) is never assembled: the
+        retry at the same offset goes on on the fast path, and the archive
+        holds only the acknowledged bytes."""
         data = os.urandom(3 * PIECE)
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         wrong = ("sha256", hashlib.sha256(b"something else").digest())
-        garbage = os.urandom(PIECE)
-        self.assertRaises(ChecksumMismatch, self.patch, upload_id, PIECE, garbage, checksum=wrong)
-        self.assertEqual(self.staging.live_assemblers, 0)
-        self.assertEqual(len(self.files()), 1)  # the first piece; no temp blob
+        self.assertRaises(ChecksumMismatch, self.patch, upload_id, PIECE, os.urandom(PIECE), checksum=wrong)
+        self.assertEqual(self.staging.live_assemblers, 1)
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
-        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 1))
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
         self.assertOnly([archive_id])
 
     def test_client_gone_midway(self) -> None:
-        """A PATCH aborted midway (the client left) takes the assembler with
-        it; the resumed upload is byte-exact."""
+        """A PATCH aborted midway (the client left) is never assembled; the
+        resumed upload is byte-exact."""
         data = os.urandom(3 * PIECE)
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         writer = self.staging.piece_writer(self.owner, upload_id, PIECE, now=self.clock.seconds)
         writer.write(os.urandom(PIECE // 2))
         writer.abort()
-        self.assertEqual(self.staging.live_assemblers, 0)
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
-        self.assertEqual(self.staging.slow_finishes, 1)
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
         self.assertOnly([archive_id])
+
+    def test_piece_lost_before_the_end(self) -> None:
+        """An assembler that fails to take a piece (here: the piece's blob
+        vanished) is not committed; the slow path reports the damage."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        assembler = self.staging._assemblers[upload_id]
+        self.assertTrue(assembler.settle())
+        self.app.storage.blobs.delete(self.owner, assembler.pieces[0].blob_id)
+        # A second assembler run of the same piece reads the missing blob.
+        assembler.add(assembler.pieces[0])
+        assembler.offset -= PIECE
+        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:])
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 0))
 
     def test_two_patches_at_once(self) -> None:
         """Two PATCHes at the same offset: one feeds the assembler, the other

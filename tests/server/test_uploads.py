@@ -186,7 +186,7 @@ class UploadsTests(_VaultTestCase):
         bad = checked(0, data[:1000], "sha256", hashlib.sha256(b"other").digest())
         self.assertError(bad, 460, "checksum_mismatch")
         self.assertEqual(self.head(alice, location).header("Upload-Offset"), "0")
-        self.assertEqual(self.piece_files(temp=True), [])
+        self.assertEqual(self.piece_files(), [])  # no piece kept
         self.assertEqual(checked(0, data[:1000], "sha1", hashlib.sha1(data[:1000]).digest()).status, 204)
         last = checked(1000, data[1000:], "sha256", hashlib.sha256(data[1000:]).digest())
         self.assertEqual(last.status, 204, last.body)
