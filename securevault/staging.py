@@ -133,11 +133,15 @@ class UploadStatus:
 
 @dataclass(frozen=True)
 class PieceResult:
-    """What a PATCH answers: the new offset, and the archive when complete."""
+    """What a PATCH answers: the new offset, and the archive when complete.
+    Then C{leftover} names the pieces whose blobs are to go (no row names
+    them any more): L{UploadStaging.remove_pieces}, after the answer, since
+    removing a blob costs a directory fsync each."""
 
     offset: int
     expires_at: float
     archive: ArchiveInfo | None
+    leftover: tuple[UploadPiece, ...] = ()
 
 
 def is_upload_id(value: str) -> bool:
@@ -439,6 +443,12 @@ class UploadStaging:
         the pieces decrypted in order, block by block, into an
         L{ArchiveWriter}; the archive's row replaces the upload's rows in one
         transaction; then the pieces' blobs go."""
+        info, pieces = self._finish(owner_id, upload_id, quota=quota)
+        self.remove_pieces(owner_id, pieces)
+        return info
+
+    def _finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> tuple[ArchiveInfo, list[UploadPiece]]:
+        """L{finish}, but the pieces' blobs are left for the caller."""
         record = self._record(owner_id, upload_id)
         if record.upload_offset != record.length:
             raise OffsetMismatch("The upload is not complete.")
@@ -464,16 +474,18 @@ class UploadStaging:
             raise
         with self._lock:
             self.slow_finishes += 1
-        self._remove_blobs(owner_id, pieces)
-        return info
+        return info, pieces
 
-    def _finish_assembled(self, record: UploadRecord, assembler: _Assembler, *, quota: int | None) -> ArchiveInfo:
+    def _finish_assembled(
+        self, record: UploadRecord, assembler: _Assembler, *, quota: int | None
+    ) -> tuple[ArchiveInfo, list[UploadPiece]]:
         """The fast path's end: once the last piece is in, the assembled
-        archive replaces the upload's rows, then the pieces go.  An
-        assembler that failed to take a piece falls back to the slow path."""
+        archive replaces the upload's rows (the pieces' blobs are left for
+        the caller).  An assembler that failed to take a piece falls back to
+        the slow path."""
         if not assembler.settle() or assembler.offset != record.length:
             assembler.abort()
-            return self.finish(record.owner_id, record.upload_id, quota=quota)
+            return self._finish(record.owner_id, record.upload_id, quota=quota)
         assembler.index.quota = quota
         try:
             info = assembler.commit()
@@ -481,8 +493,7 @@ class UploadStaging:
             raise UploadNotFound(record.upload_id) from error
         with self._lock:
             self.fast_finishes += 1
-        self._remove_blobs(record.owner_id, assembler.pieces)
-        return info
+        return info, assembler.pieces
 
     def _copy_piece(
         self,
@@ -531,7 +542,7 @@ class UploadStaging:
         if pieces is None:
             raise UploadNotFound(upload_id)
         assert isinstance(pieces, list)
-        self._remove_blobs(owner_id, pieces)
+        self.remove_pieces(owner_id, pieces)
 
     def sweep_expired(self, now: float) -> int:
         """Remove the uploads that made no progress for the expiry period,
@@ -557,7 +568,9 @@ class UploadStaging:
                 pass  # finished or deleted meanwhile
         return removed
 
-    def _remove_blobs(self, owner_id: str, pieces: list[UploadPiece]) -> None:
+    def remove_pieces(self, owner_id: str, pieces: list[UploadPiece] | tuple[UploadPiece, ...]) -> None:
+        """Remove the blobs of pieces no row names any more; failures are
+        left to the orphan sweep."""
         for piece in pieces:
             try:
                 self._blobs.delete(owner_id, piece.blob_id)
@@ -671,7 +684,8 @@ class PieceWriter:
 
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
-        (the acknowledgement); the archive too when this was the last byte."""
+        (the acknowledgement); the archive too when this was the last byte
+        (the pieces' blobs are then the result's C{leftover})."""
         if self._done:
             raise StorageError("commit after commit or abort")
         record = self._record
@@ -705,21 +719,21 @@ class PieceWriter:
                 if self.assembler is not None and offset == record.upload_offset + self._size:
                     self.assembler.add(piece)
         assembler, self.assembler = self.assembler, None
-        archive = None
-        if offset == record.length and assembler is not None:
+        if offset != record.length:
+            if assembler is not None:
+                # Kept: one that did not take this piece is dropped when claimed next.
+                staging._release_assembler(assembler, keep=True)
+            return PieceResult(offset, expires_at, None)
+        if assembler is None:
+            archive, pieces = staging._finish(record.owner_id, record.upload_id, quota=self._quota)
+        else:
             try:
-                archive = staging._finish_assembled(record, assembler, quota=self._quota)
+                archive, pieces = staging._finish_assembled(record, assembler, quota=self._quota)
             except BaseException:
                 staging._release_assembler(assembler, keep=False)
                 raise
             staging._release_assembler(assembler, keep=False, abort=False)
-        else:
-            if assembler is not None:
-                # Kept: one that did not take this piece is dropped when claimed next.
-                staging._release_assembler(assembler, keep=True)
-            if offset == record.length:
-                archive = staging.finish(record.owner_id, record.upload_id, quota=self._quota)
-        return PieceResult(offset, expires_at, archive)
+        return PieceResult(offset, expires_at, archive, tuple(pieces))
 
     def _discard_blob(self) -> None:
         try:

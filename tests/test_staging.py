@@ -44,7 +44,10 @@ class FastPathTests(SyncTestCase):
         )
         for start in range(0, len(body), 30_000):
             writer.write(body[start : start + 30_000])
-        return writer.commit()
+        result = writer.commit()
+        self.assertEqual(bool(result.leftover), result.archive is not None)
+        (staging or self.staging).remove_pieces(self.owner, result.leftover)  # as the resource does, after the 204
+        return result
 
     def upload(self, data: bytes, upload_id: str, start: int = 0, staging: UploadStaging | None = None) -> str:
         """PATCH the rest of C{data} from C{start}; the archive id."""

@@ -279,8 +279,10 @@ class UploadItem(_TusEndpoint):
         staging = app.staging
         quota = app.config.quota
         clock = app.clock
+        owner: list[str] = []
 
         def open_piece(session: Session) -> BodySink[PieceResult]:
+            owner.append(session.user_id)
             return staging.piece_writer(
                 session.user_id, upload_id, offset, declared=length, checksum=checksum, quota=quota, now=clock
             )
@@ -304,8 +306,18 @@ class UploadItem(_TusEndpoint):
             pause=state.pause_body,
             resume=state.resume_body,
             on_error=failed,
-            discard=lambda _: None,  # an acknowledged piece stays: tus clients HEAD and go on
+            # An acknowledged piece stays (tus clients HEAD and go on); a
+            # finished upload's pieces go even if its answer cannot.
+            discard=lambda result: self.remove_leftover(owner[0], result),
         )
+
+    def remove_leftover(self, owner_id: str, result: PieceResult) -> None:
+        """In the pool, after the answer: the blobs of a finished upload's
+        pieces (a directory fsync each, too slow to keep the 204 waiting)."""
+        if result.leftover:
+            self.app.run_blocking(self.app.staging.remove_pieces, owner_id, result.leftover).addErrback(
+                lambda failure: log.failure("Removing a finished upload's pieces failed", failure)
+            )
 
     def render_PATCH(self, request: Request) -> Any:
         state = request_state(request)
@@ -313,7 +325,10 @@ class UploadItem(_TusEndpoint):
         if upload is None:
             raise not_found()
 
+        finished: list[PieceResult] = []
+
         def answer(result: PieceResult) -> Reply | Deferred[Reply]:
+            finished.append(result)
             headers = {
                 b"Tus-Resumable": TUS_VERSION,
                 b"Upload-Offset": str(result.offset).encode("ascii"),
@@ -325,8 +340,15 @@ class UploadItem(_TusEndpoint):
             owner = state.session.user_id if state.session is not None else ""
             return self.audited(request, owner, result.archive, Reply(204, None, headers))
 
+        def clean_up(passed: object) -> object:
+            if finished and state.session is not None:
+                self.remove_leftover(state.session.user_id, finished[0])
+            return passed
+
         work: Deferred[Reply] = upload.finish().addCallback(answer)
-        return self.respond_later(request, work.addErrback(lambda failure: _raise(upload_error(failure))))
+        rendered = self.respond_later(request, work.addErrback(lambda failure: _raise(upload_error(failure))))
+        work.addBoth(clean_up)  # after the answer went out (respond_later's callbacks come first)
+        return rendered
 
     def render_HEAD(self, request: Request) -> Any:
         check_version(request)
