@@ -129,6 +129,9 @@ class UploadsTests(_VaultTestCase):
         self.assertEqual(self.head(alice, location).status, 404)
         self.assertEqual(self.piece_files(temp=True), [f"{archive_id}.body"])  # the pieces are gone
         self.assertEqual(self.app.storage.metadata.reserved(self.alice_id), 0)
+        # Assembled as the PATCHes came (tests/test_staging.py), not re-read at the end.
+        staging = self.app.staging
+        self.assertEqual((staging.fast_finishes, staging.slow_finishes, staging.live_assemblers), (1, 0, 0))
 
     def test_pieces_encrypted(self) -> None:
         """Staged bytes are never on disk in plaintext."""
