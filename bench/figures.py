@@ -846,7 +846,7 @@ class Bench:
             )
             sums = (
                 f"  upload floor = {' + '.join(UPLOAD_FLOOR)}; download floor = {' + '.join(DOWNLOAD_FLOOR)} "
-                "(the download path checks SHA-256, not CRC-32)"
+                "(a stored file's download only decrypts: the AEAD authenticates it, the client checks SHA-256)"
             )
             if "deflate" in components:
                 sums += f"; text upload floor = {' + '.join(TEXT_UPLOAD_FLOOR)}"
