@@ -56,6 +56,7 @@ from securevault.core.archive import (
     is_archive_id,
     translate_os_error,
 )
+from securevault.core.generation import SharedGeneration, listing_slot
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
 from securevault.core.passphrase import PassphraseError
 from securevault.core.ranges import InflatingRangeReader, PlaintextReader, StoredRangeReader
@@ -102,6 +103,7 @@ class SecureFileStorage:
         keyring_file: KeyringFile | None = None,
         cache_listings: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
+        generation: SharedGeneration | None = None,
     ) -> None:
         if metadata is None or blobs is None:
             if root is None:
@@ -125,6 +127,12 @@ class SecureFileStorage:
         # being cached without it.
         self._listings: dict[str, builtins.list[ArchiveInfo]] | None = {} if cache_listings else None
         self._listing_versions: dict[str, int] = {}
+        # With a shared generation as well (the workers of one node: others
+        # write the same index), a cached listing is trusted only while its
+        # owner's slot still reads the value it was built at; every upload
+        # or delete bumps that slot after the index row commits.
+        self._generation = generation
+        self._listed_at: dict[str, int] = {}
         # When set, the keyring is reloaded whenever that file changes, so a
         # running daemon follows `securevault-admin key rotate`.
         self._keyring_file = keyring_file
@@ -269,10 +277,19 @@ class SecureFileStorage:
         self._update_listing(owner_id, add=info)
 
     def _update_listing(self, owner_id: str, *, add: ArchiveInfo | None = None, remove: str | None = None) -> None:
+        """After an index row committed: this process's cached listing
+        follows, and the other workers' go stale (the shared generation)."""
+        bumped = self._generation.bump(listing_slot(owner_id)) if self._generation is not None else None
         with self._infos_lock:
             self._listing_versions[owner_id] = self._listing_versions.get(owner_id, 0) + 1
             if self._listings is None or (listing := self._listings.get(owner_id)) is None:
                 return
+            if bumped is not None:
+                if self._listed_at.get(owner_id) != bumped - 1:
+                    # Another change landed since it was read: read again.
+                    self._listings.pop(owner_id, None)
+                    return
+                self._listed_at[owner_id] = bumped
             listing = [info for info in listing if info.id != remove]
             if add is not None and all(info.id != add.id for info in listing):
                 listing.append(add)
@@ -284,9 +301,15 @@ class SecureFileStorage:
         thread), else None.  Only with cache_listings."""
         if self._listings is None:
             return None
+        at = self._generation.value(listing_slot(owner_id)) if self._generation is not None else None
         with self._infos_lock:
             listing = self._listings.get(owner_id)
-            return None if listing is None else builtins.list(listing)
+            if listing is None:
+                return None
+            if at is not None and self._listed_at.get(owner_id) != at:
+                del self._listings[owner_id]  # another process changed it
+                return None
+            return builtins.list(listing)
 
     def unseal(self, record: ArchiveRecord) -> tuple[ArchiveInfo, bytes]:
         """Decrypt an index row's document; returns the metadata and data key."""
@@ -390,6 +413,7 @@ class SecureFileStorage:
             cached = self.cached_list(owner_id)
             if cached is not None:
                 return cached
+            at = self._generation.value(listing_slot(owner_id)) if self._generation is not None else None
             with self._infos_lock:
                 version = self._listing_versions.get(owner_id, 0)
             infos = self._read_listing(owner_id)
@@ -397,7 +421,11 @@ class SecureFileStorage:
                 return infos
             with self._infos_lock:
                 if self._listing_versions.get(owner_id, 0) == version:
-                    self._listings.setdefault(owner_id, builtins.list(infos))
+                    if at is None:
+                        self._listings.setdefault(owner_id, builtins.list(infos))
+                    else:
+                        self._listings[owner_id] = builtins.list(infos)
+                        self._listed_at[owner_id] = at
                     return infos
             # An upload or delete landed while we read: read again.
 

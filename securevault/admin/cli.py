@@ -27,6 +27,7 @@ from securevault.admin.pki import PkiError, format_serial, init_dev_pki, issue_c
 from securevault.admin.transfer import TransferError, copy_vault
 from securevault.core.archive import ArchiveNotFound, IntegrityError, StorageError, rfc3339
 from securevault.core.audit import AuditLog, verify_chain
+from securevault.core.generation import SharedGeneration
 from securevault.core.integrity import RowAuthenticator, audit_chain_key, integrity_key, open_rows
 from securevault.core.keybinding import (
     KeyLocation,
@@ -432,12 +433,14 @@ def _user_passwd(args: argparse.Namespace, out: TextIO) -> None:
         raise UnknownUser(f"There is no user {name!r}.")
     password = validate_password(read_new_password(name, from_stdin=args.password_stdin, stdin=sys.stdin))
     store.set_password(name, password)
+    _sessions_changed(args)
     print(f"changed the password of user {name}; their sessions have ended", file=out)
 
 
 def _user_remove(args: argparse.Namespace, out: TextIO) -> None:
     store = _user_store(args)
     store.remove(args.name)
+    _sessions_changed(args)
     print(f"removed user {args.name}; their sessions have ended", file=out)
 
 
@@ -555,7 +558,18 @@ def _session_store(args: argparse.Namespace) -> SessionStore:
         rows=_rows(args),
         idle_seconds=DEFAULT_SESSION_IDLE_SECONDS,
         ttl_seconds=DEFAULT_SESSION_TTL_SECONDS,
+        generation=SharedGeneration.in_data_dir(Path(args.data_dir), create=False),
     )
+
+
+def _sessions_changed(args: argparse.Namespace) -> None:
+    """Sessions ended in the store: the workers of a running daemon
+    (C{--workers N}) drop their copies at their next request.  Nothing to
+    do when no daemon of workers ever ran here."""
+    generation = SharedGeneration.in_data_dir(Path(args.data_dir), create=False)
+    if generation is not None:
+        generation.bump()
+        generation.close()
 
 
 def _user_id_of(args: argparse.Namespace, name: str) -> str:

@@ -10,6 +10,7 @@ pool, with an injected clock.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import hmac
 import threading
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from securevault.core.generation import SharedGeneration
 from securevault.core.integrity import RowAuthenticator
 from securevault.stores.metadata import SESSIONS_REVOKED_STATE, LoginAttempt, MetadataStore, SessionRecord
 
@@ -44,6 +46,16 @@ class Session:
     expires_at: float  # absolute end: TTL or the certificate's notAfter
 
 
+class _Unsure(enum.Enum):
+    ASK_STORE = "ask the store"
+
+
+# What L{SessionStore.lookup_local} answers when memory cannot decide (a
+# shared mirror: a session made on another worker, or one this worker last
+# saw before the shared generation moved): look it up with L{lookup}.
+ASK_STORE = _Unsure.ASK_STORE
+
+
 def session_digest(session_id: str) -> str:
     """What the store keeps instead of the id: its SHA-256.  A stolen copy
     of the store holds no usable session id, and lookups are by a hash the
@@ -63,6 +75,14 @@ class SessionStore:
     removed user's sessions from the store; L{sweep} (every minute) drops
     those from memory too.  Several nodes never mirror: every lookup reads
     the shared store, so a logout on one node holds on all at once.
+
+    With C{mirror=True} and a C{generation} (the workers of one node,
+    C{--workers N}) the mirror is shared-state aware: an entry is trusted
+    only while the sessions slot of the generation still reads what the
+    mirror was validated at; L{lookup_local} answers L{ASK_STORE} when it
+    cannot decide (a miss, a stale mirror, an entry idle here), and
+    L{lookup} (in the pool) then reads the store and refills the mirror.
+    L{end} and L{revoke} bump the generation after the store change.
     """
 
     def __init__(
@@ -74,6 +94,7 @@ class SessionStore:
         idle_seconds: float,
         ttl_seconds: float,
         mirror: bool = False,
+        generation: SharedGeneration | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -82,13 +103,17 @@ class SessionStore:
         self._ttl = ttl_seconds
         self._touch_interval = min(TOUCH_INTERVAL_SECONDS, idle_seconds / 20)
         self._mirror: dict[str, SessionRecord] | None = {} if mirror else None
-        self._touched: set[str] = set()  # mirrored sessions used since the last write-back
+        # Last uses of mirrored sessions not yet written back to the store.
+        self._touched: dict[str, float] = {}
         # When each mirrored session was added, in a count of additions: a
         # listing of the store only speaks for sessions added before it began.
         self._added: dict[str, int] = {}
         self._additions = 0
         self._lock = threading.Lock()
         self._revoked_mark: str | None = None
+        self._generation = generation
+        # The sessions slot's value the mirror is valid at (shared mirror).
+        self._validated_at = generation.value() if generation is not None else 0
 
     @property
     def mirrored(self) -> bool:
@@ -101,11 +126,13 @@ class SessionStore:
         """Fill the mirror from the store (at start); returns how many."""
         if self._mirror is None:
             return 0
+        validated_at = self._generation.value() if self._generation is not None else 0
         self._revoked_mark = self._store.get_state(SESSIONS_REVOKED_STATE)
         # A row that fails authentication never enters the mirror.
         records = [record for record in self._store.list_sessions() if self._rows.session_ok(record)]
         with self._lock:
             self._mirror = {record.digest: record for record in records}
+            self._validated_at = validated_at
         return len(records)
 
     def create(self, username: str, user_id: str, fingerprint: str, certificate_not_after: float) -> Session:
@@ -161,26 +188,54 @@ class SessionStore:
             return None
         return session
 
-    def lookup_local(self, session_id: str, fingerprint: str) -> Session | None:
+    def lookup_local(self, session_id: str, fingerprint: str) -> Session | None | _Unsure:
         """L{lookup} from the mirror: no I/O, safe on the reactor thread.
-        Only for a mirrored store."""
+        Only for a mirrored store.  A shared mirror (with a generation)
+        answers L{ASK_STORE} when memory cannot decide; then call
+        L{lookup} in the pool."""
         assert self._mirror is not None, "lookup_local needs mirror=True"
         digest = session_digest(session_id)
         now = self._clock()
+        shared = self._generation is not None
+        current = self._generation.value() if self._generation is not None else 0
         with self._lock:
+            if shared and current != self._validated_at:
+                self._forget_mirror(current)
             record = self._mirror.get(digest)
+            if record is None and shared:
+                return ASK_STORE
             session = self._check(session_id, digest, record, fingerprint)
             if session is None:
+                if shared and record is not None:
+                    # Idle here, or not this certificate's: the store (and
+                    # the other workers' write-backs) decide.
+                    self._forget(digest, keep_touch=True)
+                    return ASK_STORE
                 if record is not None and now >= min(record.last_used + self._idle, record.expires_at):
-                    del self._mirror[digest]  # the store forgets it at the next sweep
-                    self._added.pop(digest, None)
+                    self._forget(digest)  # the store forgets it at the next sweep
                 return None
             assert record is not None
             if now > session.last_used:
                 self._mirror[digest] = dataclasses.replace(record, last_used=now)
-                self._touched.add(digest)
+                self._touched[digest] = now
             session.last_used = now
             return session
+
+    def _forget_mirror(self, validated_at: int) -> None:
+        """The shared generation moved: nothing in memory is trusted any
+        more (last uses still to write back are kept).  Under the lock."""
+        assert self._mirror is not None
+        self._mirror.clear()
+        self._added.clear()
+        self._validated_at = validated_at
+
+    def _forget(self, digest: str, *, keep_touch: bool = False) -> None:
+        """One session out of the mirror.  Under the lock."""
+        assert self._mirror is not None
+        self._mirror.pop(digest, None)
+        self._added.pop(digest, None)
+        if not keep_touch:
+            self._touched.pop(digest, None)
 
     def lookup(self, session_id: str, fingerprint: str) -> Session | None:
         """The live session with that id for that certificate, else None.
@@ -188,7 +243,11 @@ class SessionStore:
         A hit refreshes the idle timer.
         """
         if self._mirror is not None:
-            return self.lookup_local(session_id, fingerprint)
+            local = self.lookup_local(session_id, fingerprint)
+            if local is not ASK_STORE:
+                assert not isinstance(local, _Unsure)
+                return local
+            return self._lookup_shared(session_id, fingerprint)
         digest = session_digest(session_id)
         record = self._store.get_session(digest)
         session = self._check(session_id, digest, record, fingerprint)
@@ -202,14 +261,51 @@ class SessionStore:
         session.last_used = now
         return session
 
+    def _lookup_shared(self, session_id: str, fingerprint: str) -> Session | None:
+        """A shared mirror's store lookup: the store's row, with its last
+        use the later of the store's and this worker's own (not yet written
+        back), mirrored when the generation has not moved since the read
+        began.  An expired row is left to the sweep: another worker may
+        hold a later use of it."""
+        assert self._generation is not None and self._mirror is not None
+        started_at = self._generation.value()
+        digest = session_digest(session_id)
+        record = self._store.get_session(digest)
+        if record is None:
+            return None
+        stored_last_used = record.last_used
+        with self._lock:
+            pending = self._touched.get(digest)
+        if pending is not None and pending > record.last_used:
+            record = dataclasses.replace(record, last_used=pending)
+        session = self._check(session_id, digest, record, fingerprint)
+        if session is None:
+            return None
+        now = self._clock()
+        if now - stored_last_used >= self._touch_interval:
+            self._store.touch_session(digest, now)
+        with self._lock:
+            if started_at > self._validated_at:
+                self._forget_mirror(started_at)
+            if started_at == self._validated_at:
+                self._mirror[digest] = dataclasses.replace(record, last_used=now)
+                self._additions += 1
+                self._added[digest] = self._additions
+        session.last_used = now
+        return session
+
+    def _bump(self) -> None:
+        """Shared state changed under the other workers' mirrors."""
+        if self._generation is not None:
+            self._generation.bump()
+
     def end(self, session_id: str) -> None:
         digest = session_digest(session_id)
         with self._lock:
             if self._mirror is not None:
-                self._mirror.pop(digest, None)
-                self._added.pop(digest, None)
-                self._touched.discard(digest)
+                self._forget(digest)
         self._store.delete_session(digest)
+        self._bump()
 
     def sweep(self) -> int:
         """Forget expired sessions; returns how many.  A mirror writes its
@@ -218,8 +314,8 @@ class SessionStore:
         started = self._clock()
         if self._mirror is not None:
             with self._lock:
-                touched = [(d, self._mirror[d].last_used) for d in self._touched if d in self._mirror]
-                self._touched = set()
+                touched = list(self._touched.items())
+                self._touched = {}
             for digest, last_used in touched:
                 self._store.touch_session(digest, last_used)
         removed = self._store.delete_expired_sessions(started, self._idle)
@@ -237,9 +333,7 @@ class SessionStore:
             assert self._mirror is not None
             gone = [d for d in self._mirror if d not in present and self._added.get(d, 0) <= listed_after]
             for digest in gone:
-                del self._mirror[digest]
-                self._added.pop(digest, None)
-                self._touched.discard(digest)
+                self._forget(digest)
         return len(gone)
 
     def drop_revoked(self) -> int:
@@ -257,7 +351,9 @@ class SessionStore:
 
     def revoke(self, *, user_id: str | None = None, digest_prefix: str | None = None) -> int:
         """End sessions by user or by the prefix that L{listing} shows."""
-        return self._store.revoke_sessions(user_id=user_id, digest_prefix=digest_prefix)
+        count = self._store.revoke_sessions(user_id=user_id, digest_prefix=digest_prefix)
+        self._bump()
+        return count
 
     def listing(self, user_id: str | None = None) -> list[SessionRecord]:
         """Live sessions, newest first (for the operator: no session id is

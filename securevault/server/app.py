@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from securevault.core.sessions import LoginThrottle, Session, SessionStore
+from securevault.core.sessions import ASK_STORE, LoginThrottle, Session, SessionStore
 from securevault.core.users import UserStore
 from securevault.server.auditing import AuditTrail
 from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
@@ -182,13 +182,15 @@ class VaultApp:
             raise self.refused(request)
 
         if mirrored:  # the session is in memory: look it up here, no trip to the pool for it
-            session = known if known is not None else self.sessions.lookup_local(session_id, identity.fingerprint)
-            if session is None:
+            local = known if known is not None else self.sessions.lookup_local(session_id, identity.fingerprint)
+            if local is None:
                 return fail(self.refused(request))
-            found((session, None))
-            if work is None:
-                return succeed((session, None))
-            return self.run_blocking(work, session).addCallback(lambda result: (session, result))
+            if local is not ASK_STORE:  # else a shared mirror could not decide: the store does, below
+                session = cast(Session, local)
+                found((session, None))
+                if work is None:
+                    return succeed((session, None))
+                return self.run_blocking(work, session).addCallback(lambda result: (session, result))
         return self.run_blocking(in_pool).addCallbacks(found, refused)
 
     def _credentials(self, request: Request) -> tuple[ClientIdentity, str]:

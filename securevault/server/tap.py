@@ -31,6 +31,7 @@ from securevault import __version__
 from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
 from securevault.core.fsutil import remove_stale_temps
+from securevault.core.generation import SharedGeneration
 from securevault.core.integrity import audit_chain_key, open_rows
 from securevault.core.keybinding import locate_master_key, open_master_key
 from securevault.core.keys import KeyFileError, KeyringFile
@@ -441,7 +442,8 @@ def build_app(
     """The shared collaborators, from settings; fails with a one-line reason.
     C{run_blocking} reaches the worker pool, C{run_hashing} the login pool.
     C{exclusive}: no other process serves these stores (not a worker of
-    C{--workers N}), so sessions and listings may be kept in memory.
+    C{--workers N}); workers keep sessions and listings in memory under
+    the node's shared generation instead.
     C{recover}: remove crash debris at start (never while another worker
     of this node may be mid-upload)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -478,9 +480,12 @@ def build_app(
     if warning is not None:
         log.warn("{warning}", warning=warning[:1].upper() + warning[1:])
     # One node is the only writer of its index and sessions: it keeps them
-    # in memory too, and small requests need no trip to the pool.
-    single_process = stores.single_node and exclusive
-    storage = stores.storage(keyring, keyring_file=key_file, cache_listings=single_process)
+    # in memory too, and small requests need no trip to the pool.  The
+    # workers of one node (--workers N) keep them too, each copy trusted
+    # while the node's shared generation has not moved (a file every
+    # worker maps); several nodes keep neither.
+    generation = SharedGeneration.in_data_dir(config.data_dir) if stores.single_node and not exclusive else None
+    storage = stores.storage(keyring, keyring_file=key_file, cache_listings=stores.single_node, generation=generation)
     users = UserStore(stores.metadata, rows)
     # No client is connected yet: migrating and recovering here blocks no
     # one, and both must finish before an upload could start.
@@ -514,7 +519,8 @@ def build_app(
         rows=rows,
         idle_seconds=config.session_idle,
         ttl_seconds=config.session_ttl,
-        mirror=single_process,
+        mirror=stores.single_node,
+        generation=generation,
     )
     sessions.load()
     max_connections = min(config.max_connections, usable_descriptors())
@@ -660,8 +666,9 @@ def worker_service(
 ) -> IService:
     """One worker of C{--workers N}: the same daemon as L{makeService}, but
     it serves the listening socket C{fd} its parent made (and holds the
-    data directory's lock for it), keeps no session or listing in memory
-    (the other workers share the stores), and removes crash debris only if
+    data directory's lock for it), keeps sessions and listings in memory
+    only while the node's shared generation says no other worker changed
+    them (L{SharedGeneration}), and removes crash debris only if
     C{recover} (the first worker, started alone).  C{ready} is called once
     it serves."""
     daemon = _vault_daemon(config, reactor, None, worker=True, recover=recover)

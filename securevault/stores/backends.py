@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from securevault.core.generation import SharedGeneration
 from securevault.core.keys import Keyring, KeyringFile
 from securevault.storage import METADATA_FILE, SecureFileStorage
 from securevault.stores.blobs import BlobStore, LocalBlobStore
@@ -112,7 +113,12 @@ class Stores:
         return isinstance(self.metadata, SqliteMetadataStore) and isinstance(self.blobs, LocalBlobStore)
 
     def storage(
-        self, keyring: Keyring, *, keyring_file: KeyringFile | None = None, cache_listings: bool = False
+        self,
+        keyring: Keyring,
+        *,
+        keyring_file: KeyringFile | None = None,
+        cache_listings: bool = False,
+        generation: SharedGeneration | None = None,
     ) -> SecureFileStorage:
         return SecureFileStorage(
             self.data_dir,
@@ -121,6 +127,7 @@ class Stores:
             blobs=self.blobs,
             keyring_file=keyring_file,
             cache_listings=cache_listings,
+            generation=generation,
         )
 
     def describe(self) -> str:

@@ -5,15 +5,19 @@ fake clock."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from twisted.internet.task import Clock
 
+from securevault.core.generation import SharedGeneration
 from securevault.core.sessions import (
+    ASK_STORE,
     CERTIFICATE_FAILURES_BEFORE_THROTTLE,
     FAILURES_BEFORE_THROTTLE,
     THROTTLE_WINDOW_SECONDS,
     LoginThrottle,
     LoginThrottled,
+    Session,
     SessionStore,
     account_digest,
     session_digest,
@@ -426,7 +430,7 @@ class MirroredSessionTests(SyncTestCase):
         session = self.store.create("alice", "id-alice", CERT_A, FAR_FUTURE)
         self.patch(self.metadata, "get_session", lambda digest: self.fail("the store was asked"))
         found = self.store.lookup_local(session.session_id, CERT_A)
-        assert found is not None
+        assert isinstance(found, Session)
         self.assertEqual(found.username, "alice")
         self.assertIsNone(self.store.lookup_local(session.session_id, CERT_B))
         self.assertIsNone(self.store.lookup_local(str(uuid.uuid4()), CERT_A))
@@ -498,3 +502,88 @@ class MirroredSessionTests(SyncTestCase):
         self.assertIsNone(self.store.lookup_local(bob.session_id, CERT_A))
         self.assertIsNotNone(self.store.lookup_local(alice.session_id, CERT_A))
         self.assertIsNotNone(self.store.lookup_local(late[0], CERT_A))
+
+
+class SharedMirrorTests(SyncTestCase):
+    """The workers of one node: each mirrors the shared store's sessions,
+    trusting its memory only while the shared generation has not moved."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.metadata = metadata_store(self)
+        self.data_dir = data_dir = self.make_dir()
+        self.first = self.make(self.metadata, data_dir)
+        other = SqliteMetadataStore(self.metadata.path)
+        self.addCleanup(other.close)
+        self.second = self.make(other, data_dir)
+        self.second_metadata = other
+
+    def make(self, metadata: SqliteMetadataStore, data_dir: Path, *, mirror: bool = True) -> SessionStore:
+        generation = SharedGeneration.in_data_dir(data_dir)
+        assert generation is not None
+        self.addCleanup(generation.close)
+        store = SessionStore(
+            metadata,
+            self.clock.seconds,
+            rows=vault_rows(metadata),
+            idle_seconds=IDLE,
+            ttl_seconds=TTL,
+            mirror=mirror,
+            generation=generation,
+        )
+        store.load()
+        return store
+
+    def test_made_on_one_served_by_the_other(self) -> None:
+        """A session made on the first worker is not in the second's memory:
+        it asks the store once, then answers from memory."""
+        session = self.first.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.assertIs(self.second.lookup_local(session.session_id, CERT_A), ASK_STORE)
+        found = self.second.lookup(session.session_id, CERT_A)
+        assert found is not None
+        self.assertEqual(found.username, "alice")
+        self.patch(self.second_metadata, "get_session", lambda digest: self.fail("the store was asked"))
+        self.assertIsInstance(self.second.lookup_local(session.session_id, CERT_A), Session)
+
+    def test_logout_on_one_ends_it_on_the_other_at_once(self) -> None:
+        """A logout on the second worker: the first, which holds the
+        session in memory, refuses it at its next lookup."""
+        session = self.first.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.assertIsInstance(self.first.lookup_local(session.session_id, CERT_A), Session)
+        self.second.end(session.session_id)
+        self.assertIs(self.first.lookup_local(session.session_id, CERT_A), ASK_STORE)
+        self.assertIsNone(self.first.lookup(session.session_id, CERT_A))
+
+    def test_revoke_from_another_process_refused_at_once(self) -> None:
+        """An operator's revoke (the admin command: no mirror, same
+        generation) is refused by a worker at its next lookup, not at its
+        next revocation check."""
+        session = self.first.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        other = self.make(self.second_metadata, self.data_dir, mirror=False)
+        other.revoke(user_id="id-alice")
+        self.assertIsNone(self.first.lookup(session.session_id, CERT_A))
+
+    def test_idle_here_checked_in_the_store(self) -> None:
+        """A session idle on the first worker but used on the second (and
+        written back by its sweep) is not refused by the first."""
+        session = self.first.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        self.assertIsNotNone(self.first.lookup_local(session.session_id, CERT_A))
+        self.clock.advance(IDLE - 10)
+        self.assertIsNotNone(self.second.lookup(session.session_id, CERT_A))
+        self.second.sweep()
+        self.clock.advance(20)
+        self.assertIs(self.first.lookup_local(session.session_id, CERT_A), ASK_STORE)
+        self.assertIsNotNone(self.first.lookup(session.session_id, CERT_A))
+
+    def test_own_unwritten_use_counts_after_the_mirror_is_dropped(self) -> None:
+        """A worker's own uses not yet written back still count when a bump
+        (another session's logout) drops its mirror: the later of the
+        store's last use and its own decides."""
+        session = self.first.create("alice", "id-alice", CERT_A, FAR_FUTURE)
+        other = self.first.create("bob", "id-bob", CERT_B, FAR_FUTURE)
+        self.clock.advance(IDLE - 10)
+        self.assertIsInstance(self.first.lookup_local(session.session_id, CERT_A), Session)
+        self.second.end(other.session_id)
+        self.clock.advance(20)  # idle by the store's copy, not by this worker's use
+        self.assertIsNotNone(self.first.lookup(session.session_id, CERT_A))
