@@ -48,6 +48,7 @@ from securevault.core.archive import (
     context_bytes,
     derive_key,
 )
+from securevault.core.generation import SharedGeneration
 from securevault.core.keys import Keyring, generate_keyring, new_key_id
 from securevault.server.streaming import BlockJoiner
 from securevault.storage import SecureFileStorage
@@ -1116,6 +1117,42 @@ class ListingTests(SyncTestCase):
         self.assertRaises(ArchiveNotFound, one.read_all, OWNER, first.id)
         self.assertEqual(one.usage(OWNER), 0)
         self.assertEqual(one.list(OTHER_OWNER), [])
+
+    def worker(self, data_dir: Path, keyring: Keyring, start_ns: int) -> SecureFileStorage:
+        """One worker of C{--workers N}: listings cached in memory, under
+        the node's shared generation."""
+        generation = SharedGeneration.in_data_dir(data_dir)
+        assert generation is not None
+        self.addCleanup(generation.close)
+        storage = SecureFileStorage(
+            data_dir, keyring, clock_ns=fixed_clock(start_ns), cache_listings=True, generation=generation
+        )
+        self.addCleanup(storage.metadata.close)
+        return storage
+
+    def test_two_workers_cached_listings(self) -> None:
+        """Two workers each caching listings in memory (no I/O on a hit):
+        an upload or delete on one makes the other's cached listing stale
+        at once, so its next cached_list misses and list reads the index;
+        a worker's own change keeps its cache, updated."""
+        data_dir, keyring = self.make_dir(), generate_keyring()
+        one = self.worker(data_dir, keyring, 1_800_000_000 * 10**9)
+        two = self.worker(data_dir, keyring, 1_800_000_100 * 10**9)
+        self.assertEqual((one.list(OWNER), two.list(OWNER)), ([], []))
+        self.assertEqual((one.cached_list(OWNER), two.cached_list(OWNER)), ([], []))
+        first = one.store(OWNER, "first.txt", b"1")
+        self.assertEqual(one.cached_list(OWNER), [first])
+        self.assertIsNone(two.cached_list(OWNER))
+        self.assertEqual(two.list(OWNER), [first])
+        self.assertEqual(two.cached_list(OWNER), [first])
+        two.delete(OWNER, first.id)
+        self.assertEqual(two.cached_list(OWNER), [])
+        self.assertIsNone(one.cached_list(OWNER))
+        self.assertEqual(one.list(OWNER), [])
+        self.assertEqual(one.cached_list(OWNER), [])
+        self.assertEqual(two.list(OTHER_OWNER), [])
+        one.store(OWNER, "again.txt", b"2")
+        self.assertEqual(two.cached_list(OTHER_OWNER), [])  # another owner's slot did not move
 
     def test_tampered_after_listing(self) -> None:
         """A row document tampered with after the storage listed (and so
