@@ -9,6 +9,8 @@ say which one answered.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import select
@@ -29,6 +31,7 @@ from tests.support.daemon import (
     VaultFixture,
     call,
     child_environment,
+    list_files,
     login,
     run_admin,
 )
@@ -117,6 +120,71 @@ class SupervisorTests(WorkersTestCase):
         self.assertEqual(daemon.output().count("POST /login 200"), 7, daemon.output())
         result = run_admin("--data-dir", str(self.vault.data), "audit", "verify", cwd=self.vault.base)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+    def test_sessions_mirrored_yet_shared(self) -> None:
+        """Workers keep sessions in memory, yet a session made on worker 1
+        is served by worker 2 (which asks the store once), and a logout on
+        2 is refused on 1 at once, although 1 held it in memory."""
+        daemon = self.start()
+        with self.only(daemon, 1):
+            session = login(self.context, self.port)
+            self.assertEqual(self.files_status(session), 200)  # now in 1's memory
+        with self.only(daemon, 2):
+            self.assertEqual(self.files_status(session), 200)
+            self.assertEqual(call(self.context, self.port, "POST", "/logout", session=session).status, 204)
+        with self.only(daemon, 1):
+            self.assertEqual(self.files_status(session), 401)
+        daemon.wait_for(r"worker 1: GET /get-files 401")
+
+    def test_listings_follow_uploads_and_deletes_across_workers(self) -> None:
+        """Each worker caches listings, yet an upload on worker 1 is listed
+        on worker 2 at once, and a delete on 2 is gone from 1's listing at
+        once (both listed before the change, so both had it cached)."""
+        daemon = self.start()
+        session = login(self.context, self.port)
+        for number in (1, 2):
+            with self.only(daemon, number):
+                self.assertEqual(list_files(self.context, self.port, session), [])
+        with self.only(daemon, 1):
+            body = json.dumps({"filename": "a.txt", "content": base64.b64encode(b"hello").decode()}).encode()
+            upload = call(
+                self.context, self.port, "POST", "/upload-file", body=body,
+                headers=[("Content-Type", "application/json")], session=session,
+            )  # fmt: skip
+            self.assertEqual(upload.status, 201, upload.body)
+            archive_id = upload.json()["id"]
+        daemon.wait_for(r"worker 1: POST /upload-file 201")
+        with self.only(daemon, 2):
+            self.assertEqual([f["id"] for f in list_files(self.context, self.port, session)], [archive_id])
+            body = json.dumps({"id": archive_id}).encode()
+            deleted = call(
+                self.context, self.port, "POST", "/delete-file", body=body,
+                headers=[("Content-Type", "application/json")], session=session,
+            )  # fmt: skip
+            self.assertEqual(deleted.status, 204, deleted.body)
+        daemon.wait_for(r"worker 2: POST /delete-file 204")
+        with self.only(daemon, 1):
+            self.assertEqual(list_files(self.context, self.port, session), [])
+        daemon.wait_for(r"worker 1: GET /get-files 200")
+
+    def test_admin_passwd_ends_sessions_on_both_workers(self) -> None:
+        """securevault-admin user passwd (another process) ends the user's
+        sessions: both workers, which held the session in memory, refuse it
+        once the command has returned."""
+        daemon = self.start()
+        session = login(self.context, self.port)
+        for number in (1, 2):
+            with self.only(daemon, number):
+                self.assertEqual(self.files_status(session), 200)
+        result = run_admin(
+            "--data-dir", str(self.vault.data), "user", "passwd", "alice", "--password-stdin",
+            stdin="a brand new password 42\n", cwd=self.vault.base,
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        for number in (1, 2):
+            with self.only(daemon, number):
+                self.assertEqual(self.files_status(session), 401)
+            daemon.wait_for(rf"worker {number}: GET /get-files 401")
 
     def test_killed_worker_is_replaced(self) -> None:
         """SIGKILL to a worker: the parent logs its end and starts a new
