@@ -20,18 +20,16 @@ are decrypted in order into an L{ArchiveWriter}: the archive is one like any
 raw upload, and its row replaces the upload's rows in one transaction.
 
 Done at the end, that pass is the slow path.  The fast one does the same
-work as the bytes arrive: the process that took an upload's PATCHes in
-order keeps an L{ArchiveWriter} for it (an L{_Assembler}, at most
-L{MAX_ASSEMBLERS} of them, least recently used evicted), and each block of a
-PATCH body goes into the piece and into that writer in the same pool call
-(no read-back, no second decryption, no copy); the last PATCH only commits
-the archive.  The pieces are written and acknowledged exactly as above (they
-are what survives a crash).  The writer's temp blob holds the bytes of the
-piece in flight before it is acknowledged, so a piece that fails after
-feeding any (a checksum mismatch, a client gone, a 409 at its commit) drops
-the assembler, as does one the assembler missed (a restart, another node or
-process took a PATCH, eviction): such an upload finishes on the slow path,
-from the acknowledged pieces only.
+work piece by piece while the client sends the next PATCH: the process that
+took an upload's PATCHes in order keeps an L{ArchiveWriter} for it (an
+L{_Assembler}, at most L{MAX_ASSEMBLERS} of them, least recently used
+evicted), and each piece, once acknowledged, is read back (from the page
+cache, just written), decrypted and fed to it on a thread of its own; the
+last PATCH waits for that last piece only, then commits the archive.  The
+pieces are written and acknowledged exactly as above (they are what survives
+a crash), and only acknowledged pieces reach the archive.  An upload whose
+assembler missed a piece (a restart, another node or process took a PATCH,
+eviction) finishes on the slow path.
 """
 
 from __future__ import annotations
@@ -43,8 +41,9 @@ import json
 import os
 import secrets
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -91,8 +90,11 @@ UPLOAD_FORMAT_VERSION = 1
 ARCHIVE_OVERHEAD_BYTES = 4096
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # Uploads assembled on the fast path at once, per process: each holds an
-# ArchiveWriter's buffers (about 1 MiB) and an open temp blob.
+# ArchiveWriter's buffers (about 1 MiB), an open temp blob and a thread.
 MAX_ASSEMBLERS = 8
+# An assembler reads its pieces back in blocks this large: it runs beside the
+# next PATCH's buffers, so it holds less than the slow path's 1 MiB blocks.
+ASSEMBLY_BLOCK_BYTES = 256 * 1024
 
 
 def reservation(length: int) -> int:
@@ -147,60 +149,76 @@ def is_upload_id(value: str) -> bool:
 
 
 class _Assembler:
-    """An upload's archive, assembled as the PATCH bodies arrive: an
-    L{ArchiveWriter} fed each block of the piece being written (L{feed}), in
-    the same pool call that encrypts it into the piece, so no byte is read
-    back, decrypted or copied again.  L{offset} counts the bytes of the
-    acknowledged pieces only: a piece that fed bytes and then failed leaves
-    bytes in the archive that no row holds, so its assembler is dropped (the
-    upload finishes on the slow path).  A block the writer failed to take
-    marks it failed too (the piece itself is unaffected)."""
+    """An upload's archive, assembled piece by piece as the pieces are
+    acknowledged: an L{ArchiveWriter} fed, on a thread of its own, the
+    acknowledged pieces up to L{offset}, in order (L{add}).  A piece that
+    fails to go in is remembered; such an assembler is never committed (the
+    slow path runs instead)."""
 
     def __init__(
         self,
+        staging: UploadStaging,
         record: UploadRecord,
+        upload_key: bytes,
         index: _FinishingIndex,
         writer: ArchiveWriter,
         touched: float,
     ) -> None:
+        self._staging = staging
         self.owner_id = record.owner_id
         self.upload_id = record.upload_id
+        self._upload_key = upload_key
         self.index = index
         self.writer = writer
-        self.offset = 0  # the bytes of the acknowledged pieces in the writer
-        self.fed = 0  # bytes fed beyond L{offset}, by the piece being written
+        self.offset = 0  # the acknowledged bytes handed to the writer
         self.pieces: list[UploadPiece] = []
         self.touched = touched
         self.claimed = False  # a PATCH holds it
-        self.failed = False
+        self._thread: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[int]] = deque()
+        self._failed = False
 
-    def feed(self, data: bytes) -> None:
-        """The next bytes of the piece being written (not yet acknowledged)."""
-        if self.failed:
-            return
-        self.fed += len(data)
-        try:
-            self.writer.write(data)
-        except Exception:
-            self.failed = True  # the writer aborted itself; the slow path runs at the end
-
-    def acknowledge(self, piece: UploadPiece) -> None:
-        """The piece whose bytes were fed is durable and its row committed."""
-        if self.fed != piece.length:
-            self.failed = True
+    def add(self, piece: UploadPiece) -> None:
+        """An acknowledged piece at L{offset}: into the archive, in the
+        background."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securevault-assemble")
         self.offset += piece.length
-        self.fed = 0
         self.pieces.append(piece)
+        copy = self._staging._copy_piece
+        self._pending.append(
+            self._thread.submit(
+                copy, self.owner_id, self.upload_id, self._upload_key, piece, self.writer, ASSEMBLY_BLOCK_BYTES
+            )
+        )
+        while len(self._pending) > 1 and self._pending[0].done():
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        try:
+            self._pending.popleft().result()
+        except Exception:
+            self._failed = True  # the writer aborted itself
 
     def settle(self) -> bool:
-        """Whether every acknowledged byte went in (and nothing else)."""
-        return not self.failed and self.fed == 0
+        """Wait until every added piece is in; whether all went in."""
+        while self._pending:
+            self._settle_oldest()
+        return not self._failed
 
     def commit(self) -> ArchiveInfo:
         """The archive, once L{settle} said every piece went in."""
+        self._stop()
         return self.writer.commit()  # aborts itself on failure
 
+    def _stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
     def abort(self) -> None:
+        self._stop()
         try:
             self.writer.abort()
         except (OSError, BlobStoreError):
@@ -243,7 +261,7 @@ class UploadStaging:
                 if found is not None:
                     if found.claimed:
                         return None  # another PATCH at this offset holds it; one of them gets a 409
-                    if found.owner_id == record.owner_id and found.offset == record.upload_offset and found.settle():
+                    if found.owner_id == record.owner_id and found.offset == record.upload_offset:
                         found.claimed = True
                         found.touched = now
                         self._assemblers.move_to_end(upload_id)
@@ -262,7 +280,7 @@ class UploadStaging:
                     index, writer = self._archive_writer(record.owner_id, upload_id, filename)
                 except Exception:
                     return None  # the piece reports a failing store, if it fails too
-                assembler = _Assembler(record, index, writer, now)
+                assembler = _Assembler(self, record, upload_key, index, writer, now)
                 assembler.claimed = True
                 self._assemblers[upload_id] = assembler
                 return assembler
@@ -484,6 +502,7 @@ class UploadStaging:
         upload_key: bytes,
         piece: UploadPiece,
         writer: ArchiveWriter,
+        block_bytes: int = IO_BLOCK_BYTES,
     ) -> int:
         decryptor = Cobblestone256Decryptor(*piece_key(upload_key, owner_id, upload_id, piece.piece_offset))
         try:
@@ -495,7 +514,7 @@ class UploadStaging:
         size = 0
         try:
             try:
-                while block := body.read(IO_BLOCK_BYTES):
+                while block := body.read(block_bytes):
                     plain = decryptor.update(block)
                     if plain:
                         size += len(plain)
@@ -643,10 +662,10 @@ class PieceWriter:
 
     def _release(self, *, keep: bool) -> None:
         """Done with the assembler: kept for the next PATCH unless the
-        upload is gone or this piece fed it bytes it will not acknowledge."""
+        upload is gone."""
         assembler, self.assembler = self.assembler, None
         if assembler is not None:
-            self._staging._release_assembler(assembler, keep=keep and assembler.fed == 0)
+            self._staging._release_assembler(assembler, keep=keep)
 
     def write(self, data: bytes) -> None:
         if self._done:
@@ -662,8 +681,6 @@ class PieceWriter:
             produced = self._encryptor.update_into(data, self._buffer)
             if produced:
                 self._blob.write(memoryview(self._buffer)[:produced])
-            if self.assembler is not None:
-                self.assembler.feed(data)
 
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
@@ -699,11 +716,8 @@ class PieceWriter:
                     # A lost answer may hide a commit: keep the blob when in
                     # doubt (the orphan sweep removes it if no row names it).
                     raise StoreUnavailable(str(error)) from error
-                if self.assembler is not None:
-                    if offset == record.upload_offset + self._size:
-                        self.assembler.acknowledge(piece)
-                    else:
-                        self.assembler.failed = True  # cannot happen: the row moved by this piece only
+                if self.assembler is not None and offset == record.upload_offset + self._size:
+                    self.assembler.add(piece)
         assembler, self.assembler = self.assembler, None
         if offset != record.length:
             if assembler is not None:
@@ -729,8 +743,7 @@ class PieceWriter:
 
     def abort(self) -> None:
         """Forget the piece; safe to call twice, and after a commit (a no-op).
-        The assembler stays for the retry if it saw none of the piece's
-        bytes; else it goes (the upload finishes on the slow path)."""
+        The assembler, which never saw the piece, stays for the retry."""
         self._release(keep=True)
         if self._done:
             return
