@@ -1115,6 +1115,164 @@ def audit_kill9(v: Vault, s: Settings) -> Row:
     return Row("audit_kill9", figure, "0 lost", lost == 0 and state["ok"] == wanted, notes)
 
 
+TUS_UPLOADS = 40
+TUS_SENDERS = 4  # attacker connections, each PATCHing its share of the uploads round-robin
+TUS_PATCH_BYTES = 64 * KiB
+TUS_UPLOAD_BYTES = 2 * MiB  # each upload's declared length: 32 PATCHes
+TUS_ASSEMBLERS = 8  # securevault.staging.MAX_ASSEMBLERS, the bound under attack
+
+
+def daemon_threads(pid: int) -> int:
+    """Threads in /proc/PID/status (0 once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def temp_blob_count(data: Path) -> int:
+    """Blob-store temp files: assemblers' archives being written, and pieces
+    or uploads in flight (C{<data>/archives/<owner>/.<id>.body.tmp})."""
+    return sum(1 for _ in (data / "archives").glob("*/.*.tmp"))
+
+
+class TusWatch(threading.Thread):
+    """The daemon's thread count and temp blobs every 50 ms: their peaks."""
+
+    def __init__(self, pid: int, data: Path) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.data = data
+        self.peak_threads = daemon_threads(pid)
+        self.peak_temps = temp_blob_count(data)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.05):
+            self.peak_threads = max(self.peak_threads, daemon_threads(self.pid))
+            self.peak_temps = max(self.peak_temps, temp_blob_count(self.data))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(5)
+
+
+def tus_held_open(v: Vault, s: Settings) -> Row:
+    """Mallory opens 40 tus uploads of 2 MiB and PATCHes them 64 KiB at a
+    time, round-robin, on 4 connections (10 uploads each), the 32 rounds
+    paced over the duration, to hold the daemon's assemblers (a thread and
+    a temp blob each, at most 8); the last round finishes every upload, and
+    each archive is downloaded and compared.  Alice's 1-byte download and
+    /health are probed throughout."""
+    session_a, archive_a = v.honest_file()
+    login = v.conn(honest=False)
+    session = login.login(MALLORY, MALLORY_PASSWORD)
+    login.close()
+    files = [os.urandom(TUS_UPLOAD_BYTES) for _ in range(TUS_UPLOADS)]
+    tus = {"Tus-Resumable": "1.0.0", **bearer(session)}
+    creator = v.conn(honest=False)
+    upload_ids: list[str] = []
+    for index in range(TUS_UPLOADS):
+        name = base64.b64encode(f"held-{index}.bin".encode()).decode()
+        created = creator.call(
+            "POST",
+            "/uploads/",
+            {**tus, "Upload-Length": str(TUS_UPLOAD_BYTES), "Upload-Metadata": f"filename {name}"},
+        )
+        if created.status != 201:
+            raise RuntimeError(f"tus creation answered {created.describe()}")
+        upload_ids.append(created.headers["location"].rsplit("/", 1)[1])
+    creator.close()
+    idle_threads = daemon_threads(v.pid)
+    offsets = [0] * TUS_UPLOADS
+    archives: dict[int, str] = {}
+    statuses: Counter[str] = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + s.seconds
+
+    def patch(conn: Http, index: int, size: int) -> None:
+        offset = offsets[index]
+        answer = conn.call(
+            "PATCH",
+            f"/uploads/{upload_ids[index]}",
+            {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)},
+            files[index][offset : offset + size],
+        )
+        with lock:
+            statuses[answer.describe()] += 1
+        if answer.status == 204:
+            offsets[index] = int(answer.headers["upload-offset"])
+            if "upload-archive-id" in answer.headers:
+                archives[index] = answer.headers["upload-archive-id"]
+
+    rounds = TUS_UPLOAD_BYTES // TUS_PATCH_BYTES
+    began = time.monotonic()
+
+    def sender(share: range) -> None:
+        conn = v.conn(honest=False, timeout=60.0)
+        try:
+            for round_index in range(rounds):
+                # Paced: round k starts k/rounds into the duration (at once if behind).
+                time.sleep(max(0.0, began + round_index * s.seconds / rounds - time.monotonic()))
+                if time.monotonic() > deadline + 300:
+                    break
+                for index in share:
+                    if offsets[index] < TUS_UPLOAD_BYTES:
+                        patch(conn, index, TUS_PATCH_BYTES)
+        except Exception as error:
+            with lock:
+                statuses[error.__class__.__name__] += 1
+        finally:
+            conn.close()
+
+    share = TUS_UPLOADS // TUS_SENDERS
+    probes = [v.download_prober(session_a, archive_a), v.health_prober()]
+    watch = TusWatch(v.pid, v.ws.data)
+    for probe in probes:
+        probe.start()
+    watch.start()
+    with v.memory() as memory:
+        run_threads([partial(sender, range(i * share, (i + 1) * share)) for i in range(TUS_SENDERS)], s.seconds + 300)
+    held = time.monotonic() - began
+    watch.stop()
+    for probe in probes:
+        probe.stop()
+    left_temps = temp_blob_count(v.ws.data)
+    exact = 0
+    reader = v.conn(honest=False, timeout=60.0)
+    for index, archive_id in archives.items():
+        answer = reader.call("GET", download_path(archive_id), {**bearer(session), **RAW})
+        exact += answer.status == 200 and answer.body == files[index]
+    reader.close()
+    download, health = probes
+    patches = sum(n for name, n in statuses.items() if name == "204")
+    extra_threads = watch.peak_threads - idle_threads
+    figure = (
+        f"{memory.peak_text()}; peak threads {watch.peak_threads} (idle {idle_threads}, +{extra_threads}); "
+        f"temp blobs at peak {watch.peak_temps}, {left_temps} left; "
+        f"{exact}/{TUS_UPLOADS} byte-exact; honest dl {download.summary()}, /health {health.summary()}"
+    )
+    notes = [
+        f"{patches} PATCHes answered 204 in {held:.1f} s by {TUS_SENDERS} connections; answers: {statuses_text(statuses)}",
+        f"temp blobs include up to {TUS_SENDERS} pieces in flight (one per attacker connection)",
+    ]
+    if download.failures or health.failures:
+        notes.append(f"honest failures: {statuses_text(download.failures + health.failures)}")
+    ok = (
+        extra_threads <= TUS_ASSEMBLERS
+        and watch.peak_temps <= TUS_ASSEMBLERS + TUS_SENDERS
+        and left_temps == 0
+        and exact == TUS_UPLOADS
+        and not memory.killed
+    )
+    target = f"threads +<= {TUS_ASSEMBLERS}, temp <= {TUS_ASSEMBLERS}+{TUS_SENDERS}, all exact"
+    return Row("tus_held_open", figure, target, ok, notes)
+
+
 @dataclass(frozen=True)
 class Attack:
     name: str
@@ -1135,6 +1293,7 @@ ATTACKS = [
     Attack("throttle_race", throttle_race, lambda: ["--threads", "16"]),
     Attack("owner_lockout", owner_lockout),
     Attack("audit_kill9", audit_kill9),
+    Attack("tus_held_open", tus_held_open),
 ]
 NAMES = [attack.name for attack in ATTACKS]
 
