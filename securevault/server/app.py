@@ -20,10 +20,10 @@ from securevault.server.config import DEFAULT_MEMORY_BUDGET_BYTES, VaultConfig
 from securevault.server.errors import ApiError, invalid_session
 from securevault.server.limits import ConnectionLimits, MemoryBudget, UploadsInFlight
 from securevault.server.metrics import VaultMetrics
+from securevault.server.pools import RunBlocking
 from securevault.server.revocation import RevocationState
 from securevault.server.state import request_state
 from securevault.server.tls import ClientIdentity, client_identity
-from securevault.server.workers import RunBlocking
 from securevault.staging import UploadStaging
 from securevault.storage import SecureFileStorage
 

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securevault.core.audit import AuditLog, utc_time
-from securevault.server.workers import RunBlocking
+from securevault.server.pools import RunBlocking
 
 if TYPE_CHECKING:
     from securevault.server.metrics import VaultMetrics

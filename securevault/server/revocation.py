@@ -35,7 +35,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from securevault.server.config import VaultConfig
-from securevault.server.workers import RunBlocking
+from securevault.server.pools import RunBlocking
 
 # The contract: a changed file is in force within 10 s.
 CRL_POLL_SECONDS = 2.0

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from securevault.core.archive import IntegrityError
 from securevault.core.ranges import PlaintextReader
-from securevault.server.workers import RunBlocking
+from securevault.server.pools import RunBlocking
 
 BLOCK_BYTES = 1 << 20
 HIGH_WATER_BYTES = 4 << 20

@@ -63,13 +63,13 @@ from securevault.server.config import (
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
 from securevault.server.plaintext import PlainHTTPAnsweringTLSFactory, TLSServerEndpoint
+from securevault.server.pools import RunBlocking, ThreadPoolService
 from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.startup import DataDirLock, claim_data_dir
 from securevault.server.supervisor import Supervisor, check_before_workers, workers_metrics_resource
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
 from securevault.server.twisted_private import accept_one_at_a_time, name_port_tls
 from securevault.server.web import VaultSite
-from securevault.server.workers import RunBlocking, ThreadPoolService
 from securevault.stores.backends import (
     BackendError,
     blobs_setting,

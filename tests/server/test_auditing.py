@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from securevault.core.audit import AuditLog, verify_chain
 from securevault.server.auditing import FLUSH_INTERVAL_SECONDS, AuditTrail
 from securevault.server.metrics import VaultMetrics
-from securevault.server.workers import RunBlocking, run_inline
+from securevault.server.pools import RunBlocking, run_inline
 from tests.support.app import (
     ManualRunner,
     VaultClient,

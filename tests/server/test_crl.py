@@ -31,6 +31,7 @@ from securevault.admin.pki import PrivateKey, make_ca, make_client_cert, make_cr
 from securevault.core.audit import AuditLog
 from securevault.server.auditing import AuditTrail
 from securevault.server.config import VaultConfig
+from securevault.server.pools import run_inline
 from securevault.server.revocation import (
     CRL_POLL_SECONDS,
     CRLError,
@@ -43,7 +44,6 @@ from securevault.server.revocation import (
 )
 from securevault.server.tap import Options
 from securevault.server.tls import ClientCertificateCheck, ClientIdentity
-from securevault.server.workers import run_inline
 from tests.support.app import ClientCert, VaultClient, add_user, default_client, encode_request, make_app
 from tests.support.rows import TEST_AUDIT_KEY
 from tests.support.testcase import SyncTestCase

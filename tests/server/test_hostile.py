@@ -26,7 +26,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from securevault.core.audit import AuditLog
 from securevault.server.auditing import FLUSH_INTERVAL_SECONDS, AuditTrail
-from securevault.server.workers import run_inline
+from securevault.server.pools import run_inline
 from tests.strategies import (
     REAL_USERNAME,
     HostileRequest,

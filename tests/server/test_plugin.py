@@ -31,8 +31,8 @@ from securevault.server.config import (
     ConfigError,
     port_from_environment,
 )
+from securevault.server.pools import ThreadPoolService
 from securevault.server.tls import certificate_host
-from securevault.server.workers import ThreadPoolService
 from tests.support.testcase import AsyncTestCase, SyncTestCase
 
 

@@ -33,7 +33,7 @@ from securevault.core.keys import save_keyring
 from securevault.resources.health import HealthResource
 from securevault.resources.logout import LogoutResource
 from securevault.server.app import VaultApp
-from securevault.server.workers import run_inline
+from securevault.server.pools import run_inline
 from securevault.storage import SecureFileStorage
 from tests.support.app import (
     ClientCert,

@@ -41,8 +41,8 @@ from securevault.core.users import UserStore
 from securevault.server.app import VaultApp
 from securevault.server.config import DEFAULT_MAX_JSON_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES, VaultConfig
 from securevault.server.limits import ConnectionLimits, MemoryBudget
+from securevault.server.pools import run_inline
 from securevault.server.web import VaultSite
-from securevault.server.workers import run_inline
 from securevault.storage import SecureFileStorage
 from securevault.stores.blobs import BODY_SUFFIX, LocalBlobStore
 from tests.support.rows import vault_rows

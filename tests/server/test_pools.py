@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from securevault.server.workers import ThreadPoolService, run_inline
+from securevault.server.pools import ThreadPoolService, run_inline
 from tests.support.testcase import AsyncTestCase, SyncTestCase
 
 

@@ -1,5 +1,6 @@
-# -*- test-case-name: tests.server.test_workers -*-
-"""The worker pool that runs every blocking call, and how code reaches it."""
+# -*- test-case-name: tests.server.test_pools -*-
+"""The thread pools that run every blocking call, and how code reaches them
+(not the worker processes of --workers: see supervisor.py)."""
 
 from __future__ import annotations
 
