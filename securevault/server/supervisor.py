@@ -10,9 +10,11 @@ listening socket once, and runs N copies of the daemon
 kernel hands each new connection to one of them).
 
 The workers share what several nodes share: the metadata store (sessions,
-login throttling, quotas, session revocation) and the blob store; each
-keeps nothing of them in memory.  Each reads the CRL and follows it; the
-audit log stays one chain (appends under an exclusive C{flock}).
+login throttling, quotas, session revocation) and the blob store; each keeps
+sessions and listings in memory only while the shared generation
+(L{securevault.core.generation}) has not moved.  Each reads the CRL and
+follows it; the audit log stays one chain (appends under an exclusive
+C{flock}).
 
 The parent:
  - restarts a worker that ends (with a growing delay while they keep
@@ -21,7 +23,8 @@ The parent:
  - forwards SIGHUP to every worker (each re-reads the CRL);
  - on stop, sends SIGTERM to every worker and waits for them (SIGKILL after
    L{WORKER_STOP_SECONDS});
- - logs each worker's output line by line, prefixed by its number;
+ - logs each worker's output line by line, prefixed by its number (when
+   twistd logs to standard output the workers write there themselves);
  - with C{--metrics-port}, serves the sum of the workers' series
    (prometheus_client's multiprocess mode, in a private directory it makes
    and removes).
