@@ -27,7 +27,7 @@ from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, bad_request, busy, storage_error
 from securevault.server.jsonapi import Reply, decode_json_object, take_body
 from securevault.server.state import request_state
-from securevault.server.streaming import UPLOAD_BUFFER_BYTES, BodySink, UploadStream
+from securevault.server.streaming import UPLOAD_BUFFER_BYTES, BodySink, UploadStream, body_stream
 from securevault.server.twisted_private import request_disconnected
 from securevault.storage import SecureFileStorage
 
@@ -143,13 +143,6 @@ class UploadFileResource(JsonEndpoint):
         def discard(info: ArchiveInfo) -> None:
             app.run_blocking(storage.delete, owners[0], info.id).addErrback(lambda _: None)
 
-        def failed(failure: Failure) -> None:
-            """The writer failed while the body was still arriving."""
-            if state.refuse is None:
-                return
-            error = storage_error(failure)
-            state.refuse(error if isinstance(error, ApiError) else failure)
-
         def counted(found: tuple[Session, ArchiveWriter | None]) -> BodySink[ArchiveInfo]:
             """In progress for GET /usage until the request ends."""
             owner = found[0].user_id
@@ -159,14 +152,7 @@ class UploadFileResource(JsonEndpoint):
             return cast(ArchiveWriter, found[1])
 
         opening = app.with_session(request, open_writer).addCallback(counted)
-        return UploadStream(
-            app.run_blocking,
-            opening,
-            pause=state.pause_body,
-            resume=state.resume_body,
-            on_error=failed,
-            discard=discard,
-        )
+        return body_stream(app.run_blocking, state, opening, to_error=storage_error, discard=discard)
 
     def render_POST(self, request: Request) -> Any:
         app = self.app

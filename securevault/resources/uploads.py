@@ -28,7 +28,7 @@ from securevault.server.endpoint import JsonEndpoint
 from securevault.server.errors import ApiError, busy, not_found, storage_error
 from securevault.server.jsonapi import Reply
 from securevault.server.state import request_state
-from securevault.server.streaming import UPLOAD_BUFFER_BYTES, BodySink, UploadStream
+from securevault.server.streaming import UPLOAD_BUFFER_BYTES, BodySink, UploadStream, body_stream
 from securevault.staging import (
     CHECKSUM_ALGORITHMS,
     ChecksumMismatch,
@@ -291,21 +291,12 @@ class UploadItem(_TusEndpoint):
             assert found[1] is not None
             return found[1]
 
-        def failed(failure: Failure) -> None:
-            """The piece could not be opened or written while the body was
-            still arriving: answered at once, the body unread."""
-            if state.refuse is None:
-                return
-            error = upload_error(failure)
-            state.refuse(error if isinstance(error, ApiError) else failure)
-
         opening = app.with_session(request, open_piece).addCallback(opened)
-        return UploadStream(
+        return body_stream(
             app.run_blocking,
+            state,
             opening,
-            pause=state.pause_body,
-            resume=state.resume_body,
-            on_error=failed,
+            to_error=upload_error,
             # An acknowledged piece stays (tus clients HEAD and go on); a
             # finished upload's pieces go even if its answer cannot.
             discard=lambda result: self.remove_leftover(owner[0], result),

@@ -128,6 +128,14 @@ FILENAME: dict[str, Any] = {
     "description": "1 to 255 UTF-8 bytes; not `.` or `..`; no `/`, `\\` or control character (Unicode Cc).",
 }
 
+# What a listing entry and a JSON download both say of an archive.
+ARCHIVE_FIELDS: dict[str, Any] = {
+    "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    "filename": {"type": "string"},
+    "size": {"type": "integer", "minimum": 0},
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}
+
 SCHEMAS: dict[str, dict[str, Any]] = {
     "Error": {
         "type": "object",
@@ -140,14 +148,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "Archive": {
         "type": "object",
-        "required": ["id", "filename", "size", "sha256", "created_at"],
-        "properties": {
-            "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-            "filename": {"type": "string"},
-            "size": {"type": "integer", "minimum": 0},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "created_at": {"type": "string", "format": "date-time"},
-        },
+        "required": [*ARCHIVE_FIELDS, "created_at"],
+        "properties": {**ARCHIVE_FIELDS, "created_at": {"type": "string", "format": "date-time"}},
     },
     "FileList": {
         "type": "object",
@@ -156,14 +158,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "DownloadJson": {
         "type": "object",
-        "required": ["id", "filename", "size", "sha256", "content"],
-        "properties": {
-            "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-            "filename": {"type": "string"},
-            "size": {"type": "integer", "minimum": 0},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "content": {"type": "string", "contentEncoding": "base64"},
-        },
+        "required": [*ARCHIVE_FIELDS, "content"],
+        "properties": {**ARCHIVE_FIELDS, "content": {"type": "string", "contentEncoding": "base64"}},
     },
     "LoginRequest": {
         "type": "object",

@@ -24,7 +24,9 @@ from zope.interface import implementer
 
 from securevault.core.archive import IntegrityError
 from securevault.core.ranges import PlaintextReader
+from securevault.server.errors import ApiError
 from securevault.server.pools import RunBlocking
+from securevault.server.state import RequestState
 
 BLOCK_BYTES = 1 << 20
 HIGH_WATER_BYTES = 4 << 20
@@ -234,6 +236,29 @@ class BlockJoiner:
             view[at : at + len(piece)] = piece
             at += len(piece)
         writer.write(view[:size])  # type: ignore[arg-type]  # a view the sink does not keep
+
+
+def body_stream(
+    run_blocking: RunBlocking,
+    state: RequestState,
+    opening: Deferred[BodySink[T]],
+    *,
+    to_error: Callable[[Failure], BaseException],
+    discard: Callable[[T], None],
+) -> UploadStream[T]:
+    """The request's body streamed into the sink C{opening} gives, paced by
+    the request's state; a sink that fails while the body still arrives
+    refuses the request at once with C{to_error}'s answer (the body unread)."""
+
+    def failed(failure: Failure) -> None:
+        if state.refuse is None:
+            return
+        error = to_error(failure)
+        state.refuse(error if isinstance(error, ApiError) else failure)
+
+    return UploadStream(
+        run_blocking, opening, pause=state.pause_body, resume=state.resume_body, on_error=failed, discard=discard
+    )
 
 
 @implementer(IPushProducer)

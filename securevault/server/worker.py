@@ -26,32 +26,30 @@ from twisted.logger import FileLogObserver, LogLevel, formatEvent, formatTime, g
 
 from securevault.server.supervisor import LISTEN_FD, READY_FD
 
-_write_lock = threading.Lock()
 
-
-def format_line(event: dict[str, Any]) -> str | None:
-    """An event as lines of C{LEVEL text} for the parent (a traceback
-    continues on the lines after, at the same level)."""
+def _event_lines(event: dict[str, Any]) -> tuple[str, list[str]]:
+    """An event's level name and its text as lines (a traceback continues
+    on the lines after, at the same level)."""
     text = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}\n{failure.getTraceback()}"
-    level = event.get("log_level", LogLevel.info)
-    return "".join(f"{level.name} {line}\n" for line in (text.splitlines() or [""]))
+    level: LogLevel = event.get("log_level", LogLevel.info)
+    return level.name, text.splitlines() or [""]
+
+
+def format_line(event: dict[str, Any]) -> str | None:
+    """An event as lines of C{LEVEL text}, for the parent to log."""
+    level, lines = _event_lines(event)
+    return "".join(f"{level} {line}\n" for line in lines)
 
 
 def shared_stdout_line(number: int, event: dict[str, Any]) -> str | None:
     """An event as the lines the parent would have logged for it
     (C{TIME [securevault#LEVEL] worker N: text}), written by the worker."""
-    relayed = format_line(event)
-    if relayed is None:
-        return None
+    level, lines = _event_lines(event)
     stamp = formatTime(event.get("log_time"))
-    lines = []
-    for line in relayed.splitlines():
-        level, _, text = line.partition(" ")
-        lines.append(f"{stamp} [securevault#{level}] worker {number}: {text}\n")
-    return "".join(lines)
+    return "".join(f"{stamp} [securevault#{level}] worker {number}: {line}\n" for line in lines)
 
 
 class _FdWriter:
