@@ -31,6 +31,7 @@ from tests.support.daemon import (
     VaultFixture,
     call,
     child_environment,
+    connect,
     list_files,
     login,
     run_admin,
@@ -44,6 +45,31 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def connections_held(pid: int, port: int) -> int:
+    """How many established TCP connections on local port C{port} process
+    C{pid} holds (its socket descriptors, matched in /proc/net/tcp*)."""
+    inodes = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            established = fields[3] == "01"
+            if established and int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                held += 1
+    return held
 
 
 class WorkersTestCase(SyncTestCase):
@@ -185,6 +211,17 @@ class SupervisorTests(WorkersTestCase):
             with self.only(daemon, number):
                 self.assertEqual(self.files_status(session), 401)
             daemon.wait_for(rf"worker {number}: GET /get-files 401")
+
+    def test_connections_spread_over_workers(self) -> None:
+        """Kept-alive connections opened one after another end up evenly
+        on the two workers: one holding more leaves the next to the other
+        (before, whichever woke first took it, often every one)."""
+        daemon = self.start()
+        pids = self.worker_pids(daemon)
+        for _ in range(6):
+            held = connect(self.context, self.port)  # handshake done: accepted and counted
+            self.addCleanup(held.close)
+        self.assertEqual([connections_held(pids[number], self.port) for number in (1, 2)], [3, 3])
 
     def test_killed_worker_is_replaced(self) -> None:
         """SIGKILL to a worker: the parent logs its end and starts a new

@@ -10,9 +10,13 @@ sees a new value and asks the store.
 
 The counters live in a small file of the data directory, mapped into
 every process: a read is a load from shared memory, a bump an increment
-under C{flock}.  Slot 0 is for sessions; the other slots are for listings,
-by a hash of the owner, so that one user's upload does not drop every
-user's cached listing.
+under C{flock}.  Slot 0 is for sessions; the other slots of the first page
+are for listings, by a hash of the owner, so that one user's upload does
+not drop every user's cached listing.
+
+The second page holds each worker's count of open connections
+(L{WorkerLoads}), so that a worker can leave a new connection to a less
+busy one.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from pathlib import Path
 
 GENERATION_FILE = "shared-generation"
 SLOT_BYTES = 8
-SLOTS = 512  # one page
-FILE_BYTES = SLOT_BYTES * SLOTS
+SLOTS = 512  # one page of generations
+LOAD_SLOTS = 512  # and one of worker loads (L{WorkerLoads})
+FILE_BYTES = SLOT_BYTES * (SLOTS + LOAD_SLOTS)
 SESSIONS_SLOT = 0
 _WORD = struct.Struct("=Q")  # native order: the file never leaves this machine
 
@@ -87,9 +92,48 @@ class SharedGeneration:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         return new
 
+    def store(self, slot: int, value: int) -> None:
+        """Set a slot that only this process writes: one aligned 8-byte
+        store, no lock (L{WorkerLoads})."""
+        _WORD.pack_into(self._map, slot * SLOT_BYTES, value & 0xFFFFFFFFFFFFFFFF)
+
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)
+
+
+class WorkerLoads:
+    """The open connections of each worker of C{--workers N}, as the workers
+    publish them on the generation file's second page.
+
+    All workers wait on one listening socket, and whichever wakes first
+    takes the connection: a burst of kept-alive connections could all land
+    on one worker while the other idled (measured: 4 of 4).  A worker that
+    holds more connections than another asks to be passed over
+    (L{busier}); the accept loop then leaves the connection a moment to the
+    others (L{securevault.server.twisted_private.accept_balanced}).  A
+    worker that died leaves its last count until its successor publishes
+    0, which only delays an accept, never refuses one.
+    """
+
+    def __init__(self, generation: SharedGeneration, number: int, workers: int) -> None:
+        if not 1 <= number <= workers <= LOAD_SLOTS:
+            raise ValueError(f"worker {number} of {workers}")
+        self._generation = generation
+        self._number = number
+        self._others = [other for other in range(1, workers + 1) if other != number]
+        self.publish(0)
+
+    def publish(self, connections: int) -> None:
+        """This worker now holds C{connections}."""
+        self._generation.store(SLOTS + self._number - 1, connections)
+
+    def of(self, number: int) -> int:
+        return self._generation.value(SLOTS + number - 1)
+
+    def busier(self, connections: int) -> bool:
+        """Whether some other worker holds fewer than C{connections}."""
+        return any(self.of(other) < connections for other in self._others)
 
 
 def listing_slot(owner_id: str) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import resource
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 BUSY_RETRY_SECONDS = 1
@@ -30,14 +31,20 @@ class ConnectionLimits:
         self.max_per_certificate = max_per_certificate
         self.total = 0
         self._per_certificate: Counter[str] = Counter()
+        # Told the new total at each change (a worker publishes its load).
+        self.on_total: Callable[[int], object] | None = None
 
     def open(self) -> bool:
         """A connection arrived: counted; False when past the total cap."""
         self.total += 1
+        if self.on_total is not None:
+            self.on_total(self.total)
         return self.total <= self.max_total
 
     def close(self) -> None:
         self.total -= 1
+        if self.on_total is not None:
+            self.on_total(self.total)
 
     def claim(self, fingerprint: str) -> bool:
         """Its certificate is known: counted; False when past its cap."""

@@ -31,7 +31,7 @@ from securevault import __version__
 from securevault.admin.migration import migrate
 from securevault.core.audit import AuditLog
 from securevault.core.fsutil import remove_stale_temps
-from securevault.core.generation import SharedGeneration
+from securevault.core.generation import SharedGeneration, WorkerLoads
 from securevault.core.integrity import audit_chain_key, open_rows
 from securevault.core.keybinding import locate_master_key, open_master_key
 from securevault.core.keys import KeyFileError, KeyringFile
@@ -690,6 +690,7 @@ class AdoptedListenerService(Service):
         self._number = number
         self._ready = ready
         self._port: Any = None
+        self._generation: SharedGeneration | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -697,7 +698,7 @@ class AdoptedListenerService(Service):
         self._port = self._reactor.adoptStreamPort(self._fd, self._family, factory)
         os.close(self._fd)  # adoptStreamPort serves a duplicate
         name_port_tls(self._port)
-        accept_one_at_a_time(self._port)
+        accept_one_at_a_time(self._port, pass_over=self._pass_over(), call_later=self._reactor.callLater)
         log.info(
             "worker {number} (pid {pid}) serving",
             number=self._number,
@@ -706,8 +707,28 @@ class AdoptedListenerService(Service):
         )
         self._ready()
 
+    def _pass_over(self) -> Callable[[], bool] | None:
+        """Whether to leave the pending connection to a worker holding fewer
+        (L{WorkerLoads}); None when there is no other worker or no shared
+        file (several nodes)."""
+        config = self._daemon.app.config
+        connections = self._daemon.app.connections
+        if config.workers < 2 or connections is None:
+            return None
+        generation = SharedGeneration.in_data_dir(config.data_dir)
+        if generation is None:
+            return None
+        self._generation = generation
+        loads = WorkerLoads(generation, self._number, config.workers)
+        connections.on_total = loads.publish
+        return lambda: loads.busier(connections.total)
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._generation is not None:
+            self._daemon.app.connections.on_total = None  # type: ignore[union-attr]
+            self._generation.close()
+            self._generation = None
         port, self._port = self._port, None
         if port is None:
             return None

@@ -15,6 +15,7 @@ from securevault.core.generation import (
     SESSIONS_SLOT,
     SLOTS,
     SharedGeneration,
+    WorkerLoads,
     listing_slot,
 )
 from tests.support.testcase import SyncTestCase
@@ -31,8 +32,8 @@ class SharedGenerationTests(SyncTestCase):
         self.data_dir = self.make_dir()
 
     def test_created_private_and_zero(self) -> None:
-        """The file is made on first open, readable by its owner only, one
-        page long, every slot 0."""
+        """The file is made on first open, readable by its owner only, two
+        pages long (generations, worker loads), every slot 0."""
         generation = self.open()
         assert generation is not None
         path = self.data_dir / GENERATION_FILE
@@ -82,3 +83,45 @@ class SharedGenerationTests(SyncTestCase):
         self.assertTrue(all(0 < slot < SLOTS for slot in slots))
         self.assertEqual(listing_slot("owner-1"), listing_slot("owner-1"))
         self.assertGreater(len(slots), 100)
+
+
+class WorkerLoadsTests(SyncTestCase):
+    def setUp(self) -> None:
+        data_dir = self.make_dir()
+        self.mappings = []
+        for _ in range(3):
+            generation = SharedGeneration.in_data_dir(data_dir)
+            assert generation is not None
+            self.addCleanup(generation.close)
+            self.mappings.append(generation)
+
+    def test_each_worker_sees_the_others_counts(self) -> None:
+        """A worker holding more connections than another is busier; one
+        holding as few as the least loaded is not."""
+        first, second, third = (WorkerLoads(self.mappings[n], n + 1, 3) for n in range(3))
+        first.publish(2)
+        second.publish(1)
+        third.publish(1)
+        self.assertEqual([third.of(n) for n in (1, 2, 3)], [2, 1, 1])
+        self.assertTrue(first.busier(2))
+        self.assertFalse(second.busier(1))
+        self.assertFalse(third.busier(1))
+        self.assertTrue(third.busier(2))
+
+    def test_a_new_worker_starts_at_zero(self) -> None:
+        """A worker that replaces a dead one publishes 0 at once, not its
+        predecessor's count."""
+        WorkerLoads(self.mappings[0], 2, 2).publish(7)
+        successor = WorkerLoads(self.mappings[1], 2, 2)
+        self.assertEqual(successor.of(2), 0)
+
+    def test_loads_leave_the_generations_alone(self) -> None:
+        """The loads page does not overlap any generation slot."""
+        loads = WorkerLoads(self.mappings[0], 1, 2)
+        loads.publish(5)
+        self.assertEqual([self.mappings[1].value(slot) for slot in range(SLOTS)], [0] * SLOTS)
+
+    def test_numbers_checked(self) -> None:
+        """Worker numbers run from 1 to the count."""
+        for number, workers in ((0, 2), (3, 2), (1, 10_000)):
+            self.assertRaises(ValueError, WorkerLoads, self.mappings[0], number, workers)

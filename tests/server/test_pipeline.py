@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, cast
 
+from twisted.internet.task import Clock
 from twisted.web.http import HTTPChannel, Request
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -26,7 +27,13 @@ from securevault.core.audit import AuditLog
 from securevault.server.app import VaultApp
 from securevault.server.auditing import AuditTrail
 from securevault.server.limits import CLOSE_GRACE_SECONDS, ConnectionLimits, MemoryBudget, RateMeter
-from securevault.server.twisted_private import head_bytes_received, pending_request_line, request_disconnected
+from securevault.server.twisted_private import (
+    PASS_OVER_SECONDS,
+    accept_one_at_a_time,
+    head_bytes_received,
+    pending_request_line,
+    request_disconnected,
+)
 from securevault.server.web import VaultRequest
 from securevault.storage import SecureFileStorage
 from tests.support.app import (
@@ -360,6 +367,72 @@ class LeakTests(_PipelineCase):
         gc.collect()
         alive = [o for o in gc.get_objects() if isinstance(o, VaultRequest) and id(o) not in earlier]
         self.assertEqual(alive, [])
+
+
+class _ListeningPort:
+    """What L{accept_one_at_a_time} uses of a C{tcp.Port}."""
+
+    def __init__(self) -> None:
+        self.numberAccepts = 100
+        self.connected = True
+        self.reading = True
+        self.accepted: list[int] = []  # numberAccepts at each accepting doRead
+
+    def doRead(self) -> None:
+        self.accepted.append(self.numberAccepts)
+        self.numberAccepts = 100  # as Twisted's doRead adapts it
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class AcceptTests(SyncTestCase):
+    def test_one_connection_per_wake_up(self) -> None:
+        """Each wake-up accepts one connection, however many are pending."""
+        port = _ListeningPort()
+        accept_one_at_a_time(port)
+        port.doRead()
+        port.doRead()
+        self.assertEqual(port.accepted, [1, 1])
+
+    def test_a_busier_worker_passes_a_connection_over_once(self) -> None:
+        """While another worker holds fewer connections, the port stops
+        reading for a moment instead of accepting; then it accepts what is
+        still pending whatever the loads, so nothing waits longer."""
+        port = _ListeningPort()
+        clock = Clock()
+        accept_one_at_a_time(port, pass_over=lambda: True, call_later=clock.callLater)
+        port.doRead()
+        self.assertEqual(port.accepted, [])
+        self.assertFalse(port.reading)
+        clock.advance(PASS_OVER_SECONDS)
+        self.assertTrue(port.reading)
+        port.doRead()
+        self.assertEqual(port.accepted, [1])
+        port.doRead()  # the next connection is passed over again
+        self.assertEqual(port.accepted, [1])
+
+    def test_not_busier_accepts_at_once(self) -> None:
+        port = _ListeningPort()
+        clock = Clock()
+        accept_one_at_a_time(port, pass_over=lambda: False, call_later=clock.callLater)
+        port.doRead()
+        self.assertEqual(port.accepted, [1])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stopped_port_not_restarted(self) -> None:
+        """A port that stopped listening while it passed a connection over
+        is not made to read again."""
+        port = _ListeningPort()
+        clock = Clock()
+        accept_one_at_a_time(port, pass_over=lambda: True, call_later=clock.callLater)
+        port.doRead()
+        port.connected = False
+        clock.advance(PASS_OVER_SECONDS)
+        self.assertFalse(port.reading)
 
 
 class RoutingTests(SyncTestCase):
