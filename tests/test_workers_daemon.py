@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from securevault.core.generation import SharedGeneration, WorkerLoads
+from securevault.server.limits import LOAD_PER_REQUEST
 from tests.support.daemon import (
     TWISTD,
     WAIT_SECONDS,
@@ -222,6 +224,27 @@ class SupervisorTests(WorkersTestCase):
             held = connect(self.context, self.port)  # handshake done: accepted and counted
             self.addCleanup(held.close)
         self.assertEqual([connections_held(pids[number], self.port) for number in (1, 2)], [3, 3])
+
+    def test_a_request_in_progress_outweighs_idle_connections(self) -> None:
+        """A worker in the middle of a request is busier than one holding
+        idle kept-alive connections: the next three connections all go to
+        the other worker (counting connections alone would split them)."""
+        daemon = self.start()
+        pids = self.worker_pids(daemon)
+        busy = connect(self.context, self.port)
+        self.addCleanup(busy.close)
+        # A head whose body never comes: the request stays in progress.
+        busy.sendall(b"POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+        generation = SharedGeneration.in_data_dir(self.vault.data, create=False)
+        assert generation is not None
+        self.addCleanup(generation.close)
+        loads = WorkerLoads(generation, 1, 2)  # reads only: worker 1 published long ago
+        self.wait_until(lambda: max(loads.of(1), loads.of(2)) > LOAD_PER_REQUEST)
+        for _ in range(3):
+            idle = connect(self.context, self.port)
+            self.addCleanup(idle.close)
+        held = sorted(connections_held(pids[number], self.port) for number in (1, 2))
+        self.assertEqual(held, [1, 3])
 
     def test_killed_worker_is_replaced(self) -> None:
         """SIGKILL to a worker: the parent logs its end and starts a new

@@ -14,9 +14,9 @@ under C{flock}.  Slot 0 is for sessions; the other slots of the first page
 are for listings, by a hash of the owner, so that one user's upload does
 not drop every user's cached listing.
 
-The second page holds each worker's count of open connections
-(L{WorkerLoads}), so that a worker can leave a new connection to a less
-busy one.
+The second page holds each worker's load (its open connections and
+requests in progress, L{WorkerLoads}), so that a worker can leave a new
+connection to a less busy one.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ class SharedGeneration:
 
 
 class WorkerLoads:
-    """The open connections of each worker of C{--workers N}, as the workers
-    publish them on the generation file's second page.
+    """The load of each worker of C{--workers N} (open connections, and
+    requests in progress weighing more: L{ConnectionLimits.load}), as the
+    workers publish it on the generation file's second page.
 
     All workers wait on one listening socket, and whichever wakes first
     takes the connection: a burst of kept-alive connections could all land
@@ -124,16 +125,16 @@ class WorkerLoads:
         self._others = [other for other in range(1, workers + 1) if other != number]
         self.publish(0)
 
-    def publish(self, connections: int) -> None:
-        """This worker now holds C{connections}."""
-        self._generation.store(SLOTS + self._number - 1, connections)
+    def publish(self, load: int) -> None:
+        """This worker's load is now C{load}."""
+        self._generation.store(SLOTS + self._number - 1, load)
 
     def of(self, number: int) -> int:
         return self._generation.value(SLOTS + number - 1)
 
-    def busier(self, connections: int) -> bool:
-        """Whether some other worker holds fewer than C{connections}."""
-        return any(self.of(other) < connections for other in self._others)
+    def busier(self, load: int) -> bool:
+        """Whether some other worker's load is below C{load}."""
+        return any(self.of(other) < load for other in self._others)
 
 
 def listing_slot(owner_id: str) -> int:

@@ -23,28 +23,53 @@ CLOSE_GRACE_SECONDS = 2.0
 RESERVED_DESCRIPTORS = 128
 
 
+# A request in progress weighs this many open connections in a worker's
+# load (L{ConnectionLimits.load}): a worker serving a download is busier
+# than one holding idle kept-alive connections, however many.
+LOAD_PER_REQUEST = 1000
+
+
 class ConnectionLimits:
-    """Connections open in all and per client certificate."""
+    """Connections open in all and per client certificate, and requests in
+    progress on them (the worker's load, for spreading connections)."""
 
     def __init__(self, max_total: int, max_per_certificate: int) -> None:
         self.max_total = max_total
         self.max_per_certificate = max_per_certificate
         self.total = 0
+        self.requests = 0
         self._per_certificate: Counter[str] = Counter()
-        # Told the new total at each change (a worker publishes its load).
-        self.on_total: Callable[[int], object] | None = None
+        # Told the new load at each change (a worker publishes it).
+        self.on_load: Callable[[int], object] | None = None
+
+    @property
+    def load(self) -> int:
+        """Open connections, plus L{LOAD_PER_REQUEST} per request in
+        progress: the worker with the least takes the next connection."""
+        return self.total + LOAD_PER_REQUEST * self.requests
+
+    def _changed(self) -> None:
+        if self.on_load is not None:
+            self.on_load(self.load)
 
     def open(self) -> bool:
         """A connection arrived: counted; False when past the total cap."""
         self.total += 1
-        if self.on_total is not None:
-            self.on_total(self.total)
+        self._changed()
         return self.total <= self.max_total
 
     def close(self) -> None:
         self.total -= 1
-        if self.on_total is not None:
-            self.on_total(self.total)
+        self._changed()
+
+    def request_started(self) -> None:
+        """A request's head is in; it is in progress until L{request_ended}."""
+        self.requests += 1
+        self._changed()
+
+    def request_ended(self) -> None:
+        self.requests -= 1
+        self._changed()
 
     def claim(self, fingerprint: str) -> bool:
         """Its certificate is known: counted; False when past its cap."""

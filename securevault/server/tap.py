@@ -720,13 +720,13 @@ class AdoptedListenerService(Service):
             return None
         self._generation = generation
         loads = WorkerLoads(generation, self._number, config.workers)
-        connections.on_total = loads.publish
-        return lambda: loads.busier(connections.total)
+        connections.on_load = loads.publish
+        return lambda: loads.busier(connections.load)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self._generation is not None:
-            self._daemon.app.connections.on_total = None  # type: ignore[union-attr]
+            self._daemon.app.connections.on_load = None  # type: ignore[union-attr]
             self._generation.close()
             self._generation = None
         port, self._port = self._port, None

@@ -95,26 +95,32 @@ def accept_one_at_a_time(
 
     Whichever worker is free first is still not the one with the fewest
     connections (measured: 4 of 4 again, now and then).  When
-    C{pass_over()} is true (a L{WorkerLoads} says another worker holds
-    fewer), the port stops reading for L{PASS_OVER_SECONDS}, so that a
-    worker woken by the same connection takes it; then it takes whatever
-    is pending, so a connection waits at most that long.
+    C{pass_over()} is true (a L{WorkerLoads} says another worker is less
+    busy), the port stops reading for L{PASS_OVER_SECONDS}, so that a
+    worker woken by the same connection takes it; then it reads again and
+    takes at once whatever is still pending, so that a stopped or busy
+    worker delays a connection by that long at most.
     """
     do_read = port.doRead
-    passed = False
+    passing = False
 
     def resume() -> None:
+        nonlocal passing
+        passing = False
         if port.connected:  # not stopped meanwhile
             port.startReading()
+            port.numberAccepts = 1
+            do_read()  # the others had their turn; nothing pending is fine
 
     def doRead() -> Any:
-        nonlocal passed
-        if pass_over is not None and call_later is not None and not passed and pass_over():
-            passed = True
+        nonlocal passing
+        if passing:
+            return None
+        if pass_over is not None and call_later is not None and pass_over():
+            passing = True
             port.stopReading()
             call_later(PASS_OVER_SECONDS, resume)
             return None
-        passed = False
         port.numberAccepts = 1
         return do_read()
 

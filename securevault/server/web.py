@@ -109,12 +109,17 @@ class VaultRequest(StatefulRequest):
         self._started = time.monotonic()
         self._logged = False
         self._processing = False
+        self._active = False  # counted in the connections' load
 
     # -- body handling --------------------------------------------------
 
     def gotLength(self, length: int | None) -> None:
         """Headers are in: route the request, then decide how its body is
         taken, or refuse it now."""
+        limits = self.app.connections
+        if limits is not None and not self._active:
+            self._active = True
+            limits.request_started()
         self.content = io.BytesIO()  # type: ignore[assignment]
         self.method, self.uri = pending_request_line(self.channel)
         self.path, _, query = self.uri.partition(b"?")
@@ -285,9 +290,15 @@ class VaultRequest(StatefulRequest):
         self._release()
 
     def _release(self) -> None:
-        """Give back what this request held of the memory budget."""
+        """Give back what this request held of the memory budget, and stop
+        counting it as in progress."""
         held, self.state.reserved_bytes = self.state.reserved_bytes, 0
         self.app.budget.release(held)
+        if self._active:
+            self._active = False
+            limits = self.app.connections
+            if limits is not None:
+                limits.request_ended()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
