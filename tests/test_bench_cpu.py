@@ -11,9 +11,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from bench.clients import LeanConnection, LoadSpec, prepared_request, ssl_context
 from bench.env import Workspace, process_tree
 from bench.figures import FLOOR, NG, SV, Bench
 from bench.floor import DOWNLOAD_FLOOR, UPLOAD_FLOOR, floor_sum, measure_random, measure_text
+from tests.support.daemon import SyncDaemon, VaultFixture
 from tests.support.testcase import SyncTestCase
 
 GiB = 1 << 30
@@ -98,18 +100,29 @@ class TableTests(SyncTestCase):
 
     def test_workers_rows(self) -> None:
         """With --server-workers 1,2 the table divides each figure at 2
-        workers by the one at 1, for both servers, against 1.6 (small
-        requests) and 1.3 (two downloads)."""
+        workers by the one at 1, for both servers: small requests through
+        the lean client against 1.6, through http.client without a target
+        (that client, not the server, sets the rate), two downloads against
+        1.3."""
         bench = _bench(self.make_dir())
         bench.server_workers = [1, 2]
-        for key, one, two in (("small", 1000.0, 1700.0), ("two_downloads", 300.0, 330.0)):
+        for key, one, two in (
+            ("small", 1000.0, 1200.0),
+            ("small_lean", 1000.0, 1700.0),
+            ("two_downloads", 300.0, 330.0),
+        ):
             bench.values[f"{key}@w1"][SV].append(one)
             bench.values[f"{key}@w2"][SV].append(two)
             bench.values[f"{key}@w1"][NG].append(one)
             bench.values[f"{key}@w2"][NG].append(2 * one)
         rows = {line.split("|")[1].strip(): line for line in bench.table()}
         self.assertRegex(
-            rows["small JSON req/s, workers 2 / workers 1"], r"\|\s+1\.70 \|\s+2\.00 \|.*>= 1\.60 \|\s+yes \|$"
+            rows["small JSON req/s, lean client, workers 2 / workers 1"],
+            r"\|\s+1\.70 \|\s+2\.00 \|.*>= 1\.60 \|\s+yes \|$",
+        )
+        self.assertRegex(
+            rows["small JSON req/s, http.client, workers 2 / workers 1"],
+            r"\|\s+1\.20 \|\s+2\.00 \|\s+- \|\s+- \|\s+- \|$",
         )
         self.assertRegex(
             rows["2 raw downloads total MB/s, workers 2 / workers 1"], r"\|\s+1\.10 \|\s+2\.00 \|.*>= 1\.30 \|\s+NO \|$"
@@ -126,3 +139,37 @@ class TableTests(SyncTestCase):
         notes = "\n".join(bench.transfer_notes())
         self.assertIn("securevault <= 1074 MB/s", notes)
         self.assertIn("download ratio bound = securevault bound / nginx's measured 2148 MB/s = 0.50", notes)
+
+
+class LeanClientTests(SyncTestCase):
+    def test_exchanges_with_a_real_daemon(self) -> None:
+        """The load generator's lean client sends a prepared request over
+        mutual TLS and reads each whole answer off a kept-alive
+        connection: statuses as answered, the connection kept, and a
+        C{Connection: close} answer reported as the end of it."""
+        vault = VaultFixture(self.make_dir())
+        vault.create()
+        daemon = SyncDaemon(vault.argv(), vault.base)
+        self.addCleanup(daemon.stop)
+        port = daemon.wait_listening()
+        spec = LoadSpec(
+            ca=str(vault.certs / "ca.crt"),
+            cert=str(vault.certs / "client.crt"),
+            key=str(vault.certs / "client.key"),
+            port=port,
+            mode="keepalive",
+            method="GET",
+            path="/get-files",
+            headers={"Authorization": "Bearer not-a-session"},
+            body=None,
+            duration=1.0,
+            max_count=10,
+        )
+        context = ssl_context(spec.ca, spec.cert, spec.key)
+        connection = LeanConnection(port, context)
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.exchange(prepared_request(spec)), (401, True))
+        health = prepared_request(LoadSpec(**{**spec.__dict__, "path": "/health", "headers": {}}))
+        self.assertEqual(connection.exchange(health), (200, True))
+        closing = health.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        self.assertEqual(connection.exchange(closing), (200, False))
