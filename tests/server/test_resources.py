@@ -31,6 +31,7 @@ from securevault.core.archive import ArchiveInfo, rfc3339
 from securevault.core.keybinding import default_master_key
 from securevault.core.keys import save_keyring
 from securevault.resources.health import HealthResource
+from securevault.resources.login import login_capacity, login_threads
 from securevault.resources.logout import LogoutResource
 from securevault.server.app import VaultApp
 from securevault.server.pools import run_inline
@@ -1501,3 +1502,14 @@ class AnonymousBodyTests(_VaultTestCase):
         the usual way (the connection stays open)."""
         response = self.client.post_json(b"/upload-file", {"filename": "a", "content": ""}, session=None)
         self.assert_error(response, 401, "invalid_session")
+
+
+class LoginPoolSizeTests(SyncTestCase):
+    def test_one_thread_per_core_within_threads(self) -> None:
+        """The login pool has a thread per core, never more than --threads,
+        never none: on 2 cores with --threads 2, two hashes run at once."""
+        self.assertEqual(login_threads(2, cores=2), 2)
+        self.assertEqual(login_threads(16, cores=2), 2)
+        self.assertEqual(login_threads(2, cores=8), 2)
+        self.assertEqual(login_threads(1, cores=1), 1)
+        self.assertEqual(login_capacity(2), login_threads(2) * 9)

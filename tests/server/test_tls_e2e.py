@@ -129,11 +129,15 @@ class WorkflowTests(VaultServerTestCase):
 
     def test_login_pool(self) -> None:
         """Besides the worker pool (--threads 2) the daemon runs a pool of
-        its own for logins (half as many threads), started with it; both
-        come before the listener, so they stop after it."""
+        its own for logins (one thread per core, at most --threads),
+        started with it; both come before the listener, so they stop after
+        it."""
         children = list(self.service)
         pools = [(index, getattr(child, "_pool")) for index, child in enumerate(children) if hasattr(child, "_pool")]
-        self.assertEqual([(pool.name, pool.max) for _, pool in pools], [("securevault", 2), ("securevault-login", 1)])
+        login_threads = min(2, os.cpu_count() or 1)
+        self.assertEqual(
+            [(pool.name, pool.max) for _, pool in pools], [("securevault", 2), ("securevault-login", login_threads)]
+        )
         self.assertTrue(all(isinstance(pool, ThreadPool) and pool.started for _, pool in pools))
         listener = next(index for index, child in enumerate(children) if isinstance(child, TLSListenerService))
         self.assertLess(max(index for index, _ in pools), listener)
