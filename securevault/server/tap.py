@@ -60,6 +60,7 @@ from securevault.server.config import (
     parse_size,
     port_from_environment,
 )
+from securevault.server.heap import trim_heap
 from securevault.server.limits import ConnectionLimits, MemoryBudget, usable_descriptors
 from securevault.server.metrics import VaultMetrics
 from securevault.server.plaintext import PlainHTTPAnsweringTLSFactory, TLSServerEndpoint
@@ -781,8 +782,9 @@ def _vault_daemon(
     sweeps = itertools.count()
 
     def sweep_blocking(now: float) -> int:
-        """In the pool: expired sessions and old login failures, and now and
-        then blobs that no index row names (debris of a crash)."""
+        """In the pool: expired sessions and old login failures, now and
+        then blobs that no index row names (debris of a crash), and the
+        heap memory the threads freed (L{trim_heap})."""
         app.sessions.sweep()
         app.throttle.sweep()
         expired = app.staging.sweep_expired(now)
@@ -792,6 +794,7 @@ def _vault_daemon(
             removed = app.storage.sweep_orphans(ORPHAN_GRACE_SECONDS)
             if removed:
                 log.info("Removed {count} orphaned blobs", count=removed)
+        trim_heap()
         return app.sessions.count()
 
     def counted(count: int) -> None:
