@@ -125,3 +125,20 @@ def accept_one_at_a_time(
         return do_read()
 
     port.doRead = doRead
+
+
+# tcp.Connection reads at most C{bufferSize} bytes per wake-up of the
+# reactor (64 KiB): an attribute public by name but not documented, read
+# and set only here (L{securevault.server.reading}).
+DEFAULT_READ_BYTES = 2**16
+
+
+def read_size(transport: Any) -> int | None:
+    """How many bytes the TCP transport reads per wake-up; None when it is
+    not a C{tcp.Connection} (tests' fake transports)."""
+    size = getattr(transport, "bufferSize", None)
+    return size if isinstance(size, int) else None
+
+
+def set_read_size(transport: Any, size: int) -> None:
+    transport.bufferSize = size
