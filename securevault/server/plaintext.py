@@ -27,8 +27,8 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from securevault.server.bulkio import BulkSocketSizes
 from securevault.server.errors import ApiError
-from securevault.server.reading import AdaptiveReads
 from securevault.server.twisted_private import name_port_tls
 from securevault.server.web import raw_error_response
 
@@ -45,10 +45,10 @@ def is_plain_http(first: bytes) -> bool:
 PLAINTEXT_ANSWER = raw_error_response(ApiError(400, "bad_request", PLAINTEXT_MESSAGE))
 
 
-class PlainHTTPAnsweringTLS(AdaptiveReads, BufferingTLSTransport):
+class PlainHTTPAnsweringTLS(BulkSocketSizes, BufferingTLSTransport):
     """Twisted's TLS protocol, which answers a plain HTTP request itself and
-    reads larger slices of the socket while a body streams in
-    (L{AdaptiveReads})."""
+    reads and sends larger slices of the socket in bulk transfers
+    (L{BulkSocketSizes})."""
 
     _first_byte_seen = False
 

@@ -128,8 +128,9 @@ def accept_one_at_a_time(
 
 
 # tcp.Connection reads at most C{bufferSize} bytes per wake-up of the
-# reactor (64 KiB): an attribute public by name but not documented, read
-# and set only here (L{securevault.server.reading}).
+# reactor (64 KiB) and sends at most C{SEND_LIMIT} (128 KiB): attributes
+# public by name but not documented, read and set only here
+# (L{securevault.server.bulkio}).
 DEFAULT_READ_BYTES = 2**16
 
 
@@ -142,3 +143,7 @@ def read_size(transport: Any) -> int | None:
 
 def set_read_size(transport: Any, size: int) -> None:
     transport.bufferSize = size
+
+
+def set_send_limit(transport: Any, size: int) -> None:
+    transport.SEND_LIMIT = size

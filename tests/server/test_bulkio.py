@@ -1,4 +1,5 @@
-"""Tests for L{securevault.server.reading}: the read size follows the data."""
+"""Tests for L{securevault.server.bulkio}: the send limit is raised, the read
+size follows the data."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from twisted.internet import tcp
 
-from securevault.server.reading import BULK_READ_BYTES, AdaptiveReads
+from securevault.server.bulkio import BULK_READ_BYTES, SEND_LIMIT_BYTES, BulkSocketSizes
 from securevault.server.twisted_private import DEFAULT_READ_BYTES
 from tests.support.testcase import SyncTestCase
 
@@ -15,24 +16,36 @@ from tests.support.testcase import SyncTestCase
 class _Taker:
     def __init__(self) -> None:
         self.received: list[bytes] = []
+        self.connected_to: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.connected_to = transport
 
     def dataReceived(self, data: bytes) -> None:
         self.received.append(data)
 
 
-class _Protocol(AdaptiveReads, _Taker):
+class _Protocol(BulkSocketSizes, _Taker):
     pass
 
 
 class _Transport:
     bufferSize = DEFAULT_READ_BYTES
+    SEND_LIMIT = 128 * 1024
 
 
-class AdaptiveReadsTests(SyncTestCase):
+class BulkSocketSizesTests(SyncTestCase):
     def setUp(self) -> None:
         self.protocol = _Protocol()
         self.transport: Any = _Transport()
         self.protocol.transport = self.transport
+
+    def test_send_limit_raised_on_connection(self) -> None:
+        transport = _Transport()
+        protocol = _Protocol()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.SEND_LIMIT, SEND_LIMIT_BYTES)
+        self.assertIs(protocol.connected_to, transport)
 
     def test_small_reads_stay_small(self) -> None:
         """Requests that fit in one read leave the read size alone, and
@@ -52,10 +65,12 @@ class AdaptiveReadsTests(SyncTestCase):
         self.assertEqual(self.transport.bufferSize, DEFAULT_READ_BYTES)
         self.assertEqual(len(self.protocol.received), 4)
 
-    def test_twisted_tcp_reads_by_buffer_size(self) -> None:
-        """The attribute adapted is the one Twisted's TCP transport reads
-        by: an upgrade that renames it fails here."""
+    def test_twisted_tcp_reads_and_sends_by_these_attributes(self) -> None:
+        """The attributes set are the ones Twisted's TCP transport reads and
+        sends by: an upgrade that renames one fails here."""
         self.assertEqual(tcp.Connection.bufferSize, DEFAULT_READ_BYTES)
+        self.assertEqual(tcp.Connection.SEND_LIMIT, 128 * 1024)
+        self.assertIn("[: self.SEND_LIMIT]", Path(tcp.__file__).read_text())
         self.assertIn("self.socket.recv(self.bufferSize)", Path(tcp.__file__).read_text())
 
     def test_fake_transports_left_alone(self) -> None:
