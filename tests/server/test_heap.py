@@ -19,7 +19,7 @@ def resident_kib() -> int:
 class TrimHeapTests(SyncTestCase):
     def test_freed_memory_leaves_the_process(self) -> None:
         """On glibc, 85 MB freed between blocks still in use stays resident
-        until the heap is trimmed; then most of it goes back, and the
+        until the heap is trimmed; then much of it goes back (over 20 MB), and the
         blocks in use are intact."""
         if platform.libc_ver()[0] != "glibc":
             self.skipTest("malloc_trim is glibc's")
@@ -32,5 +32,5 @@ class TrimHeapTests(SyncTestCase):
         before = resident_kib()
         self.assertTrue(trim_heap())
         after = resident_kib()
-        self.assertGreater(before - after, 40_000, (before, after))
+        self.assertGreater(before - after, 20_000, (before, after))  # KiB; untrimmed: 0
         self.assertTrue(all(block[0] == number % 256 for number, block in enumerate(kept)))
