@@ -28,8 +28,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
 from securevault.core.archive import (
+    BULK_READ_BLOCK_BYTES,
     IO_BLOCK_BYTES,
-    READ_BLOCK_BYTES,
     ArchiveInfo,
     ArchiveNotFound,
     IntegrityError,
@@ -49,9 +49,9 @@ log = Logger(namespace="securevault.security")
 # JSON answers up to this size are built whole in the pool.
 SMALL_JSON_BYTES = 1 << 20
 # What one download holds at most, counted against the memory budget: the
-# reader's buffers and two blocks in flight (raw); a JSON answer built whole,
-# with its base64 (JSON).
-RAW_BUFFER_BYTES = 2 * READ_BLOCK_BYTES + IO_BLOCK_BYTES
+# reader's buffers and two blocks in flight, at the larger size a fast
+# download reaches (raw); a JSON answer built whole, with its base64 (JSON).
+RAW_BUFFER_BYTES = 2 * BULK_READ_BLOCK_BYTES + IO_BLOCK_BYTES
 JSON_BUFFER_BYTES = 3 * SMALL_JSON_BYTES + RAW_BUFFER_BYTES
 
 

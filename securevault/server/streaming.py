@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from securevault.core.archive import IntegrityError
+from securevault.core.archive import BULK_READ_BLOCK_BYTES, IntegrityError
 from securevault.core.ranges import PlaintextReader
 from securevault.server.errors import ApiError
 from securevault.server.pools import RunBlocking
@@ -30,6 +30,10 @@ from securevault.server.state import RequestState
 
 BLOCK_BYTES = 1 << 20
 HIGH_WATER_BYTES = 4 << 20
+# A download whose client has taken this much reads larger blocks: more than
+# the kernel's send buffer and the transport's hold, so that a client that
+# stalls never gets there.
+BULK_AFTER_BYTES = 8 << 20
 LOW_WATER_BYTES = 1 << 20
 # What one upload holds at most, counted against the memory budget: the
 # bytes waiting for the pool up to the high water mark, one more piece, and
@@ -298,6 +302,10 @@ class DownloadProducer:
         self._stopped = False
         self._pumping = False
         self._done: Deferred[None] = Deferred()
+        self._written = 0
+        # Set once the client has taken BULK_AFTER_BYTES: the next read in
+        # the pool switches the reader to larger blocks.
+        self._bulk = False
 
     def start(self) -> Deferred[None]:
         """Begin streaming; fires when the response is finished or aborted."""
@@ -340,6 +348,9 @@ class DownloadProducer:
                     break
                 data = self._ready.popleft()
                 if data:
+                    self._written += len(data)
+                    if self._written >= BULK_AFTER_BYTES:
+                        self._bulk = True
                     self._request.write(data)
                 else:
                     self._finish()
@@ -349,6 +360,10 @@ class DownloadProducer:
     def _read_block(self) -> bytes:
         """In the pool: the next block, encoded there too (base64 of a MiB
         is work the reactor thread should not do)."""
+        if self._bulk:
+            grow = getattr(self._reader, "use_block_bytes", None)
+            if grow is not None:
+                grow(BULK_READ_BLOCK_BYTES)
         data = self._reader.read()
         if data and self._encode is not None:
             return self._encode(data)
