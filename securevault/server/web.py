@@ -385,7 +385,16 @@ class VaultChannel(http.HTTPChannel):
     _counted = False
     _claimed: str | None = None
     _saved_timeout: float | None = None
+    _host: Any = None
     meter: RateMeter
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once per connection:
+        twisted.web asks for it on every request, and TCP's answer is a
+        getsockname() system call each time."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def connectionMade(self) -> None:
         super().connectionMade()

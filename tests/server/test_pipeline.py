@@ -350,6 +350,28 @@ class DownloadDefectTests(_PipelineCase):
         self.assertIn("integrity_error", events)
 
 
+class HostAddressTests(_PipelineCase):
+    def test_local_address_asked_once_per_connection(self) -> None:
+        """Requests on one kept-alive connection ask the transport for the
+        local address once (each ask was a getsockname() system call)."""
+        app, client = self.vault()
+        connection = client.connect()
+        asked = []
+        get_host = connection.transport.getHost
+
+        def counted() -> object:
+            asked.append(1)
+            return get_host()
+
+        connection.transport.getHost = counted  # type: ignore[method-assign]
+        head = encode_request(b"GET", b"/health", [], None).replace(b"Connection: close\r\n", b"")
+        for _ in range(3):
+            connection.send(head)
+            self.assertIn(b"200", connection.transport.value().split(b"\r\n", 1)[0])
+            connection.transport.clear()
+        self.assertEqual(len(asked), 1)
+
+
 class LeakTests(_PipelineCase):
     def test_requests_are_freed(self) -> None:
         """A flood of refused requests on one keep-alive connection leaves no
