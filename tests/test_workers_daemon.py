@@ -41,6 +41,7 @@ from tests.support.daemon import (
 from tests.support.testcase import SyncTestCase
 
 STARTED = r"worker (\d+) started, pid (\d+)"
+SLOW_PASS_OVER = {"SECUREVAULT_PASS_OVER_SECONDS": "0.5"}
 
 
 def free_port() -> int:
@@ -82,11 +83,11 @@ class WorkersTestCase(SyncTestCase):
         self.vault.create()
         self.context = self.vault.tls_context()
 
-    def start(self, *extra: str, pidfile: Path | None = None) -> SyncDaemon:
+    def start(self, *extra: str, pidfile: Path | None = None, env: dict[str, str] | None = None) -> SyncDaemon:
         argv = self.vault.argv("--workers", "2", *extra)
         if pidfile is not None:
             argv[argv.index("--pidfile=")] = f"--pidfile={pidfile}"
-        daemon = SyncDaemon(argv, self.vault.base)
+        daemon = SyncDaemon(argv, self.vault.base, env)
         self.addCleanup(daemon.stop)
         self.port = daemon.wait_listening()
         return daemon
@@ -217,8 +218,10 @@ class SupervisorTests(WorkersTestCase):
     def test_connections_spread_over_workers(self) -> None:
         """Kept-alive connections opened one after another end up evenly
         on the two workers: one holding more leaves the next to the other
-        (before, whichever woke first took it, often every one)."""
-        daemon = self.start()
+        (before, whichever woke first took it, often every one).  The
+        pass-over lasts 0.5 s here, not 5 ms: on a loaded machine the other
+        worker may take longer than 5 ms to wake."""
+        daemon = self.start(env=SLOW_PASS_OVER)
         pids = self.worker_pids(daemon)
         for _ in range(6):
             held = connect(self.context, self.port)  # handshake done: accepted and counted
@@ -228,8 +231,9 @@ class SupervisorTests(WorkersTestCase):
     def test_a_request_in_progress_outweighs_idle_connections(self) -> None:
         """A worker in the middle of a request is busier than one holding
         idle kept-alive connections: the next three connections all go to
-        the other worker (counting connections alone would split them)."""
-        daemon = self.start()
+        the other worker (counting connections alone would split them).
+        The pass-over lasts 0.5 s here, as above."""
+        daemon = self.start(env=SLOW_PASS_OVER)
         pids = self.worker_pids(daemon)
         busy = connect(self.context, self.port)
         self.addCleanup(busy.close)

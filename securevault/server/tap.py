@@ -69,7 +69,7 @@ from securevault.server.revocation import CRLError, revocation_setup
 from securevault.server.startup import DataDirLock, claim_data_dir
 from securevault.server.supervisor import Supervisor, check_before_workers, workers_metrics_resource
 from securevault.server.tls import TLSConfigError, certificate_host, load_ca_certificates, server_tls_options
-from securevault.server.twisted_private import accept_one_at_a_time, name_port_tls
+from securevault.server.twisted_private import accept_one_at_a_time, name_port_tls, pass_over_seconds
 from securevault.server.web import VaultSite
 from securevault.stores.backends import (
     BackendError,
@@ -699,7 +699,9 @@ class AdoptedListenerService(Service):
         self._port = self._reactor.adoptStreamPort(self._fd, self._family, factory)
         os.close(self._fd)  # adoptStreamPort serves a duplicate
         name_port_tls(self._port)
-        accept_one_at_a_time(self._port, pass_over=self._pass_over(), call_later=self._reactor.callLater)
+        accept_one_at_a_time(
+            self._port, pass_over=self._pass_over(), call_later=self._reactor.callLater, seconds=pass_over_seconds()
+        )
         log.info(
             "worker {number} (pid {pid}) serving",
             number=self._number,

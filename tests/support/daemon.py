@@ -98,7 +98,7 @@ def make_vault(base: Path) -> tuple[Path, Path]:
 class SyncDaemon:
     """A twistd subprocess; L{wait_listening} blocks until it logs its port."""
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
         self.port: int | None = None
         self._listening = threading.Event()
@@ -106,7 +106,7 @@ class SyncDaemon:
         self.process = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=child_environment(),
+            env={**child_environment(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
