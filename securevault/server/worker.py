@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -26,11 +27,41 @@ from twisted.logger import FileLogObserver, LogLevel, formatEvent, formatTime, g
 
 from securevault.server.supervisor import LISTEN_FD, READY_FD
 
+# A format that is one plain field ("{access_line}": the access log's
+# lines are built once, in the request) is that field's text: no need for
+# formatEvent's parse of the format on every request.
+_ONE_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    found = _ONE_FIELD.fullmatch(str(event.get("log_format") or ""))
+    if found is not None and found.group(1) in event:
+        return str(event[found.group(1)])
+    return formatEvent(event)
+
+
+# The last second's stamp: formatTime's format has whole seconds, and it
+# works out the local time zone on every call (a tenth of a small request's
+# CPU in a worker).  One tuple, replaced whole: safe from any thread.
+_last_stamp: tuple[int, str] = (-1, "")
+
+
+def _stamp(when: float | None) -> str:
+    global _last_stamp
+    if when is None:
+        return formatTime(when)
+    second = int(when)
+    cached_second, text = _last_stamp
+    if cached_second != second:
+        text = formatTime(second)
+        _last_stamp = (second, text)
+    return text
+
 
 def _event_lines(event: dict[str, Any]) -> tuple[str, list[str]]:
     """An event's level name and its text as lines (a traceback continues
     on the lines after, at the same level)."""
-    text = formatEvent(event)
+    text = _event_text(event)
     failure = event.get("log_failure")
     if failure is not None:
         text = f"{text}\n{failure.getTraceback()}"
@@ -48,7 +79,7 @@ def shared_stdout_line(number: int, event: dict[str, Any]) -> str | None:
     """An event as the lines the parent would have logged for it
     (C{TIME [securevault#LEVEL] worker N: text}), written by the worker."""
     level, lines = _event_lines(event)
-    stamp = formatTime(event.get("log_time"))
+    stamp = _stamp(event.get("log_time"))
     return "".join(f"{stamp} [securevault#{level}] worker {number}: {line}\n" for line in lines)
 
 
