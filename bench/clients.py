@@ -6,7 +6,6 @@ import http.client
 import json
 import multiprocessing
 import re
-import resource
 import socket
 import ssl
 import subprocess
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.env import Workspace, cpu_seconds
+from bench.env import Workspace, cpu_seconds, process_cpu
 
 CURL_FORMAT = "%{time_total} %{size_upload} %{size_download} %{http_code}"
 
@@ -255,87 +254,102 @@ class LeanConnection:
         self.sock.close()
 
 
-def _lean_loop(spec: LoadSpec, ctx: ssl.SSLContext, barrier: Any) -> tuple[int, int, float, float, str | None]:
-    """The kept-alive load of one client process through L{LeanConnection}."""
-    count = errors = 0
-    first_error = None
-    request = prepared_request(spec)
-    conn: LeanConnection | None = LeanConnection(spec.port, ctx)
-    barrier.wait(60)
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    deadline = start + spec.duration
-    while count + errors < spec.max_count and time.perf_counter() < deadline:
+class _LeanRequests:
+    """Kept-alive requests through L{LeanConnection}, reconnecting after an
+    answer that closes the connection or a failure."""
+
+    def __init__(self, spec: LoadSpec, context: ssl.SSLContext) -> None:
+        self._spec = spec
+        self._context = context
+        self._request = prepared_request(spec)
+        self._conn: LeanConnection | None = LeanConnection(spec.port, context)
+
+    def status(self) -> int:
+        if self._conn is None:
+            self._conn = LeanConnection(self._spec.port, self._context)
         try:
-            if conn is None:
-                conn = LeanConnection(spec.port, ctx)
-            status, keep = conn.exchange(request)
-            if status == spec.expect:
-                count += 1
-            else:
-                errors += 1
-                first_error = first_error or f"HTTP {status}"
-            if not keep:
+            status, keep = self._conn.exchange(self._request)
+        except Exception:
+            self.close()  # the next request opens a new connection
+            raise
+        if not keep:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+
+class _HttpClientRequests:
+    """Requests through http.client: on one kept-alive connection (which
+    http.client opens again after a failure), or each on a new one."""
+
+    def __init__(self, spec: LoadSpec, context: ssl.SSLContext) -> None:
+        self._spec = spec
+        self._context = context
+        self._headers = dict(spec.headers)
+        self._kept: http.client.HTTPSConnection | None = None
+        if spec.mode == "keepalive":
+            self._kept = self._connection()
+            self._kept.connect()
+        else:
+            self._headers["Connection"] = "close"
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self._spec.port, context=self._context, timeout=30)
+
+    def status(self) -> int:
+        spec = self._spec
+        conn = self._kept or self._connection()
+        try:
+            conn.request(spec.method, spec.path, body=spec.body, headers=self._headers)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        except Exception:
+            conn.close()
+            raise
+        finally:
+            if self._kept is None:
                 conn.close()
-                conn = None
-        except Exception as error:  # keep going; the count says how many failed
-            errors += 1
-            first_error = first_error or repr(error)
-            if conn is not None:
-                conn.close()
-            conn = None
-    elapsed = time.perf_counter() - start
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
-    if conn is not None:
-        conn.close()
-    return count, errors, elapsed, cpu, first_error
+
+    def close(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
 
 
 def _load_worker(spec: LoadSpec, barrier: Any, queue: Any) -> None:
     count = errors = 0
     first_error = None
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     try:
         ctx = ssl_context(spec.ca, spec.cert, spec.key)
-        if spec.mode == "keepalive" and spec.client == "lean":
-            queue.put(_lean_loop(spec, ctx, barrier))
-            return
-        conn = None
-        if spec.mode == "keepalive":
-            conn = http.client.HTTPSConnection("127.0.0.1", spec.port, context=ctx, timeout=30)
-            conn.connect()
-        headers = dict(spec.headers)
-        if spec.mode == "newconn":
-            headers["Connection"] = "close"
+        lean = spec.mode == "keepalive" and spec.client == "lean"
+        requests = _LeanRequests(spec, ctx) if lean else _HttpClientRequests(spec, ctx)
         barrier.wait(60)
-        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu0 = process_cpu()
         start = time.perf_counter()
         deadline = start + spec.duration
         while count + errors < spec.max_count and time.perf_counter() < deadline:
-            c = conn or http.client.HTTPSConnection("127.0.0.1", spec.port, context=ctx, timeout=30)
             try:
-                c.request(spec.method, spec.path, body=spec.body, headers=headers)
-                resp = c.getresponse()
-                resp.read()
-                if resp.status == spec.expect:
-                    count += 1
-                else:
-                    errors += 1
-                    first_error = first_error or f"HTTP {resp.status}"
+                status = requests.status()
             except Exception as error:  # keep going; the count says how many failed
                 errors += 1
                 first_error = first_error or repr(error)
-                c.close()
-            if conn is None:
-                c.close()
+                continue
+            if status == spec.expect:
+                count += 1
+            else:
+                errors += 1
+                first_error = first_error or f"HTTP {status}"
         elapsed = time.perf_counter() - start
-        usage1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+        cpu = process_cpu() - cpu0
+        requests.close()
     except Exception as error:
         errors += 1
         first_error = first_error or repr(error)
-        cpu = 0.0
         try:
             barrier.abort()
         except Exception:

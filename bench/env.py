@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -172,6 +173,12 @@ def _stat_fields(path: str) -> list[str]:
     """The fields of a /proc stat file after the command name (which may
     hold spaces and parentheses): index 11 is utime, 12 stime, 1 the ppid."""
     return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu() -> float:
+    """This process's CPU seconds, user and system (a client's own cost)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import resource
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from bench.env import (
     cpu_seconds,
     in_workdir,
     machine_header,
+    process_cpu,
     write_random,
 )
 from bench.ranges import Connection
@@ -41,12 +41,6 @@ TARGET_RATIO = 0.8
 RSS_MARGIN_MIB = 16.0
 PATCH_BYTES = 8 * MiB
 TUS = {"Tus-Resumable": "1.0.0"}
-
-
-def client_cpu() -> float:
-    """This process's CPU seconds: the benchmark is the client."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def tus_upload(api: Connection, path: Path, waits: list[float] | None = None) -> str:
@@ -104,19 +98,19 @@ def run(args: argparse.Namespace, root: Path) -> int:
         api = Connection(ws, server.port)
         api.upload(ws.big)  # warm up
         for _ in range(args.rounds):
-            cpu, client = cpu_seconds(server.pids), client_cpu()
+            cpu, client = cpu_seconds(server.pids), process_cpu()
             with PeakRss(server.pids) as raw_rss:
                 started = time.perf_counter()
                 api.upload(ws.big)
                 raw = time.perf_counter() - started
-            raw_cpu, raw_client = cpu_seconds(server.pids) - cpu, client_cpu() - client
+            raw_cpu, raw_client = cpu_seconds(server.pids) - cpu, process_cpu() - client
             waits: list[float] = []
-            cpu, client = cpu_seconds(server.pids), client_cpu()
+            cpu, client = cpu_seconds(server.pids), process_cpu()
             with PeakRss(server.pids) as tus_rss:
                 started = time.perf_counter()
                 archive_id = tus_upload(api, ws.big, waits)
                 tus = time.perf_counter() - started
-            tus_cpu, tus_client = cpu_seconds(server.pids) - cpu, client_cpu() - client
+            tus_cpu, tus_client = cpu_seconds(server.pids) - cpu, process_cpu() - client
             if not archive_id:
                 raise RuntimeError("the last PATCH named no archive")
             rounds.append(
