@@ -20,6 +20,7 @@ import time
 from email.utils import parsedate_to_datetime
 
 from tests.support.daemon import (
+    WAIT_SECONDS,
     RawResponse,
     call,
     connect,
@@ -106,7 +107,8 @@ class TusNodes(TwoNodes):
 
     def assertArchive(self, archive_id: str, data: bytes, ports: list[int]) -> None:
         """Listed and downloaded byte-exact through each of C{ports}; the
-        bucket holds only the archive (no staged piece is left)."""
+        bucket holds only the archive once the leftover pieces are removed
+        (no staged piece is left)."""
         for port in ports:
             listed = list_files(self.context, port, self.session)
             self.assertEqual(
@@ -115,7 +117,14 @@ class TusNodes(TwoNodes):
             self.assertEqual(
                 download_sha256(self.context, port, self.session, archive_id), hashlib.sha256(data).hexdigest()
             )
-        [key] = self.keys()
+        # The pieces' objects are removed after the last PATCH's answer
+        # (PieceResult.leftover): wait for that, boundedly.
+        deadline = time.monotonic() + WAIT_SECONDS
+        keys = self.keys()
+        while len(keys) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            keys = self.keys()
+        [key] = keys
         self.assertTrue(key.endswith(f"/{archive_id}.body"), key)
         self.assertNoIncompleteUploads()
 
