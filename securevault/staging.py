@@ -16,20 +16,21 @@ in its worker pool.  The layout (docs/FORMAT.md, "Staged uploads"):
 A piece is acknowledged only once its blob is durable and its row committed
 (the row moves the upload's offset in the same transaction), so a crash
 keeps exactly what was acknowledged.  When the last byte is in, the pieces
-are decrypted in order into an L{ArchiveWriter}: the archive is one like any
+are decoded in order into an L{ArchiveWriter}: the archive is one like any
 raw upload, and its row replaces the upload's rows in one transaction.
 
-Done at the end, that pass is the slow path.  The fast one does the same
-work piece by piece while the client sends the next PATCH: the process that
-took an upload's PATCHes in order keeps an L{ArchiveWriter} for it (an
-L{_Assembler}, at most L{MAX_ASSEMBLERS} of them, least recently used
-evicted), and each piece, once acknowledged, is read back (from the page
-cache, just written), decrypted and fed to it on a thread of its own; the
-last PATCH waits for that last piece only, then commits the archive.  The
-pieces are written and acknowledged exactly as above (they are what survives
-a crash), and only acknowledged pieces reach the archive.  An upload whose
-assembler missed a piece (a restart, another node or process took a PATCH,
-eviction) finishes on the slow path.
+Done at the end, that pass is the slow path.  On the fast one the archive
+is written as the PATCHes arrive: the process that took an upload's PATCHes
+in order keeps its L{ArchiveWriter} (an L{_Assembler}, at most
+L{MAX_ASSEMBLERS} of them, least recently used evicted), each PATCH body
+goes straight into it, and the archive ciphertext it makes goes into the
+PATCH's piece as well, a I{run piece} (L{securevault.core.runs}): encrypted
+once, it is both the archive and what survives a crash.  The last PATCH
+commits the archive.  A PATCH that fails after its first byte spoils the
+archive being written (its bytes are in it, unacknowledged): the assembler
+is dropped, and like any upload whose assembler missed a piece (a restart,
+another node or process took a PATCH, eviction) the upload finishes on the
+slow path, from the pieces.
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ import json
 import os
 import secrets
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -71,8 +71,18 @@ from securevault.core.archive import (
     translate_os_error,
 )
 from securevault.core.keys import UnwrapError
+from securevault.core.runs import (
+    RUN_END_BYTES,
+    RUN_HEAD_BYTES,
+    RunDecoder,
+    RunHead,
+    open_run_end,
+    open_run_head,
+    seal_run_end,
+    seal_run_head,
+)
 from securevault.storage import SecureFileStorage
-from securevault.stores.blobs import BlobNotFound, BlobStore, BlobStoreError, BlobWriter
+from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, BlobWriter
 from securevault.stores.metadata import (
     MetadataError,
     UploadConflict,
@@ -90,11 +100,8 @@ UPLOAD_FORMAT_VERSION = 1
 ARCHIVE_OVERHEAD_BYTES = 4096
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")
 # Uploads assembled on the fast path at once, per process: each holds an
-# ArchiveWriter's buffers (about 1 MiB), an open temp blob and a thread.
+# ArchiveWriter's buffers (about 1 MiB) and an open temp blob.
 MAX_ASSEMBLERS = 8
-# An assembler reads its pieces back in blocks this large: it runs beside the
-# next PATCH's buffers, so it holds less than the slow path's 1 MiB blocks.
-ASSEMBLY_BLOCK_BYTES = 256 * 1024
 
 
 def reservation(length: int) -> int:
@@ -149,76 +156,22 @@ def is_upload_id(value: str) -> bool:
 
 
 class _Assembler:
-    """An upload's archive, assembled piece by piece as the pieces are
-    acknowledged: an L{ArchiveWriter} fed, on a thread of its own, the
-    acknowledged pieces up to L{offset}, in order (L{add}).  A piece that
-    fails to go in is remembered; such an assembler is never committed (the
-    slow path runs instead)."""
+    """An upload's archive, written as its PATCHes arrive: the
+    L{ArchiveWriter} holds every acknowledged byte up to L{offset} and
+    nothing else (a PATCH that fails after writing into it drops it)."""
 
-    def __init__(
-        self,
-        staging: UploadStaging,
-        record: UploadRecord,
-        upload_key: bytes,
-        index: _FinishingIndex,
-        writer: ArchiveWriter,
-        touched: float,
-    ) -> None:
-        self._staging = staging
+    def __init__(self, record: UploadRecord, index: _FinishingIndex, writer: ArchiveWriter, touched: float) -> None:
         self.owner_id = record.owner_id
         self.upload_id = record.upload_id
-        self._upload_key = upload_key
         self.index = index
         self.writer = writer
-        self.offset = 0  # the acknowledged bytes handed to the writer
+        self.offset = 0  # the acknowledged bytes in the writer
+        self.ciphertext_bytes = 0  # the archive's ciphertext the pieces hold
         self.pieces: list[UploadPiece] = []
         self.touched = touched
         self.claimed = False  # a PATCH holds it
-        self._thread: ThreadPoolExecutor | None = None
-        self._pending: deque[Future[int]] = deque()
-        self._failed = False
-
-    def add(self, piece: UploadPiece) -> None:
-        """An acknowledged piece at L{offset}: into the archive, in the
-        background."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="securevault-assemble")
-        self.offset += piece.length
-        self.pieces.append(piece)
-        copy = self._staging._copy_piece
-        self._pending.append(
-            self._thread.submit(
-                copy, self.owner_id, self.upload_id, self._upload_key, piece, self.writer, ASSEMBLY_BLOCK_BYTES
-            )
-        )
-        while len(self._pending) > 1 and self._pending[0].done():
-            self._settle_oldest()
-
-    def _settle_oldest(self) -> None:
-        try:
-            self._pending.popleft().result()
-        except Exception:
-            self._failed = True  # the writer aborted itself
-
-    def settle(self) -> bool:
-        """Wait until every added piece is in; whether all went in."""
-        while self._pending:
-            self._settle_oldest()
-        return not self._failed
-
-    def commit(self) -> ArchiveInfo:
-        """The archive, once L{settle} said every piece went in."""
-        self._stop()
-        return self.writer.commit()  # aborts itself on failure
-
-    def _stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.shutdown(wait=True, cancel_futures=True)
-        self._pending.clear()
 
     def abort(self) -> None:
-        self._stop()
         try:
             self.writer.abort()
         except (OSError, BlobStoreError):
@@ -249,7 +202,7 @@ class UploadStaging:
 
     # -- the fast path's assemblers -----------------------------------------
 
-    def _claim_assembler(self, record: UploadRecord, filename: str, upload_key: bytes, now: float) -> _Assembler | None:
+    def _claim_assembler(self, record: UploadRecord, filename: str, now: float) -> _Assembler | None:
         """The assembler a PATCH at the upload's offset hands its piece to:
         the one this process kept if it has every acknowledged piece, a new
         one at offset 0, else None (the upload finishes on the slow path)."""
@@ -280,7 +233,7 @@ class UploadStaging:
                     index, writer = self._archive_writer(record.owner_id, upload_id, filename)
                 except Exception:
                     return None  # the piece reports a failing store, if it fails too
-                assembler = _Assembler(self, record, upload_key, index, writer, now)
+                assembler = _Assembler(record, index, writer, now)
                 assembler.claimed = True
                 self._assemblers[upload_id] = assembler
                 return assembler
@@ -434,9 +387,13 @@ class UploadStaging:
         if declared is not None and offset + declared > record.length:
             raise LengthExceeded("The body would carry the upload past its Upload-Length.")
         filename, upload_key = self._unseal(record)
-        writer = PieceWriter(self, record, upload_key, checksum=checksum, quota=quota, now=now)
-        writer.assembler = self._claim_assembler(record, filename, upload_key, now())
-        return writer
+        assembler = self._claim_assembler(record, filename, now())
+        try:
+            return PieceWriter(self, record, upload_key, assembler, checksum=checksum, quota=quota, now=now)
+        except BaseException:
+            if assembler is not None:
+                self._release_assembler(assembler, keep=True)
+            raise
 
     def finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> ArchiveInfo:
         """Make the complete upload one archive, exactly like a raw upload:
@@ -460,10 +417,13 @@ class UploadStaging:
         index.quota = quota
         try:
             expected = 0
+            runs = RunDecoder(upload_id, owner_id, writer.write)
             for piece in pieces:
                 if piece.piece_offset != expected:
                     raise IntegrityError(f"upload {upload_id} has a gap at {expected}")
-                expected += self._copy_piece(owner_id, upload_id, upload_key, piece, writer)
+                self._copy_piece(owner_id, upload_id, upload_key, piece, writer, runs)
+                expected += piece.length
+            runs.finish()
             if expected != record.length:
                 raise IntegrityError(f"upload {upload_id} holds {expected} of {record.length} bytes")
             info = writer.commit()
@@ -479,16 +439,16 @@ class UploadStaging:
     def _finish_assembled(
         self, record: UploadRecord, assembler: _Assembler, *, quota: int | None
     ) -> tuple[ArchiveInfo, list[UploadPiece]]:
-        """The fast path's end: once the last piece is in, the assembled
-        archive replaces the upload's rows (the pieces' blobs are left for
-        the caller).  An assembler that failed to take a piece falls back to
-        the slow path."""
-        if not assembler.settle() or assembler.offset != record.length:
+        """The fast path's end: the last piece is in, so the archive is
+        complete and replaces the upload's rows (the pieces' blobs are left
+        for the caller).  An assembler that missed a piece falls back to the
+        slow path."""
+        if assembler.offset != record.length:
             assembler.abort()
             return self._finish(record.owner_id, record.upload_id, quota=quota)
         assembler.index.quota = quota
         try:
-            info = assembler.commit()
+            info = assembler.writer.commit()  # aborts itself on failure
         except UploadGone as error:
             raise UploadNotFound(record.upload_id) from error
         with self._lock:
@@ -502,36 +462,77 @@ class UploadStaging:
         upload_key: bytes,
         piece: UploadPiece,
         writer: ArchiveWriter,
-        block_bytes: int = IO_BLOCK_BYTES,
-    ) -> int:
-        decryptor = Cobblestone256Decryptor(*piece_key(upload_key, owner_id, upload_id, piece.piece_offset))
+        runs: RunDecoder,
+    ) -> None:
+        """Write the piece's bytes into C{writer}: a run piece's through
+        C{runs}, a piece encrypted on its own decrypted (the runs before it
+        are finished first)."""
         try:
             body = self._blobs.reader(owner_id, piece.blob_id)
         except BlobNotFound as error:
             raise IntegrityError(f"upload {upload_id} lost a piece") from error
         except BlobStoreError as error:
             raise StoreUnavailable(str(error)) from error
-        size = 0
         try:
-            try:
-                while block := body.read(block_bytes):
-                    plain = decryptor.update(block)
-                    if plain:
-                        size += len(plain)
-                        writer.write(plain)
-                plain = decryptor.finalize()
-            except (InvalidTag, ValueError) as error:
-                raise IntegrityError(f"upload {upload_id} fails authentication") from error
-            except BlobStoreError as error:
-                raise StoreUnavailable(str(error)) from error
+            first = _read_up_to(body, RUN_HEAD_BYTES)
+            head = open_run_head(upload_key, owner_id, upload_id, piece.piece_offset, first)
+            if head is not None:
+                self._copy_run(upload_key, owner_id, piece, head, body, runs)
+            else:
+                runs.finish()
+                self._copy_sealed_piece(upload_key, owner_id, piece, first, body, writer)
+        except (InvalidTag, ValueError) as error:
+            raise IntegrityError(f"upload {upload_id} fails authentication") from error
+        except BlobStoreError as error:
+            raise StoreUnavailable(str(error)) from error
+        finally:
+            body.close()
+
+    def _copy_run(
+        self, upload_key: bytes, owner_id: str, piece: UploadPiece, head: RunHead, body: BlobReader, runs: RunDecoder
+    ) -> None:
+        """A run piece into C{runs}: its run decrypted chunk by chunk as it
+        is read, its end (the last L{RUN_END_BYTES}) held back and opened."""
+        runs.start_run(head)
+        pending = bytearray()
+        while block := body.read(IO_BLOCK_BYTES):
+            pending += block
+            usable = len(pending) - RUN_END_BYTES
+            if usable > 0:
+                with memoryview(pending) as view, view[:usable] as run:
+                    taken = runs.feed(run)
+                del pending[:taken]
+        if len(pending) != RUN_END_BYTES:
+            raise IntegrityError(f"upload {piece.upload_id} has a cut run piece")
+        end = open_run_end(upload_key, owner_id, piece.upload_id, piece.piece_offset, bytes(pending))
+        runs.end_run(end, piece.piece_offset + piece.length)
+
+    def _copy_sealed_piece(
+        self,
+        upload_key: bytes,
+        owner_id: str,
+        piece: UploadPiece,
+        first: bytes,
+        body: BlobReader,
+        writer: ArchiveWriter,
+    ) -> None:
+        """A piece encrypted on its own (written where no archive was being
+        assembled), C{first} its first bytes, already read."""
+        decryptor = Cobblestone256Decryptor(*piece_key(upload_key, owner_id, piece.upload_id, piece.piece_offset))
+        size = 0
+        block = first
+        while block:
+            plain = decryptor.update(block)
             if plain:
                 size += len(plain)
                 writer.write(plain)
-        finally:
-            body.close()
+            block = body.read(IO_BLOCK_BYTES)
+        plain = decryptor.finalize()
+        if plain:
+            size += len(plain)
+            writer.write(plain)
         if size != piece.length:
-            raise IntegrityError(f"upload {upload_id} has a piece of the wrong length")
-        return size
+            raise IntegrityError(f"upload {piece.upload_id} has a piece of the wrong length")
 
     def delete(self, owner_id: str, upload_id: str) -> None:
         """Forget the upload (tus termination): rows first, then blobs."""
@@ -578,6 +579,14 @@ class UploadStaging:
                 pass  # no row names it now: the orphan sweep removes it
 
 
+def _read_up_to(body: BlobReader, size: int) -> bytes:
+    """The blob's next C{size} bytes, fewer only at its end."""
+    data = b""
+    while len(data) < size and (block := body.read(size - len(data))):
+        data += block
+    return data
+
+
 def piece_key(upload_key: bytes, owner_id: str, upload_id: str, offset: int) -> tuple[bytes, bytes]:
     """The Cobblestone-256 key and context of the piece at C{offset}: bound
     to its owner, upload and place, so pieces cannot be swapped or moved."""
@@ -609,17 +618,17 @@ class PieceWriter:
     block, then L{commit}, or L{abort} at any point; nothing is kept unless
     L{commit} returns.
 
-    With an L{assembler} (the fast path), the committed piece goes on into
-    the upload's archive in the background; a failed one never does.
+    With an L{_Assembler} (the fast path) the body goes into the upload's
+    archive, and the piece is a run piece holding the archive's ciphertext
+    this body made; without one, the piece is the body encrypted on its own.
     """
-
-    assembler: _Assembler | None = None
 
     def __init__(
         self,
         staging: UploadStaging,
         record: UploadRecord,
         upload_key: bytes,
+        assembler: _Assembler | None,
         *,
         checksum: tuple[str, bytes] | None,
         quota: int | None,
@@ -627,18 +636,29 @@ class PieceWriter:
     ) -> None:
         self._staging = staging
         self._record = record
+        self._upload_key = upload_key
         self._quota = quota
         self._now = now
         self._checksum = checksum
         self._hash = hashlib.new(checksum[0]) if checksum is not None else None
         self._size = 0
         self._done = False
+        self.assembler = assembler
+        self._fed = False  # the assembler's writer took bytes of this body
+        self._encryptor: Cobblestone256Encryptor | None = None
         self.blob_id = secrets.token_hex(16)
-        key, context = piece_key(upload_key, record.owner_id, record.upload_id, record.upload_offset)
-        self._encryptor = Cobblestone256Encryptor(key, context)
         self._buffer = bytearray()
         try:
             self._blob: BlobWriter = staging.storage.blobs.writer(record.owner_id, self.blob_id)
+            if assembler is None:
+                key, context = piece_key(upload_key, record.owner_id, record.upload_id, record.upload_offset)
+                self._encryptor = Cobblestone256Encryptor(key, context)
+            else:
+                head = RunHead(assembler.writer.archive_id, assembler.writer.data_key, assembler.ciphertext_bytes)
+                self._blob.write(
+                    seal_run_head(upload_key, record.owner_id, record.upload_id, record.upload_offset, head)
+                )
+                assembler.writer.tee(self._blob)
         except OSError as error:
             raise translate_os_error(error) from error
         except BlobStoreError as error:
@@ -662,10 +682,12 @@ class PieceWriter:
 
     def _release(self, *, keep: bool) -> None:
         """Done with the assembler: kept for the next PATCH unless the
-        upload is gone."""
+        upload is gone or this body spoiled it (its writer took bytes that
+        are not acknowledged)."""
         assembler, self.assembler = self.assembler, None
         if assembler is not None:
-            self._staging._release_assembler(assembler, keep=keep)
+            assembler.writer.tee(None)
+            self._staging._release_assembler(assembler, keep=keep and not self._fed)
 
     def write(self, data: bytes) -> None:
         if self._done:
@@ -676,11 +698,31 @@ class PieceWriter:
                 raise LengthExceeded("The body would carry the upload past its Upload-Length.")
             if self._hash is not None:
                 self._hash.update(data)
+            if self.assembler is not None:
+                self._fed = True
+                self.assembler.writer.write(data)  # its ciphertext goes into the piece too
+                return
+            assert self._encryptor is not None
             if len(self._buffer) < len(data) + 2 * CHUNK_PLAINTEXT_BYTES:
                 self._buffer = ciphertext_buffer(len(data))
             produced = self._encryptor.update_into(data, self._buffer)
             if produced:
                 self._blob.write(memoryview(self._buffer)[:produced])
+
+    def _seal_piece(self) -> int:
+        """Write the piece's last bytes; returns the archive ciphertext the
+        pieces hold once it is acknowledged (run pieces)."""
+        record = self._record
+        if self.assembler is None:
+            assert self._encryptor is not None
+            self._blob.write(self._encryptor.finalize())
+            return 0
+        checkpoint = self.assembler.writer.checkpoint()  # its flush goes into the run too
+        self.assembler.writer.tee(None)
+        self._blob.write(
+            seal_run_end(self._upload_key, record.owner_id, record.upload_id, record.upload_offset, checkpoint)
+        )
+        return checkpoint.ciphertext_bytes
 
     def commit(self) -> PieceResult:
         """Check the checksum, make the piece durable, then commit its row
@@ -699,7 +741,7 @@ class PieceWriter:
                 offset = record.upload_offset
                 expires_at = record.expires_at
             else:
-                self._blob.write(self._encryptor.finalize())
+                ciphertext_bytes = self._seal_piece()
                 self._blob.commit()
                 self._done = True
                 expires_at = self._now() + staging.expiry_seconds
@@ -716,12 +758,14 @@ class PieceWriter:
                     # A lost answer may hide a commit: keep the blob when in
                     # doubt (the orphan sweep removes it if no row names it).
                     raise StoreUnavailable(str(error)) from error
-                if self.assembler is not None and offset == record.upload_offset + self._size:
-                    self.assembler.add(piece)
+                if self.assembler is not None:
+                    self.assembler.offset = offset
+                    self.assembler.ciphertext_bytes = ciphertext_bytes
+                    self.assembler.pieces.append(piece)
+                    self._fed = False  # its bytes are acknowledged now
         assembler, self.assembler = self.assembler, None
         if offset != record.length:
             if assembler is not None:
-                # Kept: one that did not take this piece is dropped when claimed next.
                 staging._release_assembler(assembler, keep=True)
             return PieceResult(offset, expires_at, None)
         if assembler is None:
@@ -743,7 +787,7 @@ class PieceWriter:
 
     def abort(self) -> None:
         """Forget the piece; safe to call twice, and after a commit (a no-op).
-        The assembler, which never saw the piece, stays for the retry."""
+        The assembler stays for the retry unless this body went into it."""
         self._release(keep=True)
         if self._done:
             return

@@ -132,6 +132,51 @@ class FastPathTests(SyncTestCase):
         self.staging.sweep_expired(self.clock.seconds())
         self.assertOnly([archive_id])
 
+    def test_restart_after_deflated_runs(self) -> None:
+        """Run pieces of a deflated archive, then a restart: the pieces give
+        back every acknowledged byte (each PATCH ended on a sync flush), and
+        the rest goes on as pieces of their own."""
+        data = b"".join(b"line %d: all is well\n" % i for i in range(40_000))
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.patch(upload_id, PIECE, data[PIECE : 3 * PIECE])
+        self.addCleanup(self.staging._assemblers[upload_id].abort)
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        archive_id = self.upload(data, upload_id, 3 * PIECE, staging=restarted)
+        self.assertArchive(archive_id, data)
+        self.assertEqual(self.app.storage.info(self.owner, archive_id).method, "deflated")
+        self.assertEqual((restarted.fast_finishes, restarted.slow_finishes), (0, 1))
+
+    def test_run_pieces_swapped(self) -> None:
+        """Two run pieces' blobs swapped behind the server's back: each
+        piece's head is bound to its place, so the slow path refuses."""
+        data = os.urandom(3 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.patch(upload_id, PIECE, data[PIECE : 2 * PIECE])
+        assembler = self.staging._assemblers[upload_id]
+        self.addCleanup(assembler.abort)
+        directory = blob_directory(self.app.storage, self.owner)
+        first, second = (directory / f"{piece.blob_id}.body" for piece in assembler.pieces)
+        first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
+        first.write_bytes(second_bytes)
+        second.write_bytes(first_bytes)
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertRaises(IntegrityError, self.patch, upload_id, 2 * PIECE, data[2 * PIECE :], staging=restarted)
+
+    def test_run_piece_cut(self) -> None:
+        """A run piece cut short (its end gone) is refused, not read as a
+        shorter upload."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        assembler = self.staging._assemblers[upload_id]
+        self.addCleanup(assembler.abort)
+        path = blob_directory(self.app.storage, self.owner) / f"{assembler.pieces[0].blob_id}.body"
+        path.write_bytes(path.read_bytes()[:-100])
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:], staging=restarted)
+
     def test_another_process_took_a_patch(self) -> None:
         """An assembler that missed a PATCH (another process took it) is
         dropped when its process gets the next one; slow path, byte-exact."""
@@ -146,48 +191,57 @@ class FastPathTests(SyncTestCase):
         self.assertOnly([archive_id])
 
     def test_failed_checksum_then_retry(self) -> None:
-        """A PATCH refused for its checksum (460) is never assembled: the
-        retry at the same offset goes on on the fast path, and the archive
-        holds only the acknowledged bytes."""
+        """A PATCH refused for its checksum (460) went into the archive being
+        written, so that archive is dropped; the retry and the rest finish
+        from the pieces, and the archive holds only the acknowledged bytes."""
         data = os.urandom(3 * PIECE)
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         wrong = ("sha256", hashlib.sha256(b"something else").digest())
         self.assertRaises(ChecksumMismatch, self.patch, upload_id, PIECE, os.urandom(PIECE), checksum=wrong)
-        self.assertEqual(self.staging.live_assemblers, 1)
+        self.assertEqual(self.staging.live_assemblers, 0)
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
-        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 1))
         self.assertOnly([archive_id])
 
     def test_client_gone_midway(self) -> None:
-        """A PATCH aborted midway (the client left) is never assembled; the
-        resumed upload is byte-exact."""
+        """A PATCH aborted midway (the client left) spoils the archive being
+        written; the resumed upload finishes from the pieces, byte-exact."""
         data = os.urandom(3 * PIECE)
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         writer = self.staging.piece_writer(self.owner, upload_id, PIECE, now=self.clock.seconds)
         writer.write(os.urandom(PIECE // 2))
         writer.abort()
+        self.assertEqual(self.staging.live_assemblers, 0)
+        archive_id = self.upload(data, upload_id, PIECE)
+        self.assertArchive(archive_id, data)
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 1))
+        self.assertOnly([archive_id])
+
+    def test_empty_patch_keeps_the_fast_path(self) -> None:
+        """A PATCH with no body put nothing into the archive: it stays."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.patch(upload_id, PIECE, b"")
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
         self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
-        self.assertOnly([archive_id])
 
-    def test_piece_lost_before_the_end(self) -> None:
-        """An assembler that fails to take a piece (here: the piece's blob
-        vanished) is not committed; the slow path reports the damage."""
+    def test_run_piece_lost(self) -> None:
+        """A run piece whose blob vanished: the slow path reports the damage
+        and makes no archive."""
         data = os.urandom(2 * PIECE)
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         assembler = self.staging._assemblers[upload_id]
-        self.assertTrue(assembler.settle())
+        self.addCleanup(assembler.abort)
         self.app.storage.blobs.delete(self.owner, assembler.pieces[0].blob_id)
-        # A second assembler run of the same piece reads the missing blob.
-        assembler.add(assembler.pieces[0])
-        assembler.offset -= PIECE
-        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:])
-        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 0))
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:], staging=restarted)
+        self.assertEqual((restarted.fast_finishes, restarted.slow_finishes), (0, 0))
 
     def test_two_patches_at_once(self) -> None:
         """Two PATCHes at the same offset: one feeds the assembler, the other

@@ -179,6 +179,38 @@ def translate_os_error(error: OSError) -> Exception:
 PARALLEL_HASH_BYTES = 256 * 1024
 
 
+@dataclass(frozen=True)
+class ArchiveCheckpoint:
+    """Where an unfinished archive stands (L{ArchiveWriter.checkpoint}): its
+    ciphertext so far is a Cobblestone-256 stream's header and
+    C{ciphertext_bytes} of whole chunks, which hold the ZIP stream's first
+    C{stream_bytes - len(tail)} bytes; C{tail} is the rest, which the
+    encryptor holds until its chunk is full.  That ZIP stream holds the
+    file's first C{size} bytes."""
+
+    archive_id: str
+    data_key: bytes
+    size: int
+    stream_bytes: int
+    ciphertext_bytes: int
+    tail: bytes
+
+
+def _sync_flush(member: Any, sink: _EncryptingSink) -> None:
+    """Make a deflated ZIP member's output so far decodable on its own
+    (zlib's Z_SYNC_FLUSH: a few bytes, compression goes on after it).
+    zipfile has no public call for this: it reaches into the member's
+    compressor and compressed-size count (CPython's C{_ZipWriteFile}
+    C{_compressor} and C{_compress_size}, the same in 3.11 to 3.13); the
+    one place that does."""
+    compressor = getattr(member, "_compressor", None)
+    if compressor is None:
+        return  # stored: everything written is in the stream already
+    flushed = compressor.flush(zlib.Z_SYNC_FLUSH)
+    member._compress_size += len(flushed)
+    sink.write(flushed)
+
+
 class ArchiveIndex(Protocol):
     """What a writer needs from the store it publishes into (in practice
     L{securevault.storage.SecureFileStorage}): where bodies go, the clock,
@@ -211,6 +243,12 @@ class _EncryptingSink:
         self.position = 0
         self.ciphertext_bytes = 0
         self.closed = False
+        # A second blob that also gets the ciphertext (L{ArchiveWriter.tee}).
+        self.copy_to: BlobWriter | None = None
+        # With a tee, a copy of the plaintext the encryptor holds back until
+        # its chunk is full (less than one chunk).
+        self.keeps_tail = False
+        self.tail = b""
 
     def write(self, data: bytes | memoryview) -> int:
         size = len(data)
@@ -223,6 +261,14 @@ class _EncryptingSink:
         produced = self._encryptor.update_into(data, self._buffer)
         self._emit(memoryview(self._buffer)[:produced])
         self.position += size
+        if self.keeps_tail:
+            held = self.position % CHUNK_PLAINTEXT_BYTES  # what the encryptor holds now
+            if held == 0:
+                self.tail = b""
+            elif size >= held:
+                self.tail = bytes(data[size - held :])
+            else:  # no chunk was completed: the old tail plus these bytes
+                self.tail += bytes(data)
         return size
 
     def _emit(self, ciphertext: memoryview | bytes) -> None:
@@ -230,6 +276,8 @@ class _EncryptingSink:
             return
         try:
             self._blob.write(ciphertext)
+            if self.copy_to is not None:
+                self.copy_to.write(ciphertext)
         except OSError as error:
             raise translate_os_error(error) from error
         self.ciphertext_bytes += len(ciphertext)
@@ -296,6 +344,12 @@ class ArchiveWriter:
         """Plaintext bytes received so far."""
         return self._size
 
+    @property
+    def data_key(self) -> bytes:
+        """The archive's random data key (a staged upload seals it in its
+        pieces, L{securevault.core.runs})."""
+        return self._data_key
+
     def write(self, data: bytes) -> None:
         """Add the next bytes of the file."""
         if self._done:
@@ -326,6 +380,37 @@ class ArchiveWriter:
         except BaseException:
             self.abort()
             raise
+
+    def tee(self, blob: BlobWriter | None) -> None:
+        """Also write the archive's ciphertext from here on into C{blob}
+        (None: stop).  A resumable upload keeps each PATCH's share of the
+        archive in a piece of its own this way (L{securevault.staging})."""
+        self._sink.copy_to = blob
+        self._sink.keeps_tail = True
+
+    def checkpoint(self) -> ArchiveCheckpoint:
+        """Push everything received so far into the ZIP stream (starting the
+        member if the compression sample is not full yet; a deflated member
+        is sync-flushed, so the stream inflates to every byte received) and
+        say where the stream stands: a reader of the ciphertext written so
+        far plus L{ArchiveCheckpoint.tail} recovers every byte."""
+        if self._done:
+            raise StorageError("checkpoint after commit or abort")
+        try:
+            if self._zip is None:
+                self._start_member()
+            _sync_flush(self._member, self._sink)
+        except BaseException:
+            self.abort()
+            raise
+        return ArchiveCheckpoint(
+            archive_id=self.archive_id,
+            data_key=self._data_key,
+            size=self._size,
+            stream_bytes=self._sink.position,
+            ciphertext_bytes=self._sink.ciphertext_bytes,
+            tail=self._sink.tail,
+        )
 
     def _hasher(self) -> ThreadPoolExecutor:
         """This upload's helper thread for SHA-256, started on first use
