@@ -25,8 +25,11 @@ from securevault.core.fsutil import TEMP_SUFFIX, fsync_directory, write_all
 
 BODY_SUFFIX = ".body"
 # Ask the kernel to start writeback every so often, so that the fsync at
-# commit has little left to do and the dirty page set stays small.
-WRITEBACK_EVERY_BYTES = 32 << 20
+# commit has little left to do and the dirty page set stays small.  Every
+# MiB (was 32): a tus PATCH's 8 MiB piece then fsyncs in 0.9 ms, not 5-6
+# (256 MiB in 8 MiB PATCHes: 1.30 -> 1.09 s); a raw upload's final fsync
+# waits for 1 MiB at most.
+WRITEBACK_EVERY_BYTES = 1 << 20
 
 _OWNER_ID = re.compile(r"\A[0-9A-Za-z_-]{1,64}\Z")
 _ARCHIVE_ID = re.compile(r"\A[0-9a-f]{32}\Z")
