@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, cast
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -143,16 +143,22 @@ class UploadFileResource(JsonEndpoint):
         def discard(info: ArchiveInfo) -> None:
             app.run_blocking(storage.delete, owners[0], info.id).addErrback(lambda _: None)
 
-        def counted(found: tuple[Session, ArchiveWriter | None]) -> BodySink[ArchiveInfo]:
+        def counted(found: tuple[Session, BodySink[ArchiveInfo] | None]) -> BodySink[ArchiveInfo]:
             """In progress for GET /usage until the request ends."""
             owner = found[0].user_id
             if not (request.finished or request_disconnected(request)):
                 app.uploads.started(owner)
                 request.notifyFinish().addBoth(lambda _: app.uploads.ended(owner))
-            return cast(ArchiveWriter, found[1])
+            assert found[1] is not None
+            return found[1]
 
-        opening = app.with_session(request, open_writer).addCallback(counted)
-        return body_stream(app.run_blocking, state, opening, to_error=storage_error, discard=discard)
+        stream: UploadStream[ArchiveInfo] = body_stream(
+            app.run_blocking, state, to_error=storage_error, discard=discard, call_from_thread=app.call_from_thread
+        )
+        stream.open_with(
+            app.with_session(request, lambda session: stream.prime(open_writer(session))).addCallback(counted)
+        )
+        return stream
 
     def render_POST(self, request: Request) -> Any:
         app = self.app

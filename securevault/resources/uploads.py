@@ -291,16 +291,19 @@ class UploadItem(_TusEndpoint):
             assert found[1] is not None
             return found[1]
 
-        opening = app.with_session(request, open_piece).addCallback(opened)
-        return body_stream(
+        stream: UploadStream[PieceResult] = body_stream(
             app.run_blocking,
             state,
-            opening,
             to_error=upload_error,
             # An acknowledged piece stays (tus clients HEAD and go on); a
             # finished upload's pieces go even if its answer cannot.
             discard=lambda result: self.remove_leftover(owner[0], result),
+            call_from_thread=app.call_from_thread,
         )
+        stream.open_with(
+            app.with_session(request, lambda session: stream.prime(open_piece(session))).addCallback(opened)
+        )
+        return stream
 
     def remove_leftover(self, owner_id: str, result: PieceResult) -> None:
         """In the pool, after the answer: the blobs of a finished upload's

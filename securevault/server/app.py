@@ -81,6 +81,9 @@ class VaultApp:
     revocations: RevocationState = field(default_factory=RevocationState)
     # Raw uploads streaming on this node, per owner (GET /usage).
     uploads: UploadsInFlight = field(default_factory=UploadsInFlight)
+    # The reactor's callFromThread: a pool call that streams a body resumes
+    # reading it without returning first (None where the pool is inline).
+    call_from_thread: Callable[[Callable[[], None]], object] | None = None
 
     @cached_property
     def staging(self) -> UploadStaging:

@@ -11,6 +11,7 @@ more.  Memory stays flat whatever the size.
 from __future__ import annotations
 
 import base64
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
@@ -66,27 +67,34 @@ class UploadStream(Generic[T]):
 
     At most one pool call is in flight, so writes stay in order; bytes that
     arrive meanwhile wait here, and past L{HIGH_WATER_BYTES} the connection
-    is paused until the pool catches up.
+    is paused until the pool catches up.  The call in flight goes on with
+    what arrived while it wrote (L{_write_waiting}), and the call that opens
+    the sink starts on what arrived while it opened (L{prime}): no round
+    trip through the reactor between blocks (measured: 3-5 ms each, with
+    the reactor busy reading the body).  Only the waiting bytes are shared
+    between the threads, under a lock.
     """
 
     def __init__(
         self,
         run_blocking: RunBlocking,
-        opening: Deferred[BodySink[T]],
         pause: Callable[[], None],
         resume: Callable[[], None],
         on_error: Callable[[Failure], None],
         discard: Callable[[T], None],
+        call_from_thread: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self._run = run_blocking
         self._pause = pause
         self._resume = resume
         self._on_error = on_error
         self._discard = discard
+        self._call_from_thread = call_from_thread
+        self._lock = threading.Lock()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._writer: BodySink[T] | None = None
-        self._busy = True
+        self._busy = True  # the opening is in flight
         self._paused = False
         self._ending = False
         self._aborted = False
@@ -94,8 +102,11 @@ class UploadStream(Generic[T]):
         self._result: Deferred[T] | None = None
         self._joiner = BlockJoiner()
         self.received_bytes = 0
-        # The writer is opened in the pool once the session is found there
-        # (the session gate); bytes that arrive meanwhile wait here.
+
+    def open_with(self, opening: Deferred[BodySink[T]]) -> None:
+        """The sink, opened in the pool once the session is found there (the
+        session gate), by a call that ends with L{prime}; bytes that arrive
+        meanwhile wait here."""
         opening.addCallbacks(self._opened, self._failed)
 
     # -- reactor side ---------------------------------------------------
@@ -105,9 +116,11 @@ class UploadStream(Generic[T]):
         if self._aborted or self._failure is not None:
             return
         self.received_bytes += len(data)
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= HIGH_WATER_BYTES and not self._paused:
+        with self._lock:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            full = self._pending_bytes >= HIGH_WATER_BYTES
+        if full and not self._paused:
             self._paused = True
             self._pause()
         self._pump()
@@ -133,10 +146,46 @@ class UploadStream(Generic[T]):
         if self._aborted:
             return
         self._aborted = True
-        self._pending = []
-        self._pending_bytes = 0
+        self._take_pending()
         if not self._busy:
             self._abort_writer()
+
+    def _take_pending(self) -> list[bytes]:
+        with self._lock:
+            pieces, self._pending = self._pending, []
+            self._pending_bytes = 0
+        return pieces
+
+    def _resume_reading(self) -> None:
+        if self._paused and not self._aborted and self._pending_bytes < HIGH_WATER_BYTES:
+            self._paused = False
+            self._resume()
+
+    # -- pool side ------------------------------------------------------
+
+    def prime(self, sink: BodySink[T]) -> BodySink[T]:
+        """In the pool, at the end of the call that opened C{sink}: write
+        what arrived meanwhile."""
+        self._write_waiting(sink)
+        return sink
+
+    def _write(self, sink: BodySink[T], pieces: list[bytes]) -> None:
+        self._joiner.write(sink, pieces)
+        self._write_waiting(sink)
+
+    def _write_waiting(self, sink: BodySink[T]) -> None:
+        """Go on with the bytes that arrived during this call: a block or
+        more, or all of them once the body ended.  Only ever in the one call
+        in flight, which the reactor side waits for (C{_busy})."""
+        while not self._aborted:
+            with self._lock:
+                if not self._pending or (self._pending_bytes < BLOCK_BYTES and not self._ending):
+                    return
+                pieces, self._pending = self._pending, []
+                self._pending_bytes = 0
+            if self._call_from_thread is not None:
+                self._call_from_thread(self._resume_reading)
+            self._joiner.write(sink, pieces)
 
     # -- pool traffic ---------------------------------------------------
 
@@ -144,14 +193,16 @@ class UploadStream(Generic[T]):
         if self._busy or self._aborted or self._writer is None or self._failure is not None:
             return
         writer = self._writer
-        if self._pending and (self._pending_bytes >= BLOCK_BYTES or self._ending):
-            pieces, self._pending = self._pending, []
-            self._pending_bytes = 0
+        with self._lock:
+            ready = bool(self._pending) and (self._pending_bytes >= BLOCK_BYTES or self._ending)
+            pieces: list[bytes] = []
+            if ready:
+                pieces, self._pending = self._pending, []
+                self._pending_bytes = 0
+        if ready:
             self._busy = True
-            self._run(self._joiner.write, writer, pieces).addCallbacks(self._written, self._failed)
-            if self._paused and not self._aborted:
-                self._paused = False
-                self._resume()
+            self._run(self._write, writer, pieces).addCallbacks(self._written, self._failed)
+            self._resume_reading()
         elif self._ending and not self._pending and self._result is not None:
             self._busy = True
             self._run(writer.commit).addCallbacks(self._committed, self._failed)
@@ -162,6 +213,7 @@ class UploadStream(Generic[T]):
         if self._aborted:
             self._abort_writer()
         else:
+            self._resume_reading()
             self._pump()
 
     def _written(self, _: None) -> None:
@@ -169,6 +221,7 @@ class UploadStream(Generic[T]):
         if self._aborted:
             self._abort_writer()
         else:
+            self._resume_reading()
             self._pump()
 
     def _committed(self, info: T) -> None:
@@ -185,8 +238,7 @@ class UploadStream(Generic[T]):
         self._writer = None
         if self._aborted:
             return
-        self._pending = []
-        self._pending_bytes = 0
+        self._take_pending()
         if self._result is not None:
             self._result.errback(failure)
         else:
@@ -245,14 +297,15 @@ class BlockJoiner:
 def body_stream(
     run_blocking: RunBlocking,
     state: RequestState,
-    opening: Deferred[BodySink[T]],
     *,
     to_error: Callable[[Failure], BaseException],
     discard: Callable[[T], None],
+    call_from_thread: Callable[[Callable[[], None]], object] | None,
 ) -> UploadStream[T]:
-    """The request's body streamed into the sink C{opening} gives, paced by
-    the request's state; a sink that fails while the body still arrives
-    refuses the request at once with C{to_error}'s answer (the body unread)."""
+    """The request's body streamed into the sink its L{UploadStream.open_with}
+    gives, paced by the request's state; a sink that fails while the body
+    still arrives refuses the request at once with C{to_error}'s answer (the
+    body unread)."""
 
     def failed(failure: Failure) -> None:
         if state.refuse is None:
@@ -261,7 +314,12 @@ def body_stream(
         state.refuse(error if isinstance(error, ApiError) else failure)
 
     return UploadStream(
-        run_blocking, opening, pause=state.pause_body, resume=state.resume_body, on_error=failed, discard=discard
+        run_blocking,
+        pause=state.pause_body,
+        resume=state.resume_body,
+        on_error=failed,
+        discard=discard,
+        call_from_thread=call_from_thread,
     )
 
 

@@ -780,6 +780,7 @@ def _vault_daemon(
         # (no new events) and before the pool (its last write still runs).
         app.audit_trail.setServiceParent(top)
     app.revocations = revocations
+    app.call_from_thread = reactor.callFromThread
 
     sweeps = itertools.count()
 

@@ -903,6 +903,24 @@ class UploadStreamingTests(_VaultTestCase):
         self.app.run_blocking = run_inline
         self.assertEqual(self.download(session, b"id=" + response.json()["id"].encode(), raw=True).body, content)
 
+    def test_opening_call_writes_what_arrived(self) -> None:
+        """Bytes that arrived while the pool was opening the archive are
+        written by that same pool call, not by another trip through the
+        reactor: a body that is all there takes the opening call (which
+        writes it) and the commit, two calls in all."""
+        session = self.alice()
+        runner = ManualRunner()
+        self.app.run_blocking = runner
+        content = os.urandom(3 * 1024 * 1024 + 5)
+        connection = self.client.connect()
+        connection.send(self.raw_head(session, len(content)))
+        for start in range(0, len(content), 64 * 1024):
+            connection.send(content[start : start + 64 * 1024])
+        self.assertEqual(runner.run_all(), 2)
+        [response] = connection.responses()
+        self.assertEqual(response.status, 201, response.body)
+        self.assertEqual(response.json()["sha256"], hashlib.sha256(content).hexdigest())
+
     def test_disconnect_mid_upload(self) -> None:
         """A client that leaves in the middle of a raw upload leaves no file,
         temporary or not."""
