@@ -491,8 +491,8 @@ class UploadStaging:
     def _copy_run(
         self, upload_key: bytes, owner_id: str, piece: UploadPiece, head: RunHead, body: BlobReader, runs: RunDecoder
     ) -> None:
-        """A run piece into C{runs}: its run decrypted chunk by chunk as it
-        is read, its end (the last L{RUN_END_BYTES}) held back and opened."""
+        """A run piece into C{runs}: its run decrypted as it is read, its
+        end (the last L{RUN_END_BYTES}) held back and opened."""
         runs.start_run(head)
         pending = bytearray()
         while block := body.read(IO_BLOCK_BYTES):
@@ -500,8 +500,8 @@ class UploadStaging:
             usable = len(pending) - RUN_END_BYTES
             if usable > 0:
                 with memoryview(pending) as view, view[:usable] as run:
-                    taken = runs.feed(run)
-                del pending[:taken]
+                    runs.feed(run)
+                del pending[:usable]
         if len(pending) != RUN_END_BYTES:
             raise IntegrityError(f"upload {piece.upload_id} has a cut run piece")
         end = open_run_end(upload_key, owner_id, piece.upload_id, piece.piece_offset, bytes(pending))

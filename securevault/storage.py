@@ -400,7 +400,7 @@ class SecureFileStorage:
         writer = self.writer(owner_id, filename, max_bytes=max_bytes, quota=quota)
         view = memoryview(data)
         for start in range(0, len(view), IO_BLOCK_BYTES):
-            writer.write(view[start : start + IO_BLOCK_BYTES])  # type: ignore[arg-type]
+            writer.write(view[start : start + IO_BLOCK_BYTES])
         return writer.commit()
 
     def archive_ids(self, owner_id: str) -> builtins.list[str]:

@@ -350,8 +350,8 @@ class ArchiveWriter:
         pieces, L{securevault.core.runs})."""
         return self._data_key
 
-    def write(self, data: bytes) -> None:
-        """Add the next bytes of the file."""
+    def write(self, data: bytes | memoryview) -> None:
+        """Add the next bytes of the file (a view is not kept past the call)."""
         if self._done:
             raise StorageError("write after commit or abort")
         try:

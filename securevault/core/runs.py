@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.cobblestone import Cobblestone256Decryptor
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -41,13 +42,7 @@ from securevault.core.archive import (
     context_bytes,
     derive_key,
 )
-from securevault.core.chunked import (
-    CHUNK_CIPHERTEXT_BYTES,
-    CHUNK_PLAINTEXT_BYTES,
-    HEADER_BYTES,
-    ChunkedStream,
-    ChunkedStreamError,
-)
+from securevault.core.chunked import CHUNK_CIPHERTEXT_BYTES, CHUNK_PLAINTEXT_BYTES
 
 RUN_MAGIC = b"\x00svrun1\x00"
 _HEAD_FIELDS = struct.Struct(">16s32sQ")
@@ -141,14 +136,15 @@ def open_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, 
 
 class _MemberBytes:
     """The file bytes of a ZIP stream's first member, fed the stream from
-    its start: the local header is parsed and skipped, deflate inflated."""
+    its start: the local header is parsed and skipped, deflate inflated.
+    What it is fed and gives out are views valid for the call only."""
 
-    def __init__(self, out: Callable[[bytes], None]) -> None:
+    def __init__(self, out: Callable[[memoryview], None]) -> None:
         self._out = out
         self._header: bytearray | None = bytearray()
         self._inflater: zlib._Decompress | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: memoryview) -> None:
         if self._header is not None:
             self._header += data
             if len(self._header) < _LOCAL_HEADER.size:
@@ -160,7 +156,7 @@ class _MemberBytes:
             data_offset = _LOCAL_HEADER.size + name_bytes + extra_bytes
             if len(self._header) < data_offset:
                 return
-            data = bytes(self._header[data_offset:])
+            data = memoryview(bytes(self._header[data_offset:]))
             self._header = None
             if method == _DEFLATED:
                 self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -169,35 +165,39 @@ class _MemberBytes:
                 self._out(data)
             return
         try:
-            while data:
-                plain = self._inflater.decompress(data, IO_BLOCK_BYTES)
+            rest: bytes | memoryview = data
+            while rest:
+                plain = self._inflater.decompress(rest, IO_BLOCK_BYTES)
                 if plain:
-                    self._out(plain)
-                data = self._inflater.unconsumed_tail
+                    self._out(memoryview(plain))
+                rest = self._inflater.unconsumed_tail
         except zlib.error as error:
             raise IntegrityError("a staged archive does not inflate") from error
 
 
 class RunDecoder:
     """Gives back the file bytes an upload's run pieces hold, in order:
-    L{feed} each run piece's bytes between its head and end (C{run}), then
-    L{end_run} with its end, and after the last one L{finish}.  Any piece
-    out of place, damaged or from another archive is an L{IntegrityError}."""
+    L{start_run} with each run piece's head, L{feed} it the bytes between
+    its head and its end (the run), then L{end_run} with its end, and after
+    the last one L{finish}.  The runs are one Cobblestone-256 stream's start
+    (whole chunks), decrypted by the library as they come: every chunk is
+    authenticated when it is given back.  Any piece out of place, damaged
+    or from another archive is an L{IntegrityError}."""
 
-    def __init__(self, upload_id: str, owner_id: str, out: Callable[[bytes], None]) -> None:
+    def __init__(self, upload_id: str, owner_id: str, out: Callable[[memoryview], None]) -> None:
         self._upload_id = upload_id
         self._owner_id = owner_id
         self._member = _MemberBytes(self._count)
         self._out = out
-        self._stream: ChunkedStream | None = None
+        self._decryptor: Cobblestone256Decryptor | None = None
+        self._buffer = bytearray()
         self._head: RunHead | None = None
-        self._next_chunk = 0
-        self._ciphertext = 0  # the archive's ciphertext bytes seen so far
-        self._header = bytearray()
+        self._ciphertext = 0  # the archive's ciphertext bytes fed so far
+        self._stream_bytes = 0  # the ZIP stream bytes they gave back
         self._last: RunEnd | None = None
         self.size = 0  # file bytes given back so far
 
-    def _count(self, data: bytes) -> None:
+    def _count(self, data: memoryview) -> None:
         self.size += len(data)
         self._out(data)
 
@@ -208,44 +208,29 @@ class RunDecoder:
         if self._head is None:
             if head.run_start != 0:
                 raise self._damaged("its first run piece does not start the archive")
+            self._decryptor = Cobblestone256Decryptor(
+                derive_key(head.data_key, b"body-key"), context_bytes(b"body", self._owner_id, head.archive_id)
+            )
         elif head.archive_id != self._head.archive_id or head.data_key != self._head.data_key:
             raise self._damaged("a run piece is from another archive")
         if head.run_start != self._ciphertext:
             raise self._damaged("a run piece is out of place")
         self._head = head
 
-    def feed(self, run: memoryview) -> int:
-        """Decrypt the whole chunks at the front of C{run}; returns how many
-        bytes it took (the rest waits for more)."""
-        assert self._head is not None
-        taken = 0
-        if self._stream is None:
-            need = HEADER_BYTES - len(self._header)
-            self._header += run[:need]
-            taken = min(need, len(run))
-            if len(self._header) < HEADER_BYTES:
-                self._ciphertext += taken
-                return taken
-            try:
-                self._stream = ChunkedStream(
-                    derive_key(self._head.data_key, b"body-key"),
-                    context_bytes(b"body", self._owner_id, self._head.archive_id),
-                    bytes(self._header),
-                )
-            except ChunkedStreamError as error:
-                raise self._damaged("its archive's header fails authentication") from error
-        stream = self._stream
-        while len(run) - taken >= CHUNK_CIPHERTEXT_BYTES:
-            chunk = run[taken : taken + CHUNK_CIPHERTEXT_BYTES]
-            try:
-                plain = stream.decrypt_chunk(self._next_chunk, chunk, final=False)
-            except ChunkedStreamError as error:
-                raise self._damaged("a run piece fails authentication") from error
-            self._next_chunk += 1
-            taken += CHUNK_CIPHERTEXT_BYTES
-            self._member.feed(plain)
-        self._ciphertext += taken
-        return taken
+    def feed(self, run: memoryview) -> None:
+        """The next bytes of the current run."""
+        assert self._decryptor is not None
+        if len(self._buffer) < len(run) + CHUNK_CIPHERTEXT_BYTES:
+            self._buffer = bytearray(len(run) + CHUNK_CIPHERTEXT_BYTES)
+        try:
+            produced = self._decryptor.update_into(run, self._buffer)
+        except (InvalidTag, ValueError) as error:
+            raise self._damaged("a run piece fails authentication") from error
+        self._ciphertext += len(run)
+        self._stream_bytes += produced
+        if produced:
+            with memoryview(self._buffer) as view:
+                self._member.feed(view[:produced])
 
     def end_run(self, end: RunEnd, file_offset: int) -> None:
         """The run's piece ended; C{file_offset} is where its row says the
@@ -259,10 +244,8 @@ class RunDecoder:
         if self._last is None:
             return
         end, self._last = self._last, None
-        if self._stream is None and end.ciphertext_bytes:
-            raise self._damaged("its runs lost their header")
-        if self._next_chunk * CHUNK_PLAINTEXT_BYTES + len(end.tail) != end.stream_bytes:
+        if self._stream_bytes + len(end.tail) != end.stream_bytes:
             raise self._damaged("its runs do not add up to their stream")
-        self._member.feed(end.tail)
+        self._member.feed(memoryview(end.tail))
         if self.size != end.size:
             raise self._damaged(f"its runs hold {self.size} of {end.size} bytes")

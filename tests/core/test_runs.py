@@ -99,15 +99,11 @@ def write_runs(data: bytes, cuts: list[int]) -> tuple[ArchiveWriter, list[_Run]]
 
 def decode(runs: list[_Run], feed_bytes: int = 7_777) -> bytes:
     out: list[bytes] = []
-    decoder = RunDecoder(UPLOAD, OWNER, out.append)
+    decoder = RunDecoder(UPLOAD, OWNER, lambda data: out.append(bytes(data)))
     for run in runs:
         decoder.start_run(run.head)
-        pending = b""
         for block in range(0, len(run.run), feed_bytes):
-            pending += run.run[block : block + feed_bytes]
-            pending = pending[decoder.feed(memoryview(pending)) :]
-        if pending:
-            raise IntegrityError("a run ends mid-chunk")
+            decoder.feed(memoryview(run.run[block : block + feed_bytes]))
         end = open_run_end(
             UPLOAD_KEY, OWNER, UPLOAD, run.offset, seal_run_end(UPLOAD_KEY, OWNER, UPLOAD, run.offset, run.end)
         )
