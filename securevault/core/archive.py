@@ -285,6 +285,12 @@ class _EncryptingSink:
     def finish(self) -> None:
         self._emit(self._encryptor.finalize())
 
+    def release(self) -> None:
+        """Free the buffer now that nothing more is written: whatever still
+        holds the writer (a stream in a reference cycle until the garbage
+        collector runs) does not hold a MiB with it."""
+        self._buffer = bytearray()
+
     def tell(self) -> int:
         return self.position
 
@@ -496,6 +502,7 @@ class ArchiveWriter:
                 raise
             self._done = True
             self._stop_hasher()
+            self._sink.release()
             return info
         except OSError as error:
             self.abort()
@@ -517,6 +524,7 @@ class ArchiveWriter:
                     closable.close()
                 except Exception:
                     pass  # already failing; nothing of it reaches the disk
+        self._sink.release()
         self._blob.abort()
 
 
