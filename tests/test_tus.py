@@ -68,9 +68,17 @@ class TuspyTests(SyncTestCase):
         """SIGKILL between two PATCHes: after a restart, HEAD gives the
         acknowledged offset, the upload resumes from there, and the archive
         downloads byte-exact."""
+        self.resume_after_kill(os.urandom(3 * CHUNK_BYTES + 999))
+
+    def test_resume_compressible_after_kill(self) -> None:
+        """The same with a file that deflates: the first two PATCHes' run
+        pieces (each ending on a sync flush) give back their bytes after the
+        restart."""
+        self.resume_after_kill(b"".join(b"line %08d: all is well\n" % i for i in range(40_000)))
+
+    def resume_after_kill(self, data: bytes) -> None:
         daemon, port = self.start()
         session = login(self.context, port)
-        data = os.urandom(3 * CHUNK_BYTES + 999)
         uploader = self.tus(port, session).uploader(
             file_stream=io.BytesIO(data), chunk_size=CHUNK_BYTES, metadata={"filename": "resumed.bin"}
         )
