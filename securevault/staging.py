@@ -71,6 +71,7 @@ from securevault.core.archive import (
     translate_os_error,
 )
 from securevault.core.keys import UnwrapError
+from securevault.core.ranges import read_up_to
 from securevault.core.runs import (
     RUN_END_BYTES,
     RUN_HEAD_BYTES,
@@ -474,7 +475,7 @@ class UploadStaging:
         except BlobStoreError as error:
             raise StoreUnavailable(str(error)) from error
         try:
-            first = _read_up_to(body, RUN_HEAD_BYTES)
+            first = read_up_to(body, RUN_HEAD_BYTES)
             head = open_run_head(upload_key, owner_id, upload_id, piece.piece_offset, first)
             if head is not None:
                 self._copy_run(upload_key, owner_id, piece, head, body, runs)
@@ -577,14 +578,6 @@ class UploadStaging:
                 self._blobs.delete(owner_id, piece.blob_id)
             except (OSError, BlobStoreError):
                 pass  # no row names it now: the orphan sweep removes it
-
-
-def _read_up_to(body: BlobReader, size: int) -> bytes:
-    """The blob's next C{size} bytes, fewer only at its end."""
-    data = b""
-    while len(data) < size and (block := body.read(size - len(data))):
-        data += block
-    return data
 
 
 def piece_key(upload_key: bytes, owner_id: str, upload_id: str, offset: int) -> tuple[bytes, bytes]:

@@ -188,8 +188,6 @@ class ArchiveCheckpoint:
     encryptor holds until its chunk is full.  That ZIP stream holds the
     file's first C{size} bytes."""
 
-    archive_id: str
-    data_key: bytes
     size: int
     stream_bytes: int
     ciphertext_bytes: int
@@ -413,8 +411,6 @@ class ArchiveWriter:
             self.abort()
             raise
         return ArchiveCheckpoint(
-            archive_id=self.archive_id,
-            data_key=self._data_key,
             size=self._size,
             stream_bytes=self._sink.position,
             ciphertext_bytes=self._sink.ciphertext_bytes,

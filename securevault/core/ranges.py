@@ -66,8 +66,8 @@ class PlaintextReader(Protocol):
     def close(self) -> None: ...
 
 
-def _read_exactly(reader: BlobReader, length: int) -> bytes:
-    """Up to C{length} bytes, fewer only where the blob ends."""
+def read_up_to(reader: BlobReader, length: int) -> bytes:
+    """The next C{length} bytes, fewer only where the blob ends."""
     pieces = []
     left = length
     while left > 0:
@@ -139,7 +139,7 @@ class StoredRangeReader:
         self._total = total
         with_header = self._open_range(0, HEADER_BYTES)
         try:
-            header = _read_exactly(with_header, HEADER_BYTES)
+            header = read_up_to(with_header, HEADER_BYTES)
         finally:
             with_header.close()
         self._stream = ChunkedStream(body_key, context, header)
@@ -150,7 +150,7 @@ class StoredRangeReader:
         expected = info.stored_bytes - offset
         reader = self._open_range(offset, expected + 1)
         try:
-            final = _read_exactly(reader, expected + 1)
+            final = read_up_to(reader, expected + 1)
         finally:
             reader.close()
         if len(final) != expected:
@@ -168,7 +168,7 @@ class StoredRangeReader:
             self._blob = self._open_range(self._blob_position, span_end - self._blob_position)
         if offset != self._blob_position:
             raise ValueError("chunks must be read in order")
-        data = _read_exactly(self._blob, length)
+        data = read_up_to(self._blob, length)
         self._blob_position += len(data)
         return data
 

@@ -65,17 +65,6 @@ class RunHead:
     run_start: int
 
 
-@dataclass(frozen=True)
-class RunEnd:
-    """Where the archive stood when the run's PATCH was acknowledged
-    (L{ArchiveCheckpoint}, without the key)."""
-
-    size: int
-    stream_bytes: int
-    ciphertext_bytes: int
-    tail: bytes
-
-
 def _run_key(upload_key: bytes) -> AESGCM:
     return AESGCM(derive_key(upload_key, b"run-piece-key"))
 
@@ -120,7 +109,7 @@ def seal_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, 
     return nonce + _run_key(upload_key).encrypt(nonce, padded, _place(b"run-end", owner_id, upload_id, offset))
 
 
-def open_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, data: bytes) -> RunEnd:
+def open_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, data: bytes) -> ArchiveCheckpoint:
     try:
         fields = _run_key(upload_key).decrypt(
             data[:NONCE_BYTES], data[NONCE_BYTES:], _place(b"run-end", owner_id, upload_id, offset)
@@ -131,7 +120,7 @@ def open_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, 
     if tail_bytes >= CHUNK_PLAINTEXT_BYTES:
         raise IntegrityError(f"upload {upload_id} has a damaged piece end")
     tail = fields[_END_FIELDS.size : _END_FIELDS.size + tail_bytes]
-    return RunEnd(size, stream_bytes, ciphertext_bytes, tail)
+    return ArchiveCheckpoint(size, stream_bytes, ciphertext_bytes, tail)
 
 
 class _MemberBytes:
@@ -194,7 +183,7 @@ class RunDecoder:
         self._head: RunHead | None = None
         self._ciphertext = 0  # the archive's ciphertext bytes fed so far
         self._stream_bytes = 0  # the ZIP stream bytes they gave back
-        self._last: RunEnd | None = None
+        self._last: ArchiveCheckpoint | None = None
         self.size = 0  # file bytes given back so far
 
     def _count(self, data: memoryview) -> None:
@@ -232,7 +221,7 @@ class RunDecoder:
             with memoryview(self._buffer) as view:
                 self._member.feed(view[:produced])
 
-    def end_run(self, end: RunEnd, file_offset: int) -> None:
+    def end_run(self, end: ArchiveCheckpoint, file_offset: int) -> None:
         """The run's piece ended; C{file_offset} is where its row says the
         acknowledged bytes end."""
         if end.ciphertext_bytes != self._ciphertext or end.size != file_offset:

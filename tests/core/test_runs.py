@@ -154,7 +154,7 @@ class RunPieceTests(SyncTestCase):
         self.assertIsNone(open_run_head(UPLOAD_KEY, OWNER, UPLOAD, 70_000, os.urandom(RUN_HEAD_BYTES)))
 
     def test_end_bound_to_its_place(self) -> None:
-        checkpoint = ArchiveCheckpoint("c" * 32, os.urandom(32), 5, 90, 56, b"tail")
+        checkpoint = ArchiveCheckpoint(5, 90, 56, b"tail")
         sealed = seal_run_end(UPLOAD_KEY, OWNER, UPLOAD, 0, checkpoint)
         self.assertEqual(len(sealed), RUN_END_BYTES)
         self.assertEqual(open_run_end(UPLOAD_KEY, OWNER, UPLOAD, 0, sealed).tail, b"tail")
