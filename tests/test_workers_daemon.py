@@ -90,6 +90,11 @@ class WorkersTestCase(SyncTestCase):
         daemon = SyncDaemon(argv, self.vault.base, env)
         self.addCleanup(daemon.stop)
         self.port = daemon.wait_listening()
+        # Both workers past their start-up (which writes to the stores):
+        # a worker SIGSTOPped by only() while it held SQLite's write lock
+        # kept the other's login waiting past the test's read timeout.
+        for number in (1, 2):
+            daemon.wait_for(rf"worker {number}: worker {number} \(pid \d+\) serving")
         return daemon
 
     def worker_pids(self, daemon: SyncDaemon) -> dict[int, int]:
