@@ -46,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from cryptography.cobblestone import Cobblestone256Decryptor, Cobblestone256Encryptor
 from cryptography.exceptions import InvalidTag
@@ -83,7 +84,16 @@ from securevault.core.runs import (
     seal_run_head,
 )
 from securevault.storage import SecureFileStorage
-from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, BlobWriter
+from securevault.stores.blobs import (
+    BlobNotFound,
+    BlobReader,
+    BlobStore,
+    BlobStoreError,
+    BlobWriter,
+    BlobWriters,
+    JournalStore,
+    JournalWriter,
+)
 from securevault.stores.metadata import (
     MetadataError,
     UploadConflict,
@@ -142,9 +152,10 @@ class UploadStatus:
 @dataclass(frozen=True)
 class PieceResult:
     """What a PATCH answers: the new offset, and the archive when complete.
-    Then C{leftover} names the pieces whose blobs are to go (no row names
-    them any more): L{UploadStaging.remove_pieces}, after the answer, since
-    removing a blob costs a directory fsync each."""
+    Then C{leftover} names the pieces whose blobs are to go with the
+    upload's journal (no row names them any more):
+    L{UploadStaging.remove_upload_blobs}, after the answer, since removing
+    a blob costs a directory fsync each."""
 
     offset: int
     expires_at: float
@@ -161,7 +172,14 @@ class _Assembler:
     L{ArchiveWriter} holds every acknowledged byte up to L{offset} and
     nothing else (a PATCH that fails after writing into it drops it)."""
 
-    def __init__(self, record: UploadRecord, index: _FinishingIndex, writer: ArchiveWriter, touched: float) -> None:
+    def __init__(
+        self,
+        record: UploadRecord,
+        index: _FinishingIndex,
+        writer: ArchiveWriter,
+        touched: float,
+        journals: JournalStore | None,
+    ) -> None:
         self.owner_id = record.owner_id
         self.upload_id = record.upload_id
         self.index = index
@@ -171,12 +189,18 @@ class _Assembler:
         self.pieces: list[UploadPiece] = []
         self.touched = touched
         self.claimed = False  # a PATCH holds it
+        self._journals = journals
 
     def abort(self) -> None:
+        """Stop writing.  A journal holding acknowledged runs stays for the
+        slow path; one holding none goes (a new assembler starts another
+        at offset 0: refused first PATCHes must not pile up journals)."""
         try:
             self.writer.abort()
+            if self._journals is not None and self.offset == 0:
+                self._journals.delete_journals(self.owner_id, self.upload_id, self.writer.archive_id)
         except (OSError, BlobStoreError):
-            pass  # a temp blob left behind goes with the next start's cleanup
+            pass  # a temp blob or journal left behind goes with the next start's cleanup or sweep
 
 
 class UploadStaging:
@@ -187,6 +211,9 @@ class UploadStaging:
     def __init__(self, storage: SecureFileStorage, expiry_seconds: float) -> None:
         self.storage = storage
         self.expiry_seconds = expiry_seconds
+        # Where the fast path's runs stay in the archive's journal (each
+        # byte written once); elsewhere each piece holds its run.
+        self._journals = storage.blobs if isinstance(storage.blobs, JournalStore) else None
         self._lock = threading.Lock()
         # Upload id -> assembler, least recently used first; a claimed one
         # (a PATCH holds it) stays listed but is never evicted.
@@ -231,10 +258,10 @@ class UploadStaging:
                 try:
                     # Opening a temp blob under the lock: short, and only
                     # pool threads wait for this lock.
-                    index, writer = self._archive_writer(record.owner_id, upload_id, filename)
+                    index, writer = self._archive_writer(record.owner_id, upload_id, filename, fast=True)
                 except Exception:
                     return None  # the piece reports a failing store, if it fails too
-                assembler = _Assembler(record, index, writer, now)
+                assembler = _Assembler(record, index, writer, now, self._journals)
                 assembler.claimed = True
                 self._assemblers[upload_id] = assembler
                 return assembler
@@ -265,12 +292,17 @@ class UploadStaging:
             del self._assemblers[upload_id]
         found.abort()
 
-    def _archive_writer(self, owner_id: str, upload_id: str, filename: str) -> tuple[_FinishingIndex, ArchiveWriter]:
+    def _archive_writer(
+        self, owner_id: str, upload_id: str, filename: str, *, fast: bool = False
+    ) -> tuple[_FinishingIndex, ArchiveWriter]:
         """The writer of the upload's archive, which replaces the upload's
-        rows when it commits; the quota is set on the index at the end."""
-        index = _FinishingIndex(self.storage, upload_id)
+        rows when it commits; the quota is set on the index at the end.
+        The fast path's writer checkpoints, and writes into a journal where
+        the blob store keeps them."""
+        journals = self._journals if fast else None
+        index = _FinishingIndex(self.storage, upload_id, journals)
         try:
-            return index, ArchiveWriter(index, owner_id, filename)
+            return index, ArchiveWriter(index, owner_id, filename, checkpoints=fast)
         except OSError as error:
             raise translate_os_error(error) from error
         except BlobStoreError as error:
@@ -402,7 +434,7 @@ class UploadStaging:
         L{ArchiveWriter}; the archive's row replaces the upload's rows in one
         transaction; then the pieces' blobs go."""
         info, pieces = self._finish(owner_id, upload_id, quota=quota)
-        self.remove_pieces(owner_id, pieces)
+        self.remove_upload_blobs(owner_id, upload_id, pieces)
         return info
 
     def _finish(self, owner_id: str, upload_id: str, *, quota: int | None) -> tuple[ArchiveInfo, list[UploadPiece]]:
@@ -477,7 +509,9 @@ class UploadStaging:
         try:
             first = read_up_to(body, RUN_HEAD_BYTES)
             head = open_run_head(upload_key, owner_id, upload_id, piece.piece_offset, first)
-            if head is not None:
+            if head is not None and head.journaled:
+                self._copy_journaled_run(upload_key, owner_id, piece, head, body, runs)
+            elif head is not None:
                 self._copy_run(upload_key, owner_id, piece, head, body, runs)
             else:
                 runs.finish()
@@ -506,6 +540,32 @@ class UploadStaging:
         if len(pending) != RUN_END_BYTES:
             raise IntegrityError(f"upload {piece.upload_id} has a cut run piece")
         end = open_run_end(upload_key, owner_id, piece.upload_id, piece.piece_offset, bytes(pending))
+        runs.end_run(end, piece.piece_offset + piece.length)
+
+    def _copy_journaled_run(
+        self, upload_key: bytes, owner_id: str, piece: UploadPiece, head: RunHead, body: BlobReader, runs: RunDecoder
+    ) -> None:
+        """A journaled run piece into C{runs}: its end is all the piece holds
+        after its head; the run is read from the archive's journal."""
+        upload_id = piece.upload_id
+        sealed_end = read_up_to(body, RUN_END_BYTES + 1)
+        if len(sealed_end) != RUN_END_BYTES:
+            raise IntegrityError(f"upload {upload_id} has a damaged run piece")
+        end = open_run_end(upload_key, owner_id, upload_id, piece.piece_offset, sealed_end)
+        length = end.ciphertext_bytes - head.run_start
+        if self._journals is None or length < 0:
+            raise IntegrityError(f"upload {upload_id} has a run piece without its journal")
+        try:
+            journal = self._journals.journal_reader(owner_id, upload_id, head.archive_id, head.run_start, length)
+        except BlobNotFound as error:
+            raise IntegrityError(f"upload {upload_id} lost its journal") from error
+        try:
+            runs.start_run(head)
+            while block := journal.read(IO_BLOCK_BYTES):
+                with memoryview(block) as run:
+                    runs.feed(run)
+        finally:
+            journal.close()
         runs.end_run(end, piece.piece_offset + piece.length)
 
     def _copy_sealed_piece(
@@ -544,7 +604,7 @@ class UploadStaging:
         if pieces is None:
             raise UploadNotFound(upload_id)
         assert isinstance(pieces, list)
-        self.remove_pieces(owner_id, pieces)
+        self.remove_upload_blobs(owner_id, upload_id, pieces)
 
     def sweep_expired(self, now: float) -> int:
         """Remove the uploads that made no progress for the expiry period,
@@ -570,12 +630,18 @@ class UploadStaging:
                 pass  # finished or deleted meanwhile
         return removed
 
-    def remove_pieces(self, owner_id: str, pieces: list[UploadPiece] | tuple[UploadPiece, ...]) -> None:
-        """Remove the blobs of pieces no row names any more; failures are
-        left to the orphan sweep."""
-        for piece in pieces:
+    def remove_upload_blobs(
+        self, owner_id: str, upload_id: str, pieces: list[UploadPiece] | tuple[UploadPiece, ...]
+    ) -> None:
+        """The upload's rows are gone (it finished or was deleted): remove
+        its pieces' blobs and its journals.  Failures are left to the orphan
+        sweep."""
+        removals: list[Callable[[], None]] = [partial(self._blobs.delete, owner_id, piece.blob_id) for piece in pieces]
+        if self._journals is not None:
+            removals.append(partial(self._journals.delete_journals, owner_id, upload_id))
+        for remove in removals:
             try:
-                self._blobs.delete(owner_id, piece.blob_id)
+                remove()
             except (OSError, BlobStoreError):
                 pass  # no row names it now: the orphan sweep removes it
 
@@ -590,10 +656,10 @@ class _FinishingIndex:
     """The storage as an L{ArchiveWriter} publishes into it, except that the
     archive's row replaces the finishing upload's rows (and reservation)."""
 
-    def __init__(self, storage: SecureFileStorage, upload_id: str) -> None:
+    def __init__(self, storage: SecureFileStorage, upload_id: str, journals: JournalStore | None = None) -> None:
         self._storage = storage
         self._upload_id = upload_id
-        self.blobs = storage.blobs
+        self.blobs: BlobWriters = storage.blobs if journals is None else _JournalBlobs(journals, upload_id)
         self.clock_ns = storage.clock_ns
         # Set by the finishing request: an assembler's writer is opened by
         # the first PATCH, and the quota in force is the last one's.
@@ -604,6 +670,18 @@ class _FinishingIndex:
 
     def discard_unindexed_blob(self, owner_id: str, archive_id: str) -> None:
         self._storage.discard_unindexed_blob(owner_id, archive_id)
+
+
+class _JournalBlobs:
+    """The blob store as a fast-path L{ArchiveWriter} writes into it: its
+    blob is the upload's journal."""
+
+    def __init__(self, journals: JournalStore, upload_id: str) -> None:
+        self._journals = journals
+        self._upload_id = upload_id
+
+    def writer(self, owner_id: str, archive_id: str) -> JournalWriter:
+        return self._journals.journal_writer(owner_id, self._upload_id, archive_id)
 
 
 class PieceWriter:
@@ -647,11 +725,15 @@ class PieceWriter:
                 key, context = piece_key(upload_key, record.owner_id, record.upload_id, record.upload_offset)
                 self._encryptor = Cobblestone256Encryptor(key, context)
             else:
-                head = RunHead(assembler.writer.archive_id, assembler.writer.data_key, assembler.ciphertext_bytes)
+                journaled = staging._journals is not None
+                head = RunHead(
+                    assembler.writer.archive_id, assembler.writer.data_key, assembler.ciphertext_bytes, journaled
+                )
                 self._blob.write(
                     seal_run_head(upload_key, record.owner_id, record.upload_id, record.upload_offset, head)
                 )
-                assembler.writer.tee(self._blob)
+                if not journaled:
+                    assembler.writer.tee(self._blob)
         except OSError as error:
             raise translate_os_error(error) from error
         except BlobStoreError as error:
@@ -710,8 +792,11 @@ class PieceWriter:
             assert self._encryptor is not None
             self._blob.write(self._encryptor.finalize())
             return 0
-        checkpoint = self.assembler.writer.checkpoint()  # its flush goes into the run too
-        self.assembler.writer.tee(None)
+        writer = self.assembler.writer
+        checkpoint = writer.checkpoint()  # its flush goes into the run too
+        if self._staging._journals is not None:
+            writer.sync()  # the run is in the journal: durable before its piece
+        writer.tee(None)
         self._blob.write(
             seal_run_end(self._upload_key, record.owner_id, record.upload_id, record.upload_offset, checkpoint)
         )

@@ -60,7 +60,14 @@ from securevault.core.generation import SharedGeneration, listing_slot
 from securevault.core.keys import KeyFileError, Keyring, KeyringFile, UnwrapError
 from securevault.core.passphrase import PassphraseError
 from securevault.core.ranges import InflatingRangeReader, PlaintextReader, StoredRangeReader
-from securevault.stores.blobs import BlobNotFound, BlobReader, BlobStore, BlobStoreError, LocalBlobStore
+from securevault.stores.blobs import (
+    BlobNotFound,
+    BlobReader,
+    BlobStore,
+    BlobStoreError,
+    JournalStore,
+    LocalBlobStore,
+)
 from securevault.stores.metadata import (
     ArchiveRecord,
     MetadataError,
@@ -205,6 +212,28 @@ class SecureFileStorage:
         for owner_id, archive_id in self.orphans(grace_seconds):
             self.blobs.delete(owner_id, archive_id)
             removed += 1
+        return removed + self._sweep_journals(grace_seconds)
+
+    def _sweep_journals(self, grace_seconds: float | None) -> int:
+        """Remove the journals of resumable uploads that are gone (a crash
+        between an upload's end and its cleanup), older than
+        C{grace_seconds} (None: all); returns how many uploads' journals
+        went.  A journal is made only once its upload's row exists, so a
+        missing row means debris."""
+        journals = self.blobs if isinstance(self.blobs, JournalStore) else None
+        if journals is None:
+            return 0
+        horizon = None if grace_seconds is None else time.time() - grace_seconds
+        uploads = {
+            (entry.owner_id, entry.upload_id)
+            for entry in journals.journals()
+            if horizon is None or entry.modified < horizon
+        }
+        removed = 0
+        for owner_id, upload_id in sorted(uploads):
+            if self.metadata.get_upload(owner_id, upload_id) is None:
+                journals.delete_journals(owner_id, upload_id)
+                removed += 1
         return removed
 
     # -- metadata -------------------------------------------------------

@@ -8,22 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
+from typing import cast
 
-from securevault.core.archive import IntegrityError
+from securevault.core.archive import IntegrityError, StoreUnavailable
+from securevault.core.chunked import CHUNK_PLAINTEXT_BYTES
+from securevault.core.runs import RUN_END_BYTES, RUN_HEAD_BYTES
 from securevault.staging import MAX_ASSEMBLERS, ChecksumMismatch, OffsetMismatch, PieceResult, UploadStaging
+from securevault.stores.blobs import BlobStore, JournalStore
 from tests.support.app import add_user, blob_directory, make_app
 from tests.support.testcase import SyncTestCase
 
 PIECE = 70_000  # not a multiple of the 16 KiB chunk: pieces end mid-chunk
 
 
-class FastPathTests(SyncTestCase):
-    """An upload whose PATCHes this process took in order is assembled as
-    they arrive; anything else finishes from the pieces, byte-exact."""
+class _StagingTestCase(SyncTestCase):
+    """A vault on a fake clock, one user, and tus uploads by hand."""
 
     def setUp(self) -> None:
         self.app, self.clock = make_app(self)
         self.owner = add_user(self.app, "alice", "alice correct horse")
+        self.directory = blob_directory(self.app.storage, self.owner)
         self.staging = self.app.staging
 
     def start(self, data: bytes, staging: UploadStaging | None = None) -> str:
@@ -46,7 +51,8 @@ class FastPathTests(SyncTestCase):
             writer.write(body[start : start + 30_000])
         result = writer.commit()
         self.assertEqual(bool(result.leftover), result.archive is not None)
-        (staging or self.staging).remove_pieces(self.owner, result.leftover)  # as the resource does, after the 204
+        if result.archive is not None:  # as the resource does, after the 204
+            (staging or self.staging).remove_upload_blobs(self.owner, upload_id, result.leftover)
         return result
 
     def upload(self, data: bytes, upload_id: str, start: int = 0, staging: UploadStaging | None = None) -> str:
@@ -66,7 +72,7 @@ class FastPathTests(SyncTestCase):
 
     def files(self) -> list[str]:
         """Every file in the owner's blob directory, temp files included."""
-        directory = blob_directory(self.app.storage, self.owner)
+        directory = self.directory
         return sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []
 
     def assertOnly(self, archive_ids: list[str]) -> None:
@@ -76,7 +82,10 @@ class FastPathTests(SyncTestCase):
         self.assertEqual(self.app.storage.metadata.reserved(self.owner), 0)
         self.assertEqual(self.staging.live_assemblers, 0)
 
-    # -- the fast path -------------------------------------------------------
+
+class FastPathTests(_StagingTestCase):
+    """An upload whose PATCHes this process took in order is assembled as
+    they arrive; anything else finishes from the pieces, byte-exact."""
 
     def test_in_order_upload_is_assembled(self) -> None:
         """PATCHes taken in order by this process finish on the fast path
@@ -86,8 +95,10 @@ class FastPathTests(SyncTestCase):
         upload_id = self.start(data)
         self.patch(upload_id, 0, data[:PIECE])
         self.assertEqual(self.staging.live_assemblers, 1)
-        pieces = [name for name in self.files() if not name.startswith(".")]
-        self.assertEqual(len(pieces), 1)  # the acknowledged piece, beside the archive's temp blob
+        pieces = [name for name in self.files() if name.endswith(".body")]
+        self.assertEqual(len(pieces), 1)  # the acknowledged piece
+        journals = [name for name in self.files() if name.endswith(".journal")]
+        self.assertEqual(journals, [f"{upload_id}.{self.staging._assemblers[upload_id].writer.archive_id}.journal"])
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
         self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
@@ -156,7 +167,7 @@ class FastPathTests(SyncTestCase):
         self.patch(upload_id, PIECE, data[PIECE : 2 * PIECE])
         assembler = self.staging._assemblers[upload_id]
         self.addCleanup(assembler.abort)
-        directory = blob_directory(self.app.storage, self.owner)
+        directory = self.directory
         first, second = (directory / f"{piece.blob_id}.body" for piece in assembler.pieces)
         first_bytes, second_bytes = first.read_bytes(), second.read_bytes()
         first.write_bytes(second_bytes)
@@ -172,7 +183,7 @@ class FastPathTests(SyncTestCase):
         self.patch(upload_id, 0, data[:PIECE])
         assembler = self.staging._assemblers[upload_id]
         self.addCleanup(assembler.abort)
-        path = blob_directory(self.app.storage, self.owner) / f"{assembler.pieces[0].blob_id}.body"
+        path = self.directory / f"{assembler.pieces[0].blob_id}.body"
         path.write_bytes(path.read_bytes()[:-100])
         restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
         self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:], staging=restarted)
@@ -303,3 +314,154 @@ class FastPathTests(SyncTestCase):
         self.assertEqual(self.staging.fast_finishes + self.staging.slow_finishes, count)
         self.assertGreaterEqual(self.staging.slow_finishes, 1)
         self.assertOnly(archive_ids)
+
+
+class _WithoutJournals:
+    """The local blob store without its journals: the shape of a store that
+    cannot keep them (S3), where each run piece holds its run."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.writer = blobs.writer
+        self.reader = blobs.reader
+        self.range_reader = blobs.range_reader
+        self.delete = blobs.delete
+        self.list = blobs.list
+        self.remove_incomplete = blobs.remove_incomplete
+        self.describe = blobs.describe
+
+
+class RunsInPiecesTests(FastPathTests):
+    """Every fast-path test again where the blob store keeps no journals:
+    each run piece holds its run (and the archive's temp blob goes with
+    its assembler)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.app.storage.blobs = cast(BlobStore, _WithoutJournals(self.app.storage.blobs))
+        self.staging = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertNotIsInstance(self.app.storage.blobs, JournalStore)
+
+    def test_in_order_upload_is_assembled(self) -> None:
+        """As on the local store, but the archive is a temp blob and the
+        acknowledged piece holds its run."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        pieces = [name for name in self.files() if not name.startswith(".")]
+        self.assertEqual(len(pieces), 1)  # beside the archive's temp blob
+        self.assertGreater((self.directory / pieces[0]).stat().st_size, PIECE)
+        archive_id = self.upload(data, upload_id, PIECE)
+        self.assertArchive(archive_id, data)
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (1, 0))
+        self.assertOnly([archive_id])
+
+
+class JournalTests(_StagingTestCase):
+    """Where the runs are in the journal (the local blob store): each byte
+    is written once, and the journal outlives its assembler until the
+    upload is gone."""
+
+    def journal(self, upload_id: str) -> Path:
+        (path,) = self.directory.glob(f"{upload_id}.*.journal")
+        return path
+
+    def test_pieces_hold_no_run(self) -> None:
+        """A run piece is its head and end only: the bytes are written to
+        disk once, into the journal."""
+        data = os.urandom(3 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.patch(upload_id, PIECE, data[PIECE : 2 * PIECE])
+        directory = self.directory
+        sizes = [
+            (directory / f"{piece.blob_id}.body").stat().st_size for piece in self.staging._assemblers[upload_id].pieces
+        ]
+        self.assertEqual(sizes, [RUN_HEAD_BYTES + RUN_END_BYTES] * 2)
+        self.assertGreaterEqual(self.journal(upload_id).stat().st_size, 2 * PIECE - CHUNK_PLAINTEXT_BYTES)
+        archive_id = self.upload(data, upload_id, 2 * PIECE)
+        self.assertArchive(archive_id, data)
+        self.assertOnly([archive_id])
+
+    def test_evicted_assembler_keeps_its_journal(self) -> None:
+        """An assembler dropped (a PATCH spoiled it, eviction, a restart)
+        stops writing its journal but leaves it: the acknowledged runs are
+        there, and the upload finishes from them on the slow path."""
+        data = os.urandom(3 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        writer = self.staging.piece_writer(self.owner, upload_id, PIECE, now=self.clock.seconds)
+        writer.write(os.urandom(PIECE // 2))
+        writer.abort()  # the client left: the assembler is spoiled and dropped
+        self.assertEqual(self.staging.live_assemblers, 0)
+        self.assertTrue(self.journal(upload_id).exists())
+        archive_id = self.upload(data, upload_id, PIECE)
+        self.assertArchive(archive_id, data)
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 1))
+        self.assertOnly([archive_id])
+
+    def test_journal_lost(self) -> None:
+        """A journal that vanished: the slow path reports the damage and
+        makes no archive."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.addCleanup(self.staging._assemblers[upload_id].abort)
+        self.journal(upload_id).unlink()
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:], staging=restarted)
+        self.assertEqual((restarted.fast_finishes, restarted.slow_finishes), (0, 0))
+
+    def test_journal_cut(self) -> None:
+        """A journal cut short holds less than a run piece's end says: the
+        slow path refuses it rather than make a shorter archive."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        self.addCleanup(self.staging._assemblers[upload_id].abort)
+        journal = self.journal(upload_id)
+        os.truncate(journal, journal.stat().st_size - CHUNK_PLAINTEXT_BYTES)
+        restarted = UploadStaging(self.app.storage, self.staging.expiry_seconds)
+        self.assertRaises(IntegrityError, self.patch, upload_id, PIECE, data[PIECE:], staging=restarted)
+
+    def test_index_fails_at_the_end(self) -> None:
+        """The last PATCH's archive is linked from the journal, then its row
+        fails to commit (the metadata store went away): nothing is lost.
+        The upload is still there, complete, and a HEAD finishes it from the
+        journal; no blob is left over."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        self.patch(upload_id, 0, data[:PIECE])
+        write_meta = self.app.storage.write_meta
+
+        def unavailable(*args: object, **kwargs: object) -> None:
+            raise StoreUnavailable("the database went away")
+
+        self.app.storage.write_meta = unavailable  # type: ignore[method-assign]
+        self.assertRaises(StoreUnavailable, self.patch, upload_id, PIECE, data[PIECE:])
+        self.app.storage.write_meta = write_meta  # type: ignore[method-assign]
+        status = self.staging.status(self.owner, upload_id)
+        assert status.archive is not None
+        self.assertArchive(status.archive.id, data)
+        self.assertEqual((self.staging.fast_finishes, self.staging.slow_finishes), (0, 1))
+        self.assertOnly([status.archive.id])
+
+    def test_sweep_removes_journals_of_gone_uploads(self) -> None:
+        """A crash between an upload's end and its cleanup leaves its journal
+        with no upload row: the orphan sweep removes it (after the grace
+        period, or at once at start-up), and keeps a live upload's."""
+        gone, live = os.urandom(2 * PIECE), os.urandom(2 * PIECE)
+        gone_id, live_id = self.start(gone), self.start(live)
+        self.patch(live_id, 0, live[:PIECE])
+        self.patch(gone_id, 0, gone[:PIECE])
+        writer = self.staging.piece_writer(self.owner, gone_id, PIECE, now=self.clock.seconds)
+        writer.write(gone[PIECE:])
+        result = writer.commit()  # the archive's row is in; "crash" before its leftovers go
+        assert result.archive is not None
+        self.assertTrue(self.journal(gone_id).exists())
+        self.assertEqual(self.app.storage.sweep_orphans(grace_seconds=3600), 0)  # too young
+        self.assertEqual(self.app.storage.recover(), len(result.leftover) + 1)  # pieces and the journal
+        self.assertFalse(list(self.directory.glob(f"{gone_id}.*")))
+        self.assertTrue(self.journal(live_id).exists())
+        self.assertArchive(result.archive.id, gone)
+        archive_id = self.upload(live, live_id, PIECE)
+        self.assertArchive(archive_id, live)

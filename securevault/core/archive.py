@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 if TYPE_CHECKING:
-    from securevault.stores.blobs import BlobReader, BlobStore, BlobWriter
+    from securevault.stores.blobs import BlobReader, BlobWriter, BlobWriters
 
 FORMAT_VERSION = 1
 META_FORMAT = "securevault-archive"
@@ -214,7 +214,9 @@ class ArchiveIndex(Protocol):
     L{securevault.storage.SecureFileStorage}): where bodies go, the clock,
     and the index row that is the commit point."""
 
-    blobs: BlobStore
+    @property
+    def blobs(self) -> BlobWriters: ...
+
     clock_ns: Callable[[], int]
 
     def write_meta(self, owner_id: str, info: ArchiveInfo, data_key: bytes, *, quota: int | None = None) -> None:
@@ -243,8 +245,8 @@ class _EncryptingSink:
         self.closed = False
         # A second blob that also gets the ciphertext (L{ArchiveWriter.tee}).
         self.copy_to: BlobWriter | None = None
-        # With a tee, a copy of the plaintext the encryptor holds back until
-        # its chunk is full (less than one chunk).
+        # For checkpoints, a copy of the plaintext the encryptor holds back
+        # until its chunk is full (less than one chunk).
         self.keeps_tail = False
         self.tail = b""
 
@@ -316,6 +318,7 @@ class ArchiveWriter:
         *,
         max_bytes: int | None = None,
         quota: int | None = None,
+        checkpoints: bool = False,
     ) -> None:
         check_filename(filename)
         self._storage = storage
@@ -342,6 +345,8 @@ class ArchiveWriter:
             derive_key(self._data_key, b"body-key"), context_bytes(b"body", owner_id, self.archive_id)
         )
         self._sink = _EncryptingSink(self._blob, encryptor)
+        # A resumable upload's writer: keep what L{checkpoint} needs.
+        self._sink.keeps_tail = checkpoints
 
     @property
     def size(self) -> int:
@@ -393,7 +398,19 @@ class ArchiveWriter:
         (None: stop).  A resumable upload keeps each PATCH's share of the
         archive in a piece of its own this way (L{securevault.staging})."""
         self._sink.copy_to = blob
-        self._sink.keeps_tail = True
+
+    def sync(self) -> None:
+        """Make the ciphertext written so far durable: its blob is a journal
+        (L{securevault.stores.blobs.JournalWriter}), the resumable upload's
+        record of every acknowledged byte."""
+        sync: Callable[[], None] | None = getattr(self._blob, "sync", None)
+        if sync is None:
+            raise StorageError("only a journal blob syncs before its commit")
+        try:
+            sync()
+        except OSError as error:
+            self.abort()
+            raise translate_os_error(error) from error
 
     def checkpoint(self) -> ArchiveCheckpoint:
         """Push everything received so far into the ZIP stream (starting the

@@ -9,14 +9,20 @@ piece as well, between a sealed head and a sealed end (docs/FORMAT.md,
 
     piece = head (92 bytes) || run || end (16,438 bytes)
     head  = magic (8) || nonce (12) || AES-256-GCM(archive id (16) || data key (32) || run start (8))
+
+or, where the blob store keeps journals (the local one), the run stays in
+the archive's journal, its temp blob made durable at each PATCH, and the
+piece is its head (magic C{\0svrun2\0}) and end only: each byte is
+written to disk once.  The ends:
+
     end   = nonce (12) || AES-256-GCM(size (8) || stream bytes (8) || ciphertext bytes (8) ||
                                       tail length (2) || tail, padded to 16,384 bytes)
 
 both under a key derived from the upload key and bound to the piece's place.
 A run is whole Cobblestone-256 chunks (the first run starts with the
 stream's header); the end's tail is the ZIP stream's bytes the encryptor
-still held.  So the pieces alone give back every acknowledged byte
-(L{RunDecoder}) when the archive being written is lost (a restart, another
+still held.  So the pieces (and the journal, where the runs are there)
+give back every acknowledged byte (L{RunDecoder}) when the archive being written is lost (a restart, another
 process took a PATCH), and the archive itself needs no second encryption
 pass.  Plain blocking Python, no Twisted.
 """
@@ -45,6 +51,8 @@ from securevault.core.archive import (
 from securevault.core.chunked import CHUNK_CIPHERTEXT_BYTES, CHUNK_PLAINTEXT_BYTES
 
 RUN_MAGIC = b"\x00svrun1\x00"
+# A journaled run's piece: head and end only, the run is in the journal.
+JOURNALED_RUN_MAGIC = b"\x00svrun2\x00"
 _HEAD_FIELDS = struct.Struct(">16s32sQ")
 _END_FIELDS = struct.Struct(">QQQH")
 _TAG_BYTES = 16
@@ -63,6 +71,9 @@ class RunHead:
     archive_id: str
     data_key: bytes
     run_start: int
+    # The run is in the archive's journal (the local blob store keeps one),
+    # not between the piece's head and end.
+    journaled: bool = False
 
 
 def _run_key(upload_key: bytes) -> AESGCM:
@@ -78,25 +89,33 @@ def seal_run_head(upload_key: bytes, owner_id: str, upload_id: str, offset: int,
         raise ValueError("a data key is 32 bytes")
     nonce = os.urandom(NONCE_BYTES)
     fields = _HEAD_FIELDS.pack(bytes.fromhex(head.archive_id), head.data_key, head.run_start)
-    sealed = _run_key(upload_key).encrypt(nonce, fields, _place(b"run-head", owner_id, upload_id, offset))
-    return RUN_MAGIC + nonce + sealed
+    magic = JOURNALED_RUN_MAGIC if head.journaled else RUN_MAGIC
+    sealed = _run_key(upload_key).encrypt(nonce, fields, _head_place(magic, owner_id, upload_id, offset))
+    return magic + nonce + sealed
+
+
+def _head_place(magic: bytes, owner_id: str, upload_id: str, offset: int) -> bytes:
+    """A head's associated data: its place, and for a journaled run that it
+    is one (the magic is outside the seal)."""
+    return _place(b"run-head" if magic == RUN_MAGIC else b"journaled-run-head", owner_id, upload_id, offset)
 
 
 def open_run_head(upload_key: bytes, owner_id: str, upload_id: str, offset: int, data: bytes) -> RunHead | None:
     """The head of the run piece at C{offset}, or None when C{data} (a
     piece's first bytes) does not start one (a piece of plaintext encrypted
     on its own, written where no archive was being assembled)."""
-    if len(data) != RUN_HEAD_BYTES or not data.startswith(RUN_MAGIC):
+    magic = data[: len(RUN_MAGIC)]
+    if len(data) != RUN_HEAD_BYTES or magic not in (RUN_MAGIC, JOURNALED_RUN_MAGIC):
         return None
-    nonce = data[len(RUN_MAGIC) : len(RUN_MAGIC) + NONCE_BYTES]
+    nonce = data[len(magic) : len(magic) + NONCE_BYTES]
     try:
         fields = _run_key(upload_key).decrypt(
-            nonce, data[len(RUN_MAGIC) + NONCE_BYTES :], _place(b"run-head", owner_id, upload_id, offset)
+            nonce, data[len(magic) + NONCE_BYTES :], _head_place(magic, owner_id, upload_id, offset)
         )
     except InvalidTag:
         return None
     archive_id, data_key, run_start = _HEAD_FIELDS.unpack(fields)
-    return RunHead(archive_id.hex(), data_key, run_start)
+    return RunHead(archive_id.hex(), data_key, run_start, journaled=magic == JOURNALED_RUN_MAGIC)
 
 
 def seal_run_end(upload_key: bytes, owner_id: str, upload_id: str, offset: int, checkpoint: ArchiveCheckpoint) -> bytes:

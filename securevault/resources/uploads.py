@@ -297,7 +297,7 @@ class UploadItem(_TusEndpoint):
             to_error=upload_error,
             # An acknowledged piece stays (tus clients HEAD and go on); a
             # finished upload's pieces go even if its answer cannot.
-            discard=lambda result: self.remove_leftover(owner[0], result),
+            discard=lambda result: self.remove_leftover(owner[0], upload_id, result),
             call_from_thread=app.call_from_thread,
         )
         stream.open_with(
@@ -305,13 +305,14 @@ class UploadItem(_TusEndpoint):
         )
         return stream
 
-    def remove_leftover(self, owner_id: str, result: PieceResult) -> None:
+    def remove_leftover(self, owner_id: str, upload_id: str, result: PieceResult) -> None:
         """In the pool, after the answer: the blobs of a finished upload's
-        pieces (a directory fsync each, too slow to keep the 204 waiting)."""
+        pieces and its journal (a directory fsync each, too slow to keep the
+        204 waiting)."""
         if result.leftover:
-            self.app.run_blocking(self.app.staging.remove_pieces, owner_id, result.leftover).addErrback(
-                lambda failure: log.failure("Removing a finished upload's pieces failed", failure)
-            )
+            self.app.run_blocking(
+                self.app.staging.remove_upload_blobs, owner_id, upload_id, result.leftover
+            ).addErrback(lambda failure: log.failure("Removing a finished upload's pieces failed", failure))
 
     def render_PATCH(self, request: Request) -> Any:
         state = request_state(request)
@@ -336,7 +337,7 @@ class UploadItem(_TusEndpoint):
 
         def clean_up(passed: object) -> object:
             if finished and state.session is not None:
-                self.remove_leftover(state.session.user_id, finished[0])
+                self.remove_leftover(state.session.user_id, self.upload_id(request), finished[0])
             return passed
 
         work: Deferred[Reply] = upload.finish().addCallback(answer)

@@ -19,11 +19,12 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from securevault.core.fsutil import TEMP_SUFFIX, fsync_directory, write_all
 
 BODY_SUFFIX = ".body"
+JOURNAL_SUFFIX = ".journal"
 # Ask the kernel to start writeback every so often, so that the fsync at
 # commit has little left to do and the dirty page set stays small.  Every
 # MiB (was 32): a tus PATCH's 8 MiB piece then fsyncs in 0.9 ms, not 5-6
@@ -77,6 +78,13 @@ class BlobReader(Protocol):
     def close(self) -> None: ...
 
 
+class BlobWriters(Protocol):
+    """Where an archive writer gets its blob (a L{BlobStore}, or a
+    resumable upload's journals)."""
+
+    def writer(self, owner_id: str, archive_id: str) -> BlobWriter: ...
+
+
 class BlobStore(Protocol):
     """Archive bodies by (owner id, archive id); safe to call from any thread."""
 
@@ -103,6 +111,52 @@ class BlobStore(Protocol):
 
     def describe(self) -> str:
         """Where the blobs are, for the start-up line (no credentials)."""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One resumable upload's journal, as listed for the orphan sweep."""
+
+    owner_id: str
+    upload_id: str
+    archive_id: str
+    modified: float  # seconds since the epoch
+
+
+class JournalWriter(BlobWriter, Protocol):
+    """A blob written in the open: durable before it is committed.
+
+    A resumable upload's archive is written as its PATCHes arrive, and each
+    PATCH's share of it must outlive a crash before the PATCH is
+    acknowledged (L{securevault.staging}).  The journal is that archive's
+    temp blob, kept under a name of its own until its upload is gone:
+    L{sync} makes what was written so far durable; L{commit} makes the blob
+    visible under the archive's name too (the journal stays: the upload's
+    pieces point into it until the archive's row replaces them); L{abort}
+    only stops writing (what the pieces point to stays)."""
+
+    def sync(self) -> None:
+        """Make every byte written so far durable."""
+
+
+@runtime_checkable
+class JournalStore(Protocol):
+    """A blob store that also keeps journals (the local one does; the S3 one
+    does not: a multipart upload cannot be read before it completes, so
+    there each piece holds its share of the archive itself)."""
+
+    def journal_writer(self, owner_id: str, upload_id: str, archive_id: str) -> JournalWriter: ...
+
+    def journal_reader(self, owner_id: str, upload_id: str, archive_id: str, start: int, length: int) -> BlobReader:
+        """The journal's bytes C{start} to C{start + length} (fewer when it
+        ends first); L{BlobNotFound} when there is no such journal."""
+
+    def delete_journals(self, owner_id: str, upload_id: str, archive_id: str | None = None) -> None:
+        """Remove the upload's journals (with C{archive_id}, that archive's
+        only); none is not an error."""
+
+    def journals(self) -> Iterator[JournalEntry]:
+        """Every journal, in no particular order."""
 
 
 def check_names(owner_id: str, archive_id: str) -> None:
@@ -138,10 +192,10 @@ class LocalBlobWriter:
     """Writes to a temp file beside the final name; commit is fsync + rename
     + directory fsync, so a crash leaves the old state or the new one."""
 
-    def __init__(self, directory: Path, archive_id: str) -> None:
+    def __init__(self, directory: Path, archive_id: str, temp: Path | None = None) -> None:
         self._directory = directory
         self._final = directory / f"{archive_id}{BODY_SUFFIX}"
-        self._temp = directory / f".{archive_id}{BODY_SUFFIX}{TEMP_SUFFIX}"
+        self._temp = temp or directory / f".{archive_id}{BODY_SUFFIX}{TEMP_SUFFIX}"
         self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._size = 0
         self._since_writeback = 0
@@ -173,6 +227,41 @@ class LocalBlobWriter:
             os.close(self._fd)
             self._fd = -1
         self._temp.unlink(missing_ok=True)
+
+
+class LocalJournalWriter(LocalBlobWriter):
+    """A L{JournalWriter}: the file C{<upload id>.<archive id>.journal}
+    beside the owner's blobs, hard-linked to the archive's name at commit,
+    so that a crash before the archive's row commits still finds it."""
+
+    def __init__(self, directory: Path, upload_id: str, archive_id: str) -> None:
+        super().__init__(directory, archive_id, directory / f"{upload_id}.{archive_id}{JOURNAL_SUFFIX}")
+        self._named = False  # the journal's directory entry is durable
+
+    def sync(self) -> None:
+        if self._fd < 0:
+            raise BlobStoreError("sync after commit or abort")
+        os.fdatasync(self._fd)
+        if not self._named:
+            fsync_directory(self._directory)
+            self._named = True
+
+    def commit(self) -> int:
+        if self._fd < 0:
+            raise BlobStoreError("commit after commit or abort")
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        os.link(self._temp, self._final)
+        fsync_directory(self._directory)
+        return self._size
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class LocalBlobReader:
@@ -231,13 +320,65 @@ class LocalBlobStore:
         check_names(owner_id, archive_id)
         return self.root / owner_id / f"{archive_id}{BODY_SUFFIX}"
 
-    def writer(self, owner_id: str, archive_id: str) -> LocalBlobWriter:
-        check_names(owner_id, archive_id)
+    def _directory(self, owner_id: str) -> Path:
+        """The owner's directory, made (durably) if it is not there yet."""
         directory = self.root / owner_id
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             fsync_directory(directory.parent)
-        return LocalBlobWriter(directory, archive_id)
+        return directory
+
+    def writer(self, owner_id: str, archive_id: str) -> LocalBlobWriter:
+        check_names(owner_id, archive_id)
+        return LocalBlobWriter(self._directory(owner_id), archive_id)
+
+    # -- journals (L{JournalStore}) -------------------------------------------
+
+    def _journal_path(self, owner_id: str, upload_id: str, archive_id: str) -> Path:
+        check_names(owner_id, archive_id)
+        check_names(owner_id, upload_id)
+        return self.root / owner_id / f"{upload_id}.{archive_id}{JOURNAL_SUFFIX}"
+
+    def journal_writer(self, owner_id: str, upload_id: str, archive_id: str) -> LocalJournalWriter:
+        self._journal_path(owner_id, upload_id, archive_id)  # checks the names
+        return LocalJournalWriter(self._directory(owner_id), upload_id, archive_id)
+
+    def journal_reader(
+        self, owner_id: str, upload_id: str, archive_id: str, start: int, length: int
+    ) -> LocalBlobReader:
+        return LocalBlobReader(self._journal_path(owner_id, upload_id, archive_id), start, length)
+
+    def delete_journals(self, owner_id: str, upload_id: str, archive_id: str | None = None) -> None:
+        check_names(owner_id, upload_id)
+        if archive_id is not None:
+            check_names(owner_id, archive_id)
+        directory = self.root / owner_id
+        found = False
+        for path in directory.glob(f"{upload_id}.{archive_id or '*'}{JOURNAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            found = True
+        if found:
+            fsync_directory(directory)
+
+    def journals(self) -> Iterator[JournalEntry]:
+        if not self.root.is_dir():
+            return
+        for directory in sorted(self.root.iterdir()):
+            if not directory.is_dir() or not _OWNER_ID.match(directory.name):
+                continue
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    upload_id, _, rest = entry.name.partition(".")
+                    archive_id = rest[: -len(JOURNAL_SUFFIX)]
+                    if not (
+                        rest.endswith(JOURNAL_SUFFIX) and _ARCHIVE_ID.match(upload_id) and _ARCHIVE_ID.match(archive_id)
+                    ):
+                        continue
+                    try:
+                        modified = entry.stat().st_mtime
+                    except FileNotFoundError:
+                        continue  # deleted while we listed
+                    yield JournalEntry(directory.name, upload_id, archive_id, modified)
 
     def reader(self, owner_id: str, archive_id: str) -> LocalBlobReader:
         return LocalBlobReader(self.path(owner_id, archive_id))

@@ -74,7 +74,7 @@ class _Run:
 def write_runs(data: bytes, cuts: list[int]) -> tuple[ArchiveWriter, list[_Run]]:
     """An archive of C{data} written PATCH by PATCH, cut at C{cuts}: the
     writer (still open) and each PATCH's run."""
-    writer = ArchiveWriter(_MemoryIndex(), OWNER, "up.bin")  # type: ignore[arg-type]
+    writer = ArchiveWriter(_MemoryIndex(), OWNER, "up.bin", checkpoints=True)
     runs: list[_Run] = []
     ciphertext = 0
     for start, stop in zip([0, *cuts], [*cuts, len(data)], strict=True):

@@ -81,11 +81,16 @@ class UploadsTests(_VaultTestCase):
 
     def piece_files(self, *, temp: bool = False) -> list[str]:
         """The committed blobs in alice's directory (pieces, archives); with
-        C{temp}, the temp blobs too (an upload's archive being assembled)."""
+        C{temp}, the temp blobs and journals too (an upload's archive being
+        assembled)."""
         directory = _blob_directory(self.app.storage, self.alice_id)
         if not directory.is_dir():
             return []
-        return sorted(path.name for path in directory.iterdir() if temp or not path.name.startswith("."))
+        return sorted(
+            path.name
+            for path in directory.iterdir()
+            if temp or (path.name.endswith(".body") and not path.name.startswith("."))
+        )
 
     # -- the protocol ----------------------------------------------------------
 
@@ -189,7 +194,7 @@ class UploadsTests(_VaultTestCase):
         bad = checked(0, data[:1000], "sha256", hashlib.sha256(b"other").digest())
         self.assertError(bad, 460, "checksum_mismatch")
         self.assertEqual(self.head(alice, location).header("Upload-Offset"), "0")
-        self.assertEqual(self.piece_files(), [])  # no piece kept
+        self.assertEqual(self.piece_files(temp=True), [])  # no piece kept, and no journal: nothing was acknowledged
         self.assertEqual(checked(0, data[:1000], "sha1", hashlib.sha1(data[:1000]).digest()).status, 204)
         last = checked(1000, data[1000:], "sha256", hashlib.sha256(data[1000:]).digest())
         self.assertEqual(last.status, 204, last.body)
