@@ -189,6 +189,9 @@ class _Assembler:
         self.pieces: list[UploadPiece] = []
         self.touched = touched
         self.claimed = False  # a PATCH holds it
+        # A piece row naming the journal was committed, or may have been (a
+        # commit whose answer was lost): the journal must stay.
+        self.journal_named = False
         self._journals = journals
 
     def abort(self) -> None:
@@ -197,7 +200,7 @@ class _Assembler:
         at offset 0: refused first PATCHes must not pile up journals)."""
         try:
             self.writer.abort()
-            if self._journals is not None and self.offset == 0:
+            if self._journals is not None and not self.journal_named:
                 self._journals.delete_journals(self.owner_id, self.upload_id, self.writer.archive_id)
         except (OSError, BlobStoreError):
             pass  # a temp blob or journal left behind goes with the next start's cleanup or sweep
@@ -824,6 +827,8 @@ class PieceWriter:
                 self._done = True
                 expires_at = self._now() + staging.expiry_seconds
                 piece = UploadPiece(record.upload_id, record.upload_offset, self._size, self.blob_id)
+                if self.assembler is not None:
+                    self.assembler.journal_named = True
                 try:
                     offset = staging.storage.metadata.add_upload_piece(record.owner_id, piece, expires_at)
                 except (UploadGone, UploadConflict) as error:

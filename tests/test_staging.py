@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from securevault.core.archive import IntegrityError, StoreUnavailable
 from securevault.core.chunked import CHUNK_PLAINTEXT_BYTES
 from securevault.core.runs import RUN_END_BYTES, RUN_HEAD_BYTES
 from securevault.staging import MAX_ASSEMBLERS, ChecksumMismatch, OffsetMismatch, PieceResult, UploadStaging
 from securevault.stores.blobs import BlobStore, JournalStore
+from securevault.stores.metadata import MetadataError
 from tests.support.app import add_user, blob_directory, make_app
 from tests.support.testcase import SyncTestCase
 
@@ -465,3 +466,25 @@ class JournalTests(_StagingTestCase):
         self.assertArchive(result.archive.id, gone)
         archive_id = self.upload(live, live_id, PIECE)
         self.assertArchive(archive_id, live)
+
+    def test_lost_answer_keeps_the_journal(self) -> None:
+        """The first PATCH's row commits but its answer is lost (a network
+        database): the PATCH fails, its assembler goes, but the journal the
+        committed row points into stays, and the upload finishes from it."""
+        data = os.urandom(2 * PIECE)
+        upload_id = self.start(data)
+        metadata = self.app.storage.metadata
+        add_upload_piece = metadata.add_upload_piece
+
+        def lost_answer(*args: Any) -> int:
+            add_upload_piece(*args)
+            raise MetadataError("connection lost after the commit")
+
+        metadata.add_upload_piece = lost_answer  # type: ignore[method-assign,assignment]
+        self.assertRaises(StoreUnavailable, self.patch, upload_id, 0, data[:PIECE])
+        metadata.add_upload_piece = add_upload_piece  # type: ignore[method-assign]
+        self.assertEqual(self.staging.live_assemblers, 0)
+        self.assertEqual(self.staging.status(self.owner, upload_id).offset, PIECE)
+        archive_id = self.upload(data, upload_id, PIECE)
+        self.assertArchive(archive_id, data)
+        self.assertOnly([archive_id])
