@@ -1264,13 +1264,15 @@ def tus_held_open(v: Vault, s: Settings) -> Row:
     watch.stop()
     for probe in probes:
         probe.stop()
-    left_temps = temp_blob_count(v.ws.data) + journal_file_count(v.ws.data)
     exact = 0
     reader = v.conn(honest=False, timeout=60.0)
     for index, archive_id in archives.items():
         answer = reader.call("GET", download_path(archive_id), {**bearer(session), **RAW})
         exact += answer.status == 200 and answer.body == files[index]
     reader.close()
+    # Counted once the daemon is idle: a finished upload's pieces and
+    # journal go after its last answer.
+    left_temps = temp_blob_count(v.ws.data) + journal_file_count(v.ws.data)
     download, health = probes
     patches = sum(n for name, n in statuses.items() if name == "204")
     extra_threads = watch.peak_threads - idle_threads

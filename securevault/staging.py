@@ -258,9 +258,14 @@ class UploadStaging:
                     if idle is None:
                         return None  # every one is held: this upload takes the slow path
                     dropped.append(self._assemblers.pop(idle))
+                # Close the evicted before opening the new: never more than
+                # MAX_ASSEMBLERS journals open.  Under the lock, as the
+                # opening: short (an idle writer's hashing thread is idle),
+                # and only pool threads wait for this lock.
+                for assembler in dropped:
+                    assembler.abort()
+                dropped.clear()
                 try:
-                    # Opening a temp blob under the lock: short, and only
-                    # pool threads wait for this lock.
                     index, writer = self._archive_writer(record.owner_id, upload_id, filename, fast=True)
                 except Exception:
                     return None  # the piece reports a failing store, if it fails too

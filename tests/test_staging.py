@@ -488,3 +488,38 @@ class JournalTests(_StagingTestCase):
         archive_id = self.upload(data, upload_id, PIECE)
         self.assertArchive(archive_id, data)
         self.assertOnly([archive_id])
+
+    def test_never_more_journals_open_than_assemblers(self) -> None:
+        """One upload more than there may be assemblers: the evicted one's
+        journal is closed before the new one opens (an attacker holding
+        uploads open never holds more than MAX_ASSEMBLERS files open)."""
+        store = self.app.storage.blobs
+        open_before: list[int] = []
+        journal_writer = store.journal_writer  # type: ignore[attr-defined]
+
+        def counting(*args: Any) -> Any:
+            open_before.append(open_journals())
+            return journal_writer(*args)
+
+        store.journal_writer = counting  # type: ignore[attr-defined]
+        files = [os.urandom(2 * PIECE) for _ in range(MAX_ASSEMBLERS + 2)]
+        upload_ids = [self.start(data) for data in files]
+        for data, upload_id in zip(files, upload_ids, strict=True):
+            self.patch(upload_id, 0, data[:PIECE])
+        self.assertEqual(len(open_before), MAX_ASSEMBLERS + 2)
+        self.assertEqual(max(open_before), MAX_ASSEMBLERS - 1)
+        self.assertEqual(open_journals(), MAX_ASSEMBLERS)
+        for data, upload_id in zip(files, upload_ids, strict=True):
+            self.assertArchive(self.upload(data, upload_id, PIECE), data)
+        self.assertEqual(open_journals(), 0)
+
+
+def open_journals() -> int:
+    """The journals this process holds open."""
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd).endswith(".journal")
+        except FileNotFoundError:
+            pass  # the listing's own descriptor, closed meanwhile
+    return count
