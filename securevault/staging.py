@@ -23,10 +23,12 @@ Done at the end, that pass is the slow path.  On the fast one the archive
 is written as the PATCHes arrive: the process that took an upload's PATCHes
 in order keeps its L{ArchiveWriter} (an L{_Assembler}, at most
 L{MAX_ASSEMBLERS} of them, least recently used evicted), each PATCH body
-goes straight into it, and the archive ciphertext it makes goes into the
-PATCH's piece as well, a I{run piece} (L{securevault.core.runs}): encrypted
-once, it is both the archive and what survives a crash.  The last PATCH
-commits the archive.  A PATCH that fails after its first byte spoils the
+goes straight into it, and the archive ciphertext it makes is what survives
+a crash, encrypted once (L{securevault.core.runs}): on the local blob store
+the archive's file is the upload's I{journal}, made durable at the end of
+each PATCH, and the PATCH's piece holds only where its run starts and ends
+in it (each byte written once); elsewhere (S3) the ciphertext goes into the
+PATCH's piece as well, a I{run piece}.  The last PATCH commits the archive.  A PATCH that fails after its first byte spoils the
 archive being written (its bytes are in it, unacknowledged): the assembler
 is dropped, and like any upload whose assembler missed a piece (a restart,
 another node or process took a PATCH, eviction) the upload finishes on the
