@@ -216,16 +216,22 @@ class LocalBlobWriter:
         try:
             os.fsync(self._fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
-        os.replace(self._temp, self._final)
+            self._close()
+        self._publish()
         fsync_directory(self._directory)
         return self._size
 
-    def abort(self) -> None:
+    def _publish(self) -> None:
+        """Give the durable temp file its final name."""
+        os.replace(self._temp, self._final)
+
+    def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def abort(self) -> None:
+        self._close()
         self._temp.unlink(missing_ok=True)
 
 
@@ -246,22 +252,12 @@ class LocalJournalWriter(LocalBlobWriter):
             fsync_directory(self._directory)
             self._named = True
 
-    def commit(self) -> int:
-        if self._fd < 0:
-            raise BlobStoreError("commit after commit or abort")
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+    def _publish(self) -> None:
+        """Link, not rename: the journal stays until its upload is gone."""
         os.link(self._temp, self._final)
-        fsync_directory(self._directory)
-        return self._size
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close()  # the file stays: acknowledged pieces may point into it
 
 
 class LocalBlobReader:
@@ -332,6 +328,41 @@ class LocalBlobStore:
         check_names(owner_id, archive_id)
         return LocalBlobWriter(self._directory(owner_id), archive_id)
 
+    def reader(self, owner_id: str, archive_id: str) -> LocalBlobReader:
+        return LocalBlobReader(self.path(owner_id, archive_id))
+
+    def range_reader(self, owner_id: str, archive_id: str, start: int, length: int) -> LocalBlobReader:
+        return LocalBlobReader(self.path(owner_id, archive_id), start, length)
+
+    def delete(self, owner_id: str, archive_id: str) -> None:
+        path = self.path(owner_id, archive_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_directory(path.parent)
+
+    def _owner_files(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Every file in the owners' directories, with its owner id."""
+        if not self.root.is_dir():
+            return
+        for directory in sorted(self.root.iterdir()):
+            if not directory.is_dir() or not _OWNER_ID.match(directory.name):
+                continue
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    yield directory.name, entry
+
+    def list(self) -> Iterator[BlobEntry]:
+        for owner_id, entry in self._owner_files():
+            archive_id = entry.name[: -len(BODY_SUFFIX)]
+            if entry.name.endswith(BODY_SUFFIX) and _ARCHIVE_ID.match(archive_id):
+                try:
+                    status = entry.stat()
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield BlobEntry(owner_id, archive_id, status.st_size, status.st_mtime)
+
     # -- journals (L{JournalStore}) -------------------------------------------
 
     def _journal_path(self, owner_id: str, upload_id: str, archive_id: str) -> Path:
@@ -361,54 +392,15 @@ class LocalBlobStore:
             fsync_directory(directory)
 
     def journals(self) -> Iterator[JournalEntry]:
-        if not self.root.is_dir():
-            return
-        for directory in sorted(self.root.iterdir()):
-            if not directory.is_dir() or not _OWNER_ID.match(directory.name):
-                continue
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    upload_id, _, rest = entry.name.partition(".")
-                    archive_id = rest[: -len(JOURNAL_SUFFIX)]
-                    if not (
-                        rest.endswith(JOURNAL_SUFFIX) and _ARCHIVE_ID.match(upload_id) and _ARCHIVE_ID.match(archive_id)
-                    ):
-                        continue
-                    try:
-                        modified = entry.stat().st_mtime
-                    except FileNotFoundError:
-                        continue  # deleted while we listed
-                    yield JournalEntry(directory.name, upload_id, archive_id, modified)
-
-    def reader(self, owner_id: str, archive_id: str) -> LocalBlobReader:
-        return LocalBlobReader(self.path(owner_id, archive_id))
-
-    def range_reader(self, owner_id: str, archive_id: str, start: int, length: int) -> LocalBlobReader:
-        return LocalBlobReader(self.path(owner_id, archive_id), start, length)
-
-    def delete(self, owner_id: str, archive_id: str) -> None:
-        path = self.path(owner_id, archive_id)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        fsync_directory(path.parent)
-
-    def list(self) -> Iterator[BlobEntry]:
-        if not self.root.is_dir():
-            return
-        for directory in sorted(self.root.iterdir()):
-            if not directory.is_dir() or not _OWNER_ID.match(directory.name):
-                continue
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    archive_id = entry.name[: -len(BODY_SUFFIX)]
-                    if entry.name.endswith(BODY_SUFFIX) and _ARCHIVE_ID.match(archive_id):
-                        try:
-                            status = entry.stat()
-                        except FileNotFoundError:
-                            continue  # deleted while we listed
-                        yield BlobEntry(directory.name, archive_id, status.st_size, status.st_mtime)
+        for owner_id, entry in self._owner_files():
+            upload_id, _, rest = entry.name.partition(".")
+            archive_id = rest[: -len(JOURNAL_SUFFIX)]
+            if rest.endswith(JOURNAL_SUFFIX) and _ARCHIVE_ID.match(upload_id) and _ARCHIVE_ID.match(archive_id):
+                try:
+                    modified = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield JournalEntry(owner_id, upload_id, archive_id, modified)
 
     def remove_incomplete(self) -> int:
         removed = 0
