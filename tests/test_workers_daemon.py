@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from hashlib import sha256
 from pathlib import Path
 
 from securevault.core.generation import SharedGeneration, WorkerLoads
@@ -34,6 +35,7 @@ from tests.support.daemon import (
     call,
     child_environment,
     connect,
+    download_sha256,
     list_files,
     login,
     run_admin,
@@ -169,6 +171,49 @@ class SupervisorTests(WorkersTestCase):
         with self.only(daemon, 1):
             self.assertEqual(self.files_status(session), 401)
         daemon.wait_for(r"worker 1: GET /get-files 401")
+
+    def test_tus_upload_moves_between_workers(self) -> None:
+        """A tus upload whose first PATCHes worker 1 took (its archive's
+        journal holds their bytes, still open in worker 1) and whose last
+        PATCH worker 2 takes: worker 2 finishes it from the pieces and
+        worker 1's journal, byte-exact, and the journal is gone after."""
+        daemon = self.start()
+        session = login(self.context, self.port)
+        data = os.urandom(3 * 200_000 + 123)
+        tus = ("Tus-Resumable", "1.0.0")
+
+        def patch(offset: int, size: int) -> dict[str, str]:
+            answer = call(
+                self.context, self.port, "PATCH", location, body=data[offset : offset + size],
+                headers=[tus, ("Content-Type", "application/offset+octet-stream"), ("Upload-Offset", str(offset))],
+                session=session,
+            )  # fmt: skip
+            self.assertEqual(answer.status, 204, answer.body)
+            return answer.headers
+
+        with self.only(daemon, 1):
+            created = call(
+                self.context, self.port, "POST", "/uploads/", session=session,
+                headers=[tus, ("Upload-Length", str(len(data))), ("Upload-Metadata", "filename bW92ZWQuYmlu")],
+            )  # fmt: skip
+            self.assertEqual(created.status, 201, created.body)
+            location = created.headers["location"]
+            patch(0, 200_000)
+            patch(200_000, 200_000)
+        daemon.wait_for(r"worker 1: PATCH /uploads/\w+ 204")
+
+        def journals() -> list[Path]:
+            return sorted((self.vault.data / "archives").glob("*/*.journal"))
+
+        self.assertEqual(len(journals()), 1)
+        with self.only(daemon, 2):
+            archive_id = patch(400_000, len(data) - 400_000)["upload-archive-id"]
+            self.assertEqual(download_sha256(self.context, self.port, session, archive_id), sha256(data).hexdigest())
+        daemon.wait_for(r"worker 2: PATCH /uploads/\w+ 204")
+        deadline = time.monotonic() + WAIT_SECONDS
+        while journals() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the finished upload's blobs go after its answer
+        self.assertEqual(journals(), [])
 
     def test_listings_follow_uploads_and_deletes_across_workers(self) -> None:
         """Each worker caches listings, yet an upload on worker 1 is listed
