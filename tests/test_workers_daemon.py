@@ -327,14 +327,19 @@ class SupervisorTests(WorkersTestCase):
         The pass-over lasts 0.5 s here, as above."""
         daemon = self.start(env=SLOW_PASS_OVER)
         pids = self.worker_pids(daemon)
+        generation = SharedGeneration.in_data_dir(self.vault.data, create=False)
+        assert generation is not None
+        self.addCleanup(generation.close)
+        # Made before any connection: making one publishes 0 as worker 1's
+        # load (as a worker does at its start), which is true only while
+        # worker 1 holds nothing.  Made after the request below, it could
+        # erase worker 1's load (seen once under a CPU hog: the wait below
+        # timed out).
+        loads = WorkerLoads(generation, 1, 2)
         busy = connect(self.context, self.port)
         self.addCleanup(busy.close)
         # A head whose body never comes: the request stays in progress.
         busy.sendall(b"POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
-        generation = SharedGeneration.in_data_dir(self.vault.data, create=False)
-        assert generation is not None
-        self.addCleanup(generation.close)
-        loads = WorkerLoads(generation, 1, 2)  # reads only: worker 1 published long ago
         self.wait_until(lambda: max(loads.of(1), loads.of(2)) > LOAD_PER_REQUEST)
         for _ in range(3):
             idle = connect(self.context, self.port)
