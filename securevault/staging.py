@@ -196,6 +196,12 @@ class _Assembler:
         self.journal_named = False
         self._journals = journals
 
+    @property
+    def journaled(self) -> bool:
+        """Whether its writer writes into a journal, which holds the runs
+        (else each piece holds its own)."""
+        return self._journals is not None
+
     def abort(self) -> None:
         """Stop writing.  A journal holding acknowledged runs stays for the
         slow path; one holding none goes (a new assembler starts another
@@ -735,7 +741,7 @@ class PieceWriter:
                 key, context = piece_key(upload_key, record.owner_id, record.upload_id, record.upload_offset)
                 self._encryptor = Cobblestone256Encryptor(key, context)
             else:
-                journaled = staging._journals is not None
+                journaled = assembler.journaled
                 head = RunHead(
                     assembler.writer.archive_id, assembler.writer.data_key, assembler.ciphertext_bytes, journaled
                 )
@@ -804,7 +810,7 @@ class PieceWriter:
             return 0
         writer = self.assembler.writer
         checkpoint = writer.checkpoint()  # its flush goes into the run too
-        if self._staging._journals is not None:
+        if self.assembler.journaled:
             writer.sync()  # the run is in the journal: durable before its piece
         writer.tee(None)
         self._blob.write(

@@ -18,6 +18,7 @@ from securevault.staging import MAX_ASSEMBLERS, ChecksumMismatch, OffsetMismatch
 from securevault.stores.blobs import BlobStore, JournalStore
 from securevault.stores.metadata import MetadataError
 from tests.support.app import add_user, blob_directory, make_app
+from tests.support.daemon import open_journals
 from tests.support.testcase import SyncTestCase
 
 PIECE = 70_000  # not a multiple of the 16 KiB chunk: pieces end mid-chunk
@@ -512,14 +513,3 @@ class JournalTests(_StagingTestCase):
         for data, upload_id in zip(files, upload_ids, strict=True):
             self.assertArchive(self.upload(data, upload_id, PIECE), data)
         self.assertEqual(open_journals(), 0)
-
-
-def open_journals() -> int:
-    """The journals this process holds open."""
-    count = 0
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            count += os.readlink(fd).endswith(".journal")
-        except FileNotFoundError:
-            pass  # the listing's own descriptor, closed meanwhile
-    return count

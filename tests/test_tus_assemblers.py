@@ -17,7 +17,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from tests.support.daemon import RawResponse, VaultFixture, call, download_sha256, list_files, login
+from tests.support.daemon import RawResponse, VaultFixture, call, download_sha256, list_files, login, open_journals
 from tests.support.testcase import SyncTestCase
 
 PATCH_BYTES = 64 * 1024
@@ -42,19 +42,6 @@ def temp_blobs(data: Path) -> list[Path]:
     between this test's requests) and journals (the archives of unfinished
     tus uploads)."""
     return sorted([*(data / "archives").glob("*/.*.tmp"), *(data / "archives").glob("*/*.journal")])
-
-
-def open_journals(pid: int) -> int:
-    """The journals the daemon holds open: its assemblers' archives being
-    written (an evicted assembler closes its journal; the file stays for
-    the slow path until the upload ends)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd).endswith(".journal")
-        except FileNotFoundError:
-            pass  # closed while listed (a thread's pipe, a finished piece)
-    return count
 
 
 class AssemblerBoundTests(SyncTestCase):

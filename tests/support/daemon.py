@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import signal
 import socket
@@ -365,3 +366,16 @@ def raw_upload_head(filename: str, size: int, session: str) -> bytes:
             ("Authorization", f"Bearer {session}"),
         ],
     )
+
+
+def open_journals(pid: int | str = "self") -> int:
+    """The tus journals process C{pid} holds open: its assemblers' archives
+    being written (an evicted assembler closes its journal; the file stays
+    for the slow path until the upload ends)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            count += os.readlink(fd).endswith(".journal")
+        except FileNotFoundError:
+            pass  # closed while listed (this listing's own descriptor, a finished piece)
+    return count
