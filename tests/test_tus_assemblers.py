@@ -126,3 +126,35 @@ class AssemblerBoundTests(SyncTestCase):
             )
         self.assertEqual(temp_blobs(self.vault.data), [])
         self.assertLessEqual(daemon_threads(self.pid), idle_threads)
+
+    def test_refused_first_patches_leave_no_journal(self) -> None:
+        """A client that sends an upload's first PATCH again and again with
+        a wrong Upload-Checksum, over real TLS: each is refused (460, the
+        contract's JSON error) and spoils the archive it started, whose
+        journal holds nothing acknowledged and goes with it; no journal
+        piles up, nothing is held open, and the upload still finishes
+        byte-exact."""
+        data = os.urandom(2 * PATCH_BYTES)
+        upload_id = self.create(len(data), "refused.bin")
+        wrong = base64.b64encode(hashlib.sha256(b"something else").digest()).decode()
+        headers = [
+            TUS,
+            ("Content-Type", "application/offset+octet-stream"),
+            ("Upload-Offset", "0"),
+            ("Upload-Checksum", f"sha256 {wrong}"),
+        ]
+        for _ in range(6):
+            answer = call(
+                self.context, self.port, "PATCH", f"/uploads/{upload_id}",
+                body=data[:PATCH_BYTES], headers=headers, session=self.session,
+            )  # fmt: skip
+            self.assertEqual(answer.status, 460, answer.body)
+            self.assertEqual(answer.json()["error"], "checksum_mismatch")
+        self.assertEqual(temp_blobs(self.vault.data), [])
+        self.assertEqual(open_journals(self.pid), 0)
+        for offset in range(0, len(data), PATCH_BYTES):
+            answer = self.patch(upload_id, offset, data[offset : offset + PATCH_BYTES])
+        archive_id = answer.headers["upload-archive-id"]
+        self.assertEqual(
+            download_sha256(self.context, self.port, self.session, archive_id), hashlib.sha256(data).hexdigest()
+        )
