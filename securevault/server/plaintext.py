@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from securevault.server.bulkio import BulkSocketSizes
+from securevault.server.bulkio import BulkSocketSizes, BulkTLSWrites
 from securevault.server.errors import ApiError
 from securevault.server.twisted_private import name_port_tls
 from securevault.server.web import raw_error_response
@@ -45,10 +45,11 @@ def is_plain_http(first: bytes) -> bool:
 PLAINTEXT_ANSWER = raw_error_response(ApiError(400, "bad_request", PLAINTEXT_MESSAGE))
 
 
-class PlainHTTPAnsweringTLS(BulkSocketSizes, BufferingTLSTransport):
-    """Twisted's TLS protocol, which answers a plain HTTP request itself and
+class PlainHTTPAnsweringTLS(BulkSocketSizes, BulkTLSWrites, BufferingTLSTransport):
+    """Twisted's TLS protocol, which answers a plain HTTP request itself,
     reads and sends larger slices of the socket in bulk transfers
-    (L{BulkSocketSizes})."""
+    (L{BulkSocketSizes}) and encrypts large writes without copying them
+    first (L{BulkTLSWrites})."""
 
     _first_byte_seen = False
 

@@ -159,3 +159,16 @@ def set_read_size(transport: Any, size: int) -> None:
 
 def set_send_limit(transport: Any, size: int) -> None:
     transport.SEND_LIMIT = size
+
+
+# BufferingTLSTransport (twisted.protocols.tls) sends every write through
+# its C{_aggregator}, which copies it (C{data + b""}) and holds it until the
+# next reactor turn unless 64 kB have piled up: right for many small writes,
+# a wasted copy of every byte of a download.  L{securevault.server.bulkio}
+# sends large writes past it; this flushes what it holds first, so the
+# bytes still leave in order.
+def flush_small_writes(tls: Any) -> None:
+    aggregator = getattr(tls, "_aggregator", None)
+    flush = getattr(aggregator, "flush", None)
+    if flush is not None:
+        flush()
