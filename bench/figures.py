@@ -28,6 +28,8 @@ from bench.env import (
     Securevault,
     Workspace,
     cpu_seconds,
+    durable_write_rate,
+    host_reclaimed_kib,
     rss_mib,
     thread_cpu,
 )
@@ -35,6 +37,7 @@ from bench.floor import DOWNLOAD_FLOOR, TEXT_UPLOAD_FLOOR, UPLOAD_FLOOR, floor_s
 
 SV, NG = "securevault", "nginx"
 FLOOR = "floor"
+DISK = "disk"
 GiB = 1 << 30
 GB = 1e9
 GROUPS = [
@@ -228,6 +231,12 @@ class Bench:
                 except Exception as error:
                     self.errors.append(f"run {run + 1} floor: {error}")
                     self.log(f"    FAILED run {run + 1} floor: {error}")
+            if "upload" in groups:
+                try:
+                    self.measure_disk()
+                except Exception as error:
+                    self.errors.append(f"run {run + 1} disk: {error}")
+                    self.log(f"    FAILED run {run + 1} disk: {error}")
             self.run_groups([g for g in GROUPS if g in groups], run)
 
     def run_groups(self, groups: list[str], run: int) -> None:
@@ -322,6 +331,14 @@ class Bench:
             + ", ".join(f"{name} {value:.2f}" for name, value in per_gib.items())
         )
 
+    def measure_disk(self) -> None:
+        """The disk's rate for a durable write of the upload's size, through
+        the daemon's own blob store, just before the upload figures."""
+        os.sync()
+        rate = durable_write_rate(self.ws.root, self.ws.size)
+        self.values["durable_write"][DISK].append(rate)
+        self.log(f"    durable write        disk         {rate:.1f} MB/s ({self.ws.size // MiB} MiB, fsynced)")
+
     @contextmanager
     def transfer_cpu(self, key: str, server: str, nbytes: int) -> Iterator[None]:
         """Server and client CPU-seconds per GiB of one transfer.
@@ -334,11 +351,15 @@ class Bench:
         pids = self._proc(server).pids
         threads0 = {pid: thread_cpu(pid) for pid in pids} if server == SV else {}
         client0 = children_cpu()
+        reclaimed0 = host_reclaimed_kib()
         server0 = cpu_seconds(pids)
         yield
         server_cpu = cpu_seconds(pids) - server0
         client_cpu = children_cpu() - client0
+        reclaimed1 = host_reclaimed_kib()
         gib = nbytes / GiB
+        if reclaimed0 is not None and reclaimed1 is not None:
+            self.values[key + "_reclaimed"][server].append((reclaimed1 - reclaimed0) / 1024)
         self.record(
             key + "_cpu",
             server,
@@ -908,6 +929,38 @@ class Bench:
                     f"  {key} ratio bound = securevault bound / nginx's measured {measured:.0f} MB/s = "
                     f"{bounds[SV] / measured:.2f}{extra}"
                 )
+            if key == "upload":
+                notes.extend(self._disk_notes(bounds.get(SV), measured))
+            reclaimed = {server: self.values.get(key + "_reclaimed", {}).get(server) for server in (SV, NG)}
+            if any(reclaimed.values()):
+                notes.append(
+                    f"  freed memory the host took back from this VM during each {key} (whole machine, "
+                    "free page reporting; it lags the frees), MiB: "
+                    + "; ".join(
+                        f"{server} " + ", ".join(f"{v:.0f}" for v in values)
+                        for server, values in reclaimed.items()
+                        if values
+                    )
+                )
+        return notes
+
+    def _disk_notes(self, cpu_bound: float | None, nginx_measured: float | None) -> list[str]:
+        """The disk's bound on a durable upload beside the CPU's."""
+        rates = self.values.get("durable_write", {}).get(DISK)
+        if not rates:
+            return []
+        disk = statistics.median(rates)
+        notes = [
+            f"  durable write of {self.ws.size // MiB} MiB through the blob store, MB/s, each run: "
+            + ", ".join(f"{rate:.0f}" for rate in rates)
+            + " (a 201 waits for the fsync; nginx's PUT does not, so its rate is not bounded by the disk)"
+        ]
+        if nginx_measured:
+            bound = disk if cpu_bound is None else min(disk, cpu_bound)
+            notes.append(
+                f"  upload ratio bound with the disk = min(CPU bound, median durable write {disk:.0f}) / "
+                f"nginx's measured {nginx_measured:.0f} MB/s = {bound / nginx_measured:.2f}"
+            )
         return notes
 
     def cpu_notes(self) -> list[str]:

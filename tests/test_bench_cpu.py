@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import LeanConnection, LoadSpec, prepared_request, ssl_context
-from bench.env import Workspace, process_tree
-from bench.figures import FLOOR, NG, SV, Bench
+from bench.env import MiB, Workspace, durable_write_rate, process_tree
+from bench.figures import DISK, FLOOR, NG, SV, Bench
 from bench.floor import DOWNLOAD_FLOOR, UPLOAD_FLOOR, floor_sum, measure_random, measure_text
 from tests.support.daemon import SyncDaemon, VaultFixture
 from tests.support.testcase import SyncTestCase
@@ -139,6 +139,26 @@ class TableTests(SyncTestCase):
         notes = "\n".join(bench.transfer_notes())
         self.assertIn("securevault <= 1074 MB/s", notes)
         self.assertIn("download ratio bound = securevault bound / nginx's measured 2148 MB/s = 0.50", notes)
+
+    def test_upload_bound_by_the_disk(self) -> None:
+        """The upload's ratio bound takes the smaller of the CPU bound and
+        the median durable write: 2 / (2 + 1 CPU-s per GiB) = 716 MB/s by
+        CPU, 250 by the disk, so 250 / nginx's 500 = 0.50."""
+        bench = _bench(self.make_dir())
+        bench.values["upload_cpu"][SV].append(2.0)
+        bench.values["upload_client_cpu"][SV].append(1.0)
+        bench.values["upload"][NG].append(500.0)
+        bench.values["durable_write"][DISK].extend([240.0, 250.0, 900.0])
+        notes = "\n".join(bench.transfer_notes())
+        self.assertIn("securevault <= 716 MB/s", notes)
+        self.assertIn("MB/s, each run: 240, 250, 900", notes)
+        self.assertIn("median durable write 250) / nginx's measured 500 MB/s = 0.50", notes)
+
+    def test_durable_write_goes_through_the_blob_store_and_leaves_nothing(self) -> None:
+        directory = self.make_dir()
+        rate = durable_write_rate(directory, 4 * MiB)
+        self.assertGreater(rate, 0)
+        self.assertEqual(list(directory.iterdir()), [])
 
 
 class LeanClientTests(SyncTestCase):
