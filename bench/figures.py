@@ -985,4 +985,31 @@ class Bench:
                     parts.append(f"{server}: server {s:.2f} cores, client {c:.2f} cores")
             if parts:
                 notes.append(f"{label}: " + "; ".join(parts))
+        notes.extend(self._workers_bound_notes())
         return notes
+
+    def _workers_bound_notes(self) -> list[str]:
+        """What the machine allows two workers' small requests, the client
+        sharing its cores: at one worker's CPU per request (server + lean
+        client), all the cores serve at most cores / (server + client)
+        requests a second; that over the one-worker rate bounds the ratio."""
+        m = self.median
+        one = {k: m(f"small_lean{k}@w1", SV) for k in ("", "_server_cpu", "_client_cpu")}
+        two = {k: m(f"small_lean{k}@w2", SV) for k in ("", "_server_cpu", "_client_cpu")}
+        if None in one.values() or None in two.values() or not one[""] or not two[""]:
+            return []
+        assert one[""] is not None and two[""] is not None
+        per = {
+            name: ((figures["_server_cpu"] or 0.0) / rate * 1e6, (figures["_client_cpu"] or 0.0) / rate * 1e6)
+            for name, figures, rate in (("1", one, one[""]), ("2", two, two[""]))
+        }
+        server1, client1 = per["1"]
+        server2, client2 = per["2"]
+        most = self.cores / ((server1 + client1) / 1e6)
+        return [
+            f"small JSON requests, lean client, CPU per request: 1 worker server {server1:.0f} us + client "
+            f"{client1:.0f} us; 2 workers server {server2:.0f} us + client {client2:.0f} us",
+            f"  at 1 worker's CPU per request, {self.cores} cores serve at most {most:.0f} req/s = "
+            f"{most / one['']:.2f} x the 1-worker rate; at 2 workers' own, "
+            f"{self.cores / ((server2 + client2) / 1e6) / one['']:.2f} x",
+        ]

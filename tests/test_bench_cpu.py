@@ -140,6 +140,22 @@ class TableTests(SyncTestCase):
         self.assertIn("securevault <= 1074 MB/s", notes)
         self.assertIn("download ratio bound = securevault bound / nginx's measured 2148 MB/s = 0.50", notes)
 
+    def test_workers_small_requests_bound(self) -> None:
+        """One worker: 1000 req/s on 1.0 server and 0.25 client cores, so
+        1000 + 250 us per request; two cores serve at most 1600 req/s =
+        1.60 x.  Two workers at 1500 req/s on 1.8 + 0.2 cores: 1200 + 133
+        us, at most 1500 req/s = 1.50 x."""
+        bench = _bench(self.make_dir())
+        bench.server_workers = [1, 2]
+        bench.cores = 2
+        for at, rate, server, client in (("@w1", 1000.0, 1.0, 0.25), ("@w2", 1500.0, 1.8, 0.2)):
+            bench.values["small_lean" + at][SV].append(rate)
+            bench.values["small_lean_server_cpu" + at][SV].append(server)
+            bench.values["small_lean_client_cpu" + at][SV].append(client)
+        notes = "\n".join(bench.cpu_notes())
+        self.assertIn("1 worker server 1000 us + client 250 us; 2 workers server 1200 us + client 133 us", notes)
+        self.assertIn("2 cores serve at most 1600 req/s = 1.60 x the 1-worker rate; at 2 workers' own, 1.50 x", notes)
+
     def test_upload_bound_by_the_disk(self) -> None:
         """The upload's ratio bound takes the smaller of the CPU bound and
         the median durable write: 2 / (2 + 1 CPU-s per GiB) = 716 MB/s by
