@@ -44,7 +44,7 @@ from typing import TextIO
 from urllib.parse import quote
 
 from bench.clients import LoadSpec, run_load, ssl_context
-from bench.env import REPO_ROOT, MiB, Securevault, Workspace, _read_status, cpu_model, free_port
+from bench.env import REPO_ROOT, MiB, Securevault, Workspace, _read_status, cpu_model, free_port, open_files
 from bench.load import percentile
 
 ALICE = "alice"
@@ -1143,19 +1143,6 @@ def temp_blob_count(data: Path) -> int:
     return sum(1 for _ in (data / "archives").glob("*/.*.tmp"))
 
 
-def open_journal_count(pid: int) -> int:
-    """The journals the daemon holds open: the archives its assemblers are
-    writing (C{<data>/archives/<owner>/<upload id>.<archive id>.journal}; an
-    evicted assembler closes its journal, which stays for the slow path)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd).endswith(".journal")
-        except OSError:
-            pass  # closed meanwhile
-    return count
-
-
 def journal_file_count(data: Path) -> int:
     return sum(1 for _ in (data / "archives").glob("*/*.journal"))
 
@@ -1170,14 +1157,18 @@ class TusWatch(threading.Thread):
         self.data = data
         self.peak_threads = daemon_threads(pid)
         self.peak_temps = temp_blob_count(data)
-        self.peak_journals = open_journal_count(pid)
+        self.peak_journals, self.peak_journal_readers = open_files(pid, ".journal")
         self.stopping = threading.Event()
 
     def run(self) -> None:
         while not self.stopping.wait(0.05):
             self.peak_threads = max(self.peak_threads, daemon_threads(self.pid))
             self.peak_temps = max(self.peak_temps, temp_blob_count(self.data))
-            self.peak_journals = max(self.peak_journals, open_journal_count(self.pid))
+            # The bound is on journals being written (an assembler each); the
+            # slow path reads a journal while its upload finishes.
+            writing, reading = open_files(self.pid, ".journal")
+            self.peak_journals = max(self.peak_journals, writing)
+            self.peak_journal_readers = max(self.peak_journal_readers, reading)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -1278,7 +1269,8 @@ def tus_held_open(v: Vault, s: Settings) -> Row:
     extra_threads = watch.peak_threads - idle_threads
     figure = (
         f"{memory.peak_text()}; peak threads {watch.peak_threads} (idle {idle_threads}, +{extra_threads}); "
-        f"temp blobs at peak {watch.peak_temps}, open journals at peak {watch.peak_journals}, {left_temps} left; "
+        f"temp blobs at peak {watch.peak_temps}, journals open for writing at peak {watch.peak_journals} "
+        f"(+{watch.peak_journal_readers} reading), {left_temps} left; "
         f"{exact}/{TUS_UPLOADS} byte-exact; honest dl {download.summary()}, /health {health.summary()}"
     )
     notes = [
@@ -1295,7 +1287,7 @@ def tus_held_open(v: Vault, s: Settings) -> Row:
         and exact == TUS_UPLOADS
         and not memory.killed
     )
-    target = f"threads +<= {TUS_ASSEMBLERS}, open journals <= {TUS_ASSEMBLERS}, temp <= {TUS_SENDERS}, all exact"
+    target = f"threads +<= {TUS_ASSEMBLERS}, journals written <= {TUS_ASSEMBLERS}, temp <= {TUS_SENDERS}, all exact"
     return Row("tus_held_open", figure, target, ok, notes)
 
 

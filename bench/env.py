@@ -268,6 +268,25 @@ def durable_write_rate(directory: Path, nbytes: int) -> float:
     return written / seconds / 1e6
 
 
+def open_files(pid: int | str, suffix: str) -> tuple[int, int]:
+    """How many files whose name ends with C{suffix} process C{pid} holds
+    open: (for writing, for reading only), from /proc/PID/fd and the access
+    mode in /proc/PID/fdinfo."""
+    writing = reading = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if not os.readlink(fd).endswith(suffix):
+                continue
+            flags = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().split("flags:", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # closed while listed
+        if int(flags, 8) & os.O_ACCMODE == os.O_RDONLY:
+            reading += 1
+        else:
+            writing += 1
+    return writing, reading
+
+
 def children_of(pid: int) -> list[int]:
     kids = []
     for entry in Path("/proc").iterdir():

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
+from bench.env import open_files
 from tests.support.tlsclient import PASSWORD
 
 # Shared by every daemon test (this module imports no reactor).
@@ -42,8 +43,6 @@ IO_TIMEOUT_SECONDS = 20.0
 
 def child_environment() -> dict[str, str]:
     """os.environ with the repository first on PYTHONPATH and no $PORT."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "PORT"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPOSITORY), env.get("PYTHONPATH")) if p)
     return env
@@ -369,13 +368,7 @@ def raw_upload_head(filename: str, size: int, session: str) -> bytes:
 
 
 def open_journals(pid: int | str = "self") -> int:
-    """The tus journals process C{pid} holds open: its assemblers' archives
-    being written (an evicted assembler closes its journal; the file stays
-    for the slow path until the upload ends)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            count += os.readlink(fd).endswith(".journal")
-        except FileNotFoundError:
-            pass  # closed while listed (this listing's own descriptor, a finished piece)
-    return count
+    """The tus journals process C{pid} holds open for writing: its
+    assemblers' archives (an evicted assembler closes its journal; the file
+    stays for the slow path, which reads it, until the upload ends)."""
+    return open_files(pid, ".journal")[0]
