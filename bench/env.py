@@ -232,17 +232,59 @@ def host_reclaimed_kib() -> int | None:
         return None
 
 
+def disk_read_kib() -> int | None:
+    """KiB read from block devices so far, whole machine (/proc/vmstat
+    pgpgin): a download whose blob left the page cache reads it again."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == "pgpgin":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+DAMON = Path("/sys/kernel/mm/damon/admin/kdamonds")
+
+
+def proactive_reclaim_setting() -> str | None:
+    """Whether DAMON pages out memory nobody touched for a while (cold page
+    cache: a blob downloaded a minute after the last read is read from disk
+    again), for the bench's header; None when it does not."""
+    for kdamond in sorted(DAMON.glob("[0-9]*")):
+        try:
+            if (kdamond / "state").read_text().strip() != "on":
+                continue
+            for context in sorted(kdamond.glob("contexts/[0-9]*")):
+                aggregation = int((context / "monitoring_attrs/intervals/aggr_us").read_text())
+                for scheme in sorted(context.glob("schemes/[0-9]*")):
+                    if (scheme / "action").read_text().strip() != "pageout":
+                        continue
+                    age = int((scheme / "access_pattern/age/min").read_text())
+                    quota = int((scheme / "quotas/bytes").read_text())
+                    return (
+                        f"DAMON pages out memory idle {age * aggregation / 1e6:.0f} s or more (<= {quota // MiB} MiB/s)"
+                    )
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def page_reporting_setting() -> str:
-    """How eagerly freed pages go back to the host, for the bench's header."""
+    """How eagerly freed pages go back to the host, and whether cold pages
+    are reclaimed, for the bench's header."""
+    reclaim = proactive_reclaim_setting()
     if host_reclaimed_kib() is None:
-        return "no free page reporting counter"
+        return "no free page reporting counter" + (f"; {reclaim}" if reclaim else "")
     values = []
     for name in ("page_reporting_order", "min_free_ms"):
         try:
             values.append(f"{name}={(PAGE_REPORTING / name).read_text().strip()}")
         except OSError:
             pass
-    return "virtio-balloon free page reporting on (" + ", ".join(values) + ")"
+    reporting = "virtio-balloon free page reporting on (" + ", ".join(values) + ")"
+    return reporting + (f"; {reclaim}" if reclaim else "")
 
 
 def durable_write_rate(directory: Path, nbytes: int) -> float:

@@ -28,6 +28,7 @@ from bench.env import (
     Securevault,
     Workspace,
     cpu_seconds,
+    disk_read_kib,
     durable_write_rate,
     host_reclaimed_kib,
     rss_mib,
@@ -351,15 +352,17 @@ class Bench:
         pids = self._proc(server).pids
         threads0 = {pid: thread_cpu(pid) for pid in pids} if server == SV else {}
         client0 = children_cpu()
-        reclaimed0 = host_reclaimed_kib()
+        reclaimed0, read0 = host_reclaimed_kib(), disk_read_kib()
         server0 = cpu_seconds(pids)
         yield
         server_cpu = cpu_seconds(pids) - server0
         client_cpu = children_cpu() - client0
-        reclaimed1 = host_reclaimed_kib()
+        reclaimed1, read1 = host_reclaimed_kib(), disk_read_kib()
         gib = nbytes / GiB
         if reclaimed0 is not None and reclaimed1 is not None:
             self.values[key + "_reclaimed"][server].append((reclaimed1 - reclaimed0) / 1024)
+        if read0 is not None and read1 is not None:
+            self.values[key + "_disk_read"][server].append((read1 - read0) / 1024)
         self.record(
             key + "_cpu",
             server,
@@ -931,17 +934,24 @@ class Bench:
                 )
             if key == "upload":
                 notes.extend(self._disk_notes(bounds.get(SV), measured))
-            reclaimed = {server: self.values.get(key + "_reclaimed", {}).get(server) for server in (SV, NG)}
-            if any(reclaimed.values()):
-                notes.append(
-                    f"  freed memory the host took back from this VM during each {key} (whole machine, "
-                    "free page reporting; it lags the frees), MiB: "
-                    + "; ".join(
-                        f"{server} " + ", ".join(f"{v:.0f}" for v in values)
-                        for server, values in reclaimed.items()
-                        if values
+            for suffix, what in (
+                ("_disk_read", "read from disk during each {key} (whole machine, pgpgin: a file no longer cached)"),
+                (
+                    "_reclaimed",
+                    "freed memory the host took back from this VM during each {key} (whole machine, "
+                    "free page reporting; it lags the frees)",
+                ),
+            ):
+                per_server = {server: self.values.get(key + suffix, {}).get(server) for server in (SV, NG)}
+                if any(per_server.values()):
+                    notes.append(
+                        f"  {what.format(key=key)}, MiB: "
+                        + "; ".join(
+                            f"{server} " + ", ".join(f"{v:.0f}" for v in values)
+                            for server, values in per_server.items()
+                            if values
+                        )
                     )
-                )
         return notes
 
     def _disk_notes(self, cpu_bound: float | None, nginx_measured: float | None) -> list[str]:
