@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import LeanConnection, LoadSpec, prepared_request, ssl_context
-from bench.env import MiB, Workspace, durable_write_rate, process_tree
+from bench.env import MiB, Workspace, cpu_crypto_flags, durable_write_rate, process_tree
 from bench.figures import DISK, FLOOR, NG, SV, Bench
 from bench.floor import DOWNLOAD_FLOOR, UPLOAD_FLOOR, floor_sum, measure_random, measure_text
 from tests.support.daemon import SyncDaemon, VaultFixture
@@ -175,6 +175,12 @@ class TableTests(SyncTestCase):
         rate = durable_write_rate(directory, 4 * MiB)
         self.assertGreater(rate, 0)
         self.assertEqual(list(directory.iterdir()), [])
+
+    def test_cpu_crypto_flags(self) -> None:
+        """The header names the crypto instructions the CPU has and lacks."""
+        cpuinfo = "processor\t: 0\nflags\t\t: fpu aes sse2 pclmulqdq avx2\nbugs\t\t: none\n"
+        self.assertEqual(cpu_crypto_flags(cpuinfo), "aes pclmulqdq avx2; no vaes vpclmulqdq sha_ni avx512f")
+        self.assertEqual(cpu_crypto_flags("processor\t: 0\n"), "flags unknown")
 
 
 class LeanClientTests(SyncTestCase):
